@@ -1,0 +1,169 @@
+"""Allocation: from channel scores to the indices every layer keeps.
+
+Units (what is removed as a whole):
+  * attention, `kv` mode: a KV group (one KV head and the query heads that read it);
+  * attention, `query` mode: a GQA *slice*, the k-th most important query head of every KV group,
+    so each KV head keeps the same number of query heads (valid GQA shape, KV cache unchanged);
+  * MLP: one intermediate channel (gate/up row + down column).
+A unit's score is the mean of its channels' scores. Its cost is the number of weights it removes.
+
+Structures:
+  * `global` (FLAP): scores standardized per layer and module (if the metric asks), one threshold
+    over all layers: the lowest-scoring units go until the requested fraction of decoder weights is
+    removed, so layers end up with different widths;
+  * `uniform`: every layer keeps the same widths (the same fraction goes in every layer; attention
+    by whole units, MLP channels make up the rest); which units go is still chosen by score.
+Kept MLP widths round to a multiple of `round_to`; every layer keeps at least one attention unit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .adapters import LayerShape
+from .errors import UserError
+from .surgery import LayerKeep
+
+
+@dataclass
+class LayerScores:
+    shape: LayerShape
+    hidden: int
+    attn: torch.Tensor  # channel scores [num_heads * head_dim]
+    mlp: torch.Tensor  # channel scores [intermediate_size]
+
+
+@dataclass
+class AttnUnit:
+    score: float
+    q_heads: list[int]
+    kv_head: int | None  # the KV head removed with the unit (kv mode), None in query mode
+    cost: int
+
+
+def layer_params(shape: LayerShape, hidden: int) -> int:
+    """Weights of one decoder layer's linear modules (norms and biases are negligible)."""
+    attn = hidden * shape.head_dim * (2 * shape.num_heads + 2 * shape.num_kv_heads)
+    return attn + 3 * hidden * shape.intermediate_size
+
+
+def resolve_attn_unit(mode: str, shape: LayerShape) -> str:
+    if mode == "auto":
+        return "query" if shape.heads_per_kv > 1 else "kv"
+    if mode == "query" and shape.heads_per_kv == 1:
+        return "kv"  # multi-head attention: a slice is a head, the same as a KV group
+    return mode
+
+
+def standardize(x: torch.Tensor) -> torch.Tensor:
+    std = x.std()
+    if not torch.isfinite(std) or std == 0:
+        return x - x.mean()
+    return (x - x.mean()) / std
+
+
+def attention_units(ls: LayerScores, mode: str) -> list[AttnUnit]:
+    """The layer's attention units, least important first."""
+    s = ls.shape
+    head = ls.attn.view(s.num_heads, s.head_dim).mean(1)
+    per = s.heads_per_kv
+    if resolve_attn_unit(mode, s) == "kv":
+        cost = ls.hidden * s.head_dim * (2 * per + 2)
+        units = [
+            AttnUnit(float(head[g * per:(g + 1) * per].mean()), list(range(g * per, (g + 1) * per)), g, cost)
+            for g in range(s.num_kv_heads)
+        ]
+    else:
+        by_group = [sorted(range(g * per, (g + 1) * per), key=lambda h: -float(head[h])) for g in range(s.num_kv_heads)]
+        cost = ls.hidden * s.head_dim * 2 * s.num_kv_heads
+        units = []
+        for k in range(per):
+            heads = [grp[k] for grp in by_group]
+            units.append(AttnUnit(float(head[heads].mean()), sorted(heads), None, cost))
+    return sorted(units, key=lambda u: u.score)
+
+
+def _round_channels(kept: int, total: int, round_to: int) -> int:
+    if total <= round_to:
+        return total
+    r = int(round(kept / round_to)) * round_to
+    return max(round_to, min(total, r))
+
+
+def _keep(ls: LayerScores, units: list[AttnUnit], n_attn_removed: int, n_channels_kept: int) -> LayerKeep:
+    removed = units[:n_attn_removed]
+    removed_q = {h for u in removed for h in u.q_heads}
+    removed_kv = {u.kv_head for u in removed if u.kv_head is not None}
+    q = [h for h in range(ls.shape.num_heads) if h not in removed_q]
+    kv = [g for g in range(ls.shape.num_kv_heads) if g not in removed_kv]
+    top = torch.argsort(ls.mlp, descending=True, stable=True)[:n_channels_kept]
+    return LayerKeep(q_heads=q, kv_heads=kv, channels=sorted(top.tolist()))
+
+
+def allocate(
+    layers: list[LayerScores],
+    ratio: float,
+    structure: str,
+    attn_unit: str = "auto",
+    round_to: int = 1,
+    standardized: bool = False,
+) -> list[LayerKeep]:
+    if not 0.0 < ratio < 1.0:
+        raise UserError(f"The pruning ratio must be between 0 and 1 (exclusive), got {ratio}.")
+    if standardized:
+        layers = [LayerScores(ls.shape, ls.hidden, standardize(ls.attn), standardize(ls.mlp)) for ls in layers]
+    if structure == "uniform":
+        return _uniform(layers, ratio, attn_unit, round_to)
+    if structure == "global":
+        return _global(layers, ratio, attn_unit, round_to)
+    raise UserError(f"Unknown structure '{structure}' (use uniform or global).")
+
+
+def _uniform(layers: list[LayerScores], ratio: float, attn_unit: str, round_to: int) -> list[LayerKeep]:
+    keeps = []
+    for ls in layers:
+        units = attention_units(ls, attn_unit)
+        n_rm = min(len(units) - 1, int(round(len(units) * ratio)))
+        attn_removed = sum(u.cost for u in units[:n_rm])
+        mlp_target = ratio * layer_params(ls.shape, ls.hidden) - attn_removed
+        channels_removed = max(0.0, mlp_target / (3 * ls.hidden))
+        kept = _round_channels(int(round(ls.shape.intermediate_size - channels_removed)), ls.shape.intermediate_size,
+                               round_to)
+        keeps.append(_keep(ls, units, n_rm, kept))
+    return keeps
+
+
+def _global(layers: list[LayerScores], ratio: float, attn_unit: str, round_to: int) -> list[LayerKeep]:
+    # candidates: (score, cost, layer, kind); the most important attention unit and the top
+    # `round_to` channels of every layer are never candidates.
+    cand: list[tuple[float, int, int, str]] = []
+    all_units = []
+    total = 0
+    for i, ls in enumerate(layers):
+        units = attention_units(ls, attn_unit)
+        all_units.append(units)
+        total += layer_params(ls.shape, ls.hidden)
+        cand += [(u.score, u.cost, i, "attn") for u in units[:-1]]
+        floor = min(round_to, ls.shape.intermediate_size)
+        order = torch.sort(ls.mlp).values[: ls.shape.intermediate_size - floor]
+        cand += [(float(s), 3 * ls.hidden, i, "mlp") for s in order]
+    cand.sort(key=lambda c: c[0])
+    target = ratio * total
+    n_attn = [0] * len(layers)
+    n_mlp = [0] * len(layers)
+    removed = 0
+    for _score, cost, i, kind in cand:
+        if removed >= target:
+            break
+        if kind == "attn":
+            n_attn[i] += 1
+        else:
+            n_mlp[i] += 1
+        removed += cost
+    keeps = []
+    for i, ls in enumerate(layers):
+        I = ls.shape.intermediate_size
+        keeps.append(_keep(ls, all_units[i], n_attn[i], _round_channels(I - n_mlp[i], I, round_to)))
+    return keeps

@@ -1,0 +1,142 @@
+"""Calibration and evaluation text.
+
+`--calib` accepts:
+  * `builtin` (default): real English text present on every Python install (the pydoc topic
+    pages of `pydoc_data`). Its token stream is split into three disjoint regions: calibration
+    (first 70%), validation (next 10%, used by searches) and held-out test (last 20%, used for the
+    reported perplexity);
+  * a local `.txt` file, or a `.jsonl` file with a "text" field per line;
+  * `hf:NAME[:CONFIG[:SPLIT]]`, a Hugging Face dataset (needs the hub and the `datasets` package);
+  * `self`: text the model generates itself from its BOS token (sampled, seeded).
+
+N samples of L tokens are drawn as seeded random windows of the calibration token stream.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+REGIONS = {"calibration": (0.0, 0.7), "validation": (0.7, 0.8), "test": (0.8, 1.0)}
+
+
+def builtin_text() -> str:
+    import pydoc_data.topics as topics
+
+    return "\n\n".join(topics.topics[k] for k in sorted(topics.topics))
+
+
+def _read_file(path: Path) -> str:
+    if not path.is_file():
+        raise UserError(f"The calibration file {path} does not exist.")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"The calibration file {path} is not UTF-8 text (bad byte at offset {exc.start}).") from exc
+    if path.suffix == ".jsonl":
+        parts = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                parts.append(str(json.loads(line)["text"]))
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise UserError(f"Line {n} of {path} is not a JSON object with a 'text' field.") from exc
+        return "\n\n".join(parts)
+    return text
+
+
+def _hf_text(spec: str) -> str:
+    name, config, split = (spec.split(":") + [None, None])[:3]
+    try:
+        import datasets
+    except ImportError as exc:
+        raise UserError("Hugging Face datasets as calibration need the package 'datasets'.") from exc
+    try:
+        ds = datasets.load_dataset(name, config or None, split=split or "train")
+    except Exception as exc:  # the hub is unreachable, or no such dataset
+        raise UserError(f"Could not load the dataset {name} from the Hugging Face hub: {str(exc).splitlines()[0]}") from exc
+    column = "text" if "text" in ds.column_names else ds.column_names[0]
+    return "\n\n".join(str(t) for t in ds[column] if t)
+
+
+def self_generated_ids(model, tokenizer, n_tokens: int, seed: int, chunk: int = 256) -> torch.Tensor:
+    """Tokens the model samples itself, starting from its BOS token (data-free calibration)."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    out: list[torch.Tensor] = []
+    total = 0
+    batch = 8
+    while total < n_tokens:
+        start = torch.full((batch, 1), bos, dtype=torch.long)
+        # vary the first real token so the sequences differ
+        first = torch.randint(0, model.config.vocab_size, (batch, 1), generator=gen)
+        ids = model.generate(torch.cat([start, first], 1), do_sample=True, top_p=0.95, temperature=1.0,
+                             max_new_tokens=chunk, min_new_tokens=chunk, pad_token_id=bos)
+        out.append(ids[:, 1:].reshape(-1))
+        total += out[-1].numel()
+    return torch.cat(out)[:n_tokens]
+
+
+@dataclass
+class TextSource:
+    """A token stream with its regions; what `--calib` names."""
+
+    spec: str
+    ids: torch.Tensor  # 1-D token ids
+    split_regions: bool  # True when calibration, validation and test come from this one stream
+
+    def region(self, name: str) -> torch.Tensor:
+        if not self.split_regions:
+            return self.ids
+        lo, hi = REGIONS[name]
+        n = self.ids.numel()
+        return self.ids[int(lo * n): int(hi * n)]
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def load_source(spec: str, tokenizer, model=None, n_tokens: int = 0, seed: int = 0) -> TextSource:
+    if spec == "builtin":
+        return TextSource(spec, tokenize(tokenizer, builtin_text()), split_regions=True)
+    if spec == "self":
+        if model is None:
+            raise UserError("'--calib self' needs the model to generate its own text.")
+        return TextSource(spec, self_generated_ids(model, tokenizer, n_tokens, seed), split_regions=False)
+    if spec.startswith("hf:"):
+        return TextSource(spec, tokenize(tokenizer, _hf_text(spec[3:])), split_regions=False)
+    return TextSource(spec, tokenize(tokenizer, _read_file(Path(spec).expanduser())), split_regions=False)
+
+
+def sample_windows(ids: torch.Tensor, n: int, seqlen: int, seed: int, what: str = "calibration") -> torch.Tensor:
+    """N seeded random windows of `seqlen` tokens; refuses a stream shorter than N x L tokens."""
+    if n < 1 or seqlen < 2:
+        raise UserError("--nsamples must be at least 1 and --seqlen at least 2.")
+    if ids.numel() < n * seqlen:
+        raise UserError(
+            f"The {what} text has {ids.numel()} tokens, fewer than the {n} x {seqlen} = {n * seqlen} asked for; "
+            "give more text or lower --nsamples / --seqlen."
+        )
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seqlen + 1, (n,), generator=gen)
+    return torch.stack([ids[s: s + seqlen] for s in starts.tolist()])
+
+
+def contiguous_chunks(ids: torch.Tensor, seqlen: int, max_chunks: int | None = None) -> torch.Tensor:
+    """Non-overlapping windows, in order: the held-out perplexity text."""
+    n = ids.numel() // seqlen
+    if max_chunks is not None:
+        n = min(n, max_chunks)
+    if n == 0:
+        raise UserError(f"The evaluation text has {ids.numel()} tokens, fewer than one window of {seqlen}.")
+    return ids[: n * seqlen].view(n, seqlen)

@@ -1,0 +1,203 @@
+"""The layer-wise calibration engine.
+
+The decoder runs one layer at a time: the inputs of layer 0 are captured once, each layer is
+moved to the compute device, run over all calibration samples in batches, and its outputs become
+the next layer's inputs. Meanwhile hooks stream statistics of the inputs of `o_proj` and
+`down_proj` (per-channel mean and variance merged batch by batch in float64 with Chan's
+parallel update; optionally the Gram matrix). Memory is one layer plus the calibration
+activations (two buffers of N x L x hidden), whatever the model's depth.
+"""
+
+from __future__ import annotations
+
+import resource
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .adapters import Adapter
+
+
+class RunningStats:
+    """Per-channel count, mean, M2 (and optionally X^T X) of a stream of row vectors, in float64."""
+
+    def __init__(self, dim: int, gram: bool = False, device: torch.device | str = "cpu"):
+        self.n = 0
+        self.mean = torch.zeros(dim, dtype=torch.float64, device=device)
+        self.m2 = torch.zeros(dim, dtype=torch.float64, device=device)
+        self.gram = torch.zeros(dim, dim, dtype=torch.float64, device=device) if gram else None
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).to(torch.float64)
+        nb = x.shape[0]
+        if nb == 0:
+            return
+        mb = x.mean(0)
+        m2b = ((x - mb) ** 2).sum(0)
+        n = self.n + nb
+        delta = mb - self.mean
+        self.mean += delta * (nb / n)
+        self.m2 += m2b + delta**2 * (self.n * nb / n)
+        self.n = n
+        if self.gram is not None:
+            self.gram += x.T @ x
+
+    @property
+    def var(self) -> torch.Tensor:
+        """Population variance of each channel over all calibration tokens."""
+        return self.m2 / max(self.n, 1)
+
+    @property
+    def sq_norm(self) -> torch.Tensor:
+        """Sum of squares of each channel over all tokens (= ||X_j||^2, what Wanda uses)."""
+        return self.m2 + self.n * self.mean**2
+
+    def to(self, device) -> RunningStats:
+        self.mean, self.m2 = self.mean.to(device), self.m2.to(device)
+        if self.gram is not None:
+            self.gram = self.gram.to(device)
+        return self
+
+
+@dataclass
+class LayerStats:
+    """What the engine measured at one layer: inputs of o_proj ("attn") and down_proj ("mlp")."""
+
+    attn: RunningStats
+    mlp: RunningStats
+
+
+@dataclass
+class EngineReport:
+    peak_rss_mib: float = 0.0
+    peak_device_mib: float = 0.0
+    tokens: int = 0
+    layers: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class _Captured(Exception):
+    def __init__(self, hidden: torch.Tensor, kwargs: dict):
+        self.hidden, self.kwargs = hidden, kwargs
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _to(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_to(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [_to(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+Visitor = Callable[[int, nn.Module, LayerStats], bool]
+
+
+class LayerwiseEngine:
+    def __init__(
+        self,
+        model: nn.Module,
+        adapter: Adapter,
+        samples: torch.Tensor,
+        device: str | torch.device = "cpu",
+        batch_size: int = 8,
+        gram: bool = False,
+        progress: Callable[[int, int], None] | None = None,
+    ):
+        self.model, self.adapter = model, adapter
+        self.samples = samples
+        self.device = torch.device(device)
+        self.batch_size = max(1, batch_size)
+        self.gram = gram
+        self.progress = progress
+        self.report = EngineReport(tokens=samples.numel())
+
+    @torch.no_grad()
+    def _capture_inputs(self) -> tuple[torch.Tensor, dict[int, dict]]:
+        """Run embeddings and whatever precedes layer 0; keep layer 0's inputs and kwargs."""
+        decoder = self.adapter.decoder(self.model)
+        layers = self.adapter.layers(self.model)
+        first = layers[0]
+
+        def hook(_module, args, kwargs):
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            raise _Captured(hidden, kwargs)
+
+        embed_parts = [m for n, m in decoder.named_children() if n != "layers"]
+        for m in embed_parts:
+            m.to(self.device)
+        handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+        hidden_all, kwargs_by_bs = [], {}
+        try:
+            for batch in self.samples.split(self.batch_size):
+                try:
+                    decoder(input_ids=batch.to(self.device), use_cache=False)
+                except _Captured as cap:
+                    hidden_all.append(cap.hidden.to("cpu"))
+                    kw = {k: v for k, v in cap.kwargs.items() if k not in ("past_key_values", "use_cache")}
+                    kwargs_by_bs.setdefault(batch.shape[0], _to(kw, "cpu"))
+        finally:
+            handle.remove()
+            for m in embed_parts:
+                m.to("cpu")
+        return torch.cat(hidden_all), kwargs_by_bs
+
+    @torch.no_grad()
+    def _forward(self, layer: nn.Module, inputs: torch.Tensor, outputs: torch.Tensor, kwargs_by_bs) -> None:
+        for start in range(0, inputs.shape[0], self.batch_size):
+            x = inputs[start: start + self.batch_size].to(self.device)
+            kw = _to(kwargs_by_bs[x.shape[0]], self.device)
+            y = layer(x, **kw)
+            if isinstance(y, tuple):
+                y = y[0]
+            outputs[start: start + x.shape[0]] = y.to(outputs.device)
+
+    @torch.no_grad()
+    def run(self, visit: Visitor) -> EngineReport:
+        """For each layer: stream statistics over all calibration samples, then call
+        `visit(index, layer, stats)`. If the visitor changed the layer (returns True), the layer's
+        outputs are recomputed so later layers see the pruned model's activations."""
+        inputs, kwargs_by_bs = self._capture_inputs()
+        outputs = torch.empty_like(inputs)
+        layers = self.adapter.layers(self.model)
+        for i, layer in enumerate(layers):
+            layer.to(self.device)
+            shape = self.adapter.shape(layer)
+            attn_in = self.adapter.attention(layer).o_proj
+            mlp_in = self.adapter.mlp(layer).down_proj
+            stats = LayerStats(
+                attn=RunningStats(attn_in.in_features, self.gram, self.device),
+                mlp=RunningStats(mlp_in.in_features, self.gram, self.device),
+            )
+            assert shape.num_heads * shape.head_dim == attn_in.in_features
+            hooks = [
+                attn_in.register_forward_pre_hook(lambda _m, a: stats.attn.update(a[0])),
+                mlp_in.register_forward_pre_hook(lambda _m, a: stats.mlp.update(a[0])),
+            ]
+            try:
+                self._forward(layer, inputs, outputs, kwargs_by_bs)
+            finally:
+                for h in hooks:
+                    h.remove()
+            if visit(i, layer, stats):
+                self._forward(layer, inputs, outputs, kwargs_by_bs)
+            if self.device.type == "cuda":
+                self.report.peak_device_mib = max(
+                    self.report.peak_device_mib, torch.cuda.max_memory_allocated(self.device) / 2**20
+                )
+            layer.to("cpu")
+            inputs, outputs = outputs, inputs
+            if self.progress:
+                self.progress(i + 1, len(layers))
+        self.report.layers = len(layers)
+        self.report.peak_rss_mib = peak_rss_mib()
+        return self.report

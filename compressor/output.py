@@ -1,0 +1,60 @@
+"""Atomic output directories: everything is written into a hidden temporary sibling of `--out`
+and renamed into place only when complete, so a failed or interrupted run leaves nothing behind."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import signal
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from .errors import UserError
+
+
+def check_out_dir(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"The output directory {out} already exists and is not empty; choose another --out.")
+
+
+class Interrupted(UserError):
+    def __init__(self, what: str):
+        super().__init__(f"Interrupted by {what}; nothing was written.", exit_code=130)
+
+
+@contextlib.contextmanager
+def signals_as_errors() -> Iterator[None]:
+    """SIGINT and SIGTERM raise `Interrupted`, so `finally` blocks clean up temporary output."""
+
+    def handler(signum, _frame):
+        raise Interrupted(signal.Signals(signum).name)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+@contextlib.contextmanager
+def atomic_dir(out: Path) -> Iterator[Path]:
+    """Yield a temporary directory next to `out`; on success rename it to `out`."""
+    out = Path(out).absolute()
+    check_out_dir(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        os.replace(tmp, out)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise UserError(f"The disk holding {out.parent} is full; nothing was written.", exit_code=28) from exc
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,287 @@
+"""The main job, stage by stage: plan -> calibrate -> score -> allocate -> prune+compensate ->
+export -> check -> report. Each stage is timed; the result is an output directory with the
+weights, a model card and `report.json`."""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import allocation, calibration, compensation, metrics
+from .adapters import Adapter, adapter_for
+from .allocation import LayerScores
+from .engine import LayerwiseEngine, LayerStats, peak_rss_mib
+from .errors import UserError
+from .output import atomic_dir, check_out_dir
+from .surgery import LayerKeep, prune_layer
+
+REPORT_SCHEMA = "fitprune.report/1"
+
+
+@dataclass
+class Options:
+    model: str | None = None
+    profile: str = "cpu-2core"
+    ratio: float | None = None
+    metric: str = "flap"
+    compensation: str = "bias"
+    structure: str = "auto"  # auto = the metric's default
+    attn_unit: str = "auto"
+    round_to: int | None = None  # None = the profile's
+    calib: str = "builtin"
+    nsamples: int = 128
+    seqlen: int = 512
+    eval_samples: int = 40
+    batch_size: int = 8
+    device: str = "cpu"
+    seed: int = 0
+    out: Path | None = None
+    export_dtype: str = "auto"
+    threads: int | None = None
+    trust_remote_code: bool = False
+
+
+@dataclass
+class Stages:
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def timed(self, name: str):
+        stages = self
+
+        class _T:
+            def __enter__(self):
+                self.t = time.perf_counter()
+
+            def __exit__(self, *exc):
+                stages.seconds[name] = round(stages.seconds.get(name, 0.0) + time.perf_counter() - self.t, 3)
+
+        return _T()
+
+
+def count_params(model) -> dict[str, int]:
+    total = sum(p.numel() for p in model.parameters())
+    decoder = sum(p.numel() for p in model.model.layers.parameters())
+    return {"total": total, "decoder": decoder, "non_embedding": decoder + sum(
+        p.numel() for p in model.model.norm.parameters())}
+
+
+@dataclass
+class Scored:
+    """What the calibration pass leaves per layer: channel scores and the input statistics."""
+
+    scores: list[LayerScores]
+    stats: list[LayerStats]
+
+
+def score_layers(model, adapter: Adapter, samples: torch.Tensor, metric: metrics.Metric, opts: Options,
+                 progress=None) -> tuple[Scored, dict]:
+    """One layer-wise pass over the dense model: statistics and the metric's channel scores."""
+    scores: list[LayerScores] = []
+    stats: list[LayerStats] = []
+    hidden = model.config.hidden_size
+
+    def visit(i, layer, st: LayerStats) -> bool:
+        cs = metric.fn(adapter, layer, st)
+        scores.append(LayerScores(adapter.shape(layer), hidden, cs.attn.cpu(), cs.mlp.cpu()))
+        stats.append(LayerStats(st.attn.to("cpu"), st.mlp.to("cpu")))
+        return False
+
+    engine = LayerwiseEngine(model, adapter, samples, device=opts.device, batch_size=opts.batch_size,
+                             progress=progress)
+    rep = engine.run(visit)
+    return Scored(scores, stats), {"peak_rss_mib": round(rep.peak_rss_mib, 1),
+                                   "peak_device_mib": round(rep.peak_device_mib, 1)}
+
+
+def prune_model(model, adapter: Adapter, keeps: list[LayerKeep], scored: Scored, comp: compensation.Compensation):
+    for layer, keep, st in zip(adapter.layers(model), keeps, scored.stats, strict=True):
+        fix = comp.fn(adapter, layer, keep, st)
+        prune_layer(adapter, layer, keep, o_bias=fix.o_bias, down_bias=fix.down_bias,
+                    o_weight=fix.o_weight, down_weight=fix.down_weight)
+    cfg = model.config
+    cfg.num_attention_heads = max(len(k.q_heads) for k in keeps)
+    cfg.num_key_value_heads = max(len(k.kv_heads) for k in keeps)
+    cfg.intermediate_size = max(len(k.channels) for k in keeps)
+
+
+def resolve_structure(opts: Options, metric: metrics.Metric) -> str:
+    return metric.default_structure if opts.structure == "auto" else opts.structure
+
+
+@dataclass
+class Prepared:
+    """The inputs of a run after loading: the model, its adapter and the token windows."""
+
+    loaded: object
+    adapter: Adapter
+    calib: torch.Tensor
+    heldout: torch.Tensor
+
+
+def prepare(opts: Options, say=print) -> tuple[Prepared, dict]:
+    from . import models
+
+    t = {}
+    t0 = time.perf_counter()
+    loaded = models.load(opts.model, trust_remote_code=opts.trust_remote_code)
+    adapter = adapter_for(loaded.model)
+    t["load"] = round(time.perf_counter() - t0, 3)
+    t0 = time.perf_counter()
+    tok = loaded.tokenizer
+    builtin = calibration.load_source("builtin", tok)
+    heldout = calibration.contiguous_chunks(builtin.region("test"), opts.seqlen, opts.eval_samples)
+    if opts.calib == "builtin":
+        src = builtin
+    else:
+        src = calibration.load_source(opts.calib, tok, model=loaded.model, n_tokens=opts.nsamples * opts.seqlen,
+                                      seed=opts.seed)
+    calib = calibration.sample_windows(src.region("calibration"), opts.nsamples, opts.seqlen, opts.seed)
+    t["data"] = round(time.perf_counter() - t0, 3)
+    return Prepared(loaded, adapter, calib, heldout), t
+
+
+def run(opts: Options, console=None) -> dict:
+    """The whole job; returns the report (also written to OUT/report.json)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from exporters import export_hf
+    from profiles import load_profile
+    from runtimes.accuracy import perplexity
+
+    console = console or Console(stderr=True)
+    stages = Stages()
+    profile = load_profile(opts.profile)
+    metric = metrics.get(opts.metric)
+    comp = compensation.get(opts.compensation)
+    structure = resolve_structure(opts, metric)
+    if structure not in ("uniform", "global"):
+        raise UserError(f"Unknown structure '{opts.structure}' (use uniform, global or auto).")
+    ratio = opts.ratio if opts.ratio is not None else 0.2
+    if not 0.0 < ratio < 1.0:
+        raise UserError(f"The pruning ratio must be between 0 and 1 (exclusive), got {ratio}.")
+    round_to = opts.round_to or profile.round_to
+    out = Path(opts.out) if opts.out else Path("out") / f"{_model_slug(opts.model)}-{metric.name}-{int(ratio * 100)}"
+    check_out_dir(out)
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    torch.manual_seed(opts.seed)
+
+    console.print(
+        f"[bold]plan[/]: profile [cyan]{profile.name}[/] ({profile.device.name}), remove {ratio:.0%} of decoder "
+        f"weights, metric [cyan]{metric.name}[/], compensation [cyan]{comp.name}[/], structure [cyan]{structure}[/], "
+        f"widths rounded to {round_to}, calibration {opts.nsamples} x {opts.seqlen} tokens from '{opts.calib}', "
+        f"output {out}"
+    )
+    prep, t = prepare(opts)
+    stages.seconds.update(t)
+    model, tok, adapter = prep.loaded.model, prep.loaded.tokenizer, prep.adapter
+    before = count_params(model)
+
+    with stages.timed("perplexity_dense"):
+        ppl_dense = perplexity(model, prep.heldout)
+    console.print(f"dense held-out perplexity: {ppl_dense:.3f}")
+
+    n_layers = len(adapter.layers(model))
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} layers"),
+                  TimeElapsedColumn(), console=console, transient=False) as bar:
+        task = bar.add_task("calibrate + score", total=n_layers)
+        with stages.timed("calibrate_score"):
+            scored, mem = score_layers(model, adapter, prep.calib, metric, opts,
+                                       progress=lambda i, n: bar.update(task, completed=i))
+    with stages.timed("allocate"):
+        keeps = allocation.allocate(scored.scores, ratio, structure, opts.attn_unit, round_to,
+                                    standardized=metric.standardize and structure == "global")
+    with stages.timed("prune_compensate"):
+        prune_model(model, adapter, keeps, scored, comp)
+    after = count_params(model)
+    with stages.timed("perplexity_pruned"):
+        ppl_pruned = perplexity(model, prep.heldout)
+    console.print(f"pruned held-out perplexity: {ppl_pruned:.3f}")
+
+    report = {
+        "schema": REPORT_SCHEMA,
+        "created_unix": int(time.time()),
+        "model": prep.loaded.source,
+        "profile": profile.name,
+        "method": {
+            "metric": metric.name, "compensation": comp.name, "structure": structure, "attn_unit": opts.attn_unit,
+            "ratio_requested": ratio, "round_to": round_to, "calib": opts.calib, "nsamples": opts.nsamples,
+            "seqlen": opts.seqlen, "seed": opts.seed,
+        },
+        "params": {
+            "before": before, "after": after,
+            "achieved_ratio_decoder": round(1 - after["decoder"] / before["decoder"], 4),
+            "achieved_ratio_total": round(1 - after["total"] / before["total"], 4),
+        },
+        "widths": {
+            "q_heads": [len(k.q_heads) for k in keeps], "kv_heads": [len(k.kv_heads) for k in keeps],
+            "intermediate": [len(k.channels) for k in keeps],
+        },
+        "perplexity": {
+            "dense": round(ppl_dense, 4), "pruned": round(ppl_pruned, 4),
+            "relative_increase": round(ppl_pruned / ppl_dense - 1, 4),
+            "text": "builtin held-out region (last 20% of the pydoc topics token stream)",
+            "windows": int(prep.heldout.shape[0]), "seqlen": int(prep.heldout.shape[1]), "measured": True,
+            "device": opts.device,
+        },
+        "memory": {**mem, "what": "peak process RSS during calibration (and peak device memory on CUDA)"},
+        "host": {"machine": platform.machine(), "processor": platform.processor() or platform.machine(),
+                 "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
+    }
+    dtype = model.dtype if opts.export_dtype == "auto" else getattr(torch, opts.export_dtype)
+    with atomic_dir(out) as tmp:
+        with stages.timed("export"):
+            res = export_hf(model, tok, tmp, dtype=dtype)
+        report["export"] = {"format": res.format, "architecture": res.architecture, "dtype": str(dtype).replace(
+            "torch.", ""), "files": res.files}
+        report["seconds"] = stages.seconds
+        report["seconds"]["pruning_step"] = round(sum(stages.seconds.get(k, 0.0) for k in (
+            "calibrate_score", "allocate", "prune_compensate")), 3)
+        report["peak_rss_mib_total"] = round(peak_rss_mib(), 1)
+        (tmp / "report.json").write_text(json.dumps(report, indent=2))
+        (tmp / "README.md").write_text(model_card(report))
+    report["output"] = str(out)
+    return report
+
+
+def _model_slug(model: str | None) -> str:
+    if not model:
+        return "smollm2-135m"
+    return Path(model.rstrip("/")).name.replace(".gguf", "").lower() or "model"
+
+
+def model_card(r: dict) -> str:
+    m, p, ppl = r["method"], r["params"], r["perplexity"]
+    return f"""---
+library_name: transformers
+tags: [fitprune, structured-pruning]
+---
+# {Path(r['model']).name} pruned with fitprune
+
+- Method: metric `{m['metric']}`, compensation `{m['compensation']}`, structure `{m['structure']}`,
+  {m['ratio_requested']:.0%} of decoder weights requested, widths rounded to {m['round_to']}.
+- Calibration: {m['nsamples']} x {m['seqlen']} tokens from `{m['calib']}`, seed {m['seed']}.
+- Parameters: {p['before']['total']:,} -> {p['after']['total']:,} total; decoder {p['before']['decoder']:,} ->
+  {p['after']['decoder']:,} ({p['achieved_ratio_decoder']:.1%} removed).
+- Format: {r['export']['format']} (`{r['export']['architecture']}`, {r['export']['dtype']}).
+
+## Measured
+| | dense | pruned |
+|---|---|---|
+| held-out perplexity ({ppl['windows']} x {ppl['seqlen']} tokens, {ppl['device']}) | {ppl['dense']:.3f} | {ppl['pruned']:.3f} |
+
+Per-layer widths (query heads / KV heads / MLP channels): {r['widths']['q_heads']} / {r['widths']['kv_heads']} /
+{r['widths']['intermediate']}.
+
+## Load
+```python
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained("PATH")  # fitprune-format exports: add trust_remote_code=True
+```
+"""

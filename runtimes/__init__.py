@@ -1,0 +1,1 @@
+"""Loading exported models in a runtime, generating, and measuring speed and accuracy."""
