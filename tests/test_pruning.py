@@ -1,0 +1,180 @@
+"""Unit tests on tiny random models: metrics, allocation, compensation and surgery, every family."""
+
+import pytest
+import torch
+
+from compressor import allocation, compensation, metrics
+from compressor.adapters import LayerShape, adapter_for
+from compressor.allocation import LayerScores, allocate
+from compressor.engine import LayerStats, RunningStats
+from compressor.pipeline import Options, prune_model, score_layers
+from compressor.surgery import LayerKeep, prune_layer
+from tests.conftest import tiny_model
+
+
+def _samples(n=6, L=16, vocab=128, seed=0):
+    return torch.randint(0, vocab, (n, L), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("name", sorted(metrics.METRICS))
+def test_every_metric_scores_every_channel(family, name):
+    model = tiny_model(family)
+    adapter = adapter_for(model)
+    scored, _ = score_layers(model, adapter, _samples(), metrics.get(name), Options(batch_size=4))
+    for ls, layer in zip(scored.scores, adapter.layers(model), strict=True):
+        shape = adapter.shape(layer)
+        assert ls.attn.shape == (shape.num_heads * shape.head_dim,)
+        assert ls.mlp.shape == (shape.intermediate_size,)
+        assert torch.isfinite(ls.attn).all() and torch.isfinite(ls.mlp).all()
+        assert (ls.attn >= 0).all() and (ls.mlp >= 0).all()
+
+
+def test_flap_scores_a_constant_channel_zero():
+    model = tiny_model("llama-gqa")
+    adapter = adapter_for(model)
+    layer = adapter.layers(model)[0]
+    st = LayerStats(RunningStats(48), RunningStats(64))
+    x_attn = torch.randn(200, 48)
+    x_mlp = torch.randn(200, 64)
+    x_mlp[:, 5] = 3.0  # no fluctuation at all
+    x_attn[:, 7] = -1.5
+    st.attn.update(x_attn)
+    st.mlp.update(x_mlp)
+    s = metrics.get("flap").fn(adapter, layer, st)
+    assert s.mlp[5] == 0 and s.attn[7] == 0
+    assert (s.mlp[torch.arange(64) != 5] > 0).all()
+
+
+def test_flap_score_is_variance_times_column_norm():
+    model = tiny_model("llama-mha")
+    adapter = adapter_for(model)
+    layer = adapter.layers(model)[1]
+    st = LayerStats(RunningStats(32), RunningStats(64))
+    xa, xm = torch.randn(300, 32) * torch.linspace(0.1, 2, 32), torch.randn(300, 64)
+    st.attn.update(xa)
+    st.mlp.update(xm)
+    s = metrics.get("flap").fn(adapter, layer, st)
+    w = layer.mlp.down_proj.weight.double()
+    expect = xm.double().var(0, unbiased=False) * (w**2).sum(0)
+    assert torch.allclose(s.mlp, expect, rtol=1e-6)
+
+
+def _scores(shape, hidden, attn, mlp):
+    return LayerScores(shape, hidden, torch.as_tensor(attn, dtype=torch.float64), torch.as_tensor(mlp, dtype=torch.float64))
+
+
+def test_query_mode_removes_heads_evenly_from_every_group():
+    shape = LayerShape(num_heads=6, num_kv_heads=2, head_dim=2, intermediate_size=8)
+    # head scores (per head, 2 channels each): group 0 = heads 0-2, group 1 = heads 3-5
+    head = [5, 1, 3, 2, 6, 4]
+    attn = [h for h in head for _ in range(2)]
+    ls = _scores(shape, 16, attn, list(range(8)))
+    keep = allocation._keep(ls, allocation.attention_units(ls, "query"), 1, 8)
+    assert keep.q_heads == [0, 2, 4, 5] and keep.kv_heads == [0, 1]
+    keep = allocation._keep(ls, allocation.attention_units(ls, "kv"), 1, 8)
+    assert keep.kv_heads == [1] and keep.q_heads == [3, 4, 5]  # group 0 mean 3 < group 1 mean 4
+
+
+def test_global_allocation_hits_the_ratio_and_varies_widths():
+    torch.manual_seed(0)
+    shape = LayerShape(num_heads=8, num_kv_heads=8, head_dim=8, intermediate_size=256)
+    layers = [_scores(shape, 64, torch.rand(64) * (i + 1), torch.rand(256) * (4 - i)) for i in range(4)]
+    keeps = allocate(layers, 0.3, "global", round_to=8)
+    total = sum(allocation.layer_params(shape, 64) for _ in layers)
+    kept = sum(64 * 8 * (2 * len(k.q_heads) + 2 * len(k.kv_heads)) + 3 * 64 * len(k.channels) for k in keeps)
+    assert abs((1 - kept / total) - 0.3) < 0.03
+    assert len({len(k.channels) for k in keeps}) > 1
+    assert all(len(k.channels) % 8 == 0 and len(k.q_heads) >= 1 for k in keeps)
+
+
+def test_uniform_allocation_gives_identical_widths():
+    torch.manual_seed(1)
+    shape = LayerShape(num_heads=6, num_kv_heads=2, head_dim=8, intermediate_size=128)
+    layers = [_scores(shape, 48, torch.rand(48), torch.rand(128)) for _ in range(3)]
+    keeps = allocate(layers, 0.4, "uniform", round_to=16)
+    assert len({(len(k.q_heads), len(k.kv_heads), len(k.channels)) for k in keeps}) == 1
+    assert len(keeps[0].channels) % 16 == 0
+
+
+@pytest.mark.parametrize("ratio", [0.0, 1.0, -0.2, 1.5])
+def test_ratio_outside_open_interval_is_refused(ratio):
+    from compressor.errors import UserError
+
+    shape = LayerShape(4, 4, 2, 8)
+    with pytest.raises(UserError, match="between 0 and 1"):
+        allocate([_scores(shape, 8, torch.rand(8), torch.rand(8))], ratio, "global")
+
+
+def test_surgery_keeping_everything_changes_nothing(family):
+    model = tiny_model(family)
+    adapter = adapter_for(model)
+    x = _samples(2, 10)
+    with torch.no_grad():
+        ref = model(x).logits
+    for layer in adapter.layers(model):
+        s = adapter.shape(layer)
+        prune_layer(adapter, layer, LayerKeep(list(range(s.num_heads)), list(range(s.num_kv_heads)),
+                                              list(range(s.intermediate_size))))
+    with torch.no_grad():
+        assert torch.allclose(model(x).logits, ref, atol=1e-6)
+
+
+def test_surgery_equals_masking(family):
+    """Removing units physically gives the same output as zeroing their weights."""
+    model = tiny_model(family)
+    masked = tiny_model(family)
+    adapter = adapter_for(model)
+    keeps = []
+    for layer_m, layer in zip(adapter.layers(masked), adapter.layers(model), strict=True):
+        s = adapter.shape(layer)
+        kv = list(range(1, s.num_kv_heads)) or [0]
+        q = [h for h in range(s.num_heads) if h // s.heads_per_kv in kv]
+        ch = list(range(0, s.intermediate_size, 2))
+        keeps.append(LayerKeep(q, kv, ch))
+        with torch.no_grad():
+            a = adapter.attention(layer_m)
+            for h in set(range(s.num_heads)) - set(q):
+                a.o_proj.weight[:, h * s.head_dim:(h + 1) * s.head_dim] = 0
+            for c in set(range(s.intermediate_size)) - set(ch):
+                adapter.mlp(layer_m).down_proj.weight[:, c] = 0
+        prune_layer(adapter, layer, keeps[-1])
+    x = _samples(2, 12)
+    with torch.no_grad():
+        assert torch.allclose(model(x).logits, masked(x).logits, atol=1e-5)
+
+
+def test_bias_compensation_is_exact_for_constant_channels():
+    """A removed channel whose input never changes is replaced exactly by the bias."""
+    model = tiny_model("llama-mha")
+    adapter = adapter_for(model)
+    layer = adapter.layers(model)[0]
+    mlp = adapter.mlp(layer)
+    x = torch.randn(50, 64)
+    x[:, :16] = torch.randn(16)  # channels 0..15 constant over tokens
+    st = LayerStats(RunningStats(32), RunningStats(64))
+    st.attn.update(torch.randn(50, 32))
+    st.mlp.update(x)
+    keep = LayerKeep(list(range(4)), list(range(4)), list(range(16, 64)))
+    with torch.no_grad():
+        ref = mlp.down_proj(x)
+    fix = compensation.get("bias").fn(adapter, layer, keep, st)
+    prune_layer(adapter, layer, keep, o_bias=fix.o_bias, down_bias=fix.down_bias)
+    with torch.no_grad():
+        got = adapter.mlp(layer).down_proj(x[:, 16:])
+    assert torch.allclose(got, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("structure", ["global", "uniform"])
+@pytest.mark.parametrize("comp", sorted(compensation.COMPENSATIONS))
+def test_prune_model_end_to_end_on_tiny_models(family, structure, comp):
+    model = tiny_model(family)
+    adapter = adapter_for(model)
+    before = sum(p.numel() for p in model.model.layers.parameters())
+    scored, _ = score_layers(model, adapter, _samples(), metrics.get("flap"), Options(batch_size=4))
+    keeps = allocate(scored.scores, 0.3, structure, round_to=8, standardized=structure == "global")
+    prune_model(model, adapter, keeps, scored, compensation.get(comp))
+    after = sum(p.numel() for p in model.model.layers.parameters())
+    assert 0.15 < 1 - after / before < 0.45
+    with torch.no_grad():
+        out = model.generate(_samples(1, 5), max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 9)
