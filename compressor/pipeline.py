@@ -78,24 +78,35 @@ class Scored:
     stats: list[LayerStats]
 
 
-def score_layers(model, adapter: Adapter, samples: torch.Tensor, metric: metrics.Metric, opts: Options,
-                 progress=None) -> tuple[Scored, dict]:
-    """One layer-wise pass over the dense model: statistics and the metric's channel scores."""
-    scores: list[LayerScores] = []
+def collect_stats(model, adapter: Adapter, samples: torch.Tensor, opts: Options, progress=None,
+                  gram: bool = False) -> tuple[list[LayerStats], dict]:
+    """One layer-wise pass over the dense model, streaming the statistics every metric reads."""
     stats: list[LayerStats] = []
-    hidden = model.config.hidden_size
 
     def visit(i, layer, st: LayerStats) -> bool:
-        cs = metric.fn(adapter, layer, st)
-        scores.append(LayerScores(adapter.shape(layer), hidden, cs.attn.cpu(), cs.mlp.cpu()))
         stats.append(LayerStats(st.attn.to("cpu"), st.mlp.to("cpu")))
         return False
 
     engine = LayerwiseEngine(model, adapter, samples, device=opts.device, batch_size=opts.batch_size,
-                             progress=progress)
+                             gram=gram, progress=progress)
     rep = engine.run(visit)
-    return Scored(scores, stats), {"peak_rss_mib": round(rep.peak_rss_mib, 1),
-                                   "peak_device_mib": round(rep.peak_device_mib, 1)}
+    return stats, {"peak_rss_mib": round(rep.peak_rss_mib, 1), "peak_device_mib": round(rep.peak_device_mib, 1)}
+
+
+def score(model, adapter: Adapter, stats: list[LayerStats], metric: metrics.Metric) -> Scored:
+    """Channel scores of every layer from the (still dense) weights and the collected statistics."""
+    hidden = model.config.hidden_size
+    scores = []
+    for layer, st in zip(adapter.layers(model), stats, strict=True):
+        cs = metric.fn(adapter, layer, st)
+        scores.append(LayerScores(adapter.shape(layer), hidden, cs.attn.cpu(), cs.mlp.cpu()))
+    return Scored(scores, stats)
+
+
+def score_layers(model, adapter: Adapter, samples: torch.Tensor, metric: metrics.Metric, opts: Options,
+                 progress=None) -> tuple[Scored, dict]:
+    stats, mem = collect_stats(model, adapter, samples, opts, progress)
+    return score(model, adapter, stats, metric), mem
 
 
 def prune_model(model, adapter: Adapter, keeps: list[LayerKeep], scored: Scored, comp: compensation.Compensation):

