@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+
+from .base import Generation, Runtime, cpu_device, register
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def load(path: str | Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
@@ -20,3 +25,67 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, trust_remote_code
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=trust_remote_code)
     tok = AutoTokenizer.from_pretrained(str(path))
     return model.eval(), tok
+
+
+@register("torch")
+class TorchRuntime(Runtime):
+    """transformers' `generate` (greedy, KV cache) on torch; CPU unless CUDA is available."""
+
+    def __init__(self, path: str | Path, dtype: str = "float32", threads: int | None = None) -> None:
+        super().__init__(path, dtype, threads)
+        if dtype not in DTYPES:
+            raise ValueError(f"Unsupported dtype '{dtype}' for torch; choose one of {', '.join(DTYPES)}.")
+        if threads:
+            torch.set_num_threads(threads)
+        self.model, self._tokenizer = load(path, DTYPES[dtype])
+        self._dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model.to(self._dev)
+
+    @property
+    def device(self) -> str:
+        if self._dev.type == "cuda":
+            return f"cuda: {torch.cuda.get_device_name(self._dev)}"
+        return cpu_device(torch.get_num_threads())
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, ignore_eos: bool = False,
+                 logprobs: int = 0) -> list[Generation]:
+        width = max(len(p) for p in prompts)
+        pad = self.model.generation_config.pad_token_id
+        if pad is None:
+            eos = self.model.generation_config.eos_token_id
+            pad = (eos[0] if isinstance(eos, list) else eos) if eos is not None else 0
+        # left padding, so that every row's next token follows its own last prompt token
+        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
+            mask[i, width - len(p):] = 1
+        out = self.model.generate(
+            input_ids=ids.to(self._dev), attention_mask=mask.to(self._dev), do_sample=False,
+            max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens if ignore_eos else None,
+            pad_token_id=pad, return_dict_in_generate=True, output_logits=logprobs > 0,
+            temperature=None, top_p=None, top_k=None,
+        )
+        new = out.sequences[:, width:].tolist()
+        gens = []
+        eos_ids = self.model.generation_config.eos_token_id
+        eos_set = set(eos_ids if isinstance(eos_ids, list) else [eos_ids] if eos_ids is not None else [])
+        for i, row in enumerate(new):
+            if not ignore_eos:  # drop the padding after an early EOS
+                for j, t in enumerate(row):
+                    if t in eos_set:
+                        row = row[: j + 1]
+                        break
+            lps = None
+            if logprobs > 0:
+                lps = []
+                for step in range(len(row)):
+                    lp = torch.log_softmax(out.logits[step][i].float(), dim=-1)
+                    v, k = lp.topk(logprobs)
+                    lps.append(dict(zip(k.tolist(), v.tolist(), strict=True)))
+            gens.append(Generation(row, lps))
+        return gens
+
+    def close(self) -> None:
+        self.model = None
