@@ -76,7 +76,8 @@ def main() -> None:
         rows.append(json.loads(p.stdout.strip().splitlines()[-1]))
     print(f"pruning step on SmolLM2-135M: {args.metric} {args.structure} + {args.compensation}, "
           f"{args.ratio:.0%}, {args.nsamples} x {args.seqlen} tokens, device {args.device}")
-    print(f"{'batch':>5} {'calibration s':>14} {'score+alloc+prune s':>20} {'step s':>8} {'peak RSS MiB':>13} {'removed':>8}")
+    print(f"{'batch':>5} {'calibration s':>14} {'score+alloc+prune s':>20} {'step s':>8} "
+          f"{'peak RSS MiB':>13} {'removed':>8}")
     for r in rows:
         print(f"{r['batch_size']:>5} {r['calibration_s']:>14} {r['score_allocate_prune_s']:>20} "
               f"{r['pruning_step_s']:>8} {r['peak_rss_mib']:>13} {r['removed']:>8.1%}")

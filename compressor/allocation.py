@@ -164,6 +164,24 @@ def _global(layers: list[LayerScores], ratio: float, attn_unit: str, round_to: i
         removed += cost
     keeps = []
     for i, ls in enumerate(layers):
-        I = ls.shape.intermediate_size
-        keeps.append(_keep(ls, all_units[i], n_attn[i], _round_channels(I - n_mlp[i], I, round_to)))
+        width = ls.shape.intermediate_size
+        keeps.append(_keep(ls, all_units[i], n_attn[i], _round_channels(width - n_mlp[i], width, round_to)))
     return keeps
+
+
+def select(ls: LayerScores, attn_unit: str, target: LayerKeep) -> LayerKeep:
+    """Choose which units one layer keeps, given the widths `target` has (its indices are ignored)."""
+    units = attention_units(ls, attn_unit)
+    if resolve_attn_unit(attn_unit, ls.shape) == "kv":
+        n_removed = ls.shape.num_kv_heads - len(target.kv_heads)
+    else:
+        n_removed = ls.shape.heads_per_kv - len(target.q_heads) // max(len(target.kv_heads), 1)
+    return _keep(ls, units, n_removed, len(target.channels))
+
+
+def uniform_widths(shapes: list[LayerShape], hidden: int, ratio: float, attn_unit: str,
+                   round_to: int) -> list[LayerKeep]:
+    """The widths `uniform` gives, which do not depend on scores."""
+    zeros = [LayerScores(s, hidden, torch.zeros(s.num_heads * s.head_dim, dtype=torch.float64),
+                         torch.zeros(s.intermediate_size, dtype=torch.float64)) for s in shapes]
+    return allocate(zeros, ratio, "uniform", attn_unit, round_to)

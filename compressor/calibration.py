@@ -61,7 +61,8 @@ def _hf_text(spec: str) -> str:
     try:
         ds = datasets.load_dataset(name, config or None, split=split or "train")
     except Exception as exc:  # the hub is unreachable, or no such dataset
-        raise UserError(f"Could not load the dataset {name} from the Hugging Face hub: {str(exc).splitlines()[0]}") from exc
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"Could not load the dataset {name} from the Hugging Face hub: {first}") from exc
     column = "text" if "text" in ds.column_names else ds.column_names[0]
     return "\n\n".join(str(t) for t in ds[column] if t)
 

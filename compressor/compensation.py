@@ -30,15 +30,16 @@ class Compensation:
     name: str
     fn: Callable[[Adapter, nn.Module, LayerKeep, LayerStats], Fix]
     adds_bias: bool
+    needs_gram: bool = False  # reads stats.*.gram: computed layer by layer in a second pass
     help: str = ""
 
 
 COMPENSATIONS: dict[str, Compensation] = {}
 
 
-def compensation(name: str, adds_bias: bool, help: str = ""):
+def compensation(name: str, adds_bias: bool, needs_gram: bool = False, help: str = ""):
     def wrap(fn):
-        COMPENSATIONS[name] = Compensation(name, fn, adds_bias, help)
+        COMPENSATIONS[name] = Compensation(name, fn, adds_bias, needs_gram, help)
         return fn
 
     return wrap
@@ -72,6 +73,88 @@ def bias_compensation(adapter: Adapter, layer: nn.Module, keep: LayerKeep, stats
     down = adapter.mlp(layer).down_proj.weight.data.double()
     mean_a, mean_m = stats.attn.mean.cpu(), stats.mlp.mean.cpu()
     return Fix(o_bias=o[:, rm_attn] @ mean_a[rm_attn], down_bias=down[:, rm_mlp] @ mean_m[rm_mlp])
+
+
+RIDGE = 1e-4  # relative to the mean diagonal of the kept channels' Gram matrix
+
+
+def least_squares(w: torch.Tensor, gram: torch.Tensor, mean: torch.Tensor, n: int, kept: torch.Tensor,
+                  intercept: bool, ridge: float = RIDGE) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Re-fit the second layer on the kept inputs: argmin ||W X - W' X_K - b||^2 over calibration tokens.
+
+    X is d x n (tokens as columns); G = X X^T and the mean are all that is needed. With an
+    intercept the normal equations use the augmented Gram [[G, n mu], [n mu^T, n]]. Ridge
+    regularised (relative to the mean kept diagonal) and solved in float64. Returns (W', b or None).
+    """
+    w = w.double()
+    g = gram.double()
+    k = kept
+    a = g[k][:, k]
+    rhs = w @ g[:, k]  # W G[:, K]
+    if intercept:
+        s = n * mean.double()
+        corner = torch.tensor([[float(n)]], dtype=a.dtype)
+        a = torch.cat([torch.cat([a, s[k, None]], 1), torch.cat([s[None, k], corner], 1)], 0)
+        rhs = torch.cat([rhs, (w @ s)[:, None]], 1)
+    lam = ridge * float(a.diagonal().mean().clamp_min(1e-12))
+    a = a + lam * torch.eye(a.shape[0], dtype=a.dtype)
+    sol = torch.linalg.solve(a, rhs.T).T  # rhs A^-1 (A symmetric)
+    if intercept:
+        return sol[:, :-1], sol[:, -1]
+    return sol, None
+
+
+def _lsq(adapter: Adapter, layer: nn.Module, keep: LayerKeep, stats: LayerStats, intercept: bool) -> Fix:
+    shape = adapter.shape(layer)
+    kept_attn = head_channels(keep.q_heads, shape.head_dim)
+    kept_mlp = torch.tensor(keep.channels, dtype=torch.long)
+    fix = Fix()
+    for kind, lin, kept, st in (("o", adapter.attention(layer).o_proj, kept_attn, stats.attn),
+                                ("down", adapter.mlp(layer).down_proj, kept_mlp, stats.mlp)):
+        new_w, b = least_squares(lin.weight.data.cpu(), st.gram.cpu(), st.mean.cpu(), st.n, kept, intercept)
+        setattr(fix, f"{kind}_weight", new_w)
+        setattr(fix, f"{kind}_bias", b)
+    return fix
+
+
+@compensation("lsq", adds_bias=False, needs_gram=True,
+              help="Least-squares re-fit of o_proj / down_proj on the kept channels (ridge, float64), from the "
+                   "calibration Gram matrix.")
+def lsq(adapter, layer, keep, stats) -> Fix:
+    return _lsq(adapter, layer, keep, stats, intercept=False)
+
+
+@compensation("lsq+bias", adds_bias=True, needs_gram=True,
+              help="Least-squares re-fit with an intercept: re-fitted o_proj / down_proj weights plus a bias.")
+def lsq_bias(adapter, layer, keep, stats) -> Fix:
+    return _lsq(adapter, layer, keep, stats, intercept=True)
+
+
+@compensation("fold", adds_bias=True,
+              help="For the mi metric: each removed MLP neuron is folded into its redundant partner by the "
+                   "least-squares fit a_removed ~ alpha * a_partner + beta (beta into the bias); attention as bias.")
+def fold(adapter: Adapter, layer: nn.Module, keep: LayerKeep, stats: LayerStats) -> Fix:
+    fix = bias_compensation(adapter, layer, keep, stats)
+    info = stats.extra.get("mi")
+    if info is None:
+        return fix
+    down = adapter.mlp(layer).down_proj.weight.data.double().cpu()
+    kept = torch.tensor(keep.channels, dtype=torch.long)
+    is_kept = torch.zeros(down.shape[1], dtype=torch.bool)
+    is_kept[kept] = True
+    w = down.clone()
+    bias = torch.zeros(down.shape[0], dtype=torch.float64)
+    mean = stats.mlp.mean.cpu()
+    for c in (~is_kept).nonzero().flatten().tolist():
+        p = int(info["partner"][c])
+        if p >= 0 and is_kept[p]:
+            w[:, p] += float(info["alpha"][c]) * down[:, c]
+            bias += float(info["beta"][c]) * down[:, c]
+        else:
+            bias += float(mean[c]) * down[:, c]
+    fix.down_weight = w[:, kept]
+    fix.down_bias = bias
+    return fix
 
 
 def get(name: str) -> Compensation:

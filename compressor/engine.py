@@ -23,11 +23,14 @@ from .adapters import Adapter
 class RunningStats:
     """Per-channel count, mean, M2 (and optionally X^T X) of a stream of row vectors, in float64."""
 
-    def __init__(self, dim: int, gram: bool = False, device: torch.device | str = "cpu"):
+    def __init__(self, dim: int, gram: bool = False, device: torch.device | str = "cpu", sample_rows: int = 0):
         self.n = 0
         self.mean = torch.zeros(dim, dtype=torch.float64, device=device)
         self.m2 = torch.zeros(dim, dtype=torch.float64, device=device)
         self.gram = torch.zeros(dim, dim, dtype=torch.float64, device=device) if gram else None
+        # a strided subsample of raw rows, for estimators that need samples (mutual information)
+        self.sample_rows = sample_rows
+        self.samples: list[torch.Tensor] = []
 
     def update(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).to(torch.float64)
@@ -43,6 +46,27 @@ class RunningStats:
         self.n = n
         if self.gram is not None:
             self.gram += x.T @ x
+        if self.sample_rows:
+            have = sum(t.shape[0] for t in self.samples)
+            if have < self.sample_rows:
+                stride = max(1, nb // 256)
+                self.samples.append(x[::stride][: self.sample_rows - have].float().cpu())
+
+    @property
+    def sample(self) -> torch.Tensor:
+        return torch.cat(self.samples) if self.samples else torch.empty(0, self.mean.numel())
+
+    def merge(self, other: RunningStats) -> RunningStats:
+        """Combine the statistics of two disjoint streams (Chan et al.)."""
+        out = RunningStats(self.mean.numel(), self.gram is not None and other.gram is not None, self.mean.device)
+        n = self.n + other.n
+        delta = other.mean - self.mean
+        out.n = n
+        out.mean = self.mean + delta * (other.n / max(n, 1))
+        out.m2 = self.m2 + other.m2 + delta**2 * (self.n * other.n / max(n, 1))
+        if out.gram is not None:
+            out.gram = self.gram + other.gram
+        return out
 
     @property
     def var(self) -> torch.Tensor:
@@ -67,6 +91,7 @@ class LayerStats:
 
     attn: RunningStats
     mlp: RunningStats
+    extra: dict = field(default_factory=dict)  # what a metric precomputed for this layer (e.g. gradients)
 
 
 @dataclass
@@ -111,6 +136,7 @@ class LayerwiseEngine:
         device: str | torch.device = "cpu",
         batch_size: int = 8,
         gram: bool = False,
+        sample_rows: int = 0,
         progress: Callable[[int, int], None] | None = None,
     ):
         self.model, self.adapter = model, adapter
@@ -118,6 +144,7 @@ class LayerwiseEngine:
         self.device = torch.device(device)
         self.batch_size = max(1, batch_size)
         self.gram = gram
+        self.sample_rows = sample_rows
         self.progress = progress
         self.report = EngineReport(tokens=samples.numel())
 
@@ -176,12 +203,12 @@ class LayerwiseEngine:
             mlp_in = self.adapter.mlp(layer).down_proj
             stats = LayerStats(
                 attn=RunningStats(attn_in.in_features, self.gram, self.device),
-                mlp=RunningStats(mlp_in.in_features, self.gram, self.device),
+                mlp=RunningStats(mlp_in.in_features, self.gram, self.device, self.sample_rows),
             )
             assert shape.num_heads * shape.head_dim == attn_in.in_features
             hooks = [
-                attn_in.register_forward_pre_hook(lambda _m, a: stats.attn.update(a[0])),
-                mlp_in.register_forward_pre_hook(lambda _m, a: stats.mlp.update(a[0])),
+                attn_in.register_forward_pre_hook(lambda _m, a, s=stats.attn: s.update(a[0])),
+                mlp_in.register_forward_pre_hook(lambda _m, a, s=stats.mlp: s.update(a[0])),
             ]
             try:
                 self._forward(layer, inputs, outputs, kwargs_by_bs)

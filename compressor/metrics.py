@@ -32,15 +32,20 @@ class Metric:
     default_structure: str  # "global" or "uniform"
     standardize: bool  # standardize per layer and module before a global ranking (FLAP)
     needs_data: bool = True
+    needs_gram: bool = False  # reads stats.attn.gram / stats.mlp.gram
+    sample_rows: int = 0  # reads stats.mlp.sample (raw activation rows)
+    sequential: bool = False  # greedy: score each layer on the already-pruned model's activations
+    # computed once on the dense model before the layer-wise pass; one dict per layer -> stats.extra
+    precompute: Callable | None = None
     help: str = ""
 
 
 METRICS: dict[str, Metric] = {}
 
 
-def metric(name: str, default_structure: str, standardize: bool, needs_data: bool = True, help: str = ""):
+def metric(name: str, default_structure: str, standardize: bool, help: str = "", **kw):
     def wrap(fn):
-        METRICS[name] = Metric(name, fn, default_structure, standardize, needs_data, help)
+        METRICS[name] = Metric(name, fn, default_structure, standardize, help=help, **kw)
         return fn
 
     return wrap
@@ -51,7 +56,8 @@ def _col_sq_norm(lin: nn.Linear) -> torch.Tensor:
 
 
 @metric("flap", "global", standardize=True,
-        help="FLAP fluctuation: variance of the input channel over calibration tokens x squared norm of its weight column.")
+        help="FLAP fluctuation: variance of the input channel over calibration tokens x squared norm of its "
+             "weight column.")
 def flap(adapter: Adapter, layer: nn.Module, stats: LayerStats) -> ChannelScores:
     o = adapter.attention(layer).o_proj
     down = adapter.mlp(layer).down_proj
@@ -74,7 +80,8 @@ def wanda_sp(adapter: Adapter, layer: nn.Module, stats: LayerStats) -> ChannelSc
 
 
 @metric("magnitude", "uniform", standardize=False, needs_data=False,
-        help="Data-free: squared L2 norm of every weight the unit owns (q rows + o columns; gate/up rows + down column).")
+        help="Data-free: squared L2 norm of every weight the unit owns (q rows + o columns; gate/up rows + "
+             "down column).")
 def magnitude(adapter: Adapter, layer: nn.Module, stats: LayerStats) -> ChannelScores:
     attn, mlp = adapter.attention(layer), adapter.mlp(layer)
     q = attn.q_proj.weight.data.double().pow(2).sum(1)
@@ -83,6 +90,161 @@ def magnitude(adapter: Adapter, layer: nn.Module, stats: LayerStats) -> ChannelS
     up = mlp.up_proj.weight.data.double().pow(2).sum(1)
     down = _col_sq_norm(mlp.down_proj)
     return ChannelScores(attn=q + o, mlp=gate + up + down)
+
+
+def _per_head(values: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Give every channel of a head its head's score."""
+    return values.repeat_interleave(head_dim)
+
+
+@metric("output-approx", "global", standardize=True, needs_gram=True, sequential=True,
+        help="Greedy output approximation: MLP channel = second moment of its activation x squared norm of its "
+             "down_proj column; head = 1 - cosine similarity of the attention output with and without the head. "
+             "Scored layer by layer on the already-pruned model.")
+def output_approx(adapter: Adapter, layer: nn.Module, stats: LayerStats) -> ChannelScores:
+    attn = adapter.attention(layer)
+    shape = adapter.shape(layer)
+    n = max(stats.attn.n, 1)
+    # heads: expectations over tokens from the Gram matrix G = sum x x^T of o_proj's input
+    w = attn.o_proj.weight.data.double().to(stats.attn.gram.device)
+    m = w.T @ w  # (W^T W)_jk: <o_j, o_k> for input channels j, k
+    mg = m * stats.attn.gram / n  # E[<W x, W x>] = sum_jk (W^T W)_jk E[x_j x_k]
+    total = mg.sum()
+    hd = shape.head_dim
+    heads = []
+    for h in range(shape.num_heads):
+        sl = slice(h * hd, (h + 1) * hd)
+        cross = mg[sl, :].sum()  # E<o, delta_h>
+        own = mg[sl, sl].sum()  # E||delta_h||^2
+        rest = (total - 2 * cross + own).clamp_min(1e-30)  # E||o - delta_h||^2
+        cos = (total - cross) / (total * rest).sqrt().clamp_min(1e-30)
+        heads.append(1.0 - cos)
+    head_scores = torch.stack(heads).clamp_min(0)
+    down = adapter.mlp(layer).down_proj
+    return ChannelScores(
+        attn=_per_head(head_scores, hd).cpu(),
+        mlp=(stats.mlp.sq_norm / n * _col_sq_norm(down).to(stats.mlp.sq_norm.device)).cpu(),
+    )
+
+
+def _gaussian_copula(x: torch.Tensor) -> torch.Tensor:
+    """Rank-transform each column to standard normal scores, then z-score (Gaussian copula)."""
+    t = x.shape[0]
+    ranks = x.argsort(0).argsort(0).double() + 1
+    z = torch.special.ndtri(ranks / (t + 1))
+    return (z - z.mean(0)) / z.std(0).clamp_min(1e-12)
+
+
+def redundancy_partners(sample: torch.Tensor, projections: int = 8, window: int = 8, seed: int = 0):
+    """For each neuron, its most correlated other neuron in Gaussian-copula space, found by screening.
+
+    Instead of all d^2 pairs, neurons are sorted along a few random projections of their
+    (copula-transformed, normalized) activation vectors and only neighbours within `window` in
+    each ordering are compared exactly: O(d x projections x window x tokens). Returns
+    (partner index, rho) per neuron; MI of a Gaussian pair is -0.5 log(1 - rho^2).
+    """
+    z = _gaussian_copula(sample.double())  # [t, d]
+    t, d = z.shape
+    zn = z / z.norm(dim=0).clamp_min(1e-12)  # unit columns: dot products are correlations
+    gen = torch.Generator().manual_seed(seed)
+    proj = zn.T @ torch.randn(t, projections, generator=gen, dtype=torch.float64)  # [d, p]
+    best_rho = torch.zeros(d, dtype=torch.float64)
+    best = torch.full((d,), -1, dtype=torch.long)
+    for p in range(projections):
+        order = proj[:, p].argsort()
+        for off in range(1, window + 1):
+            a, b = order[:-off], order[off:]
+            rho = (zn[:, a] * zn[:, b]).sum(0)
+            for i, j in ((a, b), (b, a)):
+                better = rho.abs() > best_rho[i].abs()
+                best_rho[i[better]] = rho[better]
+                best[i[better]] = j[better]
+    return best, best_rho
+
+
+def _mi_precompute_partners(stats: LayerStats, down: nn.Linear) -> None:
+    sample = stats.mlp.sample
+    partner, rho = redundancy_partners(sample)
+    energy = stats.mlp.var.cpu() * _col_sq_norm(down).cpu()
+    # a neuron may fold only into a stronger partner, so of two duplicates exactly one goes first
+    stronger = (energy[partner.clamp_min(0)] > energy) | (
+        (energy[partner.clamp_min(0)] == energy) & (partner < torch.arange(len(partner))))
+    valid = (partner >= 0) & stronger
+    # least-squares fold a_c ~ alpha * a_p + beta on the raw sample
+    x = sample.double()
+    p = partner.clamp_min(0)
+    xc, xp = x - x.mean(0), x[:, p] - x[:, p].mean(0)
+    alpha = (xc * xp).sum(0) / (xp * xp).sum(0).clamp_min(1e-12)
+    beta = x.mean(0) - alpha * x[:, p].mean(0)
+    stats.extra["mi"] = {"partner": torch.where(valid, partner, torch.full_like(partner, -1)),
+                         "rho": torch.where(valid, rho, torch.zeros_like(rho)), "alpha": alpha, "beta": beta,
+                         "energy": energy}
+
+
+@metric("mi", "global", standardize=True, sample_rows=2048,
+        help="Mutual-information neuron pruning: an MLP neuron whose activation carries the same information as a "
+             "stronger neuron (Gaussian-copula MI, screened by random projections) goes first; score = its energy "
+             "left unexplained by that partner. Heads as in flap.")
+def mutual_information(adapter: Adapter, layer: nn.Module, stats: LayerStats) -> ChannelScores:
+    down = adapter.mlp(layer).down_proj
+    _mi_precompute_partners(stats, down)
+    info = stats.extra["mi"]
+    residual = info["energy"] * (1 - info["rho"] ** 2)
+    return ChannelScores(attn=flap(adapter, layer, stats).attn.cpu(), mlp=residual)
+
+
+def _taylor_precompute(model, adapter, samples, device="cpu") -> list[dict]:
+    from .gradients import taylor_batches
+
+    return [{"taylor": t} for t in taylor_batches(model, adapter, samples, device=device)]
+
+
+@metric("taylor", "uniform", standardize=True, precompute=_taylor_precompute,
+        help="LLM-Pruner first-order Taylor, element-wise: sum over the unit's weights of |w * dL/dw| "
+             "(gradients from a few calibration batches).")
+def taylor(adapter: Adapter, layer: nn.Module, stats: LayerStats) -> ChannelScores:
+    t = stats.extra["taylor"]
+    return ChannelScores(attn=t["attn_elem"].mean(0), mlp=t["mlp_elem"].mean(0))
+
+
+@metric("taylor-vector", "uniform", standardize=True, precompute=_taylor_precompute,
+        help="LLM-Pruner first-order Taylor, vector-wise: |sum over the unit's weights of w * dL/dw|.")
+def taylor_vector(adapter: Adapter, layer: nn.Module, stats: LayerStats) -> ChannelScores:
+    t = stats.extra["taylor"]
+    return ChannelScores(attn=t["attn_vec"].mean(0), mlp=t["mlp_vec"].mean(0))
+
+
+def fuse(fine: torch.Tensor, coarse: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Adaptive fusion of a fine-grained and a coarse-grained estimate of the same importance.
+
+    `fine` and `coarse` are [batches, channels]: each estimate computed separately on K
+    calibration batches. Each is z-scored per batch (so scales are comparable), its estimate is
+    the mean over batches, and its noise is the variance of that mean, sigma^2 = mean over
+    channels of Var_batches(z) / K. The fused score is the minimum-variance (inverse-variance)
+    combination w * z_fine + (1 - w) * z_coarse with w = sigma_coarse^2 / (sigma_fine^2 +
+    sigma_coarse^2): a layer or module whose fine-grained estimate is unstable across calibration
+    batches leans on the coarse one, and vice versa. The weight is chosen per layer and module.
+    """
+    def z(x):
+        return (x - x.mean(1, keepdim=True)) / x.std(1, keepdim=True).clamp_min(1e-12)
+
+    zf, zc = z(fine.double()), z(coarse.double())
+    k = fine.shape[0]
+    var_f = zf.var(0).mean() / k if k > 1 else torch.tensor(1.0)
+    var_c = zc.var(0).mean() / k if k > 1 else torch.tensor(1.0)
+    w = float(var_c / (var_f + var_c).clamp_min(1e-12))
+    return w * zf.mean(0) + (1 - w) * zc.mean(0), w
+
+
+@metric("fusion", "uniform", standardize=True, precompute=_taylor_precompute,
+        help="Adaptive estimation fusion: element-wise and vector-wise Taylor estimates combined per layer and "
+             "module with inverse-variance weights measured across calibration batches.")
+def fusion(adapter: Adapter, layer: nn.Module, stats: LayerStats) -> ChannelScores:
+    t = stats.extra["taylor"]
+    attn, wa = fuse(t["attn_elem"], t["attn_vec"])
+    mlp, wm = fuse(t["mlp_elem"], t["mlp_vec"])
+    stats.extra["fusion_weights"] = {"attn": wa, "mlp": wm}
+    return ChannelScores(attn=attn, mlp=mlp)
 
 
 def get(name: str) -> Metric:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -15,7 +15,7 @@ import torch
 from . import allocation, calibration, compensation, metrics
 from .adapters import Adapter, adapter_for
 from .allocation import LayerScores
-from .engine import LayerwiseEngine, LayerStats, peak_rss_mib
+from .engine import LayerStats, LayerwiseEngine, peak_rss_mib
 from .errors import UserError
 from .output import atomic_dir, check_out_dir
 from .surgery import LayerKeep, prune_layer
@@ -78,9 +78,18 @@ class Scored:
     stats: list[LayerStats]
 
 
+def _light(st: LayerStats) -> LayerStats:
+    """Keep what compensation by bias needs (mean, variance); drop Gram matrices and samples."""
+    a, m = st.attn.to("cpu"), st.mlp.to("cpu")
+    a.gram = m.gram = None
+    a.samples, m.samples = [], []
+    return LayerStats(a, m, st.extra)
+
+
 def collect_stats(model, adapter: Adapter, samples: torch.Tensor, opts: Options, progress=None,
                   gram: bool = False) -> tuple[list[LayerStats], dict]:
-    """One layer-wise pass over the dense model, streaming the statistics every metric reads."""
+    """One layer-wise pass over the dense model, keeping every layer's statistics (benchmarks and
+    searches score many metrics from one pass; with `gram` this holds every layer's Gram matrices)."""
     stats: list[LayerStats] = []
 
     def visit(i, layer, st: LayerStats) -> bool:
@@ -90,7 +99,11 @@ def collect_stats(model, adapter: Adapter, samples: torch.Tensor, opts: Options,
     engine = LayerwiseEngine(model, adapter, samples, device=opts.device, batch_size=opts.batch_size,
                              gram=gram, progress=progress)
     rep = engine.run(visit)
-    return stats, {"peak_rss_mib": round(rep.peak_rss_mib, 1), "peak_device_mib": round(rep.peak_device_mib, 1)}
+    return stats, _memory(rep)
+
+
+def _memory(rep) -> dict:
+    return {"peak_rss_mib": round(rep.peak_rss_mib, 1), "peak_device_mib": round(rep.peak_device_mib, 1)}
 
 
 def score(model, adapter: Adapter, stats: list[LayerStats], metric: metrics.Metric) -> Scored:
@@ -104,9 +117,24 @@ def score(model, adapter: Adapter, stats: list[LayerStats], metric: metrics.Metr
 
 
 def score_layers(model, adapter: Adapter, samples: torch.Tensor, metric: metrics.Metric, opts: Options,
-                 progress=None) -> tuple[Scored, dict]:
-    stats, mem = collect_stats(model, adapter, samples, opts, progress)
-    return score(model, adapter, stats, metric), mem
+                 progress=None, extras: list[dict] | None = None) -> tuple[Scored, dict]:
+    """Pass 1: one layer-wise pass over the dense model, scoring each layer while its statistics
+    (Gram matrices included, if the metric reads them) are at hand, then keeping only light ones."""
+    hidden = model.config.hidden_size
+    scores: list[LayerScores] = []
+    stats: list[LayerStats] = []
+
+    def visit(i, layer, st: LayerStats) -> bool:
+        if extras is not None:
+            st.extra.update(extras[i])
+        cs = metric.fn(adapter, layer, st)
+        scores.append(LayerScores(adapter.shape(layer), hidden, cs.attn.cpu(), cs.mlp.cpu()))
+        stats.append(_light(st))
+        return False
+
+    engine = LayerwiseEngine(model, adapter, samples, device=opts.device, batch_size=opts.batch_size,
+                             gram=metric.needs_gram, sample_rows=metric.sample_rows, progress=progress)
+    return Scored(scores, stats), _memory(engine.run(visit))
 
 
 def prune_model(model, adapter: Adapter, keeps: list[LayerKeep], scored: Scored, comp: compensation.Compensation):
@@ -114,10 +142,95 @@ def prune_model(model, adapter: Adapter, keeps: list[LayerKeep], scored: Scored,
         fix = comp.fn(adapter, layer, keep, st)
         prune_layer(adapter, layer, keep, o_bias=fix.o_bias, down_bias=fix.down_bias,
                     o_weight=fix.o_weight, down_weight=fix.down_weight)
+    _update_config(model, keeps)
+
+
+def _update_config(model, keeps: list[LayerKeep]) -> None:
     cfg = model.config
     cfg.num_attention_heads = max(len(k.q_heads) for k in keeps)
     cfg.num_key_value_heads = max(len(k.kv_heads) for k in keeps)
     cfg.intermediate_size = max(len(k.channels) for k in keeps)
+
+
+@dataclass
+class PruneSpec:
+    metric: str = "flap"
+    compensation: str = "bias"
+    structure: str = "auto"
+    ratio: float = 0.2
+    attn_unit: str = "auto"
+    round_to: int = 64
+    grad_samples: int = 8  # calibration windows used for gradients (Taylor-based metrics)
+
+
+@dataclass
+class PruneResult:
+    keeps: list[LayerKeep]
+    memory: dict
+    passes: int
+    structure: str
+    notes: dict = field(default_factory=dict)
+
+
+def prune(model, adapter: Adapter, calib: torch.Tensor, spec: PruneSpec, opts: Options,
+          progress=None) -> PruneResult:
+    """Calibrate, score, allocate, prune and compensate `model` in place.
+
+    One pass when the metric scores the dense model and the compensation needs only means (FLAP
+    and the like). Otherwise (a greedy metric, or a least-squares compensation that needs each
+    layer's Gram matrix) widths are allocated first (pass 1 on the dense model; skipped for
+    `uniform`, whose widths do not depend on scores), then pass 2 walks the layers in order on the
+    already-pruned model's activations: statistics, scores, which units to keep (with the
+    allocated widths), compensation, surgery; the next layer sees the pruned layer's outputs.
+    """
+    metric = metrics.get(spec.metric)
+    comp = compensation.get(spec.compensation)
+    structure = metric.default_structure if spec.structure == "auto" else spec.structure
+    if structure not in ("uniform", "global"):
+        raise UserError(f"Unknown structure '{spec.structure}' (use uniform, global or auto).")
+    if not 0.0 < spec.ratio < 1.0:
+        raise UserError(f"The pruning ratio must be between 0 and 1 (exclusive), got {spec.ratio}.")
+    extras = None
+    if metric.precompute is not None:
+        extras = metric.precompute(model, adapter, calib[: spec.grad_samples], device=opts.device)
+    layers = adapter.layers(model)
+    hidden = model.config.hidden_size
+    two_pass = metric.sequential or comp.needs_gram
+    memory: dict = {}
+    passes = 0
+    if structure == "global" or not two_pass:
+        scored, memory = score_layers(model, adapter, calib, metric, opts, progress, extras)
+        passes += 1
+        keeps = allocation.allocate(scored.scores, spec.ratio, structure, spec.attn_unit, spec.round_to,
+                                    standardized=metric.standardize and structure == "global")
+        if not two_pass:
+            prune_model(model, adapter, keeps, scored, comp)
+            return PruneResult(keeps, memory, passes, structure)
+    else:
+        keeps = allocation.uniform_widths([adapter.shape(layer) for layer in layers], hidden, spec.ratio,
+                                          spec.attn_unit, spec.round_to)
+    final: list[LayerKeep] = []
+
+    def visit(i, layer, st: LayerStats) -> bool:
+        if extras is not None:
+            st.extra.update(extras[i])
+        cs = metric.fn(adapter, layer, st)
+        ls = LayerScores(adapter.shape(layer), hidden, cs.attn.cpu(), cs.mlp.cpu())
+        keep = allocation.select(ls, spec.attn_unit, keeps[i])
+        fix = comp.fn(adapter, layer, keep, st)
+        prune_layer(adapter, layer, keep, o_bias=fix.o_bias, down_bias=fix.down_bias,
+                    o_weight=fix.o_weight, down_weight=fix.down_weight)
+        final.append(keep)
+        return True
+
+    engine = LayerwiseEngine(model, adapter, calib, device=opts.device, batch_size=opts.batch_size,
+                             gram=metric.needs_gram or comp.needs_gram, sample_rows=metric.sample_rows,
+                             progress=progress)
+    rep = engine.run(visit)
+    passes += 1
+    memory = {k: max(v, memory.get(k, 0.0)) for k, v in _memory(rep).items()}
+    _update_config(model, final)
+    return PruneResult(final, memory, passes, structure)
 
 
 def resolve_structure(opts: Options, metric: metrics.Metric) -> str:
@@ -199,17 +312,20 @@ def run(opts: Options, console=None) -> dict:
     console.print(f"dense held-out perplexity: {ppl_dense:.3f}")
 
     n_layers = len(adapter.layers(model))
+    spec = PruneSpec(metric=metric.name, compensation=comp.name, structure=structure, ratio=ratio,
+                     attn_unit=opts.attn_unit, round_to=round_to)
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} layers"),
                   TimeElapsedColumn(), console=console, transient=False) as bar:
-        task = bar.add_task("calibrate + score", total=n_layers)
-        with stages.timed("calibrate_score"):
-            scored, mem = score_layers(model, adapter, prep.calib, metric, opts,
-                                       progress=lambda i, n: bar.update(task, completed=i))
-    with stages.timed("allocate"):
-        keeps = allocation.allocate(scored.scores, ratio, structure, opts.attn_unit, round_to,
-                                    standardized=metric.standardize and structure == "global")
-    with stages.timed("prune_compensate"):
-        prune_model(model, adapter, keeps, scored, comp)
+        task = bar.add_task("calibrate + score + prune", total=n_layers)
+
+        def progress(i, n):
+            if i == 1 and bar.tasks[task].completed == n:  # second pass (greedy / least squares)
+                bar.reset(task, total=n, description="greedy pass: prune + re-fit")
+            bar.update(task, completed=i)
+
+        with stages.timed("pruning_step"):
+            result = prune(model, adapter, prep.calib, spec, opts, progress=progress)
+    keeps, mem = result.keeps, result.memory
     after = count_params(model)
     with stages.timed("perplexity_pruned"):
         ppl_pruned = perplexity(model, prep.heldout)
@@ -223,7 +339,7 @@ def run(opts: Options, console=None) -> dict:
         "method": {
             "metric": metric.name, "compensation": comp.name, "structure": structure, "attn_unit": opts.attn_unit,
             "ratio_requested": ratio, "round_to": round_to, "calib": opts.calib, "nsamples": opts.nsamples,
-            "seqlen": opts.seqlen, "seed": opts.seed,
+            "seqlen": opts.seqlen, "seed": opts.seed, "passes": result.passes,
         },
         "params": {
             "before": before, "after": after,
@@ -252,8 +368,6 @@ def run(opts: Options, console=None) -> dict:
         report["export"] = {"format": res.format, "architecture": res.architecture, "dtype": str(dtype).replace(
             "torch.", ""), "files": res.files}
         report["seconds"] = stages.seconds
-        report["seconds"]["pruning_step"] = round(sum(stages.seconds.get(k, 0.0) for k in (
-            "calibrate_score", "allocate", "prune_compensate")), 3)
         report["peak_rss_mib_total"] = round(peak_rss_mib(), 1)
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
         (tmp / "README.md").write_text(model_card(report))
@@ -269,6 +383,7 @@ def _model_slug(model: str | None) -> str:
 
 def model_card(r: dict) -> str:
     m, p, ppl = r["method"], r["params"], r["perplexity"]
+    ppl_label = f"held-out perplexity ({ppl['windows']} x {ppl['seqlen']} tokens, {ppl['device']})"
     return f"""---
 library_name: transformers
 tags: [fitprune, structured-pruning]
@@ -285,7 +400,7 @@ tags: [fitprune, structured-pruning]
 ## Measured
 | | dense | pruned |
 |---|---|---|
-| held-out perplexity ({ppl['windows']} x {ppl['seqlen']} tokens, {ppl['device']}) | {ppl['dense']:.3f} | {ppl['pruned']:.3f} |
+| {ppl_label} | {ppl['dense']:.3f} | {ppl['pruned']:.3f} |
 
 Per-layer widths (query heads / KV heads / MLP channels): {r['widths']['q_heads']} / {r['widths']['kv_heads']} /
 {r['widths']['intermediate']}.

@@ -54,13 +54,13 @@ def read_widths(model: nn.Module) -> Widths:
     layers = model.model.layers
     head_dim = layers[0].self_attn.head_dim
     return Widths(
-        heads=[l.self_attn.q_proj.out_features // head_dim for l in layers],
-        kv_heads=[l.self_attn.k_proj.out_features // head_dim for l in layers],
-        intermediate=[l.mlp.gate_proj.out_features for l in layers],
+        heads=[layer.self_attn.q_proj.out_features // head_dim for layer in layers],
+        kv_heads=[layer.self_attn.k_proj.out_features // head_dim for layer in layers],
+        intermediate=[layer.mlp.gate_proj.out_features for layer in layers],
         head_dim=head_dim,
-        o_bias=any(l.self_attn.o_proj.bias is not None for l in layers),
-        down_bias=any(l.mlp.down_proj.bias is not None for l in layers),
-        qkv_bias=any(l.self_attn.q_proj.bias is not None for l in layers),
+        o_bias=any(layer.self_attn.o_proj.bias is not None for layer in layers),
+        down_bias=any(layer.mlp.down_proj.bias is not None for layer in layers),
+        qkv_bias=any(layer.self_attn.q_proj.bias is not None for layer in layers),
     )
 
 

@@ -68,7 +68,8 @@ def load_profile(name_or_path: str) -> Profile:
     if not (path.suffix in (".yaml", ".yml") or path.exists()):
         path = HERE / f"{name_or_path}.yaml"
         if not path.is_file():
-            raise UserError(f"Unknown profile '{name_or_path}' (shipped: {', '.join(list_profiles())}; or give a path to a YAML file).")
+            shipped = ", ".join(list_profiles())
+            raise UserError(f"Unknown profile '{name_or_path}' (shipped: {shipped}; or give a path to a YAML file).")
     if not path.is_file():
         raise UserError(f"The profile file {path} does not exist.")
     try:

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from tests.conftest import run_cli, tiny_model
+from tests.conftest import run_cli
 
 
 def _assert_clean_failure(p, out_dir, match: str):

@@ -32,7 +32,8 @@ def test_engine_propagates_exactly_like_the_full_model(family):
     # capture the last layer's output through the engine
     outputs = {}
     last = adapter.layers(model)[-1]
-    h = last.register_forward_hook(lambda m, a, o: outputs.setdefault("y", []).append(o if torch.is_tensor(o) else o[0]))
+    h = last.register_forward_hook(
+        lambda m, a, o: outputs.setdefault("y", []).append(o if torch.is_tensor(o) else o[0]))
     eng.run(visit)
     h.remove()
     got = torch.cat(outputs["y"])

@@ -7,7 +7,7 @@ from compressor import allocation, compensation, metrics
 from compressor.adapters import LayerShape, adapter_for
 from compressor.allocation import LayerScores, allocate
 from compressor.engine import LayerStats, RunningStats
-from compressor.pipeline import Options, prune_model, score_layers
+from compressor.pipeline import Options, PruneSpec, prune, prune_model, score_layers
 from compressor.surgery import LayerKeep, prune_layer
 from tests.conftest import tiny_model
 
@@ -20,13 +20,18 @@ def _samples(n=6, L=16, vocab=128, seed=0):
 def test_every_metric_scores_every_channel(family, name):
     model = tiny_model(family)
     adapter = adapter_for(model)
-    scored, _ = score_layers(model, adapter, _samples(), metrics.get(name), Options(batch_size=4))
+    m = metrics.get(name)
+    x = _samples()
+    extras = m.precompute(model, adapter, x) if m.precompute else None
+    scored, _ = score_layers(model, adapter, x, m, Options(batch_size=4), extras=extras)
     for ls, layer in zip(scored.scores, adapter.layers(model), strict=True):
         shape = adapter.shape(layer)
         assert ls.attn.shape == (shape.num_heads * shape.head_dim,)
         assert ls.mlp.shape == (shape.intermediate_size,)
         assert torch.isfinite(ls.attn).all() and torch.isfinite(ls.mlp).all()
-        assert (ls.attn >= 0).all() and (ls.mlp >= 0).all()
+        if name != "fusion":  # fusion returns z-scores
+            assert (ls.attn >= 0).all() and (ls.mlp >= 0).all()
+        assert ls.mlp.std() > 0
 
 
 def test_flap_scores_a_constant_channel_zero():
@@ -60,7 +65,8 @@ def test_flap_score_is_variance_times_column_norm():
 
 
 def _scores(shape, hidden, attn, mlp):
-    return LayerScores(shape, hidden, torch.as_tensor(attn, dtype=torch.float64), torch.as_tensor(mlp, dtype=torch.float64))
+    return LayerScores(shape, hidden, torch.as_tensor(attn, dtype=torch.float64),
+                       torch.as_tensor(mlp, dtype=torch.float64))
 
 
 def test_query_mode_removes_heads_evenly_from_every_group():
@@ -172,9 +178,120 @@ def test_prune_model_end_to_end_on_tiny_models(family, structure, comp):
     before = sum(p.numel() for p in model.model.layers.parameters())
     scored, _ = score_layers(model, adapter, _samples(), metrics.get("flap"), Options(batch_size=4))
     keeps = allocate(scored.scores, 0.3, structure, round_to=8, standardized=structure == "global")
-    prune_model(model, adapter, keeps, scored, compensation.get(comp))
+    if compensation.get(comp).needs_gram:
+        prune(model, adapter, _samples(), PruneSpec("flap", comp, structure, 0.3, round_to=8), Options(batch_size=4))
+    else:
+        prune_model(model, adapter, keeps, scored, compensation.get(comp))
     after = sum(p.numel() for p in model.model.layers.parameters())
     assert 0.15 < 1 - after / before < 0.45
     with torch.no_grad():
         out = model.generate(_samples(1, 5), max_new_tokens=4, min_new_tokens=4, do_sample=False)
     assert out.shape == (1, 9)
+
+
+@pytest.mark.parametrize("name", sorted(metrics.METRICS))
+@pytest.mark.parametrize("structure", ["global", "uniform"])
+def test_every_metric_prunes_end_to_end(name, structure):
+    model = tiny_model("llama-gqa")
+    adapter = adapter_for(model)
+    comp = "fold" if name == "mi" else "lsq+bias"
+    res = prune(model, adapter, _samples(8), PruneSpec(name, comp, structure, 0.3, round_to=8), Options(batch_size=4))
+    assert res.passes == (2 if structure == "global" else 1) or not (
+        metrics.get(name).sequential or compensation.get(comp).needs_gram)
+    assert all(len(k.q_heads) % len(k.kv_heads) == 0 for k in res.keeps)
+    with torch.no_grad():
+        assert torch.isfinite(model(_samples(2, 8)).logits).all()
+
+
+def test_lsq_is_exact_when_kept_channels_span_the_removed_ones():
+    from compressor.compensation import least_squares
+
+    torch.manual_seed(0)
+    kept = torch.arange(0, 12)
+    base = torch.randn(500, 12, dtype=torch.float64)
+    mix = torch.randn(12, 6, dtype=torch.float64)
+    x = torch.cat([base, base @ mix], 1)  # channels 12..17 are combinations of kept ones
+    w = torch.randn(5, 18, dtype=torch.float64)
+    st = RunningStats(18, gram=True)
+    st.update(x)
+    new_w, b = least_squares(w, st.gram, st.mean, st.n, kept, intercept=False, ridge=1e-12)
+    assert b is None
+    assert torch.allclose(x[:, kept] @ new_w.T, x @ w.T, atol=1e-6)
+    # with an intercept: removed channels = combination + constant
+    x2 = torch.cat([base, base @ mix + 3.0], 1)
+    st2 = RunningStats(18, gram=True)
+    st2.update(x2)
+    new_w, b = least_squares(w, st2.gram, st2.mean, st2.n, kept, intercept=True, ridge=1e-12)
+    assert torch.allclose(x2[:, kept] @ new_w.T + b, x2 @ w.T, atol=1e-5)
+
+
+def test_lsq_compensation_beats_bias_on_correlated_channels():
+    model = tiny_model("llama-mha")
+    adapter = adapter_for(model)
+    layer = adapter.layers(model)[0]
+    torch.manual_seed(0)
+    base = torch.randn(400, 32)
+    x = torch.cat([base, base @ torch.randn(32, 32) * 0.3 + 0.1 * torch.randn(400, 32)], 1)  # [400, 64]
+    st = LayerStats(RunningStats(32, gram=True), RunningStats(64, gram=True))
+    st.attn.update(torch.randn(400, 32))
+    st.mlp.update(x)
+    keep = LayerKeep(list(range(4)), list(range(4)), list(range(32)))
+    w = adapter.mlp(layer).down_proj.weight.detach().clone()
+    ref = x @ w.T
+    errs = {}
+    for name in ("bias", "lsq", "lsq+bias"):
+        fix = compensation.get(name).fn(adapter, layer, keep, st)
+        new_w = fix.down_weight if fix.down_weight is not None else w[:, :32].double()
+        out = x[:, :32].double() @ new_w.T + (fix.down_bias if fix.down_bias is not None else 0)
+        errs[name] = float(((out - ref.double()) ** 2).mean())
+    assert errs["lsq+bias"] <= errs["lsq"] * 1.01 and errs["lsq"] < 0.5 * errs["bias"]
+
+
+def test_mi_removes_a_duplicated_neuron_first():
+    model = tiny_model("llama-mha")
+    adapter = adapter_for(model)
+    layer = adapter.layers(model)[0]
+    torch.manual_seed(0)
+    x = torch.randn(2000, 64)
+    x[:, 10] = 2 * x[:, 40] + 1  # neuron 10 carries exactly neuron 40's information
+    st = LayerStats(RunningStats(32), RunningStats(64, sample_rows=2000))
+    st.attn.update(torch.randn(2000, 32))
+    st.mlp.update(x)
+    s = metrics.get("mi").fn(adapter, layer, st)
+    order = torch.argsort(s.mlp)
+    assert int(order[0]) in (10, 40) and float(s.mlp[order[0]]) < 1e-6
+    assert float(s.mlp[50 - int(order[0])]) > 0.01  # its partner is not condemned with it
+    # and folding it into the partner reproduces the layer output
+    removed = int(order[0])
+    keep = LayerKeep(list(range(4)), list(range(4)), [c for c in range(64) if c != removed])
+    fix = compensation.get("fold").fn(adapter, layer, keep, st)
+    w = adapter.mlp(layer).down_proj.weight.detach().double()
+    ref = x.double() @ w.T
+    out = x[:, keep.channels].double() @ fix.down_weight.T + fix.down_bias
+    assert torch.allclose(out, ref, atol=1e-4)
+
+
+def test_output_approx_gives_a_silent_head_zero():
+    model = tiny_model("llama-mha")
+    adapter = adapter_for(model)
+    layer = adapter.layers(model)[0]
+    with torch.no_grad():
+        adapter.attention(layer).o_proj.weight[:, 8:16] = 0  # head 1 writes nothing
+    st = LayerStats(RunningStats(32, gram=True), RunningStats(64, gram=True))
+    st.attn.update(torch.randn(300, 32))
+    st.mlp.update(torch.randn(300, 64))
+    s = metrics.get("output-approx").fn(adapter, layer, st)
+    heads = s.attn.view(4, 8)[:, 0]
+    assert heads[1].abs() < 1e-9 and (heads[[0, 2, 3]] > 0).all()
+
+
+def test_fusion_leans_on_the_stable_estimate():
+    torch.manual_seed(0)
+    truth = torch.rand(200)
+    stable = truth + 0.01 * torch.randn(4, 200)
+    noisy = truth + 1.0 * torch.randn(4, 200)
+    fused, w = metrics.fuse(stable, noisy)
+    assert w > 0.9
+    fused2, w2 = metrics.fuse(noisy, stable)
+    assert w2 < 0.1
+    assert torch.corrcoef(torch.stack([fused, truth.double()]))[0, 1] > 0.99
