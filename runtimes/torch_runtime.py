@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -61,11 +62,14 @@ class TorchRuntime(Runtime):
         for i, p in enumerate(prompts):
             ids[i, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
             mask[i, width - len(p):] = 1
+        # ignore_eos decodes on past EOS (as vLLM does); it does not forbid EOS as min_new_tokens would
+        gen_cfg = copy.deepcopy(self.model.generation_config)
+        if ignore_eos:
+            gen_cfg.eos_token_id = []
         out = self.model.generate(
-            input_ids=ids.to(self._dev), attention_mask=mask.to(self._dev), do_sample=False,
-            max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens if ignore_eos else None,
-            pad_token_id=pad, return_dict_in_generate=True, output_logits=logprobs > 0,
-            temperature=None, top_p=None, top_k=None,
+            input_ids=ids.to(self._dev), attention_mask=mask.to(self._dev), generation_config=gen_cfg,
+            do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad, return_dict_in_generate=True,
+            output_logits=logprobs > 0, temperature=None, top_p=None, top_k=None,
         )
         new = out.sequences[:, width:].tolist()
         gens = []

@@ -1,0 +1,82 @@
+"""vLLM plugin for fitprune's per-layer-width format (`FitPruneForCausalLM`, model_type "fitprune").
+
+Installed through the `vllm.general_plugins` entry point (see pyproject.toml), which vLLM loads in
+every process it starts (front end, engine core, workers), so a plain `vllm serve OUT_DIR` serves
+an export once fitprune is installed next to vLLM. `register` is idempotent and cheap: it imports
+no vLLM model code (the model class is registered by name and imported lazily by vLLM).
+
+`check_checkpoint` verifies, without vLLM, that an export's weights hold every tensor its config
+implies, biases included: vLLM reads a missing bias of a fused projection as uninitialized memory.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+ARCHITECTURE = "FitPruneForCausalLM"
+MODEL_CLASS = "exporters.vllm_plugin.model:FitPruneForCausalLM"
+
+
+def register() -> None:
+    """Register the transformers config and the vLLM model class (safe to call many times)."""
+    from exporters.hf_arch import register as register_hf
+
+    register_hf()  # vLLM parses config.json with transformers' AutoConfig
+    from vllm import ModelRegistry
+
+    if ARCHITECTURE not in ModelRegistry.get_supported_archs():
+        ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)
+
+
+def _checkpoint_keys(path: Path) -> set[str]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        return set(json.loads(index.read_text())["weight_map"])
+    keys: set[str] = set()
+    for f in sorted(path.glob("*.safetensors")):
+        with f.open("rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            keys.update(k for k in json.loads(fh.read(n)) if k != "__metadata__")
+    return keys
+
+
+def expected_keys(config: dict) -> set[str]:
+    """Names of the decoder tensors a Llama-family config implies (including every bias a bias
+    switch turns on); Qwen2's q/k/v biases and qk-norm weights are included where they apply."""
+    model_type = config.get("model_type")
+    attn_bias = bool(config.get("attention_bias", False))
+    qkv_bias = attn_bias or model_type == "qwen2"
+    mlp_bias = bool(config.get("mlp_bias", False))
+    qk_norm = model_type == "qwen3" or bool(config.get("qk_norm", False))
+    keys = {"model.embed_tokens.weight", "model.norm.weight"}
+    if not config.get("tie_word_embeddings", False):
+        keys.add("lm_head.weight")
+    for i in range(int(config["num_hidden_layers"])):
+        p = f"model.layers.{i}"
+        keys |= {f"{p}.input_layernorm.weight", f"{p}.post_attention_layernorm.weight"}
+        for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            keys.add(f"{p}.self_attn.{n}.weight")
+            if (qkv_bias and n != "o_proj") or (attn_bias and n == "o_proj"):
+                keys.add(f"{p}.self_attn.{n}.bias")
+        for n in ("gate_proj", "up_proj", "down_proj"):
+            keys.add(f"{p}.mlp.{n}.weight")
+            if mlp_bias:
+                keys.add(f"{p}.mlp.{n}.bias")
+        if qk_norm:
+            keys |= {f"{p}.self_attn.q_norm.weight", f"{p}.self_attn.k_norm.weight"}
+    return keys
+
+
+def check_checkpoint(path: str | Path) -> None:
+    """Raise ValueError (one sentence) when the export at `path` lacks a tensor its config implies."""
+    path = Path(path)
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} has no readable config.json ({exc}).") from exc
+    missing = sorted(expected_keys(config) - _checkpoint_keys(path))
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise ValueError(f"The checkpoint in {path} lacks tensors its config implies: "
+                         f"{', '.join(missing[:3])}{more}; vLLM would read them as uninitialized memory.")
