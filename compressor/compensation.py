@@ -75,7 +75,7 @@ def bias_compensation(adapter: Adapter, layer: nn.Module, keep: LayerKeep, stats
     return Fix(o_bias=o[:, rm_attn] @ mean_a[rm_attn], down_bias=down[:, rm_mlp] @ mean_m[rm_mlp])
 
 
-RIDGE = 1e-4  # relative to the mean diagonal of the kept channels' Gram matrix
+RIDGE = 1e-2  # relative to the mean diagonal of the kept channels' Gram matrix
 
 
 def least_squares(w: torch.Tensor, gram: torch.Tensor, mean: torch.Tensor, n: int, kept: torch.Tensor,
