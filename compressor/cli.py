@@ -43,6 +43,10 @@ app = typer.Typer(
 profiles_app = typer.Typer(help="List, show and validate hardware profiles.", no_args_is_help=True)
 app.add_typer(profiles_app, name="profiles")
 
+from .cli_budget import register as _register_budget  # noqa: E402  (plan, gate)
+
+_register_budget(app)
+
 
 def _choices(names) -> str:
     return ", ".join(sorted(names))
@@ -52,7 +56,7 @@ def _choices(names) -> str:
 def run_cmd(
     model: str = typer.Argument(None, help="Local HF directory, hub id, .gguf file; default: the embedded SmolLM2-135M-Instruct."),
     profile: str = typer.Option("cpu-2core", "--profile", "-p", help="Shipped profile name (see `compress profiles list`) or a path to a YAML profile."),
-    ratio: float = typer.Option(None, "--ratio", "-r", help="Fraction of decoder weights to remove, in (0, 1); overrides the plan (default 0.2)."),
+    ratio: float = typer.Option(None, "--ratio", "-r", help="Fraction of decoder weights to remove, in (0, 1); overrides the plan (default: the planner's choice for the profile)."),
     metric: str = typer.Option("flap", help="Importance metric: " + _choices(__import__("compressor.metrics", fromlist=["METRICS"]).METRICS) + "."),
     compensation: str = typer.Option("bias", help="Compensation: " + _choices(__import__("compressor.compensation", fromlist=["C"]).COMPENSATIONS) + "."),
     structure: str = typer.Option("auto", help="uniform (same widths in every layer), global (one threshold over all layers), or auto (the metric's default)."),
@@ -68,6 +72,7 @@ def run_cmd(
     export_dtype: str = typer.Option("auto", "--export-dtype", help="auto (the loaded weights' dtype), float32, bfloat16 or float16."),
     threads: int = typer.Option(None, help="torch CPU threads (default: torch's choice)."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's own Python code to run (off by default)."),
+    checks: bool = typer.Option(True, "--checks/--no-checks", help="After export: measure latency in the profile's runtime, run the lm-eval tasks, judge the budget, write report.md and report.png."),
 ):
     from .output import signals_as_errors
     from .pipeline import Options, run
@@ -77,7 +82,7 @@ def run_cmd(
     opts = Options(model=model, profile=profile, ratio=ratio, metric=metric, compensation=compensation,
                    structure=structure, attn_unit=attn_unit, round_to=round_to, calib=calib, nsamples=nsamples,
                    seqlen=seqlen, batch_size=batch_size, device=device, seed=seed, out=out,
-                   export_dtype=export_dtype, threads=threads, trust_remote_code=trust_remote_code)
+                   export_dtype=export_dtype, threads=threads, trust_remote_code=trust_remote_code, checks=checks)
     with signals_as_errors():
         report = run(opts, console=err)
     print_report(report)

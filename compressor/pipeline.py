@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import platform
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,9 +20,8 @@ from .allocation import LayerScores
 from .engine import LayerStats, LayerwiseEngine, peak_rss_mib
 from .errors import UserError
 from .output import atomic_dir, check_out_dir
+from .report import REPORT_SCHEMA  # fitprune.report/2
 from .surgery import LayerKeep, prune_layer
-
-REPORT_SCHEMA = "fitprune.report/1"
 
 
 @dataclass
@@ -44,6 +45,7 @@ class Options:
     export_dtype: str = "auto"
     threads: int | None = None
     trust_remote_code: bool = False
+    checks: bool = True  # after export: latency in the profile's runtime, lm-eval tasks, budget verdict
 
 
 @dataclass
@@ -286,30 +288,46 @@ def run(opts: Options, console=None) -> dict:
     structure = resolve_structure(opts, metric)
     if structure not in ("uniform", "global"):
         raise UserError(f"Unknown structure '{opts.structure}' (use uniform, global or auto).")
-    ratio = opts.ratio if opts.ratio is not None else 0.2
-    if not 0.0 < ratio < 1.0:
+    ratio = opts.ratio  # None: the planner's choice, after loading
+    if ratio is not None and not 0.0 < ratio < 1.0:
         raise UserError(f"The pruning ratio must be between 0 and 1 (exclusive), got {ratio}.")
     round_to = opts.round_to or profile.round_to
-    out = Path(opts.out) if opts.out else Path("out") / f"{_model_slug(opts.model)}-{metric.name}-{int(ratio * 100)}"
-    check_out_dir(out)
+    if opts.out:
+        check_out_dir(Path(opts.out))
     if opts.threads:
         torch.set_num_threads(opts.threads)
     torch.manual_seed(opts.seed)
+    prep, t = prepare(opts)
+    stages.seconds.update(t)
+    plan = None
+    if ratio is None:
+        from .planner import plan_for_run
+
+        with stages.timed("plan"):
+            plan = plan_for_run(profile, opts.model, opts.attn_unit, round_to, say=console.print)
+        ratio = plan.ratio
+    out = Path(opts.out) if opts.out else Path("out") / f"{_model_slug(opts.model)}-{metric.name}-{int(ratio * 100)}"
+    check_out_dir(out)
 
     console.print(
         f"[bold]plan[/]: profile [cyan]{profile.name}[/] ({profile.device.name}), remove {ratio:.0%} of decoder "
         f"weights, metric [cyan]{metric.name}[/], compensation [cyan]{comp.name}[/], structure [cyan]{structure}[/], "
         f"widths rounded to {round_to}, calibration {opts.nsamples} x {opts.seqlen} tokens from '{opts.calib}', "
-        f"output {out}"
+        f"output {out}" + (f" (ratio from the plan: {plan.efficiency['source']})" if plan else " (ratio from --ratio)")
     )
-    prep, t = prepare(opts)
-    stages.seconds.update(t)
     model, tok, adapter = prep.loaded.model, prep.loaded.tokenizer, prep.adapter
     before = count_params(model)
 
     with stages.timed("perplexity_dense"):
         ppl_dense = perplexity(model, prep.heldout)
     console.print(f"dense held-out perplexity: {ppl_dense:.3f}")
+    if opts.checks:
+        from . import checks
+
+        task_dir = Path(tempfile.mkdtemp(prefix="fitprune-tasks-"))
+        checks.write_tasks(task_dir, checks.heldout_text())
+        with stages.timed("lm_eval"):
+            tasks_dense = checks.task_scores(model, tok, task_dir, opts.device, say=console.print)
 
     n_layers = len(adapter.layers(model))
     spec = PruneSpec(metric=metric.name, compensation=comp.name, structure=structure, ratio=ratio,
@@ -330,6 +348,10 @@ def run(opts: Options, console=None) -> dict:
     with stages.timed("perplexity_pruned"):
         ppl_pruned = perplexity(model, prep.heldout)
     console.print(f"pruned held-out perplexity: {ppl_pruned:.3f}")
+    if opts.checks:
+        with stages.timed("lm_eval"):
+            tasks_pruned = checks.task_scores(model, tok, task_dir, opts.device, say=console.print)
+        shutil.rmtree(task_dir, ignore_errors=True)
 
     report = {
         "schema": REPORT_SCHEMA,
@@ -367,10 +389,20 @@ def run(opts: Options, console=None) -> dict:
             res = export_hf(model, tok, tmp, dtype=dtype)
         report["export"] = {"format": res.format, "architecture": res.architecture, "dtype": str(dtype).replace(
             "torch.", ""), "files": res.files}
+        report["plan"] = plan.as_dict() if plan else {"ratio_source": "--ratio"}
+        if opts.checks:
+            from .report import finish
+
+            with stages.timed("checks"):
+                finish(report, tmp, profile, plan, prep, tasks_dense, tasks_pruned, say=console.print)
         report["seconds"] = stages.seconds
         report["peak_rss_mib_total"] = round(peak_rss_mib(), 1)
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
         (tmp / "README.md").write_text(model_card(report))
+        if opts.checks:
+            from .report import markdown
+
+            (tmp / "report.md").write_text(markdown(report))
     report["output"] = str(out)
     return report
 

@@ -1,6 +1,6 @@
 """Hardware profiles: YAML files validated by `schema.Profile`. A name refers to a shipped file
 in this folder; a path to a user's own YAML works wherever a name does."""
 
-from .schema import Profile, list_profiles, load_profile
+from .schema import Efficiency, Profile, list_profiles, load_profile
 
-__all__ = ["Profile", "list_profiles", "load_profile"]
+__all__ = ["Efficiency", "Profile", "list_profiles", "load_profile"]

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from compressor.errors import UserError
 
@@ -46,6 +46,30 @@ class AccuracyFloor(_Strict):
     min_task_accuracy: float = Field(0.9, gt=0, le=1, description="min task accuracy relative to dense")
 
 
+class Efficiency(_Strict):
+    """Fractions of the device's peak a runtime reaches, and its fixed costs per forward step.
+
+    The cost model's defaults; on the device itself a measured dense run replaces them
+    (`compressor.planner.calibrate`)."""
+
+    bandwidth: float = Field(gt=0, le=1, description="fraction of peak memory bandwidth reached in decode")
+    compute: float = Field(gt=0, le=1, description="fraction of peak FLOP/s reached in prefill")
+    step_overhead_ms: float = Field(ge=0, description="fixed time per decode step (scheduler, sampling)")
+    prefill_overhead_ms: float = Field(ge=0, description="fixed time per prefill")
+    layer_overhead_us: float = Field(ge=0, description="time per decoder layer per step besides the roofline")
+    allreduce_us: float = Field(10.0, ge=0, description="latency of one tensor-parallel all-reduce")
+
+
+DEFAULT_EFFICIENCY = {
+    # vLLM with CUDA graphs: launch costs mostly hidden; ~75% of bandwidth in GEMV, ~50% of peak in GEMM
+    "gpu": Efficiency(bandwidth=0.75, compute=0.5, step_overhead_ms=1.5, prefill_overhead_ms=3.0,
+                      layer_overhead_us=10.0),
+    # eager CPU runtimes: a few hundred microseconds of operator dispatch per layer and step
+    "cpu": Efficiency(bandwidth=0.5, compute=0.3, step_overhead_ms=3.0, prefill_overhead_ms=5.0,
+                      layer_overhead_us=300.0),
+}
+
+
 class Profile(_Strict):
     name: str
     description: str = ""
@@ -57,6 +81,19 @@ class Profile(_Strict):
     workload: Workload
     budget: Budget = Budget()
     accuracy: AccuracyFloor = AccuracyFloor()
+    efficiency: Efficiency = Field(None, description="cost-model factors; default: by device kind")  # type: ignore[assignment]
+
+    @model_validator(mode="after")
+    def _defaults(self) -> Profile:
+        if self.efficiency is None:
+            self.efficiency = DEFAULT_EFFICIENCY[self.device.kind]
+        w = self.workload
+        if w.prompt_tokens + w.output_tokens > w.max_context:
+            raise ValueError(f"workload: prompt_tokens + output_tokens ({w.prompt_tokens + w.output_tokens}) "
+                             f"exceed max_context ({w.max_context})")
+        if w.output_tokens < 2:
+            raise ValueError("workload: output_tokens must be at least 2 (time per output token needs two)")
+        return self
 
 
 def list_profiles() -> list[str]:
@@ -83,7 +120,13 @@ def load_profile(name_or_path: str) -> Profile:
     try:
         return Profile.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
-        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].lower()
-        raise UserError(f"The profile {path} is invalid: {loc}: {msg}.") from exc
+        raise UserError(f"The profile {path} is invalid: {_first_error(exc)}.") from exc
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    if err["type"] == "value_error":  # a whole-profile rule: its message names the keys
+        return err["msg"].removeprefix("Value error, ")
+    loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
+    msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].lower()
+    return f"{loc}: {msg}"

@@ -1,0 +1,129 @@
+"""`compress gate`: passes against its own baseline, fails (exit 1, one line per violated rule)
+against a baseline that is faster or more accurate than allowed, and exits 2 on unreadable input."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import yaml
+
+from compressor.errors import UserError
+from compressor.report import EXIT_BAD_INPUT, EXIT_PASS, EXIT_VIOLATED, gate, parse_fraction
+from profiles import load_profile
+from tests.conftest import run_cli
+
+HOST = "cpu: Test CPU (2 threads)"
+
+
+def _report(tpot=0.05, ttft=0.4, tput=30.0, ppl=20.0, acc=0.6, device=HOST, runtime="torch") -> dict:
+    m = {"runtime": runtime, "device": device, "ttft_s": ttft, "tpot_s": tpot, "throughput_tok_s": tput,
+         "kind": "measured"}
+    return {"schema": "fitprune.report/2", "perplexity": {"dense": 18.0, "pruned": ppl},
+            "latency": {"measured": {"pruned": m}},
+            "accuracy": {"lm_eval": {"pruned": {"cloze_acc": acc}, "dense": {"cloze_acc": 0.62}}},
+            "budget": {"passed": True, "lines": []}}
+
+
+def test_a_report_passes_against_itself():
+    r = _report()
+    res = gate(r, copy.deepcopy(r))
+    assert res.exit_code == EXIT_PASS and not res.violations
+    assert {"TTFT", "TPOT", "throughput", "perplexity", "cloze accuracy"} <= set(res.checked)
+
+
+def test_within_the_allowed_regression_passes():
+    assert gate(_report(tpot=0.0524), _report(tpot=0.05), max_latency_regression=0.05).exit_code == EXIT_PASS
+
+
+def test_a_slower_report_fails_with_one_line_per_rule():
+    res = gate(_report(tpot=0.06, tput=20.0), _report(), max_latency_regression=0.05)
+    assert res.exit_code == EXIT_VIOLATED
+    assert len(res.violations) == 2
+    assert res.violations[0].startswith("latency: TPOT 60.00 ms is +20.0%")
+    assert res.violations[1].startswith("latency: throughput 20.00 tok/s")
+
+
+def test_accuracy_drops_fail():
+    res = gate(_report(ppl=21.0, acc=0.5), _report(), max_accuracy_drop=0.02)
+    assert [v.split(":")[0] for v in res.violations] == ["accuracy", "accuracy"]
+    assert "perplexity 21.000 is +5.0%" in res.violations[0] and "cloze accuracy 0.500" in res.violations[1]
+    assert gate(_report(ppl=21.0, acc=0.5), _report(), max_accuracy_drop=0.2).exit_code == EXIT_PASS
+
+
+def test_measurements_from_different_hosts_are_not_compared():
+    res = gate(_report(), _report(device="cuda: NVIDIA A10G"))
+    assert res.exit_code == EXIT_VIOLATED and "not comparable" in res.violations[0]
+
+
+def test_the_reports_own_budget_verdict_counts_unless_disabled():
+    r = _report()
+    r["budget"] = {"passed": False, "lines": [{"line": "tpot", "value": 120.0, "limit": 100.0, "unit": "ms",
+                                               "ok": False, "kind": "measured", "device": HOST}]}
+    res = gate(r, _report())
+    assert res.violations == [f"budget: tpot 120 ms is above the profile's limit 100 (measured on {HOST})"]
+    assert gate(r, _report(), check_budget=False).exit_code == EXIT_PASS
+
+
+@pytest.mark.parametrize("text,value", [("5%", 0.05), ("0.05", 0.05), ("12.5%", 0.125), ("0", 0.0)])
+def test_fractions(text, value):
+    assert parse_fraction(text, "--x") == pytest.approx(value)
+
+
+@pytest.mark.parametrize("text,match", [("five", "percentage like 5%"), ("5", "ambiguous"), ("-1%", "negative")])
+def test_bad_fractions(text, match):
+    with pytest.raises(UserError, match=match):
+        parse_fraction(text, "--x")
+
+
+def test_gate_command_exit_codes(tmp_path):
+    base, slow = tmp_path / "base.json", tmp_path / "slow.json"
+    base.write_text(json.dumps(_report()))
+    slow.write_text(json.dumps(_report(tpot=0.08, ttft=0.5)))
+    p = run_cli("gate", str(slow), "--baseline", str(base), "--max-latency-regression", "10%")
+    assert p.returncode == EXIT_VIOLATED
+    fails = [line for line in p.stdout.splitlines() if line.startswith("FAIL")]
+    assert len(fails) == 2 and "TTFT" in fails[0] and "TPOT" in fails[1]
+    (tmp_path / "bad.json").write_text("{not json")
+    p = run_cli("gate", str(tmp_path / "bad.json"), "--baseline", str(base))
+    assert p.returncode == EXIT_BAD_INPUT and "not valid JSON" in p.stderr and "Traceback" not in p.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_gate_on_a_real_run(tmp_path, tiny_model_dir):
+    """A real run on a tiny model (measured in torch on this CPU, which is the profile's device):
+    the report passes against itself and fails against a baseline 1.5x faster than it."""
+    prof = load_profile("cpu-2core").model_dump(exclude={"efficiency"})
+    prof.update(name="tiny-cpu", runtime="torch", dtype="float32", round_to=8)
+    prof["workload"].update(max_context=64, concurrency=2, prompt_tokens=16, output_tokens=4)
+    prof["budget"] = {"memory_headroom": 0.2, "ttft_ms": 60_000, "tpot_ms": 60_000, "min_throughput_tok_s": 0.01}
+    path = tmp_path / "tiny-cpu.yaml"
+    path.write_text(yaml.safe_dump(prof))
+    out = tmp_path / "o"
+    p = run_cli(str(tiny_model_dir), "--profile", str(path), "--ratio", "0.3", "--nsamples", "4", "--seqlen", "32",
+                "--out", str(out))
+    assert p.returncode == 0, p.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    lat = report["latency"]
+    assert lat["on_profile_device"] is True and lat["runtime"] == "torch"
+    tpot_line = next(ln for ln in report["budget"]["lines"] if ln["line"] == "tpot")
+    assert tpot_line["kind"] == "measured" and tpot_line["value"] == pytest.approx(
+        lat["measured"]["pruned"]["tpot_s"] * 1e3)
+
+    p = run_cli("gate", str(out), "--baseline", str(out / "report.json"))
+    assert p.returncode == EXIT_PASS, p.stdout + p.stderr
+    assert p.stdout.startswith("PASS")
+
+    faster = copy.deepcopy(report)
+    m = faster["latency"]["measured"]["pruned"]
+    m["ttft_s"] /= 1.5
+    m["tpot_s"] /= 1.5
+    m["throughput_tok_s"] *= 1.5
+    base = tmp_path / "faster-baseline.json"
+    base.write_text(json.dumps(faster))
+    p = run_cli("gate", str(out), "--baseline", str(base), "--max-latency-regression", "5%")
+    assert p.returncode == EXIT_VIOLATED
+    fails = [line for line in p.stdout.splitlines() if line.startswith("FAIL")]
+    assert len(fails) == 3 and all("+50.0%" in f or "-33.3%" in f for f in fails), p.stdout
