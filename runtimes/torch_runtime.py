@@ -66,11 +66,10 @@ class TorchRuntime(Runtime):
         gen_cfg = copy.deepcopy(self.model.generation_config)
         if ignore_eos:
             gen_cfg.eos_token_id = []
-        out = self.model.generate(
-            input_ids=ids.to(self._dev), attention_mask=mask.to(self._dev), generation_config=gen_cfg,
-            do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad, return_dict_in_generate=True,
-            output_logits=logprobs > 0, temperature=None, top_p=None, top_k=None,
-        )
+        gen_cfg.update(do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad, temperature=None,
+                       top_p=None, top_k=None, return_dict_in_generate=True, output_logits=logprobs > 0)
+        out = self.model.generate(input_ids=ids.to(self._dev), attention_mask=mask.to(self._dev),
+                                  generation_config=gen_cfg)
         new = out.sequences[:, width:].tolist()
         gens = []
         eos_ids = self.model.generation_config.eos_token_id
