@@ -247,6 +247,46 @@ def fusion(adapter: Adapter, layer: nn.Module, stats: LayerStats) -> ChannelScor
     return ChannelScores(attn=attn, mlp=mlp)
 
 
+def _inverse_covariance(st, ridge: float = 1e-2) -> torch.Tensor:
+    """(C + lambda I)^-1 of the centred input covariance C = G/n - mu mu^T (float64)."""
+    n = max(st.n, 1)
+    c = st.gram.double() / n - torch.outer(st.mean.double(), st.mean.double())
+    lam = ridge * float(c.diagonal().mean().clamp_min(1e-12))
+    return torch.linalg.inv(c + lam * torch.eye(c.shape[0], dtype=c.dtype, device=c.device))
+
+
+@metric("obs", "global", standardize=False, needs_gram=True, sequential=True,
+        help="Output error after least-squares recovery (Optimal Brain Surgeon on a layer's second matrix): the "
+             "increase of E||W x - W' x_kept - b||^2 when a unit goes and the rest are re-fitted, per weight "
+             "removed. Greedy, for use with lsq+bias.")
+def obs(adapter: Adapter, layer: nn.Module, stats: LayerStats) -> ChannelScores:
+    """Two-step reconstruction, step one: decisions that already assume the re-fit.
+
+    For the second matrix W of a depth-2 structure with centred input covariance C, removing the
+    input channels S and re-fitting the rest (with an intercept) raises the per-token output error
+    by tr(W_S ([C^-1]_SS)^-1 W_S^T). For one MLP channel that is ||w_j||^2 / [C^-1]_jj (FLAP's
+    var_j ||w_j||^2 when channel j is uncorrelated with the others); a head uses its 64x64 block.
+    Scores are divided by the weights the unit removes (one MLP channel: 3 x hidden; one query
+    head: 2 x head_dim x hidden), so one threshold over all layers ranks error per weight saved.
+    """
+    shape = adapter.shape(layer)
+    hidden = adapter.attention(layer).o_proj.out_features
+    hd = shape.head_dim
+    inv_a = _inverse_covariance(stats.attn)
+    wo = adapter.attention(layer).o_proj.weight.data.double().to(inv_a.device)
+    heads = []
+    for h in range(shape.num_heads):
+        sl = slice(h * hd, (h + 1) * hd)
+        block = inv_a[sl, sl]
+        w = wo[:, sl]
+        heads.append(torch.trace(w @ torch.linalg.solve(block, w.T)))
+    head_scores = torch.stack(heads) / (2 * hd * hidden)
+    inv_m = _inverse_covariance(stats.mlp)
+    wd = adapter.mlp(layer).down_proj.weight.data.double().to(inv_m.device)
+    mlp = (wd**2).sum(0) / inv_m.diagonal().clamp_min(1e-30) / (3 * hidden)
+    return ChannelScores(attn=_per_head(head_scores, hd).cpu(), mlp=mlp.cpu())
+
+
 def get(name: str) -> Metric:
     from .errors import UserError
 

@@ -295,3 +295,22 @@ def test_fusion_leans_on_the_stable_estimate():
     fused2, w2 = metrics.fuse(noisy, stable)
     assert w2 < 0.1
     assert torch.corrcoef(torch.stack([fused, truth.double()]))[0, 1] > 0.99
+
+
+def test_obs_gives_a_predictable_channel_a_low_score():
+    """A channel that is a linear function of others costs nothing after the re-fit."""
+    model = tiny_model("llama-mha")
+    adapter = adapter_for(model)
+    layer = adapter.layers(model)[0]
+    torch.manual_seed(0)
+    x = torch.randn(3000, 64)
+    x[:, 7] = 0.5 * x[:, 3] - 2 * x[:, 20] + 1.0  # predictable
+    st = LayerStats(RunningStats(32, gram=True), RunningStats(64, gram=True))
+    st.attn.update(torch.randn(3000, 32))
+    st.mlp.update(x)
+    s = metrics.get("obs").fn(adapter, layer, st)
+    flap = metrics.get("flap").fn(adapter, layer, st)
+    dependent = [3, 7, 20]  # any one of them is predictable from the other two
+    others = [c for c in range(64) if c not in dependent]
+    assert s.mlp[dependent].max() < s.mlp[others].min()
+    assert flap.mlp[dependent].max() > flap.mlp[others].min()  # variance alone does not see it
