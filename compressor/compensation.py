@@ -157,7 +157,13 @@ def fold(adapter: Adapter, layer: nn.Module, keep: LayerKeep, stats: LayerStats)
     return fix
 
 
+# `--compensation auto`: the winner of benchmarks/quality.py on SmolLM2-135M (see README, "Quality")
+AUTO = "lsq+bias"
+
+
 def get(name: str) -> Compensation:
+    if name == "auto":
+        name = AUTO
     if name not in COMPENSATIONS:
         raise UserError(f"Unknown compensation '{name}' (known: {', '.join(sorted(COMPENSATIONS))}).")
     return COMPENSATIONS[name]
