@@ -38,24 +38,25 @@ def main() -> None:
     ap.add_argument("--pruned", type=Path, nargs="*", default=[], help="existing exports to measure as well")
     ap.add_argument("--runs", type=int, default=5, help="timed runs per measurement (medians)")
     ap.add_argument("--json", type=Path, default=None, help="write the results here too")
+    ap.add_argument("--throughput", action="store_true", help="also measure throughput at the workload's "
+                    "concurrency (slow on 2 cores); default: TTFT and TPOT at batch 1")
     args = ap.parse_args()
 
     from compressor.checks import measure
     from compressor.models import embedded_model_dir
-    from compressor.planner import calibrate, measurement_runtime, read_config
+    from compressor.planner import calibrate, measure_batch1, measurement_runtime, read_config
     from profiles import load_profile
     from profiles.costmodel import Arch, CostModel
+    from runtimes.base import load_runtime
 
     profile = load_profile(args.profile)
     runtime = args.runtime or measurement_runtime(profile)[0]
     profile = profile.model_copy(update={"runtime": runtime})
     dense_dir = embedded_model_dir()
     config, _ = read_config(str(dense_dir))
-    t0 = time.perf_counter()
-    cal = calibrate(profile, config, dense_dir, runtime, runs=args.runs)
-    cost = CostModel(profile).with_efficiency(cal.efficiency, cal.source)
-    print(f"calibration ({time.perf_counter() - t0:.0f} s): {json.dumps(cal.details['fit'])}")
 
+    w = profile.workload
+    threads = profile.device.threads if profile.device.kind == "cpu" else None
     tmp = Path(tempfile.mkdtemp(prefix="fitprune-bench-"))
     models = [("dense", dense_dir)]
     try:
@@ -64,21 +65,30 @@ def main() -> None:
             prune_quick(r, out)
             models.append((f"pruned {r:.2f}", out))
         models += [(f"export {p.name}", p) for p in args.pruned]
+        # calibrate right before measuring, so both see the same machine
+        t0 = time.perf_counter()
+        cal = calibrate(profile, config, dense_dir, runtime, runs=args.runs)
+        cost = CostModel(profile).with_efficiency(cal.efficiency, cal.source)
+        print(f"calibration ({time.perf_counter() - t0:.0f} s): {json.dumps(cal.details['fit'])}")
         rows = []
         for name, path in models:
             arch = Arch.from_config(json.loads((path / "config.json").read_text()))
             pred = cost.predict(arch)
-            m = measure(path, profile, runtime, runs=args.runs)
+            if args.throughput:
+                m = measure(path, profile, runtime, runs=args.runs)
+            else:
+                with load_runtime(runtime, path, dtype=profile.dtype, threads=threads) as rt:
+                    m = measure_batch1(rt, w.prompt_tokens, w.output_tokens, args.runs).as_dict()
             rows.append({"model": name, "params": arch.total_params, "decoder_params": arch.decoder_params,
                          "tpot_predicted_ms": pred.tpot_s * 1e3, "tpot_measured_ms": m["tpot_s"] * 1e3,
                          "tpot_error": pred.tpot_s / m["tpot_s"] - 1,
                          "ttft_predicted_ms": pred.ttft_s * 1e3, "ttft_measured_ms": m["ttft_s"] * 1e3,
-                         "throughput_predicted": pred.throughput_tok_s, "throughput_measured": m["throughput_tok_s"],
+                         "throughput_predicted": pred.throughput_tok_s,
+                         "throughput_measured": m["throughput_tok_s"] if args.throughput else None,
                          "device": m["device"], "runtime": runtime})
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    w = profile.workload
     print(f"\nprofile {profile.name}, runtime {runtime}, dtype {profile.dtype}, {rows[0]['device']}; "
           f"prompt {w.prompt_tokens}, output {w.output_tokens}, concurrency {w.concurrency}; medians of {args.runs}")
     print(f"{'model':<14} {'decoder params':>14} {'TPOT pred':>10} {'TPOT meas':>10} {'error':>7} "
@@ -87,7 +97,7 @@ def main() -> None:
         print(f"{r['model']:<14} {r['decoder_params']:>14,} {r['tpot_predicted_ms']:>8.2f}ms "
               f"{r['tpot_measured_ms']:>8.2f}ms {r['tpot_error']:>+7.1%} "
               f"{r['ttft_predicted_ms']:>8.1f}ms {r['ttft_measured_ms']:>8.1f}ms "
-              f"{r['throughput_predicted']:>10.1f} {r['throughput_measured']:>10.1f}")
+              f"{r['throughput_predicted']:>10.1f} {r['throughput_measured'] or float('nan'):>10.1f}")
     worst = max(abs(r["tpot_error"]) for r in rows)
     print(f"\nworst TPOT error {worst:.1%} (target: within 15%): {'met' if worst <= 0.15 else 'NOT met'}")
     if args.json:

@@ -245,8 +245,8 @@ def latency(export_dir: Path, profile: Profile, plan, dense_arch: Arch, pruned_a
         runtime = res["runtime"] = "torch"
         res["measured"]["pruned"] = measure(export_dir, profile, runtime)
     if plan is not None and plan.calibration and plan.calibration["runtime"] == runtime:
-        dense = dict(plan.calibration["measured"]["dense"], kind="measured",
-                     what="the dense architecture with random weights, measured during calibration")
+        dense = dict(plan.calibration["measured"]["dense"], kind="measured", throughput_tok_s=None,
+                     what="the dense architecture with random weights, measured at batch 1 during calibration")
         res["measured"]["dense"] = dense
     elif dense_dir is not None:
         try:

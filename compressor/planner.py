@@ -247,6 +247,22 @@ def _write_random_model(config: dict, arch: Arch, tokenizer_dir: Path, dtype: st
     AutoTokenizer.from_pretrained(str(tokenizer_dir)).save_pretrained(out)
 
 
+def measure_batch1(rt, prompt_tokens: int, output_tokens: int, runs: int):
+    """TTFT and TPOT at batch 1 (what the fit needs; throughput is predicted from them), medians."""
+    import statistics
+
+    from runtimes.base import Measurement, benchmark_prompt
+
+    prompt = benchmark_prompt(rt.tokenizer, prompt_tokens)
+    rt.time_per_output_token(prompt, output_tokens, 1)  # warm-up
+    ttft = statistics.median(rt.time_to_first_token(prompt, runs))
+    tpot = statistics.median(rt.time_per_output_token(prompt, output_tokens, runs))
+    return Measurement(runtime=rt.name, device=rt.device, dtype=rt.dtype, prompt_tokens=prompt_tokens,
+                       output_tokens=output_tokens, concurrency=1, ttft_s=ttft, tpot_s=tpot,
+                       throughput_tok_s=1 / tpot, runs=runs, warmup=1,
+                       extra={"throughput": "batch 1 (1 / TPOT); the workload's concurrency was not measured"})
+
+
 @dataclass
 class Calibration:
     efficiency: Efficiency
@@ -273,10 +289,9 @@ def calibrate(profile: Profile, config: dict, tokenizer_dir: Path, runtime: str,
             path = tmp / name
             _write_random_model(config, arch, tokenizer_dir, profile.dtype, path)
             say(f"calibrating: measuring the {name} architecture in {runtime} "
-                f"({w.prompt_tokens} prompt + {w.output_tokens} output tokens, batch 1 and {w.concurrency})")
+                f"({w.prompt_tokens} prompt + {w.output_tokens} output tokens, batch 1)")
             with load_runtime(runtime, path, dtype=profile.dtype, threads=threads) as rt:
-                meas[name] = rt.measure(prompt_tokens=w.prompt_tokens, output_tokens=w.output_tokens,
-                                        concurrency=w.concurrency, runs=runs, warmup=1)
+                meas[name] = measure_batch1(rt, w.prompt_tokens, w.output_tokens, runs)
             shutil.rmtree(path, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
