@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from .errors import UserError
 
@@ -116,6 +117,7 @@ def load(model: str | None, dtype: torch.dtype = torch.float32, trust_remote_cod
     if path.exists():
         if not (path / "config.json").is_file():
             raise UserError(f"{name} is not a Hugging Face model directory (no config.json in it).")
+        _refuse_pickle_only(path)
         ref = str(path)
     elif _is_hub_id(name):
         ref = name
@@ -135,4 +137,23 @@ def load(model: str | None, dtype: torch.dtype = torch.float32, trust_remote_cod
         raise UserError(f"Could not load the model in {ref}: {str(exc).splitlines()[0]}") from exc
     except ValueError as exc:
         raise UserError(f"Could not load the model in {ref}: {str(exc).splitlines()[0]}") from exc
+    except SafetensorError as exc:
+        first = str(exc).splitlines()[0]
+        raise UserError(f"The safetensors weights in {ref} are corrupt or truncated ({first}).") from exc
     return LoadedModel(m, tok, source)
+
+
+_PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
+def _refuse_pickle_only(path: Path) -> None:
+    """fitprune reads safetensors only: a directory with nothing but pickled PyTorch weights is
+    refused before transformers could reach for them (unpickling runs arbitrary code)."""
+    if any(path.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for pattern in _PICKLE_WEIGHTS for p in path.glob(pattern))
+    if pickles:
+        raise UserError(
+            f"{path} holds only pickled PyTorch weights ({pickles[0]}); fitprune reads safetensors only, so convert "
+            "them to model.safetensors with a tool you trust first."
+        )

@@ -29,7 +29,12 @@ class Interrupted(UserError):
 def signals_as_errors() -> Iterator[None]:
     """SIGINT and SIGTERM raise `Interrupted`, so `finally` blocks clean up temporary output."""
 
+    fired: list[int] = []
+
     def handler(signum, _frame):
+        if fired:  # a second Ctrl-C must not interrupt the cleanup the first one started
+            return
+        fired.append(signum)
         raise Interrupted(signal.Signals(signum).name)
 
     old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -52,9 +57,24 @@ def atomic_dir(out: Path) -> Iterator[Path]:
         if out.exists():
             out.rmdir()  # empty (checked above)
         os.replace(tmp, out)
-    except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+    except Exception as exc:
+        if _disk_full(exc):
             raise UserError(f"The disk holding {out.parent} is full; nothing was written.", exit_code=28) from exc
         raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _disk_full(exc: BaseException | None) -> bool:
+    """ENOSPC / EDQUOT / EFBIG anywhere in the exception chain; safetensors' writer reports it as a
+    SafetensorError whose text carries the OS error ("No space left on device (os error 28)")."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            return True
+        text = str(exc)
+        if any(f"(os error {n})" in text for n in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)):
+            return True
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return False
