@@ -46,6 +46,7 @@ app.add_typer(profiles_app, name="profiles")
 from .cli_budget import register as _register_budget  # noqa: E402  (plan, gate)
 
 _register_budget(app)
+app.command("export-onnx")(__import__("compressor.cli_onnx", fromlist=["export_onnx_cmd"]).export_onnx_cmd)
 
 
 def _choices(names) -> str:
