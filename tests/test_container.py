@@ -29,9 +29,11 @@ import pytest
 
 from tests.conftest import ROOT, run_cli
 
-BASE_PACKAGES = ["python3", "python3-pip", "python3-venv", "ca-certificates", "libnuma1"]
+# libnuma1 and g++: what vLLM's own CPU image has (the CPU extension links libnuma; torch inductor compiles
+# the model with g++ during the warm-up)
+BASE_PACKAGES = ["python3", "python3-pip", "python3-venv", "ca-certificates", "libnuma1", "g++"]
 BASE_KEY = "bookworm-minbase-" + "-".join(sorted(BASE_PACKAGES)) + "-v1"
-BASE_TAG = "localhost/fitprune-test-base:" + BASE_KEY[:100].replace("_", "-")
+BASE_TAG = "localhost/fitprune-test-base:" + "".join(c if c.isalnum() or c in ".-" else "x" for c in BASE_KEY)[:100]
 PATH_ENV = "PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
