@@ -47,6 +47,7 @@ from .cli_budget import register as _register_budget  # noqa: E402  (plan, gate)
 
 _register_budget(app)
 app.command("export-onnx")(__import__("compressor.cli_onnx", fromlist=["export_onnx_cmd"]).export_onnx_cmd)
+app.command("container")(__import__("compressor.cli_container", fromlist=["container_cmd"]).container_cmd)
 
 
 def _choices(names) -> str:
@@ -58,8 +59,8 @@ def run_cmd(
     model: str = typer.Argument(None, help="Local HF directory, hub id, .gguf file; default: the embedded SmolLM2-135M-Instruct."),
     profile: str = typer.Option("cpu-2core", "--profile", "-p", help="Shipped profile name (see `compress profiles list`) or a path to a YAML profile."),
     ratio: float = typer.Option(None, "--ratio", "-r", help="Fraction of decoder weights to remove, in (0, 1); overrides the plan (default: the planner's choice for the profile)."),
-    metric: str = typer.Option("flap", help="Importance metric: " + _choices(__import__("compressor.metrics", fromlist=["METRICS"]).METRICS) + "."),
-    compensation: str = typer.Option("bias", help="Compensation: " + _choices(__import__("compressor.compensation", fromlist=["C"]).COMPENSATIONS) + "."),
+    metric: str = typer.Option("auto", help="Importance metric: auto (the quality benchmark's winner), " + _choices(__import__("compressor.metrics", fromlist=["METRICS"]).METRICS) + "."),
+    compensation: str = typer.Option("auto", help="Compensation: auto (the quality benchmark's winner), " + _choices(__import__("compressor.compensation", fromlist=["C"]).COMPENSATIONS) + "."),
     structure: str = typer.Option("auto", help="uniform (same widths in every layer), global (one threshold over all layers), or auto (the metric's default)."),
     attn_unit: str = typer.Option("auto", "--attn-unit", help="Attention pruning unit: kv (KV group with its query heads), query (query heads evenly from every KV group), auto (query for GQA, kv for MHA)."),
     round_to: int = typer.Option(None, "--round-to", help="Kept MLP widths round to a multiple of this (default: the profile's)."),
@@ -74,6 +75,8 @@ def run_cmd(
     threads: int = typer.Option(None, help="torch CPU threads (default: torch's choice)."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's own Python code to run (off by default)."),
     checks: bool = typer.Option(True, "--checks/--no-checks", help="After export: measure latency in the profile's runtime, run the lm-eval tasks, judge the budget, write report.md and report.png."),
+    search: bool = typer.Option(False, "--search", help="Bayesian search (Optuna) over the metric mixture, calibration subset and compensation, on validation text; overrides --metric/--compensation."),
+    trials: int = typer.Option(20, "--trials", help="Trial budget for --search."),
 ):
     from .output import signals_as_errors
     from .pipeline import Options, run
@@ -83,7 +86,8 @@ def run_cmd(
     opts = Options(model=model, profile=profile, ratio=ratio, metric=metric, compensation=compensation,
                    structure=structure, attn_unit=attn_unit, round_to=round_to, calib=calib, nsamples=nsamples,
                    seqlen=seqlen, batch_size=batch_size, device=device, seed=seed, out=out,
-                   export_dtype=export_dtype, threads=threads, trust_remote_code=trust_remote_code, checks=checks)
+                   export_dtype=export_dtype, threads=threads, trust_remote_code=trust_remote_code, checks=checks,
+                   search=search, trials=trials)
     with signals_as_errors():
         report = run(opts, console=err)
     print_report(report)
@@ -136,20 +140,36 @@ def profiles_validate(path: str):
     out.print(f"{path}: valid profile '{p.name}'")
 
 
+def _exception_types(name: str) -> tuple[type, ...]:
+    """The click exception class `name` as click itself and as Typer's vendored copy define it."""
+    import importlib
+
+    found = []
+    for mod in ("click.exceptions", "typer.exceptions", "typer._click.exceptions"):
+        try:
+            cls = getattr(importlib.import_module(mod), name, None)
+        except ImportError:
+            continue
+        if isinstance(cls, type) and cls not in found:
+            found.append(cls)
+    return tuple(found)
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         app(args=argv, standalone_mode=False)
     except UserError as exc:
         err.print(f"[bold red]error:[/] {exc}", highlight=False)
         return exc.exit_code
-    except click.exceptions.Abort:
+    except _exception_types("Abort"):
         err.print("[bold red]error:[/] Interrupted; nothing was written.")
         return 130
-    except click.exceptions.ClickException as exc:
-        exc.show()
+    except _exception_types("ClickException") as exc:
+        # usage errors (missing argument, unknown option): one line, exit 2
+        err.print(f"[bold red]error:[/] {exc.format_message()}", highlight=False)
         return exc.exit_code
-    except click.exceptions.Exit as exc:
-        return exc.exit_code
+    except _exception_types("Exit") as exc:
+        return getattr(exc, "exit_code", 0)
     return 0
 
 

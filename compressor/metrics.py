@@ -288,7 +288,7 @@ def obs(adapter: Adapter, layer: nn.Module, stats: LayerStats) -> ChannelScores:
 
 
 # `--metric auto`: the winner of benchmarks/quality.py on SmolLM2-135M (see README, "Quality")
-AUTO = "obs"
+AUTO = "flap"
 
 
 def get(name: str) -> Metric:

@@ -29,8 +29,8 @@ class Options:
     model: str | None = None
     profile: str = "cpu-2core"
     ratio: float | None = None
-    metric: str = "flap"
-    compensation: str = "bias"
+    metric: str = "auto"
+    compensation: str = "auto"
     structure: str = "auto"  # auto = the metric's default
     attn_unit: str = "auto"
     round_to: int | None = None  # None = the profile's
@@ -45,6 +45,8 @@ class Options:
     export_dtype: str = "auto"
     threads: int | None = None
     trust_remote_code: bool = False
+    search: bool = False
+    trials: int = 20
     checks: bool = True  # after export: latency in the profile's runtime, lm-eval tasks, budget verdict
 
 
@@ -89,7 +91,7 @@ def _light(st: LayerStats) -> LayerStats:
 
 
 def collect_stats(model, adapter: Adapter, samples: torch.Tensor, opts: Options, progress=None,
-                  gram: bool = False) -> tuple[list[LayerStats], dict]:
+                  gram: bool = False, sample_rows: int = 0) -> tuple[list[LayerStats], dict]:
     """One layer-wise pass over the dense model, keeping every layer's statistics (benchmarks and
     searches score many metrics from one pass; with `gram` this holds every layer's Gram matrices)."""
     stats: list[LayerStats] = []
@@ -99,7 +101,7 @@ def collect_stats(model, adapter: Adapter, samples: torch.Tensor, opts: Options,
         return False
 
     engine = LayerwiseEngine(model, adapter, samples, device=opts.device, batch_size=opts.batch_size,
-                             gram=gram, progress=progress)
+                             gram=gram, sample_rows=sample_rows, progress=progress)
     rep = engine.run(visit)
     return stats, _memory(rep)
 
@@ -119,9 +121,10 @@ def score(model, adapter: Adapter, stats: list[LayerStats], metric: metrics.Metr
 
 
 def score_layers(model, adapter: Adapter, samples: torch.Tensor, metric: metrics.Metric, opts: Options,
-                 progress=None, extras: list[dict] | None = None) -> tuple[Scored, dict]:
+                 progress=None, extras: list[dict] | None = None, keep_gram: bool = False) -> tuple[Scored, dict]:
     """Pass 1: one layer-wise pass over the dense model, scoring each layer while its statistics
-    (Gram matrices included, if the metric reads them) are at hand, then keeping only light ones."""
+    (Gram matrices included, if the metric reads them) are at hand, then keeping only light ones
+    (or the Gram matrices too with `keep_gram`, for a least-squares compensation without a greedy pass)."""
     hidden = model.config.hidden_size
     scores: list[LayerScores] = []
     stats: list[LayerStats] = []
@@ -131,11 +134,11 @@ def score_layers(model, adapter: Adapter, samples: torch.Tensor, metric: metrics
             st.extra.update(extras[i])
         cs = metric.fn(adapter, layer, st)
         scores.append(LayerScores(adapter.shape(layer), hidden, cs.attn.cpu(), cs.mlp.cpu()))
-        stats.append(_light(st))
+        stats.append(LayerStats(st.attn.to("cpu"), st.mlp.to("cpu"), st.extra) if keep_gram else _light(st))
         return False
 
     engine = LayerwiseEngine(model, adapter, samples, device=opts.device, batch_size=opts.batch_size,
-                             gram=metric.needs_gram, sample_rows=metric.sample_rows, progress=progress)
+                             gram=metric.needs_gram or keep_gram, sample_rows=metric.sample_rows, progress=progress)
     return Scored(scores, stats), _memory(engine.run(visit))
 
 
@@ -156,13 +159,18 @@ def _update_config(model, keeps: list[LayerKeep]) -> None:
 
 @dataclass
 class PruneSpec:
-    metric: str = "flap"
-    compensation: str = "bias"
+    metric: str = "auto"
+    compensation: str = "auto"
     structure: str = "auto"
     ratio: float = 0.2
     attn_unit: str = "auto"
     round_to: int = 64
     grad_samples: int = 8  # calibration windows used for gradients (Taylor-based metrics)
+    # greedy second pass on the pruned model's activations; None = when the metric is sequential.
+    # Without it a Gram-matrix compensation keeps every layer's Gram matrices from pass 1 in memory
+    # (fine for small models; pass greedy=True to bound memory to one layer's). On SmolLM2 the
+    # one-pass flap + lsq+bias was slightly better than greedy (benchmarks/quality.py).
+    greedy: bool | None = None
 
 
 @dataclass
@@ -175,15 +183,20 @@ class PruneResult:
 
 
 def prune(model, adapter: Adapter, calib: torch.Tensor, spec: PruneSpec, opts: Options,
-          progress=None) -> PruneResult:
+          progress=None, extras: list[dict] | None = None, dense_stats: list[LayerStats] | None = None
+          ) -> PruneResult:
     """Calibrate, score, allocate, prune and compensate `model` in place.
 
-    One pass when the metric scores the dense model and the compensation needs only means (FLAP
-    and the like). Otherwise (a greedy metric, or a least-squares compensation that needs each
-    layer's Gram matrix) widths are allocated first (pass 1 on the dense model; skipped for
+    One pass when the metric scores the dense model (FLAP and the like; a least-squares
+    compensation then uses the Gram matrices kept from that pass). Otherwise (a greedy metric, or
+    `spec.greedy`) widths are allocated first (pass 1 on the dense model; skipped for
     `uniform`, whose widths do not depend on scores), then pass 2 walks the layers in order on the
     already-pruned model's activations: statistics, scores, which units to keep (with the
     allocated widths), compensation, surgery; the next layer sees the pruned layer's outputs.
+
+    `extras` (a metric's precomputed per-layer data) and `dense_stats` (statistics of the dense
+    model, with Gram matrices and samples as the metric needs) let benchmarks and searches score
+    many configurations from one calibration pass.
     """
     metric = metrics.get(spec.metric)
     comp = compensation.get(spec.compensation)
@@ -192,17 +205,22 @@ def prune(model, adapter: Adapter, calib: torch.Tensor, spec: PruneSpec, opts: O
         raise UserError(f"Unknown structure '{spec.structure}' (use uniform, global or auto).")
     if not 0.0 < spec.ratio < 1.0:
         raise UserError(f"The pruning ratio must be between 0 and 1 (exclusive), got {spec.ratio}.")
-    extras = None
-    if metric.precompute is not None:
+    if metric.precompute is not None and extras is None:
         extras = metric.precompute(model, adapter, calib[: spec.grad_samples], device=opts.device)
     layers = adapter.layers(model)
     hidden = model.config.hidden_size
-    two_pass = metric.sequential or comp.needs_gram
+    two_pass = spec.greedy if spec.greedy is not None else metric.sequential
     memory: dict = {}
     passes = 0
     if structure == "global" or not two_pass:
-        scored, memory = score_layers(model, adapter, calib, metric, opts, progress, extras)
-        passes += 1
+        if dense_stats is not None:
+            for st, ex in zip(dense_stats, extras or [{}] * len(dense_stats), strict=True):
+                st.extra.update(ex)
+            scored = score(model, adapter, dense_stats, metric)
+        else:
+            scored, memory = score_layers(model, adapter, calib, metric, opts, progress, extras,
+                                          keep_gram=comp.needs_gram and not two_pass)
+            passes += 1
         keeps = allocation.allocate(scored.scores, spec.ratio, structure, spec.attn_unit, spec.round_to,
                                     standardized=metric.standardize and structure == "global")
         if not two_pass:
@@ -247,6 +265,7 @@ class Prepared:
     adapter: Adapter
     calib: torch.Tensor
     heldout: torch.Tensor
+    validation: torch.Tensor | None = None  # token stream for searches: neither calibration nor held-out
 
 
 def prepare(opts: Options, say=print) -> tuple[Prepared, dict]:
@@ -268,7 +287,25 @@ def prepare(opts: Options, say=print) -> tuple[Prepared, dict]:
                                       seed=opts.seed)
     calib = calibration.sample_windows(src.region("calibration"), opts.nsamples, opts.seqlen, opts.seed)
     t["data"] = round(time.perf_counter() - t0, 3)
-    return Prepared(loaded, adapter, calib, heldout), t
+    return Prepared(loaded, adapter, calib, heldout, builtin.region("validation")), t
+
+
+def run_search(model, adapter: Adapter, prep: Prepared, spec: PruneSpec, opts: Options, say=print) -> PruneResult:
+    """`--search`: choose metric mixture, calibration subset and compensation on the validation
+    region, then prune `model` with the best trial."""
+    from .search import Search
+
+    if opts.trials < 1:
+        raise UserError("--trials must be at least 1.")
+    val = calibration.contiguous_chunks(prep.validation, opts.seqlen, 8)
+    searcher = Search(model, adapter, prep.calib, opts, say=say)
+    found = searcher.run(val, spec.ratio, spec.round_to, trials=opts.trials, seed=opts.seed, attn_unit=spec.attn_unit)
+    best = found.best
+    say(f"search: best trial {best.number}, validation perplexity {best.val_ppl:.3f}")
+    keeps = searcher.prune(model, best, spec.ratio, spec.round_to, spec.attn_unit)
+    notes = {"search": {"best": best.__dict__, "trials": [t.__dict__ for t in found.trials],
+                        "setup_s": round(found.setup_s, 1), "objective": "perplexity on the builtin validation region"}}
+    return PruneResult(keeps, {}, 1, "global", notes)
 
 
 def run(opts: Options, console=None) -> dict:
@@ -342,7 +379,10 @@ def run(opts: Options, console=None) -> dict:
             bar.update(task, completed=i)
 
         with stages.timed("pruning_step"):
-            result = prune(model, adapter, prep.calib, spec, opts, progress=progress)
+            if opts.search:
+                result = run_search(model, adapter, prep, spec, opts, say=console.print)
+            else:
+                result = prune(model, adapter, prep.calib, spec, opts, progress=progress)
     keeps, mem = result.keeps, result.memory
     after = count_params(model)
     with stages.timed("perplexity_pruned"):
@@ -359,9 +399,11 @@ def run(opts: Options, console=None) -> dict:
         "model": prep.loaded.source,
         "profile": profile.name,
         "method": {
-            "metric": metric.name, "compensation": comp.name, "structure": structure, "attn_unit": opts.attn_unit,
+            "metric": "search" if opts.search else metric.name,
+            "compensation": "search" if opts.search else comp.name, "structure": result.structure,
+            "attn_unit": opts.attn_unit,
             "ratio_requested": ratio, "round_to": round_to, "calib": opts.calib, "nsamples": opts.nsamples,
-            "seqlen": opts.seqlen, "seed": opts.seed, "passes": result.passes,
+            "seqlen": opts.seqlen, "seed": opts.seed, "passes": result.passes, **result.notes,
         },
         "params": {
             "before": before, "after": after,
