@@ -107,7 +107,7 @@ def test_successful_run_on_a_tiny_model_writes_a_complete_directory(tmp_path, ti
                 "--round-to", "8", "--ratio", "0.3", "--out", str(out))
     assert p.returncode == 0, p.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
-    assert report["schema"] == "fitprune.report/1"
+    assert report["schema"].startswith("fitprune.report/")
     assert 0.2 < report["params"]["achieved_ratio_decoder"] < 0.4
     for name in ("config.json", "model.safetensors", "README.md", "tokenizer.json", "generation_config.json"):
         assert (out / name).is_file(), name
