@@ -51,7 +51,7 @@ def test_exports_of_the_real_model_reload_with_the_same_logits(calibrated, tmp_p
     model = _prune(calibrated, "flap", structure, "bias")
     res = export_hf(model, prep.loaded.tokenizer, tmp_path)
     assert res.format == fmt
-    ids = prep.heldout[:2, :64]
+    ids = prep.heldout[:2, :64].contiguous()
     with torch.no_grad():
         logits = model(ids).logits
     save_file({"input_ids": ids, "logits": logits.contiguous()}, str(tmp_path / "expected.safetensors"))
