@@ -89,3 +89,15 @@ def tiny_model_dir(tmp_path_factory, smollm2_dir) -> Path:
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def assert_clean_failure(p, out_dir, match: str) -> None:
+    """A user-caused failure: one `error:` sentence, non-zero exit, no traceback, no output left."""
+    assert p.returncode != 0
+    assert "Traceback" not in p.stderr and "Traceback" not in p.stdout
+    lines = [line for line in p.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, p.stderr
+    assert match in p.stderr.replace("\n", " "), p.stderr
+    if out_dir is not None:
+        assert not out_dir.exists() or not any(out_dir.iterdir())
+        assert not list(out_dir.parent.glob(f".{out_dir.name}.tmp-*"))

@@ -5,18 +5,7 @@ import json
 
 import pytest
 
-from tests.conftest import run_cli
-
-
-def _assert_clean_failure(p, out_dir, match: str):
-    assert p.returncode != 0
-    assert "Traceback" not in p.stderr and "Traceback" not in p.stdout
-    lines = [line for line in p.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, p.stderr
-    assert match in p.stderr.replace("\n", " "), p.stderr
-    if out_dir is not None:
-        assert not out_dir.exists() or not any(out_dir.iterdir())
-        assert not list(out_dir.parent.glob(f".{out_dir.name}.tmp-*"))
+from tests.conftest import assert_clean_failure, run_cli
 
 
 def test_help_lists_the_options():
@@ -38,20 +27,20 @@ def test_profiles_list_shows_shipped_profiles():
 def test_missing_model_path(tmp_path):
     out = tmp_path / "o"
     p = run_cli("--profile", "cpu-2core", str(tmp_path / "nope"), "--out", str(out))
-    _assert_clean_failure(p, out, "does not exist")
+    assert_clean_failure(p, out, "does not exist")
 
 
 def test_unknown_profile(tmp_path, tiny_model_dir):
     out = tmp_path / "o"
     p = run_cli("--profile", "no-such-gpu", str(tiny_model_dir), "--out", str(out))
-    _assert_clean_failure(p, out, "Unknown profile 'no-such-gpu'")
+    assert_clean_failure(p, out, "Unknown profile 'no-such-gpu'")
 
 
 @pytest.mark.parametrize("ratio", ["0", "1", "1.5", "-0.1"])
 def test_ratio_outside_zero_one(tmp_path, tiny_model_dir, ratio):
     out = tmp_path / "o"
     p = run_cli("--profile", "cpu-2core", str(tiny_model_dir), "--ratio", ratio, "--out", str(out))
-    _assert_clean_failure(p, out, "between 0 and 1")
+    assert_clean_failure(p, out, "between 0 and 1")
 
 
 def test_calibration_text_too_short(tmp_path, tiny_model_dir):
@@ -59,7 +48,7 @@ def test_calibration_text_too_short(tmp_path, tiny_model_dir):
     text.write_text("Only a few words of calibration text.")
     out = tmp_path / "o"
     p = run_cli(str(tiny_model_dir), "--calib", str(text), "--nsamples", "4", "--seqlen", "64", "--out", str(out))
-    _assert_clean_failure(p, out, "fewer than the 4 x 64 = 256 asked for")
+    assert_clean_failure(p, out, "fewer than the 4 x 64 = 256 asked for")
 
 
 def test_unsupported_architecture(tmp_path, smollm2_dir):
@@ -70,7 +59,7 @@ def test_unsupported_architecture(tmp_path, smollm2_dir):
     AutoTokenizer.from_pretrained(smollm2_dir).save_pretrained(d)
     out = tmp_path / "o"
     p = run_cli(str(d), "--out", str(out))
-    _assert_clean_failure(p, out, "architecture 'gpt2' is not supported")
+    assert_clean_failure(p, out, "architecture 'gpt2' is not supported")
 
 
 def test_existing_nonempty_out(tmp_path, tiny_model_dir):
@@ -86,19 +75,19 @@ def test_directory_without_config(tmp_path):
     (tmp_path / "m").mkdir()
     out = tmp_path / "o"
     p = run_cli(str(tmp_path / "m"), "--out", str(out))
-    _assert_clean_failure(p, out, "no config.json")
+    assert_clean_failure(p, out, "no config.json")
 
 
 def test_offline_hub_id_fails_in_one_sentence(tmp_path):
     out = tmp_path / "o"
     p = run_cli("someone/not-a-local-model", "--out", str(out))
-    _assert_clean_failure(p, out, "Hugging Face hub")
+    assert_clean_failure(p, out, "Hugging Face hub")
 
 
 def test_unknown_metric(tmp_path, tiny_model_dir):
     out = tmp_path / "o"
     p = run_cli(str(tiny_model_dir), "--metric", "astrology", "--out", str(out))
-    _assert_clean_failure(p, out, "Unknown metric 'astrology'")
+    assert_clean_failure(p, out, "Unknown metric 'astrology'")
 
 
 def test_successful_run_on_a_tiny_model_writes_a_complete_directory(tmp_path, tiny_model_dir):

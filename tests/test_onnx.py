@@ -21,7 +21,7 @@ from exporters import EXPORTERS, export_hf
 from exporters.hf import read_widths
 from exporters.onnx import MANIFEST_FILE, MODEL_FILE, export_onnx
 from runtimes.base import Measurement, get_runtime
-from tests.conftest import run_cli, tiny_model
+from tests.conftest import assert_clean_failure, run_cli, tiny_model
 
 pytest.importorskip("onnxruntime", reason="the 'onnx' extra is not installed")
 pytest.importorskip("onnxscript", reason="the 'onnx' extra is not installed")
@@ -201,14 +201,6 @@ def test_float16_runs_and_bfloat16_is_refused(tmp_path):
     assert len(greedy) == 6
 
 
-def _assert_clean_failure(p, out_dir, match: str):
-    assert p.returncode != 0
-    assert "Traceback" not in p.stderr and "Traceback" not in p.stdout
-    lines = [line for line in p.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, p.stderr
-    assert match in p.stderr.replace("\n", " "), p.stderr
-    assert not out_dir.exists() or not any(out_dir.iterdir())
-    assert not list(out_dir.parent.glob(f".{out_dir.name}.tmp-*"))
 
 
 def test_cli_export_then_runtime_measures(tmp_path, tiny_model_dir):
@@ -234,4 +226,4 @@ def test_cli_bad_input_is_one_sentence(tmp_path, tiny_model_dir, case):
         (tmp_path / "empty").mkdir()
         src, match = str(tmp_path / "empty"), "no config.json"
     p = run_cli("export-onnx", src, "--out", str(out), *extra)
-    _assert_clean_failure(p, out, match)
+    assert_clean_failure(p, out, match)
