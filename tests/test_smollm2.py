@@ -59,7 +59,9 @@ def test_exports_of_the_real_model_reload_with_the_same_logits(calibrated, tmp_p
         p = run_python(RELOAD, mode, str(tmp_path))
         assert p.returncode == 0, p.stderr[-3000:]
         (_cls, diff), = json.loads(p.stdout.strip().splitlines()[-1]).values()
-        assert diff <= 1e-4, (mode, diff)
+        # float32 rounding only: the export adds zero biases (addmm instead of mm) and the BLAS kernels differ
+        # between CPUs; measured 0 to 1.7e-4 on logits spanning about +-30. A wrong or missing weight shows as >0.1.
+        assert diff <= 1e-3, (mode, diff)
 
 
 def test_main_command_on_the_embedded_model(tmp_path):
