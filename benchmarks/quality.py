@@ -24,6 +24,7 @@ from compressor import metrics
 from compressor.pipeline import Options, PruneSpec, collect_stats, count_params, prepare, prune
 from runtimes.accuracy import perplexity
 
+OTHER_STRUCTURE_DEFAULT = ["flap:bias", "flap:lsq+bias", "wanda-sp:bias", "magnitude:none"]
 GREEDY_DEFAULT = ["flap:lsq+bias", "output-approx:lsq+bias", "output-approx:bias", "mi:lsq+bias"]
 
 
@@ -38,6 +39,8 @@ def main() -> None:
     ap.add_argument("--greedy", default=",".join(GREEDY_DEFAULT),
                     help="metric:compensation pairs to also run greedily (two-pass)")
     ap.add_argument("--no-greedy", action="store_true")
+    ap.add_argument("--other-structure", default=",".join(OTHER_STRUCTURE_DEFAULT),
+                    help="metric:compensation pairs to also run with the structure that is not the metric's default")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=None, help="also write the rows to this file")
     args = ap.parse_args()
@@ -71,10 +74,10 @@ def main() -> None:
 
     rows = []
 
-    def run(name: str, comp: str, ratio: float, greedy: bool) -> None:
+    def run(name: str, comp: str, ratio: float, greedy: bool, structure: str = "auto") -> None:
         m = metrics.get(name)
         pruned = copy.deepcopy(model)
-        spec = PruneSpec(metric=name, compensation=comp, ratio=ratio, round_to=64, greedy=greedy)
+        spec = PruneSpec(metric=name, compensation=comp, structure=structure, ratio=ratio, round_to=64, greedy=greedy)
         extras = extras_by_fn.get(m.precompute)
         t = time.perf_counter()
         res = prune(pruned, adapter, prep.calib, spec, opts, extras=extras,
@@ -94,6 +97,11 @@ def main() -> None:
         for name in names:
             for comp in comps + (["fold"] if name == "mi" else []):
                 run(name, comp, ratio, greedy=False)
+        for pair in filter(None, args.other_structure.split(",")):
+            name, comp = pair.split(":")
+            if name in names:
+                run(name, comp, ratio, greedy=False,
+                    structure="uniform" if metrics.get(name).default_structure == "global" else "global")
         if not args.no_greedy:
             for pair in args.greedy.split(","):
                 name, comp = pair.split(":")

@@ -31,15 +31,17 @@ class Compensation:
     fn: Callable[[Adapter, nn.Module, LayerKeep, LayerStats], Fix]
     adds_bias: bool
     needs_gram: bool = False  # reads stats.*.gram: computed layer by layer in a second pass
+    needs_reference: bool = False  # reads stats.*.cross: a greedy pass with the dense model alongside
     help: str = ""
 
 
 COMPENSATIONS: dict[str, Compensation] = {}
 
 
-def compensation(name: str, adds_bias: bool, needs_gram: bool = False, help: str = ""):
+def compensation(name: str, adds_bias: bool, needs_gram: bool = False, needs_reference: bool = False,
+                 help: str = ""):
     def wrap(fn):
-        COMPENSATIONS[name] = Compensation(name, fn, adds_bias, needs_gram, help)
+        COMPENSATIONS[name] = Compensation(name, fn, adds_bias, needs_gram, needs_reference, help)
         return fn
 
     return wrap
@@ -79,23 +81,29 @@ RIDGE = 1e-2  # relative to the mean diagonal of the kept channels' Gram matrix
 
 
 def least_squares(w: torch.Tensor, gram: torch.Tensor, mean: torch.Tensor, n: int, kept: torch.Tensor,
-                  intercept: bool, ridge: float = RIDGE) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Re-fit the second layer on the kept inputs: argmin ||W X - W' X_K - b||^2 over calibration tokens.
+                  intercept: bool, ridge: float = RIDGE, cross: torch.Tensor | None = None,
+                  ref_sum: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Re-fit the second layer on the kept inputs: argmin ||W R - W' X_K - b||^2 over calibration tokens.
 
-    X is d x n (tokens as columns); G = X X^T and the mean are all that is needed. With an
-    intercept the normal equations use the augmented Gram [[G, n mu], [n mu^T, n]]. Ridge
-    regularised (relative to the mean kept diagonal) and solved in float64. Returns (W', b or None).
+    X is d x n (tokens as columns); R is the input the target is computed from: X itself (then
+    G = X X^T and the mean are all that is needed), or the dense model's input for the same tokens
+    when `cross` = R X^T and `ref_sum` = R 1 are given (the re-fit then also undoes the error the
+    earlier pruned layers left in X). With an intercept the normal equations use the augmented Gram
+    [[G, n mu], [n mu^T, n]]. Ridge regularised (relative to the mean kept diagonal) and solved in
+    float64. Returns (W', b or None).
     """
     w = w.double()
     g = gram.double()
     k = kept
     a = g[k][:, k]
-    rhs = w @ g[:, k]  # W G[:, K]
+    cross = g if cross is None else cross.double()
+    rhs = w @ cross[:, k]  # W R X_K^T
     if intercept:
         s = n * mean.double()
+        target_sum = s if ref_sum is None else ref_sum.double()
         corner = torch.tensor([[float(n)]], dtype=a.dtype)
         a = torch.cat([torch.cat([a, s[k, None]], 1), torch.cat([s[None, k], corner], 1)], 0)
-        rhs = torch.cat([rhs, (w @ s)[:, None]], 1)
+        rhs = torch.cat([rhs, (w @ target_sum)[:, None]], 1)
     lam = ridge * float(a.diagonal().mean().clamp_min(1e-12))
     a = a + lam * torch.eye(a.shape[0], dtype=a.dtype)
     sol = torch.linalg.solve(a, rhs.T).T  # rhs A^-1 (A symmetric)
@@ -104,14 +112,20 @@ def least_squares(w: torch.Tensor, gram: torch.Tensor, mean: torch.Tensor, n: in
     return sol, None
 
 
-def _lsq(adapter: Adapter, layer: nn.Module, keep: LayerKeep, stats: LayerStats, intercept: bool) -> Fix:
+def _lsq(adapter: Adapter, layer: nn.Module, keep: LayerKeep, stats: LayerStats, intercept: bool,
+         towards_dense: bool = False) -> Fix:
     shape = adapter.shape(layer)
     kept_attn = head_channels(keep.q_heads, shape.head_dim)
     kept_mlp = torch.tensor(keep.channels, dtype=torch.long)
     fix = Fix()
     for kind, lin, kept, st in (("o", adapter.attention(layer).o_proj, kept_attn, stats.attn),
                                 ("down", adapter.mlp(layer).down_proj, kept_mlp, stats.mlp)):
-        new_w, b = least_squares(lin.weight.data.cpu(), st.gram.cpu(), st.mean.cpu(), st.n, kept, intercept)
+        ref = {}
+        if towards_dense:
+            if st.cross is None:
+                raise RuntimeError("a re-fit towards the dense outputs needs the engine's reference stream")
+            ref = {"cross": st.cross.cpu(), "ref_sum": st.ref_sum.cpu()}
+        new_w, b = least_squares(lin.weight.data.cpu(), st.gram.cpu(), st.mean.cpu(), st.n, kept, intercept, **ref)
         setattr(fix, f"{kind}_weight", new_w)
         setattr(fix, f"{kind}_bias", b)
     return fix
@@ -128,6 +142,14 @@ def lsq(adapter, layer, keep, stats) -> Fix:
               help="Least-squares re-fit with an intercept: re-fitted o_proj / down_proj weights plus a bias.")
 def lsq_bias(adapter, layer, keep, stats) -> Fix:
     return _lsq(adapter, layer, keep, stats, intercept=True)
+
+
+@compensation("lsq-dense+bias", adds_bias=True, needs_gram=True, needs_reference=True,
+              help="Two-step reconstruction: a greedy pass that runs the dense model alongside the pruned one and "
+                   "re-fits o_proj / down_proj (with a bias) so the pruned layer reproduces the dense layer's "
+                   "output from the pruned model's own activations, undoing earlier layers' error.")
+def lsq_dense_bias(adapter, layer, keep, stats) -> Fix:
+    return _lsq(adapter, layer, keep, stats, intercept=True, towards_dense=True)
 
 
 @compensation("fold", adds_bias=True,

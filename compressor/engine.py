@@ -10,6 +10,7 @@ activations (two buffers of N x L x hidden), whatever the model's depth.
 
 from __future__ import annotations
 
+import functools
 import resource
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +29,10 @@ class RunningStats:
         self.mean = torch.zeros(dim, dtype=torch.float64, device=device)
         self.m2 = torch.zeros(dim, dtype=torch.float64, device=device)
         self.gram = torch.zeros(dim, dim, dtype=torch.float64, device=device) if gram else None
+        # with a reference stream (the dense model run alongside the pruned one): sum of x_ref x^T
+        # over the same tokens, and sum of x_ref -- what a re-fit towards the dense outputs needs
+        self.cross: torch.Tensor | None = None
+        self.ref_sum: torch.Tensor | None = None
         # a strided subsample of raw rows, for estimators that need samples (mutual information)
         self.sample_rows = sample_rows
         self.samples: list[torch.Tensor] = []
@@ -51,6 +56,16 @@ class RunningStats:
             if have < self.sample_rows:
                 stride = max(1, nb // 256)
                 self.samples.append(x[::stride][: self.sample_rows - have].float().cpu())
+
+    def update_cross(self, x_ref: torch.Tensor, x: torch.Tensor) -> None:
+        """Accumulate sum x_ref x^T for the same tokens seen by the reference (dense) model and this one."""
+        x_ref = x_ref.reshape(-1, x_ref.shape[-1]).to(torch.float64)
+        x = x.reshape(-1, x.shape[-1]).to(torch.float64)
+        if self.cross is None:
+            self.cross = torch.zeros(x_ref.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
+            self.ref_sum = torch.zeros(x_ref.shape[1], dtype=torch.float64, device=x.device)
+        self.cross += x_ref.T @ x
+        self.ref_sum += x_ref.sum(0)
 
     @property
     def sample(self) -> torch.Tensor:
@@ -82,6 +97,8 @@ class RunningStats:
         self.mean, self.m2 = self.mean.to(device), self.m2.to(device)
         if self.gram is not None:
             self.gram = self.gram.to(device)
+        if self.cross is not None:
+            self.cross, self.ref_sum = self.cross.to(device), self.ref_sum.to(device)
         return self
 
 
@@ -101,6 +118,29 @@ class EngineReport:
     tokens: int = 0
     layers: int = 0
     extra: dict = field(default_factory=dict)
+
+
+class _Observer:
+    """Forward pre-hooks on o_proj ("attn") and down_proj ("mlp") of one layer: stream their inputs
+    into the layer's statistics; inputs seen during a reference pass are held and paired with the
+    next pruned-stream batch (cross statistics) instead."""
+
+    def __init__(self, stats: LayerStats):
+        self.stats = stats
+        self.reference_pass = False
+        self.held: dict[str, torch.Tensor] = {}
+
+    def hook(self, name: str):
+        return lambda _module, args: self.observe(name, args[0])
+
+    def observe(self, name: str, x: torch.Tensor) -> None:
+        if self.reference_pass:
+            self.held[name] = x
+            return
+        st = getattr(self.stats, name)
+        if name in self.held:
+            st.update_cross(self.held.pop(name), x)
+        st.update(x)
 
 
 class _Captured(Exception):
@@ -138,6 +178,7 @@ class LayerwiseEngine:
         gram: bool = False,
         sample_rows: int = 0,
         progress: Callable[[int, int], None] | None = None,
+        reference: bool = False,
     ):
         self.model, self.adapter = model, adapter
         self.samples = samples
@@ -146,6 +187,9 @@ class LayerwiseEngine:
         self.gram = gram
         self.sample_rows = sample_rows
         self.progress = progress
+        # also carry the dense model's activations (each layer run on them before it is pruned) and
+        # stream cross statistics between the dense and the pruned inputs of o_proj / down_proj
+        self.reference = reference
         self.report = EngineReport(tokens=samples.numel())
 
     @torch.no_grad()
@@ -179,9 +223,12 @@ class LayerwiseEngine:
         return torch.cat(hidden_all), kwargs_by_bs
 
     @torch.no_grad()
-    def _forward(self, layer: nn.Module, inputs: torch.Tensor, outputs: torch.Tensor, kwargs_by_bs) -> None:
+    def _forward(self, layer: nn.Module, inputs: torch.Tensor, outputs: torch.Tensor, kwargs_by_bs,
+                 before_batch: Callable[[int, int], None] | None = None) -> None:
         for start in range(0, inputs.shape[0], self.batch_size):
             x = inputs[start: start + self.batch_size].to(self.device)
+            if before_batch:
+                before_batch(start, x.shape[0])
             kw = _to(kwargs_by_bs[x.shape[0]], self.device)
             y = layer(x, **kw)
             if isinstance(y, tuple):
@@ -189,12 +236,23 @@ class LayerwiseEngine:
             outputs[start: start + x.shape[0]] = y.to(outputs.device)
 
     @torch.no_grad()
+    def _reference_batch(self, obs: _Observer, layer, ref_in, ref_out, kwargs_by_bs, start: int, nb: int) -> None:
+        """Run the (still dense) layer on the dense stream's rows [start, start + nb) first, so the
+        observer pairs their o_proj / down_proj inputs with the pruned stream's for the same tokens."""
+        obs.reference_pass = True
+        try:
+            self._forward(layer, ref_in[start: start + nb], ref_out[start: start + nb], kwargs_by_bs)
+        finally:
+            obs.reference_pass = False
+
     def run(self, visit: Visitor) -> EngineReport:
         """For each layer: stream statistics over all calibration samples, then call
         `visit(index, layer, stats)`. If the visitor changed the layer (returns True), the layer's
         outputs are recomputed so later layers see the pruned model's activations."""
         inputs, kwargs_by_bs = self._capture_inputs()
         outputs = torch.empty_like(inputs)
+        if self.reference:
+            ref_in, ref_out = inputs.clone(), torch.empty_like(inputs)
         layers = self.adapter.layers(self.model)
         for i, layer in enumerate(layers):
             layer.to(self.device)
@@ -206,12 +264,14 @@ class LayerwiseEngine:
                 mlp=RunningStats(mlp_in.in_features, self.gram, self.device, self.sample_rows),
             )
             assert shape.num_heads * shape.head_dim == attn_in.in_features
-            hooks = [
-                attn_in.register_forward_pre_hook(lambda _m, a, s=stats.attn: s.update(a[0])),
-                mlp_in.register_forward_pre_hook(lambda _m, a, s=stats.mlp: s.update(a[0])),
-            ]
+            obs = _Observer(stats)
+            before_batch = None
+            if self.reference:
+                before_batch = functools.partial(self._reference_batch, obs, layer, ref_in, ref_out, kwargs_by_bs)
+            hooks = [attn_in.register_forward_pre_hook(obs.hook("attn")),
+                     mlp_in.register_forward_pre_hook(obs.hook("mlp"))]
             try:
-                self._forward(layer, inputs, outputs, kwargs_by_bs)
+                self._forward(layer, inputs, outputs, kwargs_by_bs, before_batch)
             finally:
                 for h in hooks:
                     h.remove()
@@ -223,6 +283,8 @@ class LayerwiseEngine:
                 )
             layer.to("cpu")
             inputs, outputs = outputs, inputs
+            if self.reference:
+                ref_in, ref_out = ref_out, ref_in
             if self.progress:
                 self.progress(i + 1, len(layers))
         self.report.layers = len(layers)

@@ -209,7 +209,7 @@ def prune(model, adapter: Adapter, calib: torch.Tensor, spec: PruneSpec, opts: O
         extras = metric.precompute(model, adapter, calib[: spec.grad_samples], device=opts.device)
     layers = adapter.layers(model)
     hidden = model.config.hidden_size
-    two_pass = spec.greedy if spec.greedy is not None else metric.sequential
+    two_pass = comp.needs_reference or (spec.greedy if spec.greedy is not None else metric.sequential)
     memory: dict = {}
     passes = 0
     if structure == "global" or not two_pass:
@@ -245,7 +245,7 @@ def prune(model, adapter: Adapter, calib: torch.Tensor, spec: PruneSpec, opts: O
 
     engine = LayerwiseEngine(model, adapter, calib, device=opts.device, batch_size=opts.batch_size,
                              gram=metric.needs_gram or comp.needs_gram, sample_rows=metric.sample_rows,
-                             progress=progress)
+                             progress=progress, reference=comp.needs_reference)
     rep = engine.run(visit)
     passes += 1
     memory = {k: max(v, memory.get(k, 0.0)) for k, v in _memory(rep).items()}

@@ -224,6 +224,27 @@ def test_lsq_is_exact_when_kept_channels_span_the_removed_ones():
     assert torch.allclose(x2[:, kept] @ new_w.T + b, x2 @ w.T, atol=1e-5)
 
 
+def test_lsq_towards_dense_undoes_an_affine_input_error():
+    """When the dense input R is an affine function of the pruned model's input X, the re-fit towards
+    the dense outputs reproduces W R exactly from X."""
+    from compressor.compensation import least_squares
+
+    torch.manual_seed(0)
+    x = torch.randn(400, 10, dtype=torch.float64)
+    a, c = torch.randn(10, 10, dtype=torch.float64), torch.randn(10, dtype=torch.float64)
+    r = x @ a + c
+    w = torch.randn(4, 10, dtype=torch.float64)
+    st = RunningStats(10, gram=True)
+    st.update(x)
+    st.update_cross(r, x)
+    kept = torch.arange(10)
+    new_w, b = least_squares(w, st.gram, st.mean, st.n, kept, intercept=True, ridge=1e-12,
+                             cross=st.cross, ref_sum=st.ref_sum)
+    assert torch.allclose(x @ new_w.T + b, r @ w.T, atol=1e-6)
+    plain, _ = least_squares(w, st.gram, st.mean, st.n, kept, intercept=True, ridge=1e-12)
+    assert torch.allclose(plain, w, atol=1e-6)  # without the reference it keeps W (target W X)
+
+
 def test_lsq_compensation_beats_bias_on_correlated_channels():
     model = tiny_model("llama-mha")
     adapter = adapter_for(model)
