@@ -82,31 +82,40 @@ RIDGE = 1e-2  # relative to the mean diagonal of the kept channels' Gram matrix
 
 def least_squares(w: torch.Tensor, gram: torch.Tensor, mean: torch.Tensor, n: int, kept: torch.Tensor,
                   intercept: bool, ridge: float = RIDGE, cross: torch.Tensor | None = None,
-                  ref_sum: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Re-fit the second layer on the kept inputs: argmin ||W R - W' X_K - b||^2 over calibration tokens.
+                  ref_sum: torch.Tensor | None = None, shrink_to_kept: bool = True
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Re-fit the second layer on the kept inputs: argmin ||W R - W' X_K - b||^2 + lam ||W' - P||^2.
 
     X is d x n (tokens as columns); R is the input the target is computed from: X itself (then
     G = X X^T and the mean are all that is needed), or the dense model's input for the same tokens
     when `cross` = R X^T and `ref_sum` = R 1 are given (the re-fit then also undoes the error the
     earlier pruned layers left in X). With an intercept the normal equations use the augmented Gram
-    [[G, n mu], [n mu^T, n]]. Ridge regularised (relative to the mean kept diagonal) and solved in
-    float64. Returns (W', b or None).
+    [[G, n mu], [n mu^T, n]]; the intercept is not penalised. Solved in float64.
+
+    The ridge term (lam relative to the mean kept diagonal of G) pulls W' towards P = W[:, K], the
+    kept columns as they are (`shrink_to_kept`; else towards zero). With few calibration tokens
+    (fewer than channels, where the Gram matrix is singular) the fit then stays at the original
+    weights plus the intercept -- FLAP's bias compensation -- instead of over-fitting; with many it
+    is the plain least-squares solution. Returns (W', b or None).
     """
     w = w.double()
     g = gram.double()
     k = kept
     a = g[k][:, k]
+    lam = ridge * float(a.diagonal().mean().clamp_min(1e-12))
     cross = g if cross is None else cross.double()
     rhs = w @ cross[:, k]  # W R X_K^T
+    if shrink_to_kept:
+        rhs = rhs + lam * w[:, k]
+    penalty = torch.full((len(k),), lam, dtype=a.dtype)
     if intercept:
         s = n * mean.double()
         target_sum = s if ref_sum is None else ref_sum.double()
         corner = torch.tensor([[float(n)]], dtype=a.dtype)
         a = torch.cat([torch.cat([a, s[k, None]], 1), torch.cat([s[None, k], corner], 1)], 0)
         rhs = torch.cat([rhs, (w @ target_sum)[:, None]], 1)
-    lam = ridge * float(a.diagonal().mean().clamp_min(1e-12))
-    a = a + lam * torch.eye(a.shape[0], dtype=a.dtype)
-    sol = torch.linalg.solve(a, rhs.T).T  # rhs A^-1 (A symmetric)
+        penalty = torch.cat([penalty, penalty.new_zeros(1)])
+    sol = torch.linalg.solve(a + torch.diag(penalty), rhs.T).T  # rhs A^-1 (A symmetric)
     if intercept:
         return sol[:, :-1], sol[:, -1]
     return sol, None

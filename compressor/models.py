@@ -65,20 +65,37 @@ def _load_gguf(path: Path, dtype: torch.dtype):
     return model, tok
 
 
+def _has_embeddings(weights: Path) -> bool:
+    """A complete cache entry (older versions stored the tied embedding under lm_head.weight only)."""
+    if not weights.is_file():
+        return False
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(weights), "pt") as f:
+            return "model.embed_tokens.weight" in f.keys()
+    except Exception:
+        return False
+
+
 def embedded_model_dir() -> Path:
     """Dequantize the embedded GGUF once into a safetensors checkpoint in the user's cache."""
     target = cache_dir() / "models" / "SmolLM2-135M-Instruct"
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+    if (target / "config.json").is_file() and _has_embeddings(target / "model.safetensors"):
         return target
     model, tok = _load_gguf(_embedded_gguf_path(), torch.float32)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
     try:
         # transformers refuses save_pretrained on a model it read from GGUF; the tensors are
-        # plain float32 by now, so write them (and the config without the GGUF marker) directly
-        from safetensors.torch import save_model
+        # plain float32 by now, so write them (and the config without the GGUF marker) directly.
+        # A tied LM head is stored once, as the embedding: what transformers and vLLM both read.
+        from safetensors.torch import save_file
 
-        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+        if model.config.tie_word_embeddings:
+            sd.pop("lm_head.weight", None)
+        save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         model.config.save_pretrained(tmp)
         model.generation_config.save_pretrained(tmp)
         tok.save_pretrained(tmp)

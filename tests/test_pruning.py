@@ -224,6 +224,22 @@ def test_lsq_is_exact_when_kept_channels_span_the_removed_ones():
     assert torch.allclose(x2[:, kept] @ new_w.T + b, x2 @ w.T, atol=1e-5)
 
 
+def test_lsq_with_a_strong_ridge_is_flap_bias_compensation():
+    """The ridge pulls the re-fit towards the kept weights as they are, so with little data (a strong
+    ridge) least squares + intercept becomes FLAP's bias compensation, not a shrunken, over-fitted W'."""
+    from compressor.compensation import least_squares
+
+    torch.manual_seed(0)
+    x = torch.randn(50, 20, dtype=torch.float64) + torch.linspace(-1, 1, 20, dtype=torch.float64)
+    w = torch.randn(6, 20, dtype=torch.float64)
+    st = RunningStats(20, gram=True)
+    st.update(x)
+    kept, removed = torch.arange(0, 20, 2), torch.arange(1, 20, 2)
+    new_w, b = least_squares(w, st.gram, st.mean, st.n, kept, intercept=True, ridge=1e8)
+    assert torch.allclose(new_w, w[:, kept], atol=1e-5)
+    assert torch.allclose(b, w[:, removed] @ st.mean[removed], atol=1e-5)
+
+
 def test_lsq_towards_dense_undoes_an_affine_input_error():
     """When the dense input R is an affine function of the pruned model's input X, the re-fit towards
     the dense outputs reproduces W R exactly from X."""

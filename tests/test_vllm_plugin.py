@@ -66,3 +66,9 @@ def test_checkpoint_check_without_config_is_one_sentence(tmp_path):
     save_file({"x": torch.zeros(1)}, str(tmp_path / "model.safetensors"))
     with pytest.raises(ValueError, match="has no readable config.json"):
         check_checkpoint(tmp_path)
+
+
+def test_the_cached_embedded_model_is_complete_for_vllm(smollm2_dir):
+    """The dense embedded model is served and measured as it is (planner calibration, checks): its
+    cache must hold the tied embedding under the name vLLM reads, model.embed_tokens.weight."""
+    check_checkpoint(smollm2_dir)
