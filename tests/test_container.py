@@ -29,9 +29,9 @@ import pytest
 
 from tests.conftest import ROOT, run_cli
 
-# libnuma1 and g++: what vLLM's own CPU image has (the CPU extension links libnuma; torch inductor compiles
-# the model with g++ during the warm-up)
-BASE_PACKAGES = ["python3", "python3-pip", "python3-venv", "ca-certificates", "libnuma1", "g++"]
+# libnuma1, g++ and python3-dev: what vLLM's own CPU image has (the CPU extension links libnuma; torch inductor
+# compiles the model with g++ against Python.h during the warm-up)
+BASE_PACKAGES = ["python3", "python3-dev", "python3-pip", "python3-venv", "ca-certificates", "libnuma1", "g++"]
 BASE_KEY = "bookworm-minbase-" + "-".join(sorted(BASE_PACKAGES)) + "-v1"
 BASE_TAG = "localhost/fitprune-test-base:" + "".join(c if c.isalnum() or c in ".-" else "x" for c in BASE_KEY)[:100]
 PATH_ENV = "PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -173,8 +173,8 @@ def pruned_export(tmp_path_factory, smollm2_dir) -> Path:
 @pytest.mark.slow
 @pytest.mark.integration
 @pytest.mark.skipif(os.environ.get("FITPRUNE_CONTAINER_TESTS") != "1",
-                    reason="the image build + serve test has not yet passed end to end here (its last run died on a "
-                           "missing g++ in the base, since fixed); it takes ~15 min: set FITPRUNE_CONTAINER_TESTS=1")
+                    reason="builds and serves a container image (about 10 min, needs podman, buildah, runc and "
+                           "debootstrap); .ci/run enables it: set FITPRUNE_CONTAINER_TESTS=1")
 def test_container_builds_runs_and_serves(tmp_path, pruned_export):
     pytest.importorskip("openai")
     ctx = tmp_path / "ctx"

@@ -207,3 +207,36 @@ def test_missing_bias_is_refused_before_vllm_starts(exports, tmp_path):
     save_file(sd, str(broken / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"lacks tensors its config implies: model\.layers\.3\.self_attn\.k_proj"):
         VllmRuntime(broken)
+
+
+LMEVAL_SCRIPT = r"""
+import json, sys
+from pathlib import Path
+from compressor.checks import lm_eval_scores_vllm
+if __name__ == "__main__":
+    s = lm_eval_scores_vllm(Path(sys.argv[1]), Path(sys.argv[2]), dtype="float32")
+    print("RESULT " + json.dumps(s.as_dict()))
+"""
+
+
+def test_lm_eval_vllm_backend_agrees_with_the_hf_backend(exports, tmp_path):
+    """lm-eval on the per-layer export through vLLM (plugin) gives the scores the HF backend gives
+    on the same directory: word perplexity within 1%, the same cloze accuracy up to one item."""
+    pytest.importorskip("lm_eval", reason="the 'eval' extra is not installed")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from compressor import checks
+
+    dirs, _ = exports
+    path = dirs["perlayer"]
+    tasks = tmp_path / "tasks"
+    checks.write_tasks(tasks, checks.heldout_text())
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    ref = checks.lm_eval_scores(model, AutoTokenizer.from_pretrained(path), tasks)
+    p = run_python(LMEVAL_SCRIPT, str(path), str(tasks), env={"VLLM_CPU_KVCACHE_SPACE": "1"})
+    assert p.returncode == 0, p.stderr[-4000:]
+    got = json.loads(next(line for line in p.stdout.splitlines() if line.startswith("RESULT "))[len("RESULT "):])
+    print(f"lm-eval HF: {ref.as_dict()}; vLLM: {got}")
+    assert abs(got["word_perplexity"] / ref.word_perplexity - 1) < 0.01
+    assert got["cloze_n"] == ref.cloze_n
+    assert abs(got["cloze_acc"] - ref.cloze_acc) <= 1 / ref.cloze_n + 1e-9
