@@ -42,12 +42,11 @@ def main() -> None:
                     "concurrency (slow on 2 cores); default: TTFT and TPOT at batch 1")
     args = ap.parse_args()
 
-    from compressor.checks import measure
+    from compressor.checks import measure, open_runtime
     from compressor.models import embedded_model_dir
     from compressor.planner import calibrate, measure_batch1, measurement_runtime, read_config
     from profiles import load_profile
     from profiles.costmodel import Arch, CostModel
-    from runtimes.base import load_runtime
 
     profile = load_profile(args.profile)
     runtime = args.runtime or measurement_runtime(profile)[0]
@@ -77,7 +76,7 @@ def main() -> None:
             if args.throughput:
                 m = measure(path, profile, runtime, runs=args.runs)
             else:
-                with load_runtime(runtime, path, dtype=profile.dtype, threads=threads) as rt:
+                with open_runtime(runtime, path, profile.dtype, threads) as rt:
                     m = measure_batch1(rt, w.prompt_tokens, w.output_tokens, args.runs).as_dict()
             rows.append({"model": name, "params": arch.total_params, "decoder_params": arch.decoder_params,
                          "tpot_predicted_ms": pred.tpot_s * 1e3, "tpot_measured_ms": m["tpot_s"] * 1e3,

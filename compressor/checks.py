@@ -13,10 +13,12 @@ built from the builtin held-out text (no hub): `fitprune_heldout` (rolling word 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,14 +30,44 @@ from .errors import UserError
 # ---- latency ------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def open_runtime(runtime: str, path: Path, dtype: str, threads: int | None):
+    """`runtimes.base.load_runtime` on a Hugging Face directory. ONNX Runtime serves an ONNX export,
+    so for it the directory is first exported (`exporters.onnx`, KV cache) into a temporary folder."""
+    from runtimes.base import load_runtime
+
+    path = Path(path)
+    if runtime != "onnxruntime" or not (path / "config.json").is_file() or any(path.glob("*.onnx")):
+        with load_runtime(runtime, path, dtype=dtype, threads=threads) as rt:
+            yield rt
+        return
+    import tempfile
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import exporters.hf_arch  # noqa: F401  (registers model_type "fitprune")
+    from exporters.onnx import export_onnx
+
+    tmp = Path(tempfile.mkdtemp(prefix="fitprune-onnx-"))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype))
+        export_onnx(model, AutoTokenizer.from_pretrained(str(path)), tmp, dtype, optimize=False)
+        del model
+        with load_runtime(runtime, tmp, dtype=dtype, threads=threads) as rt:
+            yield rt
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def measure(path: Path, profile: Profile, runtime: str, runs: int = 3) -> dict:
     """TTFT / TPOT / throughput of the export at `path` for the profile's workload, measured."""
-    from runtimes.base import RuntimeUnavailable, load_runtime
+    from runtimes.base import RuntimeUnavailable
 
     w = profile.workload
     threads = profile.device.threads if profile.device.kind == "cpu" else None
     try:
-        with load_runtime(runtime, path, dtype=profile.dtype, threads=threads) as rt:
+        with open_runtime(runtime, path, profile.dtype, threads) as rt:
             m = rt.measure(prompt_tokens=w.prompt_tokens, output_tokens=w.output_tokens,
                            concurrency=w.concurrency, runs=runs, warmup=1)
     except RuntimeUnavailable as exc:
@@ -272,6 +304,23 @@ def heldout_text() -> str:
 
     text = builtin_text()
     return text[int(len(text) * 0.8):]
+
+
+def task_scores_vllm(export_dir: Path, task_dir: Path, say=print) -> dict:
+    """lm-eval scores of the export as vLLM serves it (float32), or why they were skipped."""
+    try:
+        s = lm_eval_scores_vllm(export_dir, task_dir, dtype="float32")
+    except ImportError as exc:
+        say(f"lm-eval on vLLM skipped: vLLM is not installed ({exc}).")
+        return {"skipped": f"vLLM is not installed ({exc})"}
+    except UserError as exc:
+        say(f"lm-eval on vLLM skipped: {exc}")
+        return {"skipped": str(exc)}
+    say(f"lm-eval on the export in vLLM: word perplexity {s.word_perplexity:.3f}, cloze accuracy "
+        f"{s.cloze_acc:.3f} ({s.cloze_n} items)")
+    from runtimes.base import cpu_device
+
+    return {**s.as_dict(), "kind": "measured", "backend": "lm_eval vLLM backend on the export", "device": cpu_device()}
 
 
 def task_scores(model, tokenizer, task_dir: Path, device: str, say=print) -> dict:

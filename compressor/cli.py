@@ -75,19 +75,22 @@ def run_cmd(
     threads: int = typer.Option(None, help="torch CPU threads (default: torch's choice)."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's own Python code to run (off by default)."),
     checks: bool = typer.Option(True, "--checks/--no-checks", help="After export: measure latency in the profile's runtime, run the lm-eval tasks, judge the budget, write report.md and report.png."),
+    lm_eval_backend: str = typer.Option("hf", "--lm-eval-backend", help="hf: lm-eval tasks on the in-memory model; vllm: also on the export as vLLM serves it (report: accuracy.lm_eval.pruned_vllm)."),
     search: bool = typer.Option(False, "--search", help="Bayesian search (Optuna) over the metric mixture, calibration subset and compensation, on validation text; overrides --metric/--compensation."),
     trials: int = typer.Option(20, "--trials", help="Trial budget for --search."),
 ):
     from .output import signals_as_errors
     from .pipeline import Options, run
 
+    if lm_eval_backend not in ("hf", "vllm"):
+        raise UserError(f"Unknown --lm-eval-backend '{lm_eval_backend}' (use hf or vllm).")
     if export_dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise UserError(f"Unknown --export-dtype '{export_dtype}' (use auto, float32, bfloat16 or float16).")
     opts = Options(model=model, profile=profile, ratio=ratio, metric=metric, compensation=compensation,
                    structure=structure, attn_unit=attn_unit, round_to=round_to, calib=calib, nsamples=nsamples,
                    seqlen=seqlen, batch_size=batch_size, device=device, seed=seed, out=out,
                    export_dtype=export_dtype, threads=threads, trust_remote_code=trust_remote_code, checks=checks,
-                   search=search, trials=trials)
+                   lm_eval_backend=lm_eval_backend, search=search, trials=trials)
     with signals_as_errors():
         report = run(opts, console=err)
     print_report(report)

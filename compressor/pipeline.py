@@ -48,6 +48,7 @@ class Options:
     search: bool = False
     trials: int = 20
     checks: bool = True  # after export: latency in the profile's runtime, lm-eval tasks, budget verdict
+    lm_eval_backend: str = "hf"  # "vllm": also run the lm-eval tasks on the export as vLLM serves it
 
 
 @dataclass
@@ -391,7 +392,6 @@ def run(opts: Options, console=None) -> dict:
     if opts.checks:
         with stages.timed("lm_eval"):
             tasks_pruned = checks.task_scores(model, tok, task_dir, opts.device, say=console.print)
-        shutil.rmtree(task_dir, ignore_errors=True)
 
     report = {
         "schema": REPORT_SCHEMA,
@@ -435,8 +435,12 @@ def run(opts: Options, console=None) -> dict:
         if opts.checks:
             from .report import finish
 
-            with stages.timed("checks"):
-                finish(report, tmp, profile, plan, prep, tasks_dense, tasks_pruned, say=console.print)
+            try:
+                with stages.timed("checks"):
+                    finish(report, tmp, profile, plan, prep, tasks_dense, tasks_pruned, say=console.print,
+                           task_dir=task_dir if opts.lm_eval_backend == "vllm" else None)
+            finally:
+                shutil.rmtree(task_dir, ignore_errors=True)
         report["seconds"] = stages.seconds
         report["peak_rss_mib_total"] = round(peak_rss_mib(), 1)
         (tmp / "report.json").write_text(json.dumps(report, indent=2))

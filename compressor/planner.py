@@ -275,7 +275,7 @@ def calibrate(profile: Profile, config: dict, tokenizer_dir: Path, runtime: str,
     """Measure the dense architecture and its skeleton (random weights, the profile's dtype and
     workload) in `runtime`; fit decode = overhead + bytes / bandwidth and prefill = overhead +
     FLOPs / compute to the two points. The weights' values do not change the time."""
-    from runtimes.base import load_runtime
+    from .checks import open_runtime
 
     dense = arch_of(config)
     skel = skeleton(dense, profile.round_to)
@@ -290,7 +290,7 @@ def calibrate(profile: Profile, config: dict, tokenizer_dir: Path, runtime: str,
             _write_random_model(config, arch, tokenizer_dir, profile.dtype, path)
             say(f"calibrating: measuring the {name} architecture in {runtime} "
                 f"({w.prompt_tokens} prompt + {w.output_tokens} output tokens, batch 1)")
-            with load_runtime(runtime, path, dtype=profile.dtype, threads=threads) as rt:
+            with open_runtime(runtime, path, profile.dtype, threads) as rt:
                 meas[name] = measure_batch1(rt, w.prompt_tokens, w.output_tokens, runs)
             shutil.rmtree(path, ignore_errors=True)
     finally:

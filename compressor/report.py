@@ -90,6 +90,10 @@ def markdown(r: dict) -> str:
                   f"{q['word_perplexity']:.3f} | {le['device']} |",
                   f"| lm-eval `fitprune_cloze` acc ({q['cloze_n']} items, chance 0.25) | {d['cloze_acc']:.3f} | "
                   f"{q['cloze_acc']:.3f} | {le['device']} |"]
+        v = le.get("pruned_vllm") or {}
+        if "word_perplexity" in v:
+            lines += [f"| the same tasks on the export in vLLM: word perplexity / cloze acc | | "
+                      f"{v['word_perplexity']:.3f} / {v['cloze_acc']:.3f} | {v['device']} |"]
     elif le and le.get("skipped"):
         lines += ["", f"lm-eval tasks skipped: {le['skipped']}"]
     lines.append("")
@@ -291,9 +295,11 @@ def gate(report: dict, baseline: dict, max_latency_regression: float = 0.05, max
 
 
 def finish(report: dict, export_dir: Path, profile, plan, prep, tasks_dense: dict, tasks_pruned: dict,
-           say=print) -> None:
+           say=print, task_dir: Path | None = None) -> None:
     """After export: measure latency, gather accuracy, judge every budget line, draw the plot.
-    Fills report['latency'], ['accuracy'], ['budget'] and writes report.png beside the weights."""
+    Fills report['latency'], ['accuracy'], ['budget'] and writes report.png beside the weights.
+    With `task_dir` the lm-eval tasks also run on the export through lm-eval's vLLM backend
+    (accuracy.lm_eval.pruned_vllm: the weights as vLLM serves them)."""
     from profiles.costmodel import Arch
 
     from . import checks
@@ -308,6 +314,8 @@ def finish(report: dict, export_dir: Path, profile, plan, prep, tasks_dense: dic
           "text": "builtin held-out region"}
     if tasks_pruned.get("skipped"):
         le = {"skipped": tasks_pruned["skipped"]}
+    elif task_dir is not None:
+        le["pruned_vllm"] = checks.task_scores_vllm(export_dir, task_dir, say=say)
     report["latency"] = lat
     report["accuracy"] = {"lm_eval": le, "max_ppl_increase": profile.accuracy.max_ppl_increase,
                           "min_task_accuracy": profile.accuracy.min_task_accuracy}

@@ -81,3 +81,17 @@ def test_benchmark_prompts_have_the_length_asked_for(rt):
 def test_bad_dtype_is_one_clear_error(tiny_model_dir):
     with pytest.raises(ValueError, match="Unsupported dtype 'int3'"):
         TorchRuntime(tiny_model_dir, dtype="int3")
+
+
+def test_open_runtime_serves_a_hf_directory_in_onnxruntime(rt, tiny_model_dir):
+    """Planner calibration and checks hand Hugging Face directories to the runtime of a profile; for
+    ONNX Runtime `open_runtime` exports them first, and the greedy tokens are the torch runtime's."""
+    pytest.importorskip("onnxruntime", reason="the 'onnx' extra is not installed")
+    from compressor.checks import open_runtime
+
+    prompts = [[5, 17, 99, 3], [42, 8]]
+    want = [g.token_ids for g in rt.generate(prompts, 6, ignore_eos=True)]
+    with open_runtime("onnxruntime", tiny_model_dir, "float32", 1) as ort_rt:
+        assert ort_rt.name == "onnxruntime"
+        got = [g.token_ids for g in ort_rt.generate(prompts, 6, ignore_eos=True)]
+    assert got == want

@@ -240,3 +240,29 @@ def test_lm_eval_vllm_backend_agrees_with_the_hf_backend(exports, tmp_path):
     assert abs(got["word_perplexity"] / ref.word_perplexity - 1) < 0.01
     assert got["cloze_n"] == ref.cloze_n
     assert abs(got["cloze_acc"] - ref.cloze_acc) <= 1 / ref.cloze_n + 1e-9
+
+
+def test_main_command_runs_lm_eval_on_the_export_in_vllm(tmp_path, smollm2_dir):
+    """`--lm-eval-backend vllm`: the report holds the tasks measured on the export as vLLM serves it,
+    next to the in-process HF figures for the same weights, and they agree."""
+    pytest.importorskip("lm_eval", reason="the 'eval' extra is not installed")
+    import yaml
+
+    from profiles import load_profile
+    from tests.conftest import run_cli
+
+    prof = load_profile("cpu-2core").model_dump(exclude={"efficiency"})
+    prof.update(name="cpu-torch", runtime="torch", dtype="float32")
+    prof["workload"].update(prompt_tokens=32, output_tokens=8, concurrency=2)
+    path = tmp_path / "cpu-torch.yaml"
+    path.write_text(yaml.safe_dump(prof))
+    out = tmp_path / "o"
+    p = run_cli(str(smollm2_dir), "--profile", str(path), "--ratio", "0.2", "--nsamples", "8", "--seqlen", "128",
+                "--threads", "2", "--lm-eval-backend", "vllm", "--out", str(out))
+    assert p.returncode == 0, p.stderr[-3000:]
+    le = json.loads((out / "report.json").read_text())["accuracy"]["lm_eval"]
+    hf, served = le["pruned"], le["pruned_vllm"]
+    assert served["kind"] == "measured" and "vLLM" in served["backend"]
+    assert abs(served["word_perplexity"] / hf["word_perplexity"] - 1) < 0.01
+    assert abs(served["cloze_acc"] - hf["cloze_acc"]) <= 1 / hf["cloze_n"] + 1e-9
+    assert "on the export in vLLM" in (out / "report.md").read_text()
