@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from compressor import metrics
+from compressor import compensation, metrics
 from compressor.pipeline import Options, PruneSpec, collect_stats, count_params, prepare, prune
 from runtimes.accuracy import perplexity
 
@@ -41,9 +41,13 @@ def main() -> None:
     ap.add_argument("--no-greedy", action="store_true")
     ap.add_argument("--other-structure", default=",".join(OTHER_STRUCTURE_DEFAULT),
                     help="metric:compensation pairs to also run with the structure that is not the metric's default")
+    ap.add_argument("--ridge", type=float, default=None,
+                    help=f"least-squares ridge of the lsq compensations (default {compensation.RIDGE})")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=None, help="also write the rows to this file")
     args = ap.parse_args()
+    if args.ridge is not None:
+        compensation.RIDGE = args.ridge
     if args.threads:
         torch.set_num_threads(args.threads)
     ratios = [float(r) for r in args.ratios.split(",")]

@@ -43,16 +43,14 @@ def open_runtime(runtime: str, path: Path, dtype: str, threads: int | None):
         return
     import tempfile
 
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    import exporters.hf_arch  # noqa: F401  (registers model_type "fitprune")
     from exporters.onnx import export_onnx
+
+    from .cli_onnx import load_model_dir
 
     tmp = Path(tempfile.mkdtemp(prefix="fitprune-onnx-"))
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype))
-        export_onnx(model, AutoTokenizer.from_pretrained(str(path)), tmp, dtype, optimize=False)
+        model, tokenizer = load_model_dir(path, dtype)
+        export_onnx(model, tokenizer, tmp, dtype, optimize=False)
         del model
         with load_runtime(runtime, tmp, dtype=dtype, threads=threads) as rt:
             yield rt
@@ -306,32 +304,31 @@ def heldout_text() -> str:
     return text[int(len(text) * 0.8):]
 
 
+def _scores_or_skip(score, label: str, say) -> dict:
+    """Run `score()` (-> TaskScores); a UserError (lm-eval or the runtime missing) becomes a skip."""
+    try:
+        s = score()
+    except UserError as exc:
+        say(f"{label} skipped: {exc}")
+        return {"skipped": str(exc)}
+    say(f"{label}: word perplexity {s.word_perplexity:.3f}, cloze accuracy {s.cloze_acc:.3f} ({s.cloze_n} items)")
+    return {**s.as_dict(), "kind": "measured"}
+
+
 def task_scores_vllm(export_dir: Path, task_dir: Path, say=print) -> dict:
     """lm-eval scores of the export as vLLM serves it (float32), or why they were skipped."""
-    try:
-        s = lm_eval_scores_vllm(export_dir, task_dir, dtype="float32")
-    except ImportError as exc:
-        say(f"lm-eval on vLLM skipped: vLLM is not installed ({exc}).")
-        return {"skipped": f"vLLM is not installed ({exc})"}
-    except UserError as exc:
-        say(f"lm-eval on vLLM skipped: {exc}")
-        return {"skipped": str(exc)}
-    say(f"lm-eval on the export in vLLM: word perplexity {s.word_perplexity:.3f}, cloze accuracy "
-        f"{s.cloze_acc:.3f} ({s.cloze_n} items)")
     from runtimes.base import cpu_device
 
-    return {**s.as_dict(), "kind": "measured", "backend": "lm_eval vLLM backend on the export", "device": cpu_device()}
+    res = _scores_or_skip(lambda: lm_eval_scores_vllm(export_dir, task_dir, dtype="float32"),
+                          "lm-eval on the export in vLLM", say)
+    return res if "skipped" in res else {**res, "backend": "lm_eval vLLM backend on the export",
+                                         "device": cpu_device()}
 
 
 def task_scores(model, tokenizer, task_dir: Path, device: str, say=print) -> dict:
     """lm-eval scores of `model` (in memory) on the local tasks, or why they were skipped."""
-    try:
-        s = lm_eval_scores(model, tokenizer, task_dir)
-    except UserError as exc:
-        say(f"lm-eval skipped: {exc}")
-        return {"skipped": str(exc)}
-    say(f"lm-eval: word perplexity {s.word_perplexity:.3f}, cloze accuracy {s.cloze_acc:.3f} ({s.cloze_n} items)")
-    return {**s.as_dict(), "kind": "measured", "device": device}
+    res = _scores_or_skip(lambda: lm_eval_scores(model, tokenizer, task_dir), "lm-eval", say)
+    return res if "skipped" in res else {**res, "device": device}
 
 
 def latency(export_dir: Path, profile: Profile, plan, dense_arch: Arch, pruned_arch: Arch, dense_dir: Path | None,

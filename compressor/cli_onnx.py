@@ -22,7 +22,9 @@ out_console = Console()
 VERIFY_TOLERANCE = {"float32": 1e-3, "float16": 0.1}  # max |logit difference| on the check sequence
 
 
-def _load(model_dir: Path, dtype_name: str):
+def load_model_dir(model_dir: Path, dtype_name: str):
+    """A Hugging Face directory (fitprune's per-layer format included) as (model, tokenizer or None);
+    a missing or unloadable directory is a UserError."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -99,7 +101,7 @@ def export_onnx_cmd(
     check_out_dir(out.absolute())  # fail before the slow load
     with signals_as_errors():
         with err.status(f"loading {model_dir}"):
-            model, tokenizer = _load(model_dir, dtype)
+            model, tokenizer = load_model_dir(model_dir, dtype)
         with atomic_dir(out) as tmp:
             with err.status(f"exporting to ONNX ({dtype}, KV cache)"):
                 try:

@@ -77,16 +77,17 @@ def bias_compensation(adapter: Adapter, layer: nn.Module, keep: LayerKeep, stats
     return Fix(o_bias=o[:, rm_attn] @ mean_a[rm_attn], down_bias=down[:, rm_mlp] @ mean_m[rm_mlp])
 
 
-# relative to the mean diagonal of the kept channels' Gram matrix. Measured on SmolLM2 (flap, 20%/30%):
-# 0.1 and 0.01 tie at 32 x 512 calibration tokens (held-out ppl 15.57 / 15.58), but with 8 x 128 tokens
-# (fewer than down_proj's 1536 inputs) 0.01 over-fits (53.8, worse than bias-only 47.4) and 0.1 does not (36.9).
+# relative to the mean diagonal of the kept channels' Gram matrix. Chosen on SmolLM2 (flap, 30%) with
+#   python benchmarks/quality.py --nsamples 8 --seqlen 128 --ratios 0.3 --metrics flap \
+#       --compensations bias,lsq+bias --no-greedy --other-structure "" --ridge R
+# with 8 x 128 tokens (fewer than down_proj's 1536 inputs) 0.01 over-fits (held-out ppl 53.8, bias alone 47.4)
+# and 0.1 does not (36.9); at 32 x 512 tokens the two tie (15.58 / 15.57 at 20%).
 RIDGE = 1e-1
 
 
 def least_squares(w: torch.Tensor, gram: torch.Tensor, mean: torch.Tensor, n: int, kept: torch.Tensor,
-                  intercept: bool, ridge: float = RIDGE, cross: torch.Tensor | None = None,
-                  ref_sum: torch.Tensor | None = None, shrink_to_kept: bool = True
-                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                  intercept: bool, ridge: float | None = None, cross: torch.Tensor | None = None,
+                  ref_sum: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Re-fit the second layer on the kept inputs: argmin ||W R - W' X_K - b||^2 + lam ||W' - P||^2.
 
     X is d x n (tokens as columns); R is the input the target is computed from: X itself (then
@@ -95,8 +96,8 @@ def least_squares(w: torch.Tensor, gram: torch.Tensor, mean: torch.Tensor, n: in
     earlier pruned layers left in X). With an intercept the normal equations use the augmented Gram
     [[G, n mu], [n mu^T, n]]; the intercept is not penalised. Solved in float64.
 
-    The ridge term (lam relative to the mean kept diagonal of G) pulls W' towards P = W[:, K], the
-    kept columns as they are (`shrink_to_kept`; else towards zero). With few calibration tokens
+    The ridge term (lam = `ridge`, default RIDGE, relative to the mean kept diagonal of G) pulls W'
+    towards P = W[:, K], the kept columns as they are, not towards zero. With few calibration tokens
     (fewer than channels, where the Gram matrix is singular) the fit then stays at the original
     weights plus the intercept -- FLAP's bias compensation -- instead of over-fitting; with many it
     is the plain least-squares solution. Returns (W', b or None).
@@ -105,11 +106,9 @@ def least_squares(w: torch.Tensor, gram: torch.Tensor, mean: torch.Tensor, n: in
     g = gram.double()
     k = kept
     a = g[k][:, k]
-    lam = ridge * float(a.diagonal().mean().clamp_min(1e-12))
+    lam = (RIDGE if ridge is None else ridge) * float(a.diagonal().mean().clamp_min(1e-12))
     cross = g if cross is None else cross.double()
-    rhs = w @ cross[:, k]  # W R X_K^T
-    if shrink_to_kept:
-        rhs = rhs + lam * w[:, k]
+    rhs = w @ cross[:, k] + lam * w[:, k]  # W R X_K^T + lam P
     penalty = torch.full((len(k),), lam, dtype=a.dtype)
     if intercept:
         s = n * mean.double()
