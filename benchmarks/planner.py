@@ -25,9 +25,10 @@ from pathlib import Path
 
 def prune_quick(ratio: float, out: Path) -> None:
     """A real FLAP export at `ratio` with a short calibration (the widths are what matters here)."""
-    from compressor.pipeline import Options, run
+    from compressor.config import RunConfig
+    from compressor.pipeline import run
 
-    run(Options(ratio=ratio, nsamples=8, seqlen=128, eval_samples=4, out=out, checks=False))
+    run(RunConfig(ratio=ratio, nsamples=8, seqlen=128, eval_samples=4, out=out, checks=False))
 
 
 def main() -> None:
@@ -42,9 +43,10 @@ def main() -> None:
                     "concurrency (slow on 2 cores); default: TTFT and TPOT at batch 1")
     args = ap.parse_args()
 
-    from compressor.checks import measure, open_runtime
-    from compressor.models import embedded_model_dir
-    from compressor.planner import calibrate, measure_batch1, measurement_runtime, read_config
+    from compressor.budget.device import measure_batch1, measurement_runtime, open_runtime
+    from compressor.budget.fitting import fit_cost_model as calibrate
+    from compressor.evaluate.latency import measure
+    from compressor.model.loading import embedded_model_dir, read_config
     from profiles import load_profile
     from profiles.costmodel import Arch, CostModel
 

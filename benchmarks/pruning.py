@@ -21,28 +21,30 @@ import time
 def single(args) -> dict:
     import torch
 
-    from compressor import allocation, compensation, metrics
-    from compressor.pipeline import Options, collect_stats, count_params, prepare, prune_model, score
+    from compressor.config import RunConfig
+    from compressor.pipeline import prepare
+    from compressor.prune import COMPENSATION, IMPORTANCE, allocation
+    from compressor.prune.driver import collect_stats, prune_model, score
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    opts = Options(nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size, device=args.device)
-    prep, _ = prepare(opts)
+    opts = RunConfig(nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size, device=args.device)
+    prep = prepare(opts)
     model, adapter = prep.loaded.model, prep.adapter
-    metric = metrics.get(args.metric)
-    before = count_params(model)["decoder"]
+    metric = IMPORTANCE.get(args.metric)
+    before = adapter.count_params(model)["decoder"]
     t0 = time.perf_counter()
-    stats, mem = collect_stats(model, adapter, prep.calib, opts)
+    stats, mem = collect_stats(model, adapter, prep.calib, opts.compute)
     t1 = time.perf_counter()
     scored = score(model, adapter, stats, metric)
     keeps = allocation.allocate(scored.scores, args.ratio, args.structure, "auto", 64, standardized=metric.standardize)
-    prune_model(model, adapter, keeps, scored, compensation.get(args.compensation))
+    prune_model(model, adapter, keeps, scored, COMPENSATION.get(args.compensation))
     t2 = time.perf_counter()
     return {
         "batch_size": args.batch_size, "tokens": prep.calib.numel(), "calibration_s": round(t1 - t0, 1),
         "score_allocate_prune_s": round(t2 - t1, 2), "pruning_step_s": round(t2 - t0, 1),
         "peak_rss_mib": mem["peak_rss_mib"], "threads": torch.get_num_threads(),
-        "removed": round(1 - count_params(model)["decoder"] / before, 4),
+        "removed": round(1 - adapter.count_params(model)["decoder"] / before, 4),
     }
 
 

@@ -20,9 +20,12 @@ import time
 
 import torch
 
-from compressor import compensation, metrics
-from compressor.pipeline import Options, PruneSpec, collect_stats, count_params, prepare, prune
-from runtimes.accuracy import perplexity
+from compressor.config import RunConfig
+from compressor.evaluate.perplexity import perplexity
+from compressor.pipeline import prepare
+from compressor.prune import IMPORTANCE
+from compressor.prune import compensation as compensation_module
+from compressor.prune.driver import PruneSpec, collect_stats, prune
 
 OTHER_STRUCTURE_DEFAULT = ["flap:bias", "flap:lsq+bias", "wanda-sp:bias", "magnitude:none"]
 GREEDY_DEFAULT = ["flap:lsq+bias", "output-approx:lsq+bias", "output-approx:bias", "mi:lsq+bias"]
@@ -34,7 +37,7 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--eval-windows", type=int, default=16)
     ap.add_argument("--ratios", default="0.2,0.5")
-    ap.add_argument("--metrics", default=",".join(sorted(metrics.METRICS)))
+    ap.add_argument("--metrics", default=",".join(IMPORTANCE.names()))
     ap.add_argument("--compensations", default="none,bias,lsq,lsq+bias")
     ap.add_argument("--greedy", default=",".join(GREEDY_DEFAULT),
                     help="metric:compensation pairs to also run greedily (two-pass)")
@@ -42,20 +45,20 @@ def main() -> None:
     ap.add_argument("--other-structure", default=",".join(OTHER_STRUCTURE_DEFAULT),
                     help="metric:compensation pairs to also run with the structure that is not the metric's default")
     ap.add_argument("--ridge", type=float, default=None,
-                    help=f"least-squares ridge of the lsq compensations (default {compensation.RIDGE})")
+                    help=f"least-squares ridge of the lsq compensations (default {compensation_module.RIDGE})")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=None, help="also write the rows to this file")
     args = ap.parse_args()
     if args.ridge is not None:
-        compensation.RIDGE = args.ridge
+        compensation_module.RIDGE = args.ridge
     if args.threads:
         torch.set_num_threads(args.threads)
     ratios = [float(r) for r in args.ratios.split(",")]
     names = args.metrics.split(",")
     comps = args.compensations.split(",")
 
-    opts = Options(nsamples=args.nsamples, seqlen=args.seqlen, eval_samples=args.eval_windows)
-    prep, _ = prepare(opts)
+    opts = RunConfig(nsamples=args.nsamples, seqlen=args.seqlen, eval_samples=args.eval_windows)
+    prep = prepare(opts)
     model, adapter = prep.loaded.model, prep.adapter
     t0 = time.perf_counter()
     dense_ppl = perplexity(model, prep.heldout)
@@ -63,12 +66,12 @@ def main() -> None:
     print(f"dense held-out perplexity {dense_ppl:.3f} ({prep.heldout.numel()} tokens, {eval_s:.0f} s)", flush=True)
 
     t0 = time.perf_counter()
-    sample_rows = max(metrics.get(n).sample_rows for n in names)
-    stats, mem = collect_stats(model, adapter, prep.calib, opts, gram=True, sample_rows=sample_rows)
+    sample_rows = max(IMPORTANCE.get(n).sample_rows for n in names)
+    stats, mem = collect_stats(model, adapter, prep.calib, opts.compute, gram=True, sample_rows=sample_rows)
     stats_s = time.perf_counter() - t0
     extras_by_fn, extras_s = {}, 0.0
     for n in names:
-        m = metrics.get(n)
+        m = IMPORTANCE.get(n)
         if m.precompute is not None and m.precompute not in extras_by_fn:
             t0 = time.perf_counter()
             extras_by_fn[m.precompute] = m.precompute(model, adapter, prep.calib[:8])
@@ -79,16 +82,16 @@ def main() -> None:
     rows = []
 
     def run(name: str, comp: str, ratio: float, greedy: bool, structure: str = "auto") -> None:
-        m = metrics.get(name)
+        m = IMPORTANCE.get(name)
         pruned = copy.deepcopy(model)
         spec = PruneSpec(metric=name, compensation=comp, structure=structure, ratio=ratio, round_to=64, greedy=greedy)
         extras = extras_by_fn.get(m.precompute)
         t = time.perf_counter()
-        res = prune(pruned, adapter, prep.calib, spec, opts, extras=extras,
+        res = prune(pruned, adapter, prep.calib, spec, opts.compute, extras=extras,
                     dense_stats=None if greedy else [copy.copy(s) for s in stats])
         prune_s = time.perf_counter() - t
         ppl = perplexity(pruned, prep.heldout)
-        removed = 1 - count_params(pruned)["decoder"] / count_params(model)["decoder"]
+        removed = 1 - adapter.count_params(pruned)["decoder"] / adapter.count_params(model)["decoder"]
         row = {"metric": name, "compensation": comp, "ratio": ratio, "mode": "greedy" if greedy else "one-pass",
                "structure": res.structure, "removed": round(removed, 4), "ppl": round(ppl, 3),
                "increase": round(ppl - dense_ppl, 3), "prune_s": round(prune_s, 1)}
@@ -105,7 +108,7 @@ def main() -> None:
             name, comp = pair.split(":")
             if name in names:
                 run(name, comp, ratio, greedy=False,
-                    structure="uniform" if metrics.get(name).default_structure == "global" else "global")
+                    structure="uniform" if IMPORTANCE.get(name).default_structure == "global" else "global")
         if not args.no_greedy:
             for pair in args.greedy.split(","):
                 name, comp = pair.split(":")

@@ -56,16 +56,18 @@ def weight_bytes(model) -> tuple[int, int]:
 def build_variants(args, work: Path, say) -> list[Variant]:
     import torch
 
-    from compressor import allocation, compensation, metrics
-    from compressor.pipeline import Options, collect_stats, prepare, prune_model, score
+    from compressor.config import RunConfig
+    from compressor.pipeline import prepare
+    from compressor.prune import COMPENSATION, IMPORTANCE, allocation
+    from compressor.prune.driver import collect_stats, prune_model, score
     from exporters import export_hf
 
     torch.manual_seed(0)
-    opts = Options(model=args.model, nsamples=args.nsamples, seqlen=args.seqlen, eval_samples=4)
-    prep, _ = prepare(opts, say=lambda *a: None)
+    opts = RunConfig(model=args.model, nsamples=args.nsamples, seqlen=args.seqlen, eval_samples=4)
+    prep = prepare(opts)
     say(f"calibrating on {args.nsamples} x {args.seqlen} tokens ...")
-    stats, _ = collect_stats(prep.loaded.model, prep.adapter, prep.calib, opts)
-    metric = metrics.get("flap")
+    stats, _ = collect_stats(prep.loaded.model, prep.adapter, prep.calib, opts.compute)
+    metric = IMPORTANCE.get("flap")
     plans = [("dense", "-", 0.0)] + [(f"{s}-{round(r * 100)}%", s, r) for s in args.structures for r in args.ratios]
     variants = []
     onnx_export = None
@@ -79,7 +81,7 @@ def build_variants(args, work: Path, say) -> list[Variant]:
         if ratio:
             scored = score(model, prep.adapter, stats, metric)
             keeps = allocation.allocate(scored.scores, ratio, structure, "auto", 64, standardized=metric.standardize)
-            prune_model(model, prep.adapter, keeps, scored, compensation.get("bias"))
+            prune_model(model, prep.adapter, keeps, scored, COMPENSATION.get("bias"))
         out = work / name.replace("%", "") / "hf"
         out.mkdir(parents=True, exist_ok=True)
         res = export_hf(model, prep.loaded.tokenizer, out)

@@ -157,10 +157,15 @@ def _record_hash(data: bytes) -> str:
     return "sha256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
 
 
+PLUGIN_COMPRESSOR_FILES = ("compressor/__init__.py", "compressor/errors.py", "compressor/registry.py",
+                           "compressor/model/__init__.py", "compressor/model/adapters.py")
+
+
 def plugin_wheel(dest_dir: Path) -> Path:
     """Write `fitprune-VERSION-py3-none-any.whl` holding the `exporters` package (the vLLM plugin,
-    the transformers architecture it parses configs with) and the `vllm.general_plugins` entry
-    point. It declares no dependencies: the serving image's vLLM brings torch and transformers."""
+    the transformers architecture it parses configs with), the family adapters it reads, and the
+    `vllm.general_plugins` entry point. It declares no dependencies: the serving image's vLLM brings
+    torch and transformers."""
     import exporters
 
     try:
@@ -176,6 +181,10 @@ def plugin_wheel(dest_dir: Path) -> Path:
         if "__pycache__" in f.parts:
             continue
         entries.append((f"exporters/{f.relative_to(pkg).as_posix()}", f.read_bytes()))
+    # the family adapters the plugin asks which tensors a checkpoint must hold (no torch at import)
+    root = pkg.parent
+    for rel in PLUGIN_COMPRESSOR_FILES:
+        entries.append((rel, (root / rel).read_bytes()))
     entries += [
         (f"{dist}/METADATA", f"Metadata-Version: 2.1\nName: fitprune\nVersion: {ver}\n"
                              "Summary: fitprune serving subset: the vLLM plugin for the per-layer format\n".encode()),

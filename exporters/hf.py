@@ -22,6 +22,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from compressor.model import adapter_for, adapter_for_config
+from compressor.model.adapters import Widths
+
 from .hf_arch import MODELING_FILE, FitPruneConfig
 
 SHARD_BYTES = 4 * 2**30
@@ -35,66 +38,19 @@ class ExportResult:
     files: list[str]
 
 
-@dataclass(frozen=True)
-class Widths:
-    heads: list[int]
-    kv_heads: list[int]
-    intermediate: list[int]
-    head_dim: int
-    o_bias: bool  # any layer has an o_proj bias
-    down_bias: bool
-    qkv_bias: bool  # q/k/v carry biases already (Qwen2, or a Llama with attention_bias)
-
-    @property
-    def uniform(self) -> bool:
-        return len(set(self.heads)) == 1 and len(set(self.kv_heads)) == 1 and len(set(self.intermediate)) == 1
-
-
 def read_widths(model: nn.Module) -> Widths:
-    layers = model.model.layers
-    head_dim = layers[0].self_attn.head_dim
-    return Widths(
-        heads=[layer.self_attn.q_proj.out_features // head_dim for layer in layers],
-        kv_heads=[layer.self_attn.k_proj.out_features // head_dim for layer in layers],
-        intermediate=[layer.mlp.gate_proj.out_features for layer in layers],
-        head_dim=head_dim,
-        o_bias=any(layer.self_attn.o_proj.bias is not None for layer in layers),
-        down_bias=any(layer.mlp.down_proj.bias is not None for layer in layers),
-        qkv_bias=any(layer.self_attn.q_proj.bias is not None for layer in layers),
-    )
+    """Every layer's widths and biases, as the model's family adapter reads them."""
+    return adapter_for(model).widths(model)
 
 
 def _native_config(config, w: Widths):
-    """The family's own config for a uniform model, or None when it cannot express it."""
+    """The family's own config for a uniform model (the family adapter decides), or None."""
     from transformers import AutoConfig
 
-    family = config.model_type
-    d = config.to_dict()
-    for key in ("architectures", "auto_map", "quantization_config", "transformers_version", "_name_or_path"):
-        d.pop(key, None)
-    d.update(num_attention_heads=w.heads[0], num_key_value_heads=w.kv_heads[0],
-             intermediate_size=w.intermediate[0], head_dim=w.head_dim)
-    if family == "llama":
-        if w.o_bias or w.qkv_bias:
-            d["attention_bias"] = True
-        if w.down_bias:
-            d["mlp_bias"] = True
-        if d["hidden_size"] % w.heads[0] != 0:
-            if d.get("attention_bias") or d.get("mlp_bias"):
-                return None
-            family = "mistral"
-            d["model_type"] = "mistral"
-            d["sliding_window"] = None
-    elif family == "qwen3":
-        if w.down_bias:
-            return None
-        if w.o_bias:
-            d["attention_bias"] = True
-    elif family in ("qwen2", "mistral"):
-        if w.o_bias or w.down_bias:
-            return None
-    else:
+    native = adapter_for_config(config).native_config(config.to_dict(), w)
+    if native is None:
         return None
+    family, d = native
     d.pop("model_type", None)
     cfg = AutoConfig.for_model(family, **d)
     cfg.architectures = [type(cfg).__name__.replace("Config", "ForCausalLM")]
@@ -112,7 +68,7 @@ def _fitprune_config(config, w: Widths) -> FitPruneConfig:
         layer_num_attention_heads=w.heads, layer_num_key_value_heads=w.kv_heads,
         layer_intermediate_size=w.intermediate,
         attention_bias=w.o_bias or w.qkv_bias, mlp_bias=w.down_bias,
-        qk_norm=config.model_type == "qwen3" or bool(getattr(config, "qk_norm", False)),
+        qk_norm=adapter_for_config(config).has_qk_norm(config.to_dict()),
     )
     cfg = FitPruneConfig(**kw)
     cfg.architectures = ["FitPruneForCausalLM"]
@@ -185,7 +141,7 @@ def export_hf(model: nn.Module, tokenizer, out: Path, dtype: torch.dtype | None 
     w = read_widths(model)
     dtype = dtype or next(model.parameters()).dtype
     cfg = None
-    if w.uniform and force_format != "fitprune":
+    if force_format != "fitprune":
         cfg = _native_config(config, w)
     fmt = "native" if cfg is not None else "fitprune"
     if cfg is None:
@@ -208,5 +164,3 @@ def export_hf(model: nn.Module, tokenizer, out: Path, dtype: torch.dtype | None 
         tokenizer.save_pretrained(out)
     return ExportResult(out, fmt, cfg.architectures[0], files)
 
-
-EXPORTERS = {"hf": export_hf}

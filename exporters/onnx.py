@@ -52,7 +52,17 @@ UNSUPPORTED_DTYPES: dict[str, str] = {
     "bfloat16": "ONNX Runtime's CPU provider has no bfloat16 kernels for this graph's operators "
                 "(Where, MatMul, ...); export float32 or float16 instead",
 }
-SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "fitprune")
+
+
+def onnx_families() -> list[str]:
+    """The model families whose adapter says ONNX export handles them."""
+    from compressor.model import FAMILIES
+
+    return [n for n in FAMILIES.names() if FAMILIES.get(n).onnx]
+
+
+def _onnx_family(model_type: str) -> bool:
+    return model_type in onnx_families()
 
 
 def past_names(num_layers: int) -> list[str]:
@@ -211,8 +221,8 @@ def export_onnx(model: nn.Module, tokenizer, out: Path, dtype: torch.dtype | str
         raise ValueError(f"Unknown ONNX dtype '{dtype_name}' (use {' or '.join(ONNX_DTYPES)}).")
     tdtype = ONNX_DTYPES[dtype_name]
     config = model.config
-    if config.model_type not in SUPPORTED_FAMILIES:
-        raise ValueError(f"ONNX export supports the families {', '.join(SUPPORTED_FAMILIES)}, "
+    if not _onnx_family(config.model_type):
+        raise ValueError(f"ONNX export supports the families {', '.join(onnx_families())}, "
                          f"not '{config.model_type}'.")
     window = _sliding_window(config)
     w = read_widths(model)

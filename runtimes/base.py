@@ -1,9 +1,9 @@
 """One interface for every serving runtime: load an exported directory, generate greedy token ids,
 measure latency and throughput.
 
-A runtime is a subclass of `Runtime` registered under a name with `@register("name")`; the module
-that holds it is listed in `_MODULES` so that `get_runtime("name")` can import it lazily (vLLM
-or onnxruntime are imported only when asked for). Implementations:
+A runtime is a subclass of `Runtime` in a module of its own, listed by name in `RUNTIMES` (the
+project's one lazy registry, `compressor.registry`), so that `get_runtime("name")` imports it only
+when asked for (vLLM or onnxruntime are imported only then). Implementations:
 
 - `torch`       runtimes/torch_runtime.py  (transformers + torch)
 - `vllm`        runtimes/vllm_runtime.py   (vLLM offline engine)
@@ -17,7 +17,6 @@ A subclass implements `__init__` (load), `generate` and `device`; `measure` is s
 
 from __future__ import annotations
 
-import importlib
 import os
 import platform
 import statistics
@@ -28,14 +27,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-# name -> module that registers it on import
-_MODULES: dict[str, str] = {
-    "torch": "runtimes.torch_runtime",
-    "vllm": "runtimes.vllm_runtime",
-    "onnxruntime": "runtimes.onnx_runtime",
-}
+from compressor.registry import Registry
 
-RUNTIMES: dict[str, type[Runtime]] = {}
+RUNTIMES = Registry("runtime", {
+    "torch": "runtimes.torch_runtime:TorchRuntime",
+    "vllm": "runtimes.vllm_runtime:VllmRuntime",
+    "onnxruntime": "runtimes.onnx_runtime:OnnxRuntime",
+})
 
 
 class RuntimeUnavailable(RuntimeError):
@@ -43,9 +41,9 @@ class RuntimeUnavailable(RuntimeError):
 
 
 def register(name: str) -> Callable[[type[Runtime]], type[Runtime]]:
+    """Name a runtime class (its entry in `RUNTIMES` points at it)."""
     def deco(cls: type[Runtime]) -> type[Runtime]:
         cls.name = name
-        RUNTIMES[name] = cls
         return cls
 
     return deco
@@ -54,19 +52,17 @@ def register(name: str) -> Callable[[type[Runtime]], type[Runtime]]:
 def get_runtime(name: str) -> type[Runtime]:
     """The runtime class registered as `name`, importing its module on first use."""
     if name not in RUNTIMES:
-        if name not in _MODULES:
-            raise RuntimeUnavailable(f"Unknown runtime '{name}'; choose one of: {', '.join(_MODULES)}.")
-        try:
-            importlib.import_module(_MODULES[name])
-        except ImportError as exc:
-            raise RuntimeUnavailable(f"The runtime '{name}' cannot be imported here: {exc}.") from exc
-    return RUNTIMES[name]
+        raise RuntimeUnavailable(f"Unknown runtime '{name}'; choose one of: {', '.join(RUNTIMES.names())}.")
+    try:
+        return RUNTIMES.get(name)
+    except ImportError as exc:
+        raise RuntimeUnavailable(f"The runtime '{name}' cannot be imported here: {exc}.") from exc
 
 
 def available_runtimes() -> list[str]:
     """Names of the runtimes whose implementation and package import here."""
     names = []
-    for name in _MODULES:
+    for name in RUNTIMES.names():
         try:
             get_runtime(name).check_available()
         except RuntimeUnavailable:

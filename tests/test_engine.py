@@ -1,7 +1,7 @@
 import torch
 
-from compressor.adapters import adapter_for
-from compressor.engine import LayerwiseEngine, RunningStats
+from compressor.model import adapter_for
+from compressor.prune.engine import LayerwiseEngine, RunningStats
 from tests.conftest import tiny_model
 
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from compressor import compensation, metrics
-from compressor.adapters import adapter_for
-from compressor.allocation import allocate
-from compressor.pipeline import Options, prune_model, score_layers
+from compressor.model import adapter_for
+from compressor.prune import COMPENSATION, IMPORTANCE
+from compressor.prune.allocation import allocate
+from compressor.prune.driver import Compute, prune_model, score_layers
 from exporters import export_hf
 from tests.conftest import run_python, tiny_model
 
@@ -50,9 +50,9 @@ def _pruned(family, structure, comp, ratio=0.35):
     model = tiny_model(family, seed=3)
     adapter = adapter_for(model)
     x = torch.randint(0, 128, (6, 16), generator=torch.Generator().manual_seed(1))
-    scored, _ = score_layers(model, adapter, x, metrics.get("flap"), Options(batch_size=3))
+    scored, _ = score_layers(model, adapter, x, IMPORTANCE.get("flap"), Compute(batch_size=3))
     keeps = allocate(scored.scores, ratio, structure, round_to=8, standardized=structure == "global")
-    prune_model(model, adapter, keeps, scored, compensation.get(comp))
+    prune_model(model, adapter, keeps, scored, COMPENSATION.get(comp))
     return model
 
 
@@ -94,7 +94,7 @@ def test_fresh_process_reload_matches_in_memory_logits(exported, mode, tmp_path)
 def test_llama_head_count_not_dividing_hidden_goes_to_mistral(tmp_path):
     model = tiny_model("llama-mha", num_attention_heads=6, num_key_value_heads=6, head_dim=8)
     adapter = adapter_for(model)
-    from compressor.surgery import LayerKeep, prune_layer
+    from compressor.prune.surgery import LayerKeep, prune_layer
 
     for layer in adapter.layers(model):
         prune_layer(adapter, layer, LayerKeep([0, 1, 2, 3, 4], [0, 1, 2, 3, 4], list(range(64))))

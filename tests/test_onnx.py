@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from compressor import compensation, metrics
-from compressor.adapters import adapter_for
-from compressor.allocation import allocate
-from compressor.pipeline import Options, prune_model, score_layers
+from compressor.model import adapter_for
+from compressor.prune import COMPENSATION, IMPORTANCE
+from compressor.prune.allocation import allocate
+from compressor.prune.driver import Compute, prune_model, score_layers
 from exporters import EXPORTERS, export_hf
 from exporters.hf import read_widths
 from exporters.onnx import MANIFEST_FILE, MODEL_FILE, export_onnx
@@ -47,9 +47,9 @@ def _pruned(family: str, structure: str, comp: str, ratio: float = 0.4, attn_uni
     model = tiny_model(family, seed=3, layers=2)
     adapter = adapter_for(model)
     x = torch.randint(0, 128, (6, 16), generator=torch.Generator().manual_seed(1))
-    scored, _ = score_layers(model, adapter, x, metrics.get("flap"), Options(batch_size=3))
+    scored, _ = score_layers(model, adapter, x, IMPORTANCE.get("flap"), Compute(batch_size=3))
     keeps = allocate(scored.scores, ratio, structure, attn_unit, round_to=8, standardized=structure == "global")
-    prune_model(model, adapter, keeps, scored, compensation.get(comp))
+    prune_model(model, adapter, keeps, scored, COMPENSATION.get(comp))
     return model
 
 
@@ -178,7 +178,7 @@ def test_generation_stops_at_eos(exported):
 
 
 def test_registered_as_exporter_and_runtime():
-    assert EXPORTERS["onnx"] is export_onnx
+    assert EXPORTERS.get("onnx") is export_onnx
     assert get_runtime("onnxruntime") is OnnxRuntime
 
 

@@ -21,7 +21,9 @@ import numpy as np
 import pytest
 import torch
 
-from compressor.pipeline import Options, PruneSpec, collect_stats, prepare, prune
+from compressor.config import RunConfig
+from compressor.pipeline import prepare
+from compressor.prune.driver import PruneSpec, collect_stats, prune
 from exporters import export_hf
 from exporters.onnx import export_onnx
 
@@ -53,9 +55,9 @@ def one_torch_thread():
 @pytest.fixture(scope="module")
 def calibrated(smollm2_dir):
     torch.manual_seed(0)
-    opts = Options(model=str(smollm2_dir), nsamples=16, seqlen=128, eval_samples=2, batch_size=8)
-    prep, _ = prepare(opts)
-    stats, _ = collect_stats(prep.loaded.model, prep.adapter, prep.calib, opts)
+    opts = RunConfig(model=str(smollm2_dir), nsamples=16, seqlen=128, eval_samples=2, batch_size=8)
+    prep = prepare(opts)
+    stats, _ = collect_stats(prep.loaded.model, prep.adapter, prep.calib, opts.compute)
     return prep, stats, opts
 
 
@@ -70,7 +72,7 @@ def served(request, calibrated, tmp_path_factory):
     prep, stats, opts = calibrated
     model = copy.deepcopy(prep.loaded.model)
     spec = PruneSpec(metric="flap", compensation="bias", structure=structure, ratio=0.2, round_to=64)
-    prune(model, prep.adapter, prep.calib, spec, opts, dense_stats=stats)
+    prune(model, prep.adapter, prep.calib, spec, opts.compute, dense_stats=stats)
     root = tmp_path_factory.mktemp(f"smol-{structure}")
     hf_dir, onnx_dir = root / "hf", root / "onnx"
     hf_dir.mkdir()

@@ -8,7 +8,7 @@ import json
 import pytest
 import yaml
 
-from compressor.planner import GRID, InfeasibleBudget, NothingToPrune, arch_at_ratio, make_plan, plan_for_run
+from compressor.budget.planner import GRID, InfeasibleBudget, NothingToPrune, arch_at_ratio, make_plan, plan_for_run
 from profiles import list_profiles, load_profile
 from profiles.costmodel import Arch, CostModel
 from tests.conftest import run_cli
@@ -139,7 +139,7 @@ def test_plan_command_on_an_infeasible_budget_exits_3_with_one_sentence(tmp_path
 def test_main_job_takes_the_plans_ratio(tmp_path, tiny_model_dir):
     """A profile of a device that is not here (no calibration, deterministic predictions) whose TPOT
     budget the dense model misses: the run prunes at the plan's ratio and says so in its report."""
-    from compressor.planner import read_config
+    from compressor.budget.planner import read_config
     from profiles.costmodel import Arch
 
     base = load_profile("a10g-24gb").model_dump(exclude={"efficiency"})

@@ -3,12 +3,13 @@
 import pytest
 import torch
 
-from compressor import allocation, compensation, metrics
-from compressor.adapters import LayerShape, adapter_for
-from compressor.allocation import LayerScores, allocate
-from compressor.engine import LayerStats, RunningStats
-from compressor.pipeline import Options, PruneSpec, prune, prune_model, score_layers
-from compressor.surgery import LayerKeep, prune_layer
+from compressor.model import adapter_for
+from compressor.model.adapters import LayerShape
+from compressor.prune import COMPENSATION, IMPORTANCE, allocation, importance
+from compressor.prune.allocation import LayerScores, allocate
+from compressor.prune.driver import Compute, PruneSpec, prune, prune_model, score_layers
+from compressor.prune.engine import LayerStats, RunningStats
+from compressor.prune.surgery import LayerKeep, prune_layer
 from tests.conftest import tiny_model
 
 
@@ -16,14 +17,14 @@ def _samples(n=6, L=16, vocab=128, seed=0):
     return torch.randint(0, vocab, (n, L), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("name", sorted(metrics.METRICS))
+@pytest.mark.parametrize("name", IMPORTANCE.names())
 def test_every_metric_scores_every_channel(family, name):
     model = tiny_model(family)
     adapter = adapter_for(model)
-    m = metrics.get(name)
+    m = IMPORTANCE.get(name)
     x = _samples()
     extras = m.precompute(model, adapter, x) if m.precompute else None
-    scored, _ = score_layers(model, adapter, x, m, Options(batch_size=4), extras=extras)
+    scored, _ = score_layers(model, adapter, x, m, Compute(batch_size=4), extras=extras)
     for ls, layer in zip(scored.scores, adapter.layers(model), strict=True):
         shape = adapter.shape(layer)
         assert ls.attn.shape == (shape.num_heads * shape.head_dim,)
@@ -45,7 +46,7 @@ def test_flap_scores_a_constant_channel_zero():
     x_attn[:, 7] = -1.5
     st.attn.update(x_attn)
     st.mlp.update(x_mlp)
-    s = metrics.get("flap").fn(adapter, layer, st)
+    s = IMPORTANCE.get("flap").fn(adapter, layer, st)
     assert s.mlp[5] == 0 and s.attn[7] == 0
     assert (s.mlp[torch.arange(64) != 5] > 0).all()
 
@@ -58,7 +59,7 @@ def test_flap_score_is_variance_times_column_norm():
     xa, xm = torch.randn(300, 32) * torch.linspace(0.1, 2, 32), torch.randn(300, 64)
     st.attn.update(xa)
     st.mlp.update(xm)
-    s = metrics.get("flap").fn(adapter, layer, st)
+    s = IMPORTANCE.get("flap").fn(adapter, layer, st)
     w = layer.mlp.down_proj.weight.double()
     expect = xm.double().var(0, unbiased=False) * (w**2).sum(0)
     assert torch.allclose(s.mlp, expect, rtol=1e-6)
@@ -163,7 +164,7 @@ def test_bias_compensation_is_exact_for_constant_channels():
     keep = LayerKeep(list(range(4)), list(range(4)), list(range(16, 64)))
     with torch.no_grad():
         ref = mlp.down_proj(x)
-    fix = compensation.get("bias").fn(adapter, layer, keep, st)
+    fix = COMPENSATION.get("bias").fn(adapter, layer, keep, st)
     prune_layer(adapter, layer, keep, o_bias=fix.o_bias, down_bias=fix.down_bias)
     with torch.no_grad():
         got = adapter.mlp(layer).down_proj(x[:, 16:])
@@ -171,17 +172,17 @@ def test_bias_compensation_is_exact_for_constant_channels():
 
 
 @pytest.mark.parametrize("structure", ["global", "uniform"])
-@pytest.mark.parametrize("comp", sorted(compensation.COMPENSATIONS))
+@pytest.mark.parametrize("comp", COMPENSATION.names())
 def test_prune_model_end_to_end_on_tiny_models(family, structure, comp):
     model = tiny_model(family)
     adapter = adapter_for(model)
     before = sum(p.numel() for p in model.model.layers.parameters())
-    scored, _ = score_layers(model, adapter, _samples(), metrics.get("flap"), Options(batch_size=4))
+    scored, _ = score_layers(model, adapter, _samples(), IMPORTANCE.get("flap"), Compute(batch_size=4))
     keeps = allocate(scored.scores, 0.3, structure, round_to=8, standardized=structure == "global")
-    if compensation.get(comp).needs_gram:
-        prune(model, adapter, _samples(), PruneSpec("flap", comp, structure, 0.3, round_to=8), Options(batch_size=4))
+    if COMPENSATION.get(comp).needs_gram:
+        prune(model, adapter, _samples(), PruneSpec("flap", comp, structure, 0.3, round_to=8), Compute(batch_size=4))
     else:
-        prune_model(model, adapter, keeps, scored, compensation.get(comp))
+        prune_model(model, adapter, keeps, scored, COMPENSATION.get(comp))
     after = sum(p.numel() for p in model.model.layers.parameters())
     assert 0.15 < 1 - after / before < 0.45
     with torch.no_grad():
@@ -189,21 +190,21 @@ def test_prune_model_end_to_end_on_tiny_models(family, structure, comp):
     assert out.shape == (1, 9)
 
 
-@pytest.mark.parametrize("name", sorted(metrics.METRICS))
+@pytest.mark.parametrize("name", IMPORTANCE.names())
 @pytest.mark.parametrize("structure", ["global", "uniform"])
 def test_every_metric_prunes_end_to_end(name, structure):
     model = tiny_model("llama-gqa")
     adapter = adapter_for(model)
     comp = "fold" if name == "mi" else "lsq+bias"
-    res = prune(model, adapter, _samples(8), PruneSpec(name, comp, structure, 0.3, round_to=8), Options(batch_size=4))
-    assert res.passes == (2 if (structure == "global" and metrics.get(name).sequential) else 1)
+    res = prune(model, adapter, _samples(8), PruneSpec(name, comp, structure, 0.3, round_to=8), Compute(batch_size=4))
+    assert res.passes == (2 if (structure == "global" and IMPORTANCE.get(name).sequential) else 1)
     assert all(len(k.q_heads) % len(k.kv_heads) == 0 for k in res.keeps)
     with torch.no_grad():
         assert torch.isfinite(model(_samples(2, 8)).logits).all()
 
 
 def test_lsq_is_exact_when_kept_channels_span_the_removed_ones():
-    from compressor.compensation import least_squares
+    from compressor.prune.compensation import least_squares
 
     torch.manual_seed(0)
     kept = torch.arange(0, 12)
@@ -227,7 +228,7 @@ def test_lsq_is_exact_when_kept_channels_span_the_removed_ones():
 def test_lsq_with_a_strong_ridge_is_flap_bias_compensation():
     """The ridge pulls the re-fit towards the kept weights as they are, so with little data (a strong
     ridge) least squares + intercept becomes FLAP's bias compensation, not a shrunken, over-fitted W'."""
-    from compressor.compensation import least_squares
+    from compressor.prune.compensation import least_squares
 
     torch.manual_seed(0)
     x = torch.randn(50, 20, dtype=torch.float64) + torch.linspace(-1, 1, 20, dtype=torch.float64)
@@ -243,7 +244,7 @@ def test_lsq_with_a_strong_ridge_is_flap_bias_compensation():
 def test_lsq_towards_dense_undoes_an_affine_input_error():
     """When the dense input R is an affine function of the pruned model's input X, the re-fit towards
     the dense outputs reproduces W R exactly from X."""
-    from compressor.compensation import least_squares
+    from compressor.prune.compensation import least_squares
 
     torch.manual_seed(0)
     x = torch.randn(400, 10, dtype=torch.float64)
@@ -276,7 +277,7 @@ def test_lsq_compensation_beats_bias_on_correlated_channels():
     ref = x @ w.T
     errs = {}
     for name in ("bias", "lsq", "lsq+bias"):
-        fix = compensation.get(name).fn(adapter, layer, keep, st)
+        fix = COMPENSATION.get(name).fn(adapter, layer, keep, st)
         new_w = fix.down_weight if fix.down_weight is not None else w[:, :32].double()
         out = x[:, :32].double() @ new_w.T + (fix.down_bias if fix.down_bias is not None else 0)
         errs[name] = float(((out - ref.double()) ** 2).mean())
@@ -293,14 +294,14 @@ def test_mi_removes_a_duplicated_neuron_first():
     st = LayerStats(RunningStats(32), RunningStats(64, sample_rows=2000))
     st.attn.update(torch.randn(2000, 32))
     st.mlp.update(x)
-    s = metrics.get("mi").fn(adapter, layer, st)
+    s = IMPORTANCE.get("mi").fn(adapter, layer, st)
     order = torch.argsort(s.mlp)
     assert int(order[0]) in (10, 40) and float(s.mlp[order[0]]) < 1e-6
     assert float(s.mlp[50 - int(order[0])]) > 0.01  # its partner is not condemned with it
     # and folding it into the partner reproduces the layer output
     removed = int(order[0])
     keep = LayerKeep(list(range(4)), list(range(4)), [c for c in range(64) if c != removed])
-    fix = compensation.get("fold").fn(adapter, layer, keep, st)
+    fix = COMPENSATION.get("fold").fn(adapter, layer, keep, st)
     w = adapter.mlp(layer).down_proj.weight.detach().double()
     ref = x.double() @ w.T
     out = x[:, keep.channels].double() @ fix.down_weight.T + fix.down_bias
@@ -316,7 +317,7 @@ def test_output_approx_gives_a_silent_head_zero():
     st = LayerStats(RunningStats(32, gram=True), RunningStats(64, gram=True))
     st.attn.update(torch.randn(300, 32))
     st.mlp.update(torch.randn(300, 64))
-    s = metrics.get("output-approx").fn(adapter, layer, st)
+    s = IMPORTANCE.get("output-approx").fn(adapter, layer, st)
     heads = s.attn.view(4, 8)[:, 0]
     assert heads[1].abs() < 1e-9 and (heads[[0, 2, 3]] > 0).all()
 
@@ -326,9 +327,9 @@ def test_fusion_leans_on_the_stable_estimate():
     truth = torch.rand(200)
     stable = truth + 0.01 * torch.randn(4, 200)
     noisy = truth + 1.0 * torch.randn(4, 200)
-    fused, w = metrics.fuse(stable, noisy)
+    fused, w = importance.fuse(stable, noisy)
     assert w > 0.9
-    fused2, w2 = metrics.fuse(noisy, stable)
+    fused2, w2 = importance.fuse(noisy, stable)
     assert w2 < 0.1
     assert torch.corrcoef(torch.stack([fused, truth.double()]))[0, 1] > 0.99
 
@@ -344,8 +345,8 @@ def test_obs_gives_a_predictable_channel_a_low_score():
     st = LayerStats(RunningStats(32, gram=True), RunningStats(64, gram=True))
     st.attn.update(torch.randn(3000, 32))
     st.mlp.update(x)
-    s = metrics.get("obs").fn(adapter, layer, st)
-    flap = metrics.get("flap").fn(adapter, layer, st)
+    s = IMPORTANCE.get("obs").fn(adapter, layer, st)
+    flap = IMPORTANCE.get("flap").fn(adapter, layer, st)
     dependent = [3, 7, 20]  # any one of them is predictable from the other two
     others = [c for c in range(64) if c not in dependent]
     assert s.mlp[dependent].max() < s.mlp[others].min()

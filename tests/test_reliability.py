@@ -46,7 +46,7 @@ import os, signal, sys, json
 sig = getattr(signal, sys.argv[1])
 stage = sys.argv[2]
 if stage == "calibration":
-    import compressor.engine as engine
+    import compressor.prune.engine as engine
     real_run = engine.LayerwiseEngine.run
     def run(self, visit):
         def first_layer(i, layer, st):

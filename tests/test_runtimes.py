@@ -33,7 +33,7 @@ def _argmax_loop(model, prompt: list[int], n: int) -> list[int]:
 
 
 def test_registry_names_and_errors():
-    assert get_runtime("torch") is TorchRuntime and RUNTIMES["torch"] is TorchRuntime
+    assert get_runtime("torch") is TorchRuntime and RUNTIMES.get("torch") is TorchRuntime
     assert "torch" in available_runtimes()
     with pytest.raises(RuntimeUnavailable, match="Unknown runtime 'tensorrt'"):
         get_runtime("tensorrt")
@@ -87,7 +87,7 @@ def test_open_runtime_serves_a_hf_directory_in_onnxruntime(rt, tiny_model_dir):
     """Planner calibration and checks hand Hugging Face directories to the runtime of a profile; for
     ONNX Runtime `open_runtime` exports them first, and the greedy tokens are the torch runtime's."""
     pytest.importorskip("onnxruntime", reason="the 'onnx' extra is not installed")
-    from compressor.checks import open_runtime
+    from compressor.budget.device import open_runtime
 
     prompts = [[5, 17, 99, 3], [42, 8]]
     want = [g.token_ids for g in rt.generate(prompts, 6, ignore_eos=True)]

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from compressor.adapters import adapter_for
-from compressor.engine import RunningStats
-from compressor.pipeline import Options
+from compressor.model import adapter_for
+from compressor.prune.driver import Compute
+from compressor.prune.engine import RunningStats
 from tests.conftest import tiny_model
 
 pytest.importorskip("optuna")
@@ -26,7 +26,7 @@ def test_chunk_statistics_merge_exactly():
 
 
 def test_search_runs_trials_and_applies_the_best(tmp_path):
-    from compressor.search import Search
+    from compressor.prune.search import Search
 
     model = tiny_model("llama-gqa", layers=2)
     adapter = adapter_for(model)
@@ -34,7 +34,7 @@ def test_search_runs_trials_and_applies_the_best(tmp_path):
     calib = torch.randint(0, 128, (8, 32), generator=gen)
     val = torch.randint(0, 128, (4, 32), generator=gen)
     lines = []
-    s = Search(model, adapter, calib, Options(batch_size=4), n_chunks=4, say=lines.append)
+    s = Search(model, adapter, calib, Compute(batch_size=4), n_chunks=4, say=lines.append)
     res = s.run(val, ratio=0.3, round_to=8, trials=4, seed=0)
     assert len(res.trials) == 4
     assert res.best.val_ppl == min(t.val_ppl for t in res.trials)

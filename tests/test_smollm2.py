@@ -7,10 +7,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from compressor import allocation, compensation, metrics
-from compressor.pipeline import Options, collect_stats, prepare, prune_model, score
+from compressor.config import RunConfig
+from compressor.evaluate.perplexity import perplexity
+from compressor.pipeline import prepare
+from compressor.prune import COMPENSATION, IMPORTANCE, allocation
+from compressor.prune.driver import collect_stats, prune_model, score
 from exporters import export_hf
-from runtimes.accuracy import perplexity
 from tests.conftest import run_cli, run_python
 from tests.test_export import RELOAD
 
@@ -20,19 +22,19 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]
 @pytest.fixture(scope="module")
 def calibrated(smollm2_dir):
     torch.manual_seed(0)
-    opts = Options(model=str(smollm2_dir), nsamples=32, seqlen=256, eval_samples=16)
-    prep, _ = prepare(opts)
-    stats, _ = collect_stats(prep.loaded.model, prep.adapter, prep.calib, opts)
+    opts = RunConfig(model=str(smollm2_dir), nsamples=32, seqlen=256, eval_samples=16)
+    prep = prepare(opts)
+    stats, _ = collect_stats(prep.loaded.model, prep.adapter, prep.calib, opts.compute)
     return prep, stats
 
 
 def _prune(calibrated, metric, structure, comp, ratio=0.2):
     prep, stats = calibrated
     model = copy.deepcopy(prep.loaded.model)
-    m = metrics.get(metric)
+    m = IMPORTANCE.get(metric)
     scored = score(model, prep.adapter, stats, m)
     keeps = allocation.allocate(scored.scores, ratio, structure, "auto", 64, standardized=m.standardize)
-    prune_model(model, prep.adapter, keeps, scored, compensation.get(comp))
+    prune_model(model, prep.adapter, keeps, scored, COMPENSATION.get(comp))
     return model
 
 

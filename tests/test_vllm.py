@@ -24,8 +24,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from compressor import allocation, compensation, metrics
-from compressor.pipeline import Options, collect_stats, prepare, prune_model, score
+from compressor.config import RunConfig
+from compressor.pipeline import prepare
+from compressor.prune import COMPENSATION, IMPORTANCE, allocation
+from compressor.prune.driver import collect_stats, prune_model, score
 from exporters import export_hf
 from exporters.vllm_plugin import check_checkpoint
 from runtimes.base import Generation
@@ -64,19 +66,19 @@ print("RESULT " + json.dumps(res))
 @pytest.fixture(scope="module")
 def calibrated(smollm2_dir):
     torch.manual_seed(0)
-    opts = Options(model=str(smollm2_dir), nsamples=16, seqlen=128, eval_samples=4)
-    prep, _ = prepare(opts)
-    stats, _ = collect_stats(prep.loaded.model, prep.adapter, prep.calib, opts)
+    opts = RunConfig(model=str(smollm2_dir), nsamples=16, seqlen=128, eval_samples=4)
+    prep = prepare(opts)
+    stats, _ = collect_stats(prep.loaded.model, prep.adapter, prep.calib, opts.compute)
     return prep, stats
 
 
 def _prune(calibrated, structure: str, ratio: float = 0.2):
     prep, stats = calibrated
     model = copy.deepcopy(prep.loaded.model)
-    m = metrics.get("flap")
+    m = IMPORTANCE.get("flap")
     scored = score(model, prep.adapter, stats, m)
     keeps = allocation.allocate(scored.scores, ratio, structure, "auto", 64, standardized=m.standardize)
-    prune_model(model, prep.adapter, keeps, scored, compensation.get("bias"))
+    prune_model(model, prep.adapter, keeps, scored, COMPENSATION.get("bias"))
     return model
 
 
@@ -212,7 +214,7 @@ def test_missing_bias_is_refused_before_vllm_starts(exports, tmp_path):
 LMEVAL_SCRIPT = r"""
 import json, sys
 from pathlib import Path
-from compressor.checks import lm_eval_scores_vllm
+from compressor.evaluate.lm_eval import lm_eval_scores_vllm
 if __name__ == "__main__":
     s = lm_eval_scores_vllm(Path(sys.argv[1]), Path(sys.argv[2]), dtype="float32")
     print("RESULT " + json.dumps(s.as_dict()))
@@ -225,14 +227,16 @@ def test_lm_eval_vllm_backend_agrees_with_the_hf_backend(exports, tmp_path):
     pytest.importorskip("lm_eval", reason="the 'eval' extra is not installed")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from compressor import checks
+    from compressor.data import heldout_text
+    from compressor.evaluate import lm_eval
 
     dirs, _ = exports
     path = dirs["perlayer"]
     tasks = tmp_path / "tasks"
-    checks.write_tasks(tasks, checks.heldout_text())
+    tok = AutoTokenizer.from_pretrained(path)
+    lm_eval.write_tasks(tasks, heldout_text(tok))
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    ref = checks.lm_eval_scores(model, AutoTokenizer.from_pretrained(path), tasks)
+    ref = lm_eval.lm_eval_scores(model, tok, tasks)
     p = run_python(LMEVAL_SCRIPT, str(path), str(tasks), env={"VLLM_CPU_KVCACHE_SPACE": "1"})
     assert p.returncode == 0, p.stderr[-4000:]
     got = json.loads(next(line for line in p.stdout.splitlines() if line.startswith("RESULT "))[len("RESULT "):])

@@ -42,30 +42,10 @@ def _checkpoint_keys(path: Path) -> set[str]:
 
 
 def expected_keys(config: dict) -> set[str]:
-    """Names of the decoder tensors a Llama-family config implies (including every bias a bias
-    switch turns on); Qwen2's q/k/v biases and qk-norm weights are included where they apply."""
-    model_type = config.get("model_type")
-    attn_bias = bool(config.get("attention_bias", False))
-    qkv_bias = attn_bias or model_type == "qwen2"
-    mlp_bias = bool(config.get("mlp_bias", False))
-    qk_norm = model_type == "qwen3" or bool(config.get("qk_norm", False))
-    keys = {"model.embed_tokens.weight", "model.norm.weight"}
-    if not config.get("tie_word_embeddings", False):
-        keys.add("lm_head.weight")
-    for i in range(int(config["num_hidden_layers"])):
-        p = f"model.layers.{i}"
-        keys |= {f"{p}.input_layernorm.weight", f"{p}.post_attention_layernorm.weight"}
-        for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            keys.add(f"{p}.self_attn.{n}.weight")
-            if (qkv_bias and n != "o_proj") or (attn_bias and n == "o_proj"):
-                keys.add(f"{p}.self_attn.{n}.bias")
-        for n in ("gate_proj", "up_proj", "down_proj"):
-            keys.add(f"{p}.mlp.{n}.weight")
-            if mlp_bias:
-                keys.add(f"{p}.mlp.{n}.bias")
-        if qk_norm:
-            keys |= {f"{p}.self_attn.q_norm.weight", f"{p}.self_attn.k_norm.weight"}
-    return keys
+    """Names of the tensors a checkpoint with this config must hold (the family adapter knows)."""
+    from compressor.model import adapter_for_config
+
+    return adapter_for_config(config).expected_keys(config)
 
 
 def check_checkpoint(path: str | Path) -> None:

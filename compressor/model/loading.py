@@ -4,6 +4,7 @@ and cached as safetensors)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -13,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-from .errors import UserError
+from ..errors import UserError
 
 DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
 _EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -119,8 +120,17 @@ def _is_hub_id(name: str) -> bool:
     return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~")) and not os.path.exists(name)
 
 
-def load(model: str | None, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> LoadedModel:
-    """Load a causal LM and its tokenizer on the CPU (the layer-wise engine moves layers itself)."""
+def _register_fitprune() -> None:
+    """Make transformers know our per-layer-width format (model_type "fitprune")."""
+    import exporters.hf_arch  # noqa: F401  (registers the config and model class on import)
+
+
+def load(model: str | None, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
+         tokenizer_required: bool = True) -> LoadedModel:
+    """The one model loader: a local Hugging Face directory (an export in fitprune's per-layer
+    format included), a hub id, a .gguf file, or None for the embedded default. The model lands on
+    the CPU in `dtype` (the layer-wise engine moves layers itself). Without `tokenizer_required` a
+    directory without a tokenizer loads with `tokenizer=None`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = model or DEFAULT_MODEL
@@ -140,24 +150,62 @@ def load(model: str | None, dtype: torch.dtype = torch.float32, trust_remote_cod
         ref = name
     else:
         raise UserError(f"The model path {name} does not exist.")
+    _register_fitprune()
     try:
-        tok = AutoTokenizer.from_pretrained(ref, trust_remote_code=trust_remote_code)
         m = AutoModelForCausalLM.from_pretrained(
             ref, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
         )
+        try:
+            tok = AutoTokenizer.from_pretrained(ref, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError):
+            if tokenizer_required:
+                raise
+            tok = None  # an ONNX export works without one; the user's runtime may bring its own
     except OSError as exc:
         if ref == name and not path.exists():
             raise UserError(
                 f"Could not download {name} from the Hugging Face hub (offline, or no such model); "
                 "pass a local model directory instead."
             ) from exc
-        raise UserError(f"Could not load the model in {ref}: {str(exc).splitlines()[0]}") from exc
-    except ValueError as exc:
-        raise UserError(f"Could not load the model in {ref}: {str(exc).splitlines()[0]}") from exc
+        raise UserError(f"Could not load the model in {ref}: {_first_line(exc)}") from exc
+    except (ValueError, KeyError) as exc:
+        raise UserError(f"Could not load the model in {ref}: {_first_line(exc)}") from exc
     except SafetensorError as exc:
-        first = str(exc).splitlines()[0]
-        raise UserError(f"The safetensors weights in {ref} are corrupt or truncated ({first}).") from exc
-    return LoadedModel(m, tok, source)
+        raise UserError(f"The safetensors weights in {ref} are corrupt or truncated ({_first_line(exc)}).") from exc
+    return LoadedModel(m.eval(), tok, source)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def read_config(model: str | None) -> tuple[dict, Path | None]:
+    """The model's config as a dict, and its local directory when it has one (None for a hub id)."""
+    name = resolve(model)
+    path = Path(name).expanduser()
+    if name.endswith(".gguf"):
+        if not path.is_file():
+            raise UserError(f"The GGUF file {name} does not exist.")
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name).to_dict(), None
+    if path.exists():
+        cfg = path / "config.json"
+        if not cfg.is_file():
+            raise UserError(f"{name} is not a Hugging Face model directory (no config.json in it).")
+        try:
+            return json.loads(cfg.read_text(encoding="utf-8")), path
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise UserError(f"The config {cfg} is not valid JSON.") from exc
+    if _is_hub_id(name):
+        try:
+            from transformers import AutoConfig
+
+            return AutoConfig.from_pretrained(name).to_dict(), None
+        except OSError as exc:
+            raise UserError(f"Cannot read the config of '{name}' from the Hugging Face hub (offline?).") from exc
+    raise UserError(f"The model path {name} does not exist.")
 
 
 _PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")

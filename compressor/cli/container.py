@@ -6,7 +6,8 @@ from pathlib import Path
 
 import typer
 
-from .errors import UserError
+from ..errors import UserError
+from . import app
 
 
 def default_context_dir(model_dir: Path) -> Path:
@@ -23,7 +24,7 @@ def write(model_dir: Path, out: Path | None = None, runtime: str = "vllm", profi
     from exporters.container import ContextError, from_profile, write_context
     from profiles import load_profile
 
-    from .output import atomic_dir
+    from ..output import atomic_dir
 
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
@@ -57,6 +58,7 @@ def write(model_dir: Path, out: Path | None = None, runtime: str = "vllm", profi
     return out
 
 
+@app.command("container")
 def container_cmd(
     out_dir: Path = typer.Argument(..., help="An export written by `compress` (config.json + safetensors)."),
     runtime: str = typer.Option("vllm", "--runtime", help="Serving runtime: vllm (onnxruntime: not yet)."),
@@ -70,7 +72,7 @@ def container_cmd(
     """Write a container build context (Dockerfile, model, entrypoint, healthcheck, README) that serves OUT_DIR."""
     from rich.console import Console
 
-    from .output import signals_as_errors
+    from ..output import signals_as_errors
 
     console = Console(stderr=True)
     with signals_as_errors():

@@ -3,8 +3,8 @@ Hugging Face directory (the family's own format or fitprune's per-layer format) 
 model with a KV cache that ONNX Runtime serves, check it, and (by default) compare its logits
 with transformers on a short sequence.
 
-Registered in `compressor/cli.py` with one line; importing this module stays light (torch,
-transformers and onnx are imported only when the command runs).
+Importing this module stays light (torch, transformers and onnx are imported only when the
+command runs).
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from .errors import UserError
+from ..errors import UserError
+from . import app
 
 err = Console(stderr=True)
 out_console = Console()
@@ -22,29 +23,16 @@ out_console = Console()
 VERIFY_TOLERANCE = {"float32": 1e-3, "float16": 0.1}  # max |logit difference| on the check sequence
 
 
-def load_model_dir(model_dir: Path, dtype_name: str):
-    """A Hugging Face directory (fitprune's per-layer format included) as (model, tokenizer or None);
-    a missing or unloadable directory is a UserError."""
+def _load(model_dir: Path, dtype_name: str):
+    """The export as (model, tokenizer or None) through the one model loader."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import exporters.hf_arch  # noqa: F401  (registers model_type "fitprune")
+    from ..model.loading import load
 
     if not model_dir.is_dir():
         raise UserError(f"The model directory {model_dir} does not exist.")
-    if not (model_dir / "config.json").is_file():
-        raise UserError(f"{model_dir} has no config.json; pass a directory written by `compress` or "
-                        "`save_pretrained`.")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, dtype_name))
-    except (OSError, ValueError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"Cannot load the model in {model_dir}: {first}") from exc
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    except (OSError, ValueError):
-        tokenizer = None  # the ONNX model works without one; the user's runtime may bring its own
-    return model.eval(), tokenizer
+    loaded = load(str(model_dir), getattr(torch, dtype_name), tokenizer_required=False)
+    return loaded.model, loaded.tokenizer
 
 
 def _verify(model, path: Path, dtype_name: str) -> float:
@@ -65,6 +53,7 @@ def _verify(model, path: Path, dtype_name: str) -> float:
     return float(np.abs(got - ref).max())
 
 
+@app.command("export-onnx")
 def export_onnx_cmd(
     model_dir: Path = typer.Argument(..., help="An exported model directory (uniform or fitprune per-layer)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory (must not exist or be empty)."),
@@ -78,7 +67,7 @@ def export_onnx_cmd(
                                 "on a 16-token sequence after export."),
 ):
     """Export MODEL_DIR to ONNX with a KV cache (past key/values in, present out) for ONNX Runtime."""
-    from .output import atomic_dir, signals_as_errors
+    from ..output import atomic_dir, signals_as_errors
 
     try:
         from exporters.onnx import ONNX_DTYPES, UNSUPPORTED_DTYPES, export_onnx
@@ -96,12 +85,12 @@ def export_onnx_cmd(
         except ImportError as exc:
             raise UserError(f"ONNX export needs the package '{pkg}': pip install 'fitprune[onnx]'.") from exc
 
-    from .output import check_out_dir
+    from ..output import check_out_dir
 
     check_out_dir(out.absolute())  # fail before the slow load
     with signals_as_errors():
         with err.status(f"loading {model_dir}"):
-            model, tokenizer = load_model_dir(model_dir, dtype)
+            model, tokenizer = _load(model_dir, dtype)
         with atomic_dir(out) as tmp:
             with err.status(f"exporting to ONNX ({dtype}, KV cache)"):
                 try:

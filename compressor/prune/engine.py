@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .adapters import Adapter
+from ..model.adapters import Adapter
 
 
 class RunningStats:

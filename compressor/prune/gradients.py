@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .adapters import Adapter
+from ..model.adapters import Adapter
 
 
 def _channel_terms(adapter: Adapter, layer) -> dict[str, torch.Tensor]:

@@ -1,10 +1,11 @@
-"""Importance metrics: one function per name, registered in `METRICS`.
+"""Importance scores: one function per metric, each registered by name in `prune.IMPORTANCE`.
 
 A metric looks at one decoder layer and the statistics the engine streamed at the inputs of
 `o_proj` and `down_proj`, and returns a score per *input channel* of those two modules (higher =
 more important): `attn` has num_heads x head_dim entries, `mlp` has intermediate_size entries.
 Allocation turns channel scores into unit scores (a head, a GQA slice, a KV group, an MLP
-channel) and picks what to keep. Adding a metric = one function decorated with `@metric(...)`.
+channel) and picks what to keep. Adding a metric = one function decorated with `@importance(...)`
+(here or in a module of its own) plus its `"module:name"` line in `compressor/prune/__init__.py`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .adapters import Adapter
+from ..model.adapters import Adapter
 from .engine import LayerStats
 
 
@@ -31,7 +32,6 @@ class Metric:
     fn: Callable[[Adapter, nn.Module, LayerStats], ChannelScores]
     default_structure: str  # "global" or "uniform"
     standardize: bool  # standardize per layer and module before a global ranking (FLAP)
-    needs_data: bool = True
     needs_gram: bool = False  # reads stats.attn.gram / stats.mlp.gram
     sample_rows: int = 0  # reads stats.mlp.sample (raw activation rows)
     sequential: bool = False  # greedy: score each layer on the already-pruned model's activations
@@ -39,14 +39,14 @@ class Metric:
     precompute: Callable | None = None
     help: str = ""
 
+    def __call__(self, adapter: Adapter, layer: nn.Module, stats: LayerStats) -> ChannelScores:
+        return self.fn(adapter, layer, stats)
 
-METRICS: dict[str, Metric] = {}
 
-
-def metric(name: str, default_structure: str, standardize: bool, help: str = "", **kw):
-    def wrap(fn):
-        METRICS[name] = Metric(name, fn, default_structure, standardize, help=help, **kw)
-        return fn
+def importance(name: str, default_structure: str, standardize: bool, help: str = "", **kw):
+    """Turn a scoring function into a `Metric` called `name` (register it in `prune.IMPORTANCE`)."""
+    def wrap(fn) -> Metric:
+        return Metric(name, fn, default_structure, standardize, help=help, **kw)
 
     return wrap
 
@@ -55,7 +55,7 @@ def _col_sq_norm(lin: nn.Linear) -> torch.Tensor:
     return lin.weight.data.double().pow(2).sum(0)
 
 
-@metric("flap", "global", standardize=True,
+@importance("flap", "global", standardize=True,
         help="FLAP fluctuation: variance of the input channel over calibration tokens x squared norm of its "
              "weight column.")
 def flap(adapter: Adapter, layer: nn.Module, stats: LayerStats) -> ChannelScores:
@@ -67,7 +67,7 @@ def flap(adapter: Adapter, layer: nn.Module, stats: LayerStats) -> ChannelScores
     )
 
 
-@metric("wanda-sp", "uniform", standardize=False,
+@importance("wanda-sp", "uniform", standardize=False,
         help="Structured Wanda: mean |W| of the weight column x the input channel's L2 norm over calibration tokens.")
 def wanda_sp(adapter: Adapter, layer: nn.Module, stats: LayerStats) -> ChannelScores:
     o = adapter.attention(layer).o_proj
@@ -79,7 +79,7 @@ def wanda_sp(adapter: Adapter, layer: nn.Module, stats: LayerStats) -> ChannelSc
     return ChannelScores(attn=score(o, stats.attn), mlp=score(down, stats.mlp))
 
 
-@metric("magnitude", "uniform", standardize=False, needs_data=False,
+@importance("magnitude", "uniform", standardize=False,
         help="Data-free: squared L2 norm of every weight the unit owns (q rows + o columns; gate/up rows + "
              "down column).")
 def magnitude(adapter: Adapter, layer: nn.Module, stats: LayerStats) -> ChannelScores:
@@ -97,7 +97,7 @@ def _per_head(values: torch.Tensor, head_dim: int) -> torch.Tensor:
     return values.repeat_interleave(head_dim)
 
 
-@metric("output-approx", "global", standardize=True, needs_gram=True, sequential=True,
+@importance("output-approx", "global", standardize=True, needs_gram=True, sequential=True,
         help="Greedy output approximation: MLP channel = second moment of its activation x squared norm of its "
              "down_proj column; head = 1 - cosine similarity of the attention output with and without the head. "
              "Scored layer by layer on the already-pruned model.")
@@ -181,7 +181,7 @@ def _mi_precompute_partners(stats: LayerStats, down: nn.Linear) -> None:
                          "energy": energy}
 
 
-@metric("mi", "global", standardize=True, sample_rows=2048,
+@importance("mi", "global", standardize=True, sample_rows=2048,
         help="Mutual-information neuron pruning: an MLP neuron whose activation carries the same information as a "
              "stronger neuron (Gaussian-copula MI, screened by random projections) goes first; score = its energy "
              "left unexplained by that partner. Heads as in flap.")
@@ -199,7 +199,7 @@ def _taylor_precompute(model, adapter, samples, device="cpu") -> list[dict]:
     return [{"taylor": t} for t in taylor_batches(model, adapter, samples, device=device)]
 
 
-@metric("taylor", "uniform", standardize=True, precompute=_taylor_precompute,
+@importance("taylor", "uniform", standardize=True, precompute=_taylor_precompute,
         help="LLM-Pruner first-order Taylor, element-wise: sum over the unit's weights of |w * dL/dw| "
              "(gradients from a few calibration batches).")
 def taylor(adapter: Adapter, layer: nn.Module, stats: LayerStats) -> ChannelScores:
@@ -207,7 +207,7 @@ def taylor(adapter: Adapter, layer: nn.Module, stats: LayerStats) -> ChannelScor
     return ChannelScores(attn=t["attn_elem"].mean(0), mlp=t["mlp_elem"].mean(0))
 
 
-@metric("taylor-vector", "uniform", standardize=True, precompute=_taylor_precompute,
+@importance("taylor-vector", "uniform", standardize=True, precompute=_taylor_precompute,
         help="LLM-Pruner first-order Taylor, vector-wise: |sum over the unit's weights of w * dL/dw|.")
 def taylor_vector(adapter: Adapter, layer: nn.Module, stats: LayerStats) -> ChannelScores:
     t = stats.extra["taylor"]
@@ -236,7 +236,7 @@ def fuse(fine: torch.Tensor, coarse: torch.Tensor) -> tuple[torch.Tensor, float]
     return w * zf.mean(0) + (1 - w) * zc.mean(0), w
 
 
-@metric("fusion", "uniform", standardize=True, precompute=_taylor_precompute,
+@importance("fusion", "uniform", standardize=True, precompute=_taylor_precompute,
         help="Adaptive estimation fusion: element-wise and vector-wise Taylor estimates combined per layer and "
              "module with inverse-variance weights measured across calibration batches.")
 def fusion(adapter: Adapter, layer: nn.Module, stats: LayerStats) -> ChannelScores:
@@ -255,7 +255,7 @@ def _inverse_covariance(st, ridge: float = 1e-2) -> torch.Tensor:
     return torch.linalg.inv(c + lam * torch.eye(c.shape[0], dtype=c.dtype, device=c.device))
 
 
-@metric("obs", "global", standardize=False, needs_gram=True, sequential=True,
+@importance("obs", "global", standardize=False, needs_gram=True, sequential=True,
         help="Output error after least-squares recovery (Optimal Brain Surgeon on a layer's second matrix): the "
              "increase of E||W x - W' x_kept - b||^2 when a unit goes and the rest are re-fitted, per weight "
              "removed. Greedy, for use with lsq+bias.")
@@ -285,17 +285,3 @@ def obs(adapter: Adapter, layer: nn.Module, stats: LayerStats) -> ChannelScores:
     wd = adapter.mlp(layer).down_proj.weight.data.double().to(inv_m.device)
     mlp = (wd**2).sum(0) / inv_m.diagonal().clamp_min(1e-30) / (3 * hidden)
     return ChannelScores(attn=_per_head(head_scores, hd).cpu(), mlp=mlp.cpu())
-
-
-# `--metric auto`: the winner of benchmarks/quality.py on SmolLM2-135M (see README, "Quality")
-AUTO = "flap"
-
-
-def get(name: str) -> Metric:
-    from .errors import UserError
-
-    if name == "auto":
-        name = AUTO
-    if name not in METRICS:
-        raise UserError(f"Unknown metric '{name}' (known: {', '.join(sorted(METRICS))}).")
-    return METRICS[name]

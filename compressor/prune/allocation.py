@@ -22,9 +22,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .adapters import LayerShape
-from .errors import UserError
+from ..errors import UserError
+from ..model.adapters import LayerShape
 from .surgery import LayerKeep
+from .widths import layer_params, resolve_attn_unit, round_channels, uniform_layer
 
 
 @dataclass
@@ -41,20 +42,6 @@ class AttnUnit:
     q_heads: list[int]
     kv_head: int | None  # the KV head removed with the unit (kv mode), None in query mode
     cost: int
-
-
-def layer_params(shape: LayerShape, hidden: int) -> int:
-    """Weights of one decoder layer's linear modules (norms and biases are negligible)."""
-    attn = hidden * shape.head_dim * (2 * shape.num_heads + 2 * shape.num_kv_heads)
-    return attn + 3 * hidden * shape.intermediate_size
-
-
-def resolve_attn_unit(mode: str, shape: LayerShape) -> str:
-    if mode == "auto":
-        return "query" if shape.heads_per_kv > 1 else "kv"
-    if mode == "query" and shape.heads_per_kv == 1:
-        return "kv"  # multi-head attention: a slice is a head, the same as a KV group
-    return mode
 
 
 def standardize(x: torch.Tensor) -> torch.Tensor:
@@ -83,13 +70,6 @@ def attention_units(ls: LayerScores, mode: str) -> list[AttnUnit]:
             heads = [grp[k] for grp in by_group]
             units.append(AttnUnit(float(head[heads].mean()), sorted(heads), None, cost))
     return sorted(units, key=lambda u: u.score)
-
-
-def _round_channels(kept: int, total: int, round_to: int) -> int:
-    if total <= round_to:
-        return total
-    r = int(round(kept / round_to)) * round_to
-    return max(round_to, min(total, r))
 
 
 def _keep(ls: LayerScores, units: list[AttnUnit], n_attn_removed: int, n_channels_kept: int) -> LayerKeep:
@@ -124,14 +104,8 @@ def allocate(
 def _uniform(layers: list[LayerScores], ratio: float, attn_unit: str, round_to: int) -> list[LayerKeep]:
     keeps = []
     for ls in layers:
-        units = attention_units(ls, attn_unit)
-        n_rm = min(len(units) - 1, int(round(len(units) * ratio)))
-        attn_removed = sum(u.cost for u in units[:n_rm])
-        mlp_target = ratio * layer_params(ls.shape, ls.hidden) - attn_removed
-        channels_removed = max(0.0, mlp_target / (3 * ls.hidden))
-        kept = _round_channels(int(round(ls.shape.intermediate_size - channels_removed)), ls.shape.intermediate_size,
-                               round_to)
-        keeps.append(_keep(ls, units, n_rm, kept))
+        n_rm, kept = uniform_layer(ls.shape, ls.hidden, ratio, attn_unit, round_to)
+        keeps.append(_keep(ls, attention_units(ls, attn_unit), n_rm, kept))
     return keeps
 
 
@@ -165,7 +139,7 @@ def _global(layers: list[LayerScores], ratio: float, attn_unit: str, round_to: i
     keeps = []
     for i, ls in enumerate(layers):
         width = ls.shape.intermediate_size
-        keeps.append(_keep(ls, all_units[i], n_attn[i], _round_channels(width - n_mlp[i], width, round_to)))
+        keeps.append(_keep(ls, all_units[i], n_attn[i], round_channels(width - n_mlp[i], width, round_to)))
     return keeps
 
 

@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import allocation, compensation, metrics
-from .adapters import Adapter
+from ..errors import UserError
+from ..model.adapters import Adapter
+from . import COMPENSATION, IMPORTANCE, allocation
 from .allocation import LayerScores, standardize
+from .driver import Compute, PruneResult, PruneSpec, Scored, collect_stats, prune_model
 from .engine import LayerStats
-from .errors import UserError
-from .pipeline import Options, Scored, collect_stats, prune_model
 
 SEARCH_METRICS = ["flap", "wanda-sp", "output-approx", "taylor", "mi"]
 SEARCH_COMPENSATIONS = ["bias", "lsq+bias"]
@@ -70,7 +70,7 @@ def mixture_scores(model, adapter: Adapter, stats: list[LayerStats], weights: di
         for name, w in weights.items():
             if w <= 0:
                 continue
-            cs = metrics.get(name).fn(adapter, layer, st)
+            cs = IMPORTANCE.get(name).fn(adapter, layer, st)
             attn = attn + w * standardize(cs.attn.double().cpu())
             mlp = mlp + w * standardize(cs.mlp.double().cpu())
         scores.append(LayerScores(adapter.shape(layer), hidden, attn, mlp))
@@ -80,16 +80,16 @@ def mixture_scores(model, adapter: Adapter, stats: list[LayerStats], weights: di
 class Search:
     """The cached statistics of one calibration set, and the trials run over them."""
 
-    def __init__(self, model, adapter: Adapter, calib: torch.Tensor, opts: Options, n_chunks: int = 4, say=print):
+    def __init__(self, model, adapter: Adapter, calib: torch.Tensor, compute: Compute, n_chunks: int = 4, say=print):
         if calib.shape[0] < n_chunks:
             raise UserError(f"--search needs at least {n_chunks} calibration windows.")
-        self.model, self.adapter, self.opts, self.n_chunks, self.say = model, adapter, opts, n_chunks, say
+        self.model, self.adapter, self.n_chunks, self.say = model, adapter, n_chunks, say
         t0 = time.perf_counter()
-        rows = max(metrics.get(n).sample_rows for n in SEARCH_METRICS) // n_chunks
-        self.per_chunk = [collect_stats(model, adapter, part, opts, gram=True, sample_rows=rows)[0]
+        rows = max(IMPORTANCE.get(n).sample_rows for n in SEARCH_METRICS) // n_chunks
+        self.per_chunk = [collect_stats(model, adapter, part, compute, gram=True, sample_rows=rows)[0]
                           for part in calib.chunk(n_chunks)]
-        self.extras = {n: metrics.get(n).precompute(model, adapter, calib[:8], device=opts.device)
-                       for n in SEARCH_METRICS if metrics.get(n).precompute is not None}
+        self.extras = {n: IMPORTANCE.get(n).precompute(model, adapter, calib[:8], device=compute.device)
+                       for n in SEARCH_METRICS if IMPORTANCE.get(n).precompute is not None}
         self.setup_s = time.perf_counter() - t0
         say(f"search: cached statistics of {n_chunks} calibration chunks and gradients in {self.setup_s:.0f} s")
 
@@ -102,7 +102,7 @@ class Search:
     def prune(self, model, trial: Trial, ratio: float, round_to: int, attn_unit: str = "auto"):
         """Prune `model` (the dense model or a copy of it) with a trial's configuration."""
         keeps, scored = self.keeps(trial, ratio, round_to, attn_unit)
-        prune_model(model, self.adapter, keeps, scored, compensation.get(trial.compensation))
+        prune_model(model, self.adapter, keeps, scored, COMPENSATION.get(trial.compensation))
         return keeps
 
     def run(self, val: torch.Tensor, ratio: float, round_to: int, trials: int = 20, seed: int = 0,
@@ -111,7 +111,7 @@ class Search:
             import optuna
         except ImportError as exc:
             raise UserError("--search needs the package 'optuna' (extra 'search').") from exc
-        from runtimes.accuracy import perplexity
+        from ..evaluate.perplexity import perplexity
 
         done: list[Trial] = []
 
@@ -141,3 +141,20 @@ class Search:
                                  **{f"chunk_{c}": True for c in range(self.n_chunks)}, "compensation": "lsq+bias"})
         study.optimize(objective, n_trials=trials)
         return SearchResult(min(done, key=lambda t: t.val_ppl), done, self.setup_s)
+
+
+def run_search(model, adapter: Adapter, calib: torch.Tensor, validation: torch.Tensor, spec: PruneSpec, cfg,
+               say=print) -> PruneResult:
+    """`--search`: choose metric mixture, calibration subset and compensation on the validation
+    region, then prune `model` with the best trial. `cfg` is the run's configuration."""
+    from ..data import contiguous_chunks
+
+    val = contiguous_chunks(validation, cfg.seqlen, 8)
+    searcher = Search(model, adapter, calib, cfg.compute, say=say)
+    found = searcher.run(val, spec.ratio, spec.round_to, trials=cfg.trials, seed=cfg.seed, attn_unit=spec.attn_unit)
+    best = found.best
+    say(f"search: best trial {best.number}, validation perplexity {best.val_ppl:.3f}")
+    keeps = searcher.prune(model, best, spec.ratio, spec.round_to, spec.attn_unit)
+    notes = {"search": {"best": best.__dict__, "trials": [t.__dict__ for t in found.trials],
+                        "setup_s": round(found.setup_s, 1), "objective": "perplexity on the builtin validation region"}}
+    return PruneResult(keeps, {}, 1, "global", notes)

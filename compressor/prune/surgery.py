@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .adapters import Adapter
+from ..model.adapters import Adapter
 
 
 @dataclass

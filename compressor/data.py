@@ -1,4 +1,5 @@
-"""Calibration and evaluation text.
+"""Calibration and evaluation text: the one place that says which text is calibrated on and which
+is held out.
 
 `--calib` accepts:
   * `builtin` (default): real English text present on every Python install (the pydoc topic
@@ -23,6 +24,7 @@ import torch
 from .errors import UserError
 
 REGIONS = {"calibration": (0.0, 0.7), "validation": (0.7, 0.8), "test": (0.8, 1.0)}
+HELDOUT = "builtin held-out region (last 20% of the pydoc topics token stream)"
 
 
 def builtin_text() -> str:
@@ -141,3 +143,32 @@ def contiguous_chunks(ids: torch.Tensor, seqlen: int, max_chunks: int | None = N
     if n == 0:
         raise UserError(f"The evaluation text has {ids.numel()} tokens, fewer than one window of {seqlen}.")
     return ids[: n * seqlen].view(n, seqlen)
+
+
+@dataclass
+class Texts:
+    """The token windows of one run."""
+
+    calib: torch.Tensor  # [nsamples, seqlen] calibration windows
+    heldout: torch.Tensor  # [windows, seqlen] held-out windows: the reported perplexity, never calibrated on
+    heldout_text: str  # the same held-out region as text (the lm-eval tasks are built from it)
+    validation: torch.Tensor  # token stream for searches: neither calibration nor held-out
+
+
+def load_texts(calib: str, tokenizer, model, nsamples: int, seqlen: int, eval_samples: int, seed: int) -> Texts:
+    """Calibration windows from `calib`; held-out and validation text from the builtin text's own
+    regions (whatever `calib` is, so figures stay comparable across calibration sources)."""
+    builtin = load_source("builtin", tokenizer)
+    test = builtin.region("test")
+    heldout = contiguous_chunks(test, seqlen, eval_samples)
+    if calib == "builtin":
+        src = builtin
+    else:
+        src = load_source(calib, tokenizer, model=model, n_tokens=nsamples * seqlen, seed=seed)
+    windows = sample_windows(src.region("calibration"), nsamples, seqlen, seed)
+    return Texts(windows, heldout, tokenizer.decode(test.tolist()), builtin.region("validation"))
+
+
+def heldout_text(tokenizer) -> str:
+    """The held-out region of the builtin text, as text (what the lm-eval tasks are built from)."""
+    return tokenizer.decode(load_source("builtin", tokenizer).region("test").tolist())

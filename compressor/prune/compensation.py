@@ -1,5 +1,5 @@
 """Compensation: what replaces the removed units' contribution. One function per name in
-`COMPENSATIONS`; each gets the layer (still unpruned), what is kept, and the engine's statistics
+`prune.COMPENSATION`; each gets the layer (still unpruned), what is kept, and the engine's statistics
 of the inputs of `o_proj` / `down_proj`, and returns extra biases and/or re-fitted weights for
 `surgery.prune_layer`."""
 
@@ -11,9 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .adapters import Adapter
+from ..model.adapters import Adapter
 from .engine import LayerStats
-from .errors import UserError
 from .surgery import LayerKeep, head_channels
 
 
@@ -34,15 +33,15 @@ class Compensation:
     needs_reference: bool = False  # reads stats.*.cross: a greedy pass with the dense model alongside
     help: str = ""
 
-
-COMPENSATIONS: dict[str, Compensation] = {}
+    def __call__(self, adapter: Adapter, layer: nn.Module, keep: LayerKeep, stats: LayerStats) -> Fix:
+        return self.fn(adapter, layer, keep, stats)
 
 
 def compensation(name: str, adds_bias: bool, needs_gram: bool = False, needs_reference: bool = False,
                  help: str = ""):
-    def wrap(fn):
-        COMPENSATIONS[name] = Compensation(name, fn, adds_bias, needs_gram, needs_reference, help)
-        return fn
+    """Turn a function into a `Compensation` called `name` (register it in `prune.COMPENSATION`)."""
+    def wrap(fn) -> Compensation:
+        return Compensation(name, fn, adds_bias, needs_gram, needs_reference, help)
 
     return wrap
 
@@ -188,15 +187,3 @@ def fold(adapter: Adapter, layer: nn.Module, keep: LayerKeep, stats: LayerStats)
     fix.down_weight = w[:, kept]
     fix.down_bias = bias
     return fix
-
-
-# `--compensation auto`: the winner of benchmarks/quality.py on SmolLM2-135M (see README, "Quality")
-AUTO = "lsq+bias"
-
-
-def get(name: str) -> Compensation:
-    if name == "auto":
-        name = AUTO
-    if name not in COMPENSATIONS:
-        raise UserError(f"Unknown compensation '{name}' (known: {', '.join(sorted(COMPENSATIONS))}).")
-    return COMPENSATIONS[name]

@@ -1,0 +1,84 @@
+"""The `compress` command line: one module per command, each registering itself on `app`.
+
+`compress --profile NAME [MODEL]` runs the whole job (`compress run`); sub-commands run single
+steps. Every failure a user can cause ends in one sentence and a non-zero exit. Importing this
+package imports no torch: command modules import the heavy stages inside the command body.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+import typer
+from rich.console import Console
+from typer.core import TyperGroup
+
+from ..errors import UserError
+
+err = Console(stderr=True)
+
+
+class DefaultRunGroup(TyperGroup):
+    """`compress [OPTIONS] [MODEL]` means `compress run [OPTIONS] [MODEL]` unless the first word is a
+    sub-command (or a request for help)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if not args or (args[0] not in self.commands and args[0] not in ("--help", "-h", "--version")):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+app = typer.Typer(
+    cls=DefaultRunGroup,
+    help="Prune an LLM to fit a hardware budget, export it for vLLM / ONNX Runtime, and measure it.\n\n"
+         "Usage: compress --profile a10g-24gb [MODEL]   (MODEL defaults to the embedded SmolLM2-135M-Instruct)",
+    no_args_is_help=False,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+# each module registers its command(s) on `app` when imported
+from . import container, export_onnx, gate, plan, profiles, run  # noqa: E402,F401
+
+
+def _exception_types(name: str) -> tuple[type, ...]:
+    """The click exception class `name` as click itself and as Typer's vendored copy define it."""
+    import importlib
+
+    found = []
+    for mod in ("click.exceptions", "typer.exceptions", "typer._click.exceptions"):
+        try:
+            cls = getattr(importlib.import_module(mod), name, None)
+        except ImportError:
+            continue
+        if isinstance(cls, type) and cls not in found:
+            found.append(cls)
+    return tuple(found)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        app(args=argv, standalone_mode=False)
+    except UserError as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        return exc.exit_code
+    except _exception_types("Abort"):
+        err.print("[bold red]error:[/] Interrupted; nothing was written.")
+        return 130
+    except _exception_types("ClickException") as exc:
+        # usage errors (missing argument, unknown option): one line, exit 2
+        err.print(f"[bold red]error:[/] {exc.format_message()}", highlight=False)
+        return exc.exit_code
+    except _exception_types("Exit") as exc:
+        return getattr(exc, "exit_code", 0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+def entry() -> None:
+    """Console-script entry point."""
+    sys.exit(main())

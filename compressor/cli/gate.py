@@ -1,0 +1,40 @@
+"""`compress gate`: a CI gate on two report.json files.
+
+Exit codes (also in docs/ci-gate.md): 0 every rule holds; 1 at least one rule is violated (one
+line per violated rule); 2 unreadable report or option (one sentence).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from ..errors import UserError
+from . import app
+
+
+@app.command("gate", help="Compare REPORT (a report.json or an output directory) with BASELINE; exit 0 when every "
+                          "rule holds, 1 with one line per violated rule, 2 on unreadable input.")
+def gate_cmd(
+    report: Path = typer.Argument(..., help="report.json (or the output directory holding it)."),
+    baseline: Path = typer.Option(..., "--baseline", "-b", help="The baseline report.json (or its directory)."),
+    max_latency_regression: str = typer.Option("5%", "--max-latency-regression",
+                                               help="Allowed TTFT/TPOT increase and throughput decrease."),
+    max_accuracy_drop: str = typer.Option("2%", "--max-accuracy-drop",
+                                          help="Allowed relative perplexity increase and task accuracy decrease."),
+    budget: bool = typer.Option(True, "--budget/--no-budget",
+                                help="Also fail on budget lines the report itself misses."),
+):
+    from ..report import gate, parse_fraction, read_report
+
+    lat = parse_fraction(max_latency_regression, "--max-latency-regression")
+    acc = parse_fraction(max_accuracy_drop, "--max-accuracy-drop")
+    res = gate(read_report(report), read_report(baseline), lat, acc, check_budget=budget)
+    for v in res.violations:
+        print(f"FAIL {v}")
+    if res.violations:
+        n = len(res.violations)
+        raise UserError(f"{n} gate rule{'s' if n > 1 else ''} violated against the baseline {baseline}.",
+                        exit_code=res.exit_code)
+    print(f"PASS: {', '.join(res.checked)} within limits (latency +{lat:.1%}, accuracy -{acc:.1%})")

@@ -1,0 +1,83 @@
+"""`compress plan`: predicted memory and latency per ratio on the profile's device, and the choice.
+
+Exit codes (also in docs/ci-gate.md): 0 a ratio meets every budget line; 2 bad input (one
+sentence); 3 the budget is infeasible at every ratio of the grid (the closest ratio is named).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ..errors import UserError
+from ..prune import ATTN_UNITS
+from . import app
+
+err = Console(stderr=True)
+out = Console()
+
+
+def plan_table(plan, title: str) -> Table:
+    t = Table(title=title)
+    for c in ("ratio", "decoder removed", "params", "memory GiB", "TTFT ms", "TPOT ms", "throughput tok/s", "budget"):
+        t.add_column(c, justify="right")
+    dense = plan.rows[0].arch.decoder_params
+    chosen = plan.chosen.ratio if plan.chosen else None
+    for row in plan.rows:
+        p = row.prediction
+        mark = "[bold green]chosen[/]" if row.ratio == chosen else (
+            "[green]ok[/]" if row.ok else "[red]" + ", ".join(v.line for v in row.violations) + "[/]")
+        t.add_row(f"{row.ratio:.2f}", f"{1 - row.arch.decoder_params / dense:.1%}", f"{row.arch.total_params:,}",
+                  f"{p.memory.total_gib:.2f}", f"{p.ttft_s * 1e3:.1f}", f"{p.tpot_s * 1e3:.2f}",
+                  f"{p.throughput_tok_s:.1f}", mark)
+    return t
+
+
+@app.command("plan", help="Predict memory, TTFT, TPOT and throughput of MODEL pruned at ratios 0..0.7 on the "
+                          "profile's device, and choose the smallest ratio that meets every budget line. Reads the "
+                          "model's config only; where the profile's device is this machine, one measured dense run "
+                          "fits the cost model first. Exit 3 when the budget is infeasible.")
+def plan_cmd(
+    model: str = typer.Argument(None, help="Local HF directory, hub id, .gguf file; default: the embedded "
+                                           "SmolLM2-135M-Instruct."),
+    profile: str = typer.Option("cpu-2core", "--profile", "-p", help="Profile name or path to a YAML profile."),
+    calibrate: bool = typer.Option(None, "--fit/--no-fit", "--calibrate/--no-calibrate", help="Fit the cost model by measuring this machine first "
+                                   "(default: only when the profile's device is this machine)."),
+    attn_unit: str = typer.Option("auto", "--attn-unit", help="Attention pruning unit: kv, query or auto."),
+    round_to: int = typer.Option(None, "--round-to", help="MLP width multiple (default: the profile's)."),
+    runs: int = typer.Option(3, help="Timed runs per cost-model fitting measurement (medians)."),
+    json_out: Path = typer.Option(None, "--json", help="Also write the plan as JSON to this file."),
+):
+    from profiles import load_profile
+
+    from ..budget.planner import InfeasibleBudget, plan_for
+
+    if attn_unit not in ATTN_UNITS:
+        raise UserError(f"Unknown --attn-unit '{attn_unit}' (use {', '.join(ATTN_UNITS)}).")
+    if round_to is not None and round_to < 1:
+        raise UserError(f"--round-to must be at least 1, got {round_to}.")
+    if runs < 1:
+        raise UserError(f"--runs must be at least 1, got {runs}.")
+    prof = load_profile(profile)
+    plan, _ = plan_for(prof, model, calibrate_here=calibrate, attn_unit=attn_unit, round_to=round_to,
+                       runs=runs, say=lambda s: err.print(s, highlight=False))
+    out.print(plan_table(plan, f"plan for {prof.name} ({prof.device.name} x{prof.device.count}, {prof.runtime}, "
+                               f"{prof.dtype}); all figures predicted"))
+    out.print(f"efficiency: {plan.efficiency['source']} (bandwidth x{plan.efficiency['bandwidth']:.3g}, "
+              f"compute x{plan.efficiency['compute']:.3g}, decode overhead "
+              f"{plan.efficiency['step_overhead_ms']:.2f} ms + {plan.efficiency['layer_overhead_us']:.0f} us/layer)",
+              highlight=False)
+    for n in plan.notes:
+        out.print(f"note: {n}", highlight=False)
+    if json_out:
+        json_out.write_text(json.dumps(plan.as_dict(), indent=2))
+    if not plan.feasible:
+        raise InfeasibleBudget(plan.infeasible_sentence())
+    out.print(f"[bold]choice[/]: ratio {plan.chosen.ratio:.2f} "
+              + ("(the dense model meets every budget line)" if plan.chosen.ratio == 0 else
+                 "(the smallest ratio that meets every budget line)"))
+

@@ -1,0 +1,74 @@
+"""`compress run` (also plain `compress`): the whole job on one model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ..prune import COMPENSATION, IMPORTANCE
+from . import app
+
+err = Console(stderr=True)
+out = Console()
+
+
+@app.command("run", help="Prune MODEL for the profile's budget, export it and measure it (the default command).")
+def run_cmd(
+    model: str = typer.Argument(None, help="Local HF directory, hub id, .gguf file; default: the embedded SmolLM2-135M-Instruct."),
+    profile: str = typer.Option("cpu-2core", "--profile", "-p", help="Shipped profile name (see `compress profiles list`) or a path to a YAML profile."),
+    ratio: float = typer.Option(None, "--ratio", "-r", help="Fraction of decoder weights to remove, in (0, 1); overrides the plan (default: the planner's choice for the profile)."),
+    metric: str = typer.Option("auto", help="Importance metric: auto (the quality benchmark's winner), " + ", ".join(IMPORTANCE.names()) + "."),
+    compensation: str = typer.Option("auto", help="Compensation: auto (the quality benchmark's winner), " + ", ".join(COMPENSATION.names()) + "."),
+    structure: str = typer.Option("auto", help="uniform (same widths in every layer), global (one threshold over all layers), or auto (the metric's default)."),
+    attn_unit: str = typer.Option("auto", "--attn-unit", help="Attention pruning unit: kv (KV group with its query heads), query (query heads evenly from every KV group), auto (query for GQA, kv for MHA)."),
+    round_to: int = typer.Option(None, "--round-to", help="Kept MLP widths round to a multiple of this (default: the profile's)."),
+    calib: str = typer.Option("builtin", help="Calibration text: builtin, a .txt/.jsonl file, hf:NAME[:CONFIG[:SPLIT]], or self."),
+    nsamples: int = typer.Option(128, help="Number of calibration windows."),
+    seqlen: int = typer.Option(512, help="Tokens per calibration window (also the perplexity window)."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Calibration batch size."),
+    out: Path = typer.Option(None, "--out", "-o", help="Output directory (must not exist or be empty). Default: out/MODEL-METRIC-RATIO."),
+    device: str = typer.Option("cpu", help="Compute device for the layer-wise engine (cpu, cuda, cuda:1...)."),
+    seed: int = typer.Option(0, help="Seed for calibration sampling."),
+    export_dtype: str = typer.Option("auto", "--export-dtype", help="auto (the loaded weights' dtype), float32, bfloat16 or float16."),
+    threads: int = typer.Option(None, help="torch CPU threads (default: torch's choice)."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's own Python code to run (off by default)."),
+    checks: bool = typer.Option(True, "--checks/--no-checks", help="After export: measure latency in the profile's runtime, run the lm-eval tasks, judge the budget, write report.md and report.png."),
+    lm_eval_backend: str = typer.Option("hf", "--lm-eval-backend", help="hf: lm-eval tasks on the in-memory model; vllm: also on the export as vLLM serves it (report: accuracy.lm_eval.pruned_vllm)."),
+    search: bool = typer.Option(False, "--search", help="Bayesian search (Optuna) over the metric mixture, calibration subset and compensation, on validation text; overrides --metric/--compensation."),
+    trials: int = typer.Option(20, "--trials", help="Trial budget for --search."),
+):
+    from ..config import RunConfig
+    from ..output import signals_as_errors
+
+    cfg = RunConfig.make(model=model, profile=profile, ratio=ratio, metric=metric, compensation=compensation,
+                   structure=structure, attn_unit=attn_unit, round_to=round_to, calib=calib, nsamples=nsamples,
+                   seqlen=seqlen, batch_size=batch_size, device=device, seed=seed, out=out,
+                   export_dtype=export_dtype, threads=threads, trust_remote_code=trust_remote_code, checks=checks,
+                   lm_eval_backend=lm_eval_backend, search=search, trials=trials)
+    with signals_as_errors():
+        from ..pipeline import run
+
+        report = run(cfg, console=err)
+    print_report(report.as_dict() | {"output": report.output})
+
+
+def print_report(r: dict) -> None:
+    t = Table(title=f"fitprune: {r['output']}")
+    t.add_column("")
+    t.add_column("dense", justify="right")
+    t.add_column("pruned", justify="right")
+    p, ppl = r["params"], r["perplexity"]
+    t.add_row("parameters (total)", f"{p['before']['total']:,}", f"{p['after']['total']:,}")
+    t.add_row("parameters (non-embedding)", f"{p['before']['non_embedding']:,}", f"{p['after']['non_embedding']:,}")
+    t.add_row("decoder weights removed", "", f"{p['achieved_ratio_decoder']:.1%}")
+    t.add_row(f"held-out perplexity ({ppl['windows']}x{ppl['seqlen']} tok)", f"{ppl['dense']:.3f}", f"{ppl['pruned']:.3f}")
+    t.add_row("export", "", f"{r['export']['format']} ({r['export']['architecture']})")
+    t.add_row("pruning step (s)", "", f"{r['seconds']['pruning_step']:.1f}")
+    t.add_row("peak memory (RSS MiB)", "", f"{r['peak_rss_mib_total']:.0f}")
+    out.print(t)
+    out.print("seconds per stage: " + ", ".join(f"{k} {v:.1f}" for k, v in r["seconds"].items()))
+
+

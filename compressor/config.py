@@ -1,0 +1,208 @@
+"""The run configuration: every option of the main job, validated once, here.
+
+`RunConfig.make(**options)` turns a bad value into one sentence (a `UserError`), before any work
+starts: unknown names (metric, compensation, structure, attention unit, export dtype, lm-eval
+backend), counts that must be positive, a compute device this machine does not have, and an
+output path that is empty, under a file, not empty, or on a disk that cannot be written. What
+only the model can tell (the longest sequence it takes) is checked by `check_model` right after
+the model's config is read.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+from .errors import UserError
+from .prune import ATTN_UNITS, COMPENSATION, IMPORTANCE, STRUCTURES
+
+EXPORT_DTYPES = ("auto", "float32", "bfloat16", "float16")
+LM_EVAL_BACKENDS = ("hf", "vllm")
+
+
+def _one_of(value: str, allowed: tuple[str, ...] | list[str], option: str) -> str:
+    if value not in allowed:
+        raise ValueError(f"Unknown {option} '{value}' (use {', '.join(allowed)}).")
+    return value
+
+
+class RunConfig(BaseModel):
+    """What `compress run` was asked to do."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    model: str | None = None
+    profile: str = "cpu-2core"
+    ratio: float | None = None  # None: the planner's choice
+    metric: str = "auto"
+    compensation: str = "auto"
+    structure: str = "auto"  # auto = the metric's default
+    attn_unit: str = "auto"
+    round_to: int | None = None  # None = the profile's
+    calib: str = "builtin"
+    nsamples: int = 128
+    seqlen: int = 512
+    eval_samples: int = 40
+    batch_size: int = 8
+    device: str = "cpu"
+    seed: int = 0
+    out: Path | None = None
+    export_dtype: str = "auto"
+    threads: int | None = None
+    trust_remote_code: bool = False
+    search: bool = False
+    trials: int = 20
+    checks: bool = True  # after export: latency in the profile's runtime, lm-eval tasks, budget verdict
+    lm_eval_backend: str = "hf"  # "vllm": also run the lm-eval tasks on the export as vLLM serves it
+
+    @classmethod
+    def make(cls, **options) -> RunConfig:
+        """Validate `options`; the first problem becomes one sentence."""
+        try:
+            return cls(**options)
+        except ValidationError as exc:
+            raise UserError(_sentence(exc)) from None
+
+    # ---- names -----------------------------------------------------------------------------
+    @field_validator("metric")
+    @classmethod
+    def _metric(cls, v: str) -> str:
+        if v not in IMPORTANCE:
+            raise ValueError(f"Unknown importance metric '{v}' (known: auto, {', '.join(IMPORTANCE.names())}).")
+        return v
+
+    @field_validator("compensation")
+    @classmethod
+    def _compensation(cls, v: str) -> str:
+        if v not in COMPENSATION:
+            raise ValueError(f"Unknown compensation '{v}' (known: auto, {', '.join(COMPENSATION.names())}).")
+        return v
+
+    @field_validator("structure")
+    @classmethod
+    def _structure(cls, v: str) -> str:
+        return _one_of(v, ("auto", *STRUCTURES), "--structure")
+
+    @field_validator("attn_unit")
+    @classmethod
+    def _attn_unit(cls, v: str) -> str:
+        return _one_of(v, ATTN_UNITS, "--attn-unit")
+
+    @field_validator("export_dtype")
+    @classmethod
+    def _export_dtype(cls, v: str) -> str:
+        return _one_of(v, EXPORT_DTYPES, "--export-dtype")
+
+    @field_validator("lm_eval_backend")
+    @classmethod
+    def _backend(cls, v: str) -> str:
+        return _one_of(v, LM_EVAL_BACKENDS, "--lm-eval-backend")
+
+    # ---- numbers ---------------------------------------------------------------------------
+    @field_validator("ratio")
+    @classmethod
+    def _ratio(cls, v: float | None) -> float | None:
+        if v is not None and not 0.0 < v < 1.0:
+            raise ValueError(f"The pruning ratio must be between 0 and 1 (exclusive), got {v}.")
+        return v
+
+    @field_validator("round_to", "threads")
+    @classmethod
+    def _positive_or_none(cls, v: int | None, info) -> int | None:
+        if v is not None and v < 1:
+            raise ValueError(f"--{info.field_name.replace('_', '-')} must be at least 1, got {v}.")
+        return v
+
+    @field_validator("nsamples", "eval_samples", "batch_size", "trials")
+    @classmethod
+    def _positive(cls, v: int, info) -> int:
+        if v < 1:
+            raise ValueError(f"--{info.field_name.replace('_', '-')} must be at least 1, got {v}.")
+        return v
+
+    @field_validator("seqlen")
+    @classmethod
+    def _seqlen(cls, v: int) -> int:
+        if v < 2:
+            raise ValueError(f"--seqlen must be at least 2, got {v}.")
+        return v
+
+    # ---- places ----------------------------------------------------------------------------
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        check_device(v)
+        return v
+
+    @field_validator("out")
+    @classmethod
+    def _out(cls, v: Path | None) -> Path | None:
+        if v is not None:
+            check_out_path(v)
+        return v
+
+    # ---- what only the model can tell ------------------------------------------------------
+    def check_model(self, model_config) -> None:
+        """Options the model limits: a window longer than the model's positions is refused."""
+        limit = getattr(model_config, "max_position_embeddings", None)
+        if limit and self.seqlen > limit:
+            raise UserError(f"--seqlen {self.seqlen} is longer than the model's {limit} positions.")
+
+    @property
+    def compute(self):
+        from .prune.driver import Compute
+
+        return Compute(device=self.device, batch_size=self.batch_size)
+
+
+def _sentence(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    msg = str(err.get("msg", exc))
+    if msg.startswith("Value error, "):
+        return msg[len("Value error, "):]
+    field = ".".join(str(p) for p in err.get("loc", ()))
+    return f"--{field.replace('_', '-')}: {msg}."
+
+
+def check_device(device: str) -> None:
+    """Refuse a compute device this machine does not have (one sentence)."""
+    kind, _, index = device.partition(":")
+    if kind == "cpu" and not index:
+        return
+    if kind not in ("cuda", "mps", "xpu"):
+        raise ValueError(f"Unknown --device '{device}' (use cpu, cuda or cuda:N).")
+    import torch
+
+    backend = getattr(torch, kind, None)
+    available = bool(backend and backend.is_available())
+    if not available:
+        raise ValueError(f"--device {device} is not available on this machine (no {kind.upper()} device found).")
+    if index:
+        count = backend.device_count() if hasattr(backend, "device_count") else 1
+        if not index.isdigit() or int(index) >= count:
+            raise ValueError(f"--device {device} does not exist here ({count} {kind} device(s)).")
+
+
+def check_out_path(out: Path) -> None:
+    """Refuse an output path that cannot become a new directory, before any work is done."""
+    if str(out).strip() == "":
+        raise ValueError("--out must name a directory, not an empty string.")
+    out = Path(os.path.expanduser(str(out))).absolute()
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"The output path {out} is a file; choose a directory for --out.")
+    if out.is_dir() and any(out.iterdir()):
+        raise ValueError(f"The output directory {out} already exists and is not empty; choose another --out.")
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"The output path {out} lies under the file {parent}; choose a directory for --out.")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".fitprune-probe-", dir=parent)
+    except OSError as exc:
+        raise ValueError(f"The output directory {out} cannot be written ({parent}: {exc.strerror}).") from None
+    os.close(fd)
+    os.unlink(probe)

@@ -1,0 +1,77 @@
+"""Latency and throughput of the export: measured in the profile's runtime on this machine (or
+torch, labelled, when that runtime is missing or fails), and predicted for the profile's device."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from profiles import Profile
+from profiles.costmodel import Arch, CostModel
+
+from ..budget.device import device_present, measurement_runtime, open_runtime
+from ..errors import UserError
+
+
+def measure(path: Path, profile: Profile, runtime: str, runs: int = 3) -> dict:
+    """TTFT / TPOT / throughput of the export at `path` for the profile's workload, measured."""
+    from runtimes.base import RuntimeUnavailable
+
+    w = profile.workload
+    threads = profile.device.threads if profile.device.kind == "cpu" else None
+    try:
+        with open_runtime(runtime, path, profile.dtype, threads) as rt:
+            m = rt.measure(prompt_tokens=w.prompt_tokens, output_tokens=w.output_tokens,
+                           concurrency=w.concurrency, runs=runs, warmup=1)
+    except RuntimeUnavailable as exc:
+        raise UserError(f"Cannot measure {path} in {runtime}: {exc}") from exc
+    return {**m.as_dict(), "kind": "measured"}
+
+
+def predicted(cost: CostModel, arch: Arch, device: str) -> dict:
+    p = cost.predict(arch)
+    return {"ttft_s": p.ttft_s, "tpot_s": p.tpot_s, "throughput_tok_s": p.throughput_tok_s,
+            "memory_gib": p.memory.total_gib, "memory": p.as_dict()["memory"], "kind": "predicted",
+            "device": device, "efficiency": p.efficiency}
+
+
+def latency(export_dir: Path, profile: Profile, plan, dense_arch: Arch, pruned_arch: Arch, dense_dir: Path | None,
+            say=print) -> dict:
+    """Measure the export (and the dense model unless the plan's calibration measured its
+    architecture already) in the profile's runtime, or torch where that is missing or fails; and
+    predict both for the profile's device."""
+    runtime, note = measurement_runtime(profile)
+    on_device = device_present(profile)
+    cost = CostModel(profile)
+    if plan is not None and plan.cost_fit:
+        from profiles import Efficiency
+
+        cost = cost.with_efficiency(Efficiency.model_construct(**{k: v for k, v in plan.efficiency.items()
+                                                                  if k != "source"}), plan.efficiency["source"])
+    target = f"{profile.device.name} x{profile.device.count} ({profile.name}, {profile.runtime})"
+    res = {"runtime": runtime, "runtime_note": note, "on_profile_device": on_device,
+           "profile_device": profile.device.name, "workload": profile.workload.model_dump(),
+           "measured": {}, "predicted": {"dense": predicted(cost, dense_arch, target),
+                                         "pruned": predicted(cost, pruned_arch, target)}}
+    say(f"measuring the export in {runtime} ({profile.workload.prompt_tokens} prompt + "
+        f"{profile.workload.output_tokens} output tokens)")
+    try:
+        res["measured"]["pruned"] = measure(export_dir, profile, runtime)
+    except Exception as exc:  # a runtime that fails on this export: say so, measure in torch
+        if runtime == "torch":
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        res["runtime_note"] = f"{runtime} failed on this export ({first[:200]}); measured in torch"
+        runtime = res["runtime"] = "torch"
+        res["measured"]["pruned"] = measure(export_dir, profile, runtime)
+    if plan is not None and plan.cost_fit and plan.cost_fit["runtime"] == runtime:
+        dense = dict(plan.cost_fit["measured"]["dense"], kind="measured", throughput_tok_s=None,
+                     what="the dense architecture with random weights, measured at batch 1 when the cost model "
+                          "was fitted")
+        res["measured"]["dense"] = dense
+    elif dense_dir is not None:
+        try:
+            res["measured"]["dense"] = measure(dense_dir, profile, runtime)
+        except Exception as exc:  # the dense checkpoint in this runtime is a comparison, not the product
+            res["measured"]["dense_error"] = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+    res["host_device"] = res["measured"]["pruned"]["device"]
+    return res

@@ -1,0 +1,222 @@
+"""The pruning driver: calibrate, score, allocate, prune and compensate a model in place, with
+the layer-wise engine doing one or two passes over the decoder.
+
+Progress is reported through a callback `progress(pass_name, layers_done, layers_total)` that the
+driver calls per layer, naming the pass it is in, so a progress bar never has to guess.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import UserError
+from ..model.adapters import Adapter
+from . import COMPENSATION, IMPORTANCE, STRUCTURES, allocation
+from .allocation import LayerScores
+from .compensation import Compensation
+from .engine import LayerStats, LayerwiseEngine
+from .importance import Metric
+from .surgery import LayerKeep, prune_layer
+
+Progress = Callable[[str, int, int], None]  # (pass name, layers done, layers in the pass)
+
+PASS_ONE = "calibrate + score"
+PASS_ONE_PRUNE = "calibrate + score + prune"
+PASS_GREEDY = "greedy pass: prune + re-fit"
+
+
+@dataclass(frozen=True)
+class Compute:
+    """Where and how the engine runs: the compute device and the calibration batch size."""
+
+    device: str = "cpu"
+    batch_size: int = 8
+
+
+@dataclass
+class Scored:
+    """What the calibration pass leaves per layer: channel scores and the input statistics."""
+
+    scores: list[LayerScores]
+    stats: list[LayerStats]
+
+
+def _light(st: LayerStats) -> LayerStats:
+    """Keep what compensation by bias needs (mean, variance); drop Gram matrices and samples."""
+    a, m = st.attn.to("cpu"), st.mlp.to("cpu")
+    a.gram = m.gram = None
+    a.samples, m.samples = [], []
+    return LayerStats(a, m, st.extra)
+
+
+def _memory(rep) -> dict:
+    return {"peak_rss_mib": round(rep.peak_rss_mib, 1), "peak_device_mib": round(rep.peak_device_mib, 1)}
+
+
+def _engine_progress(progress: Progress | None, name: str):
+    return None if progress is None else (lambda done, total: progress(name, done, total))
+
+
+def collect_stats(model, adapter: Adapter, samples: torch.Tensor, compute: Compute, progress: Progress | None = None,
+                  gram: bool = False, sample_rows: int = 0) -> tuple[list[LayerStats], dict]:
+    """One layer-wise pass over the dense model, keeping every layer's statistics (benchmarks and
+    searches score many metrics from one pass; with `gram` this holds every layer's Gram matrices)."""
+    stats: list[LayerStats] = []
+
+    def visit(i, layer, st: LayerStats) -> bool:
+        stats.append(LayerStats(st.attn.to("cpu"), st.mlp.to("cpu")))
+        return False
+
+    engine = LayerwiseEngine(model, adapter, samples, device=compute.device, batch_size=compute.batch_size,
+                             gram=gram, sample_rows=sample_rows, progress=_engine_progress(progress, "calibrate"))
+    return stats, _memory(engine.run(visit))
+
+
+def _layer_scores(metric: Metric, adapter: Adapter, layer, st: LayerStats, hidden: int) -> LayerScores:
+    cs = metric(adapter, layer, st)
+    return LayerScores(adapter.shape(layer), hidden, cs.attn.cpu(), cs.mlp.cpu())
+
+
+def score(model, adapter: Adapter, stats: list[LayerStats], metric: Metric) -> Scored:
+    """Channel scores of every layer from the (still dense) weights and the collected statistics."""
+    hidden = model.config.hidden_size
+    scores = [_layer_scores(metric, adapter, layer, st, hidden)
+              for layer, st in zip(adapter.layers(model), stats, strict=True)]
+    return Scored(scores, stats)
+
+
+def score_layers(model, adapter: Adapter, samples: torch.Tensor, metric: Metric, compute: Compute,
+                 progress: Progress | None = None, extras: list[dict] | None = None, keep_gram: bool = False,
+                 pass_name: str = PASS_ONE) -> tuple[Scored, dict]:
+    """Pass 1: one layer-wise pass over the dense model, scoring each layer while its statistics
+    (Gram matrices included, if the metric reads them) are at hand, then keeping only light ones
+    (or the Gram matrices too with `keep_gram`, for a least-squares compensation without a greedy pass)."""
+    hidden = model.config.hidden_size
+    scores: list[LayerScores] = []
+    stats: list[LayerStats] = []
+
+    def visit(i, layer, st: LayerStats) -> bool:
+        if extras is not None:
+            st.extra.update(extras[i])
+        scores.append(_layer_scores(metric, adapter, layer, st, hidden))
+        stats.append(LayerStats(st.attn.to("cpu"), st.mlp.to("cpu"), st.extra) if keep_gram else _light(st))
+        return False
+
+    engine = LayerwiseEngine(model, adapter, samples, device=compute.device, batch_size=compute.batch_size,
+                             gram=metric.needs_gram or keep_gram, sample_rows=metric.sample_rows,
+                             progress=_engine_progress(progress, pass_name))
+    return Scored(scores, stats), _memory(engine.run(visit))
+
+
+def prune_model(model, adapter: Adapter, keeps: list[LayerKeep], scored: Scored, comp: Compensation) -> None:
+    """Compensate and cut every layer to its `keeps` entry, from statistics collected earlier."""
+    for layer, keep, st in zip(adapter.layers(model), keeps, scored.stats, strict=True):
+        _cut(adapter, layer, keep, comp(adapter, layer, keep, st))
+    adapter.set_config_widths(model.config, keeps)
+
+
+def _cut(adapter: Adapter, layer, keep: LayerKeep, fix) -> None:
+    prune_layer(adapter, layer, keep, o_bias=fix.o_bias, down_bias=fix.down_bias,
+                o_weight=fix.o_weight, down_weight=fix.down_weight)
+
+
+@dataclass
+class PruneSpec:
+    metric: str = "auto"
+    compensation: str = "auto"
+    structure: str = "auto"
+    ratio: float = 0.2
+    attn_unit: str = "auto"
+    round_to: int = 64
+    grad_samples: int = 8  # calibration windows used for gradients (Taylor-based metrics)
+    # greedy second pass on the pruned model's activations; None = when the metric is sequential.
+    # Without it a Gram-matrix compensation keeps every layer's Gram matrices from pass 1 in memory
+    # (fine for small models; pass greedy=True to bound memory to one layer's). On SmolLM2 the
+    # one-pass flap + lsq+bias was slightly better than greedy at ridge 0.01 (16.54 vs 16.64; rerun with
+    # `benchmarks/quality.py --metrics flap --compensations lsq+bias --greedy flap:lsq+bias --ridge 0.01`).
+    greedy: bool | None = None
+
+
+@dataclass
+class PruneResult:
+    keeps: list[LayerKeep]
+    memory: dict
+    passes: int
+    structure: str
+    notes: dict = field(default_factory=dict)
+
+
+def resolve_structure(structure: str, metric: Metric) -> str:
+    resolved = metric.default_structure if structure == "auto" else structure
+    if resolved not in STRUCTURES:
+        raise UserError(f"Unknown structure '{structure}' (use uniform, global or auto).")
+    return resolved
+
+
+def prune(model, adapter: Adapter, calib: torch.Tensor, spec: PruneSpec, compute: Compute,
+          progress: Progress | None = None, extras: list[dict] | None = None,
+          dense_stats: list[LayerStats] | None = None) -> PruneResult:
+    """Calibrate, score, allocate, prune and compensate `model` in place.
+
+    One pass when the metric scores the dense model (FLAP and the like; a least-squares
+    compensation then uses the Gram matrices kept from that pass). Otherwise (a greedy metric, or
+    `spec.greedy`) widths are allocated first (pass 1 on the dense model; skipped for
+    `uniform`, whose widths do not depend on scores), then pass 2 walks the layers in order on the
+    already-pruned model's activations: statistics, scores, which units to keep (with the
+    allocated widths), compensation, surgery; the next layer sees the pruned layer's outputs.
+
+    `extras` (a metric's precomputed per-layer data) and `dense_stats` (statistics of the dense
+    model, with Gram matrices and samples as the metric needs) let benchmarks and searches score
+    many configurations from one calibration pass.
+    """
+    metric: Metric = IMPORTANCE.get(spec.metric)
+    comp: Compensation = COMPENSATION.get(spec.compensation)
+    structure = resolve_structure(spec.structure, metric)
+    if not 0.0 < spec.ratio < 1.0:
+        raise UserError(f"The pruning ratio must be between 0 and 1 (exclusive), got {spec.ratio}.")
+    if metric.precompute is not None and extras is None:
+        extras = metric.precompute(model, adapter, calib[: spec.grad_samples], device=compute.device)
+    layers = adapter.layers(model)
+    hidden = model.config.hidden_size
+    two_pass = comp.needs_reference or (spec.greedy if spec.greedy is not None else metric.sequential)
+    memory: dict = {}
+    passes = 0
+    if structure == "global" or not two_pass:
+        if dense_stats is not None:
+            for st, ex in zip(dense_stats, extras or [{}] * len(dense_stats), strict=True):
+                st.extra.update(ex)
+            scored = score(model, adapter, dense_stats, metric)
+        else:
+            scored, memory = score_layers(model, adapter, calib, metric, compute, progress, extras,
+                                          keep_gram=comp.needs_gram and not two_pass,
+                                          pass_name=PASS_ONE if two_pass else PASS_ONE_PRUNE)
+            passes += 1
+        keeps = allocation.allocate(scored.scores, spec.ratio, structure, spec.attn_unit, spec.round_to,
+                                    standardized=metric.standardize and structure == "global")
+        if not two_pass:
+            prune_model(model, adapter, keeps, scored, comp)
+            return PruneResult(keeps, memory, passes, structure)
+    else:
+        keeps = allocation.uniform_widths([adapter.shape(layer) for layer in layers], hidden, spec.ratio,
+                                          spec.attn_unit, spec.round_to)
+    final: list[LayerKeep] = []
+
+    def visit(i, layer, st: LayerStats) -> bool:
+        if extras is not None:
+            st.extra.update(extras[i])
+        keep = allocation.select(_layer_scores(metric, adapter, layer, st, hidden), spec.attn_unit, keeps[i])
+        _cut(adapter, layer, keep, comp(adapter, layer, keep, st))
+        final.append(keep)
+        return True
+
+    engine = LayerwiseEngine(model, adapter, calib, device=compute.device, batch_size=compute.batch_size,
+                             gram=metric.needs_gram or comp.needs_gram, sample_rows=metric.sample_rows,
+                             progress=_engine_progress(progress, PASS_GREEDY), reference=comp.needs_reference)
+    rep = engine.run(visit)
+    passes += 1
+    memory = {k: max(v, memory.get(k, 0.0)) for k, v in _memory(rep).items()}
+    adapter.set_config_widths(model.config, final)
+    return PruneResult(final, memory, passes, structure)

@@ -1,0 +1,102 @@
+"""The CI gate: compare two report.json files (latency, accuracy, the report's own verdict)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import UserError
+from .schema import Report
+
+EXIT_PASS = 0
+EXIT_VIOLATED = 1
+EXIT_BAD_INPUT = 2
+
+
+def read_report(path: Path) -> Report:
+    """A report.json (or the output directory holding it), validated."""
+    return Report.read(path)
+
+
+def parse_fraction(text: str, option: str) -> float:
+    """'5%' -> 0.05, '0.05' -> 0.05; anything else is one clear sentence."""
+    s = text.strip()
+    try:
+        v = float(s[:-1]) / 100 if s.endswith("%") else float(s)
+    except ValueError:
+        raise UserError(f"{option} must be a percentage like 5% or a fraction like 0.05, got '{text}'.") from None
+    if not s.endswith("%") and v > 1:
+        raise UserError(f"{option} {text} is ambiguous; write {text}% or {v / 100:g}.")
+    if v < 0:
+        raise UserError(f"{option} must not be negative, got '{text}'.")
+    return v
+
+
+@dataclass
+class GateResult:
+    violations: list[str]
+    checked: list[str]
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_VIOLATED if self.violations else EXIT_PASS
+
+
+def gate(report: Report | dict, baseline: Report | dict, max_latency_regression: float = 0.05,
+         max_accuracy_drop: float = 0.02, check_budget: bool = True) -> GateResult:
+    """Compare `report` with `baseline`: measured latency no worse than the allowed regression,
+    accuracy no lower than the allowed drop, and (optionally) the report's own budget verdict."""
+    report = Report.parse(report).as_dict() if isinstance(report, dict) else report.as_dict()
+    baseline = Report.parse(baseline).as_dict() if isinstance(baseline, dict) else baseline.as_dict()
+    bad, checked = [], []
+    lat, base_lat = (report.get("latency") or {}).get("measured", {}), (baseline.get("latency") or {}).get(
+        "measured", {})
+    cur, ref = lat.get("pruned"), base_lat.get("pruned")
+    if cur and ref:
+        where, base_where = (cur["device"], cur["runtime"]), (ref["device"], ref["runtime"])
+        if where != base_where:
+            bad.append(f"latency: not comparable: measured on {where[0]} in {where[1]}, baseline on "
+                       f"{base_where[0]} in {base_where[1]}")
+        else:
+            for key, name in (("ttft_s", "TTFT"), ("tpot_s", "TPOT")):
+                checked.append(name)
+                limit = ref[key] * (1 + max_latency_regression)
+                if cur[key] > limit:
+                    bad.append(f"latency: {name} {cur[key] * 1e3:.2f} ms is {cur[key] / ref[key] - 1:+.1%} against "
+                               f"the baseline's {ref[key] * 1e3:.2f} ms (allowed +{max_latency_regression:.1%})")
+            checked.append("throughput")
+            floor = ref["throughput_tok_s"] * (1 - max_latency_regression)
+            if cur["throughput_tok_s"] < floor:
+                bad.append(f"latency: throughput {cur['throughput_tok_s']:.2f} tok/s is "
+                           f"{cur['throughput_tok_s'] / ref['throughput_tok_s'] - 1:+.1%} against the baseline's "
+                           f"{ref['throughput_tok_s']:.2f} tok/s (allowed -{max_latency_regression:.1%})")
+    elif ref and not cur:
+        bad.append("latency: the baseline has measured latency but the report has none")
+    p, bp = report.get("perplexity", {}).get("pruned"), baseline.get("perplexity", {}).get("pruned")
+    if p is not None and bp is not None:
+        checked.append("perplexity")
+        if p > bp * (1 + max_accuracy_drop):
+            bad.append(f"accuracy: held-out perplexity {p:.3f} is {p / bp - 1:+.1%} against the baseline's {bp:.3f} "
+                       f"(allowed +{max_accuracy_drop:.1%})")
+    le = ((report.get("accuracy") or {}).get("lm_eval") or {}).get("pruned")
+    ble = ((baseline.get("accuracy") or {}).get("lm_eval") or {}).get("pruned")
+    if le and ble:
+        checked.append("cloze accuracy")
+        if le["cloze_acc"] < ble["cloze_acc"] * (1 - max_accuracy_drop):
+            bad.append(f"accuracy: lm-eval cloze accuracy {le['cloze_acc']:.3f} is "
+                       f"{le['cloze_acc'] / ble['cloze_acc'] - 1:+.1%} against the baseline's {ble['cloze_acc']:.3f} "
+                       f"(allowed -{max_accuracy_drop:.1%})")
+    elif ble and not le:
+        bad.append("accuracy: the baseline has lm-eval scores but the report has none")
+    if check_budget and report.get("budget"):
+        checked.append("budget")
+        for ln in report["budget"]["lines"]:
+            if not ln["ok"]:
+                op = "below" if ln["line"] in ("throughput", "task_accuracy") else "above"
+                bad.append(f"budget: {ln['line']} {ln['value']:.4g} {ln['unit']} is {op} the profile's limit "
+                           f"{ln['limit']:.4g} ({ln['kind']} on {ln['device']})")
+    if not checked:
+        bad.append("nothing to compare: neither latency nor accuracy figures are in both reports")
+    return GateResult(bad, checked)
+
+

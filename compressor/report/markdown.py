@@ -1,0 +1,104 @@
+"""report.md: the report a person reads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .schema import Report
+
+
+def _ms(x: float | None) -> str:
+    return "—" if x is None else f"{x * 1e3:.2f} ms"
+
+
+def _tok(x: float | None) -> str:
+    return "—" if x is None else f"{x:.1f} tok/s"
+
+
+def markdown(report: Report | dict) -> str:
+    r = report.as_dict() if isinstance(report, Report) else report
+    lines = [f"# fitprune report: {Path(str(r['model'])).name} for profile `{r['profile']}`", ""]
+    m, p = r["method"], r["params"]
+    plan = r.get("plan") or {}
+    if plan.get("rows"):
+        how = f"chosen by the planner ({'feasible' if plan['feasible'] else 'infeasible budget, closest ratio'})"
+    else:
+        how = "given with --ratio"
+    lines += [
+        f"- Ratio: {m['ratio_requested']:.2f} of decoder weights, {how}; achieved "
+        f"{p['achieved_ratio_decoder']:.1%} of the decoder ({p['before']['total']:,} -> {p['after']['total']:,} "
+        f"parameters).",
+        f"- Method: metric `{m['metric']}`, compensation `{m['compensation']}`, structure `{m['structure']}`, "
+        f"widths rounded to {m['round_to']}.",
+        f"- Export: {r['export']['format']} (`{r['export']['architecture']}`, {r['export']['dtype']}).", "",
+    ]
+    b = r.get("budget")
+    if b:
+        verdict = "**meets every budget line**" if b["passed"] else "**misses at least one budget line**"
+        lines += [f"## Budget: {verdict}", "", "| line | value | limit | | kind | device |",
+                  "|---|---|---|---|---|---|"]
+        for ln in b["lines"]:
+            op = ">=" if ln["line"] in ("throughput", "task_accuracy") else "<="
+            lines.append(f"| {ln['line']} | {ln['value']:.4g} {ln['unit']} | {op} {ln['limit']:.4g} | "
+                         f"{'ok' if ln['ok'] else '**FAIL**'} | {ln['kind']} | {ln['device']} |")
+        lines.append("")
+    lat = r.get("latency")
+    if lat:
+        lines += ["## Latency and throughput", ""]
+        if not lat["on_profile_device"]:
+            lines += [f"> The profile's device ({lat['profile_device']}) is **not** this machine. Measured figures "
+                      f"are this host's ({lat['host_device']}); the target's figures are **predicted** by the "
+                      "cost model.", ""]
+        if lat.get("runtime_note"):
+            lines += [f"> Note: {lat['runtime_note']}.", ""]
+        lines += ["| figure | model | TTFT | TPOT | throughput | device |", "|---|---|---|---|---|---|"]
+        for kind in ("measured", "predicted"):
+            for which in ("dense", "pruned"):
+                f = (lat.get(kind) or {}).get(which)
+                if not f:
+                    continue
+                dev = f.get("device", "")
+                if kind == "measured":
+                    dev = f"{dev}, {f.get('runtime', '')} {f.get('dtype', '')}"
+                lines.append(f"| {kind} | {which} | {_ms(f['ttft_s'])} | {_ms(f['tpot_s'])} | "
+                             f"{_tok(f['throughput_tok_s'])} | {dev} |")
+        w = lat["workload"]
+        lines += ["", f"Workload: TTFT for a {w['prompt_tokens']}-token prompt at batch 1, TPOT at batch 1, throughput "
+                  f"with {w['concurrency']} concurrent sequences of {w['output_tokens']} output tokens.", ""]
+    acc = r.get("accuracy") or {}
+    ppl = r["perplexity"]
+    lines += ["## Accuracy (measured)", "", "| | dense | pruned | device |", "|---|---|---|---|",
+              f"| held-out perplexity ({ppl['windows']} x {ppl['seqlen']} tokens) | {ppl['dense']:.3f} | "
+              f"{ppl['pruned']:.3f} | {ppl['device']} |"]
+    le = acc.get("lm_eval")
+    if le and le.get("pruned"):
+        d, q = le["dense"], le["pruned"]
+        lines += [f"| lm-eval `fitprune_heldout` word perplexity | {d['word_perplexity']:.3f} | "
+                  f"{q['word_perplexity']:.3f} | {le['device']} |",
+                  f"| lm-eval `fitprune_cloze` acc ({q['cloze_n']} items, chance 0.25) | {d['cloze_acc']:.3f} | "
+                  f"{q['cloze_acc']:.3f} | {le['device']} |"]
+        v = le.get("pruned_vllm") or {}
+        if "word_perplexity" in v:
+            lines += [f"| the same tasks on the export in vLLM: word perplexity / cloze acc | | "
+                      f"{v['word_perplexity']:.3f} / {v['cloze_acc']:.3f} | {v['device']} |"]
+    elif le and le.get("skipped"):
+        lines += ["", f"lm-eval tasks skipped: {le['skipped']}"]
+    lines.append("")
+    if plan.get("rows"):
+        lines += ["## Plan (predicted for the profile's device)", "",
+                  f"Efficiency: {plan['efficiency']['source']}.", "",
+                  "| ratio | params | memory GiB | TTFT | TPOT | throughput | meets budget |",
+                  "|---|---|---|---|---|---|---|"]
+        for row in plan["rows"]:
+            mark = " (chosen)" if row["ratio"] == plan.get("chosen_ratio") else ""
+            lines.append(f"| {row['ratio']:.2f}{mark} | {row['params']:,} | {row['memory']['total_gib']:.2f} | "
+                         f"{_ms(row['ttft_s'])} | {_ms(row['tpot_s'])} | {_tok(row['throughput_tok_s'])} | "
+                         f"{'yes' if row['meets_budget'] else 'no'} |")
+        for n in plan.get("notes", []):
+            lines.append(f"\nNote: {n}.")
+        lines.append("")
+    if r.get("plot"):
+        lines += [f"![quality and latency against ratio]({r['plot']})", ""]
+    return "\n".join(lines)
+
+

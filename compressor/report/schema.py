@@ -1,0 +1,163 @@
+"""The report, typed and versioned: what the pipeline fills, `report.json` holds, the markdown,
+plot and model card render, and the gate reads.
+
+Schema `fitprune.report/3` (/2 with the planner's `calibration` renamed `cost_fit`; /2 files still
+read). Every figure says whether it was measured or predicted, and where. Sections are optional
+so that a partial report (a baseline written by hand, an older run) still reads; NaN and infinity
+are written as JSON null, never as bare `NaN`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..errors import UserError
+
+SCHEMA = "fitprune.report/3"
+READABLE = ("fitprune.report/1", "fitprune.report/2", SCHEMA)
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="allow")  # a section may carry notes a later version adds
+
+
+class Method(Section):
+    metric: str
+    compensation: str
+    structure: str
+    attn_unit: str
+    ratio_requested: float
+    round_to: int
+    calib: str
+    nsamples: int
+    seqlen: int
+    seed: int
+    passes: int
+    search: dict | None = None
+
+
+class Params(Section):
+    before: dict[str, int]
+    after: dict[str, int]
+    achieved_ratio_decoder: float
+    achieved_ratio_total: float
+
+
+class LayerWidths(Section):
+    q_heads: list[int]
+    kv_heads: list[int]
+    intermediate: list[int]
+
+
+class Perplexity(Section):
+    dense: float | None = None
+    pruned: float | None = None
+    relative_increase: float | None = None
+    text: str = ""
+    windows: int = 0
+    seqlen: int = 0
+    measured: bool = True
+    device: str = ""
+
+
+class Memory(Section):
+    peak_rss_mib: float = 0.0
+    peak_device_mib: float = 0.0
+    what: str = ""
+
+
+class Export(Section):
+    format: str
+    architecture: str
+    dtype: str
+    files: list[str]
+
+
+class BudgetLine(Section):
+    line: str
+    value: float | None
+    limit: float
+    unit: str
+    ok: bool
+    kind: str  # measured | predicted
+    device: str
+
+
+class Budget(Section):
+    passed: bool
+    lines: list[BudgetLine] = Field(default_factory=list)
+    limits: dict = Field(default_factory=dict)
+    accuracy_floor: dict = Field(default_factory=dict)
+
+
+class Report(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    schema_: str = Field(SCHEMA, alias="schema")
+    created_unix: int | None = None
+    model: str | None = None
+    profile: str | None = None
+    method: Method | None = None
+    params: Params | None = None
+    widths: LayerWidths | None = None
+    perplexity: Perplexity | None = None
+    memory: Memory | None = None
+    host: dict | None = None
+    export: Export | None = None
+    plan: dict | None = None  # the planner's table (every figure predicted): budget.planner.Plan.as_dict
+    latency: dict | None = None  # measured on this host in a named runtime, and predicted for the profile's device
+    accuracy: dict | None = None  # lm-eval scores, measured
+    budget: Budget | None = None
+    plot: str | None = None
+    seconds: dict[str, float] = Field(default_factory=dict)
+    peak_rss_mib_total: float | None = None
+    output: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The report as report.json holds it (no None sections, NaN/inf as None)."""
+        return _finite(self.model_dump(by_alias=True, exclude_none=True))
+
+    def to_json(self) -> str:
+        return json.dumps(self.as_dict(), indent=2, allow_nan=False)
+
+    @classmethod
+    def parse(cls, data: Any, where: str = "the report") -> Report:
+        if not isinstance(data, dict) or str(data.get("schema", "")) not in READABLE:
+            raise UserError(f"{where} is not a fitprune report (no 'schema: fitprune.report/N' this version reads).")
+        data = dict(data)
+        if isinstance(data.get("plan"), dict) and "calibration" in data["plan"]:  # /2 name
+            data["plan"] = {("cost_fit" if k == "calibration" else k): v for k, v in data["plan"].items()}
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            e = exc.errors()[0]
+            loc = ".".join(str(p) for p in e.get("loc", ()))
+            raise UserError(f"{where} is not a valid fitprune report ({loc}: {e.get('msg')}).") from None
+
+    @classmethod
+    def read(cls, path: Path) -> Report:
+        path = Path(path)
+        if path.is_dir():
+            path = path / "report.json"
+        if not path.is_file():
+            raise UserError(f"The report {path} does not exist.")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise UserError(f"The report {path} is not valid JSON.") from exc
+        return cls.parse(data, where=f"The file {path}")
+
+
+def _finite(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_finite(v) for v in x]
+    return x
