@@ -137,11 +137,13 @@ class RunConfig(BaseModel):
         check_device(v)
         return v
 
-    @field_validator("out")
+    @field_validator("out", mode="before")
     @classmethod
-    def _out(cls, v: Path | None) -> Path | None:
+    def _out(cls, v):
         if v is not None:
-            check_out_path(v)
+            if str(v).strip() == "":
+                raise ValueError("--out must name a directory, not an empty string.")
+            check_out_path(Path(v))
         return v
 
     # ---- what only the model can tell ------------------------------------------------------

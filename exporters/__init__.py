@@ -1,19 +1,30 @@
 """Writing pruned models: standard Hugging Face checkpoints (the original architecture's own
 config where it can express the pruned shape), fitprune's per-layer-width format, and ONNX with a
 KV cache. Exporters are registered by name in `EXPORTERS` (lazily: a new exporter is one module
-plus its line here); they know nothing of how the model was pruned."""
+plus its line there); they know nothing of how the model was pruned.
 
-from compressor.registry import Registry
+Importing this package imports nothing else, so `import exporters.hf_arch` (the transformers
+registration of the per-layer format) stays free of fitprune's pruning code."""
 
-from .hf import ExportResult, export_hf
+from __future__ import annotations
 
-EXPORTERS = Registry("exporter", {"hf": "exporters.hf:export_hf", "onnx": "exporters.onnx:export_onnx"})
+_LAZY = {"export_hf": "exporters.hf:export_hf", "ExportResult": "exporters.hf:ExportResult",
+         "export_onnx": "exporters.onnx:export_onnx"}
 
 
 def __getattr__(name: str):
-    if name == "export_onnx":  # imported on first use: it pulls in the ONNX exporter's helpers
-        return EXPORTERS.get("onnx")
-    raise AttributeError(name)
+    if name == "EXPORTERS":
+        from compressor.registry import Registry
+
+        registry = Registry("exporter", {"hf": _LAZY["export_hf"], "onnx": _LAZY["export_onnx"]})
+        globals()["EXPORTERS"] = registry
+        return registry
+    if name in _LAZY:
+        import importlib
+
+        module, _, attr = _LAZY[name].partition(":")
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'exporters' has no attribute '{name}'")
 
 
 __all__ = ["EXPORTERS", "ExportResult", "export_hf", "export_onnx"]

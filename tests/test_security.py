@@ -62,7 +62,7 @@ def test_no_unsafe_loading_in_product_code(pattern):
 
 
 def test_models_load_asks_transformers_for_safetensors_only():
-    src = (ROOT / "compressor" / "models.py").read_text()
+    src = (ROOT / "compressor" / "model" / "loading.py").read_text()
     assert "use_safetensors=True" in src
 
 

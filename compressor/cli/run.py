@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -29,7 +27,7 @@ def run_cmd(
     nsamples: int = typer.Option(128, help="Number of calibration windows."),
     seqlen: int = typer.Option(512, help="Tokens per calibration window (also the perplexity window)."),
     batch_size: int = typer.Option(8, "--batch-size", help="Calibration batch size."),
-    out: Path = typer.Option(None, "--out", "-o", help="Output directory (must not exist or be empty). Default: out/MODEL-METRIC-RATIO."),
+    out: str = typer.Option(None, "--out", "-o", help="Output directory (must not exist or be empty). Default: out/MODEL-METRIC-RATIO."),
     device: str = typer.Option("cpu", help="Compute device for the layer-wise engine (cpu, cuda, cuda:1...)."),
     seed: int = typer.Option(0, help="Seed for calibration sampling."),
     export_dtype: str = typer.Option("auto", "--export-dtype", help="auto (the loaded weights' dtype), float32, bfloat16 or float16."),

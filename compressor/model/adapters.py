@@ -25,8 +25,6 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from torch import nn
 
-    from ..prune.surgery import LayerKeep
-
 # config keys that describe a checkpoint rather than an architecture: never copied into a new config
 NOT_ARCHITECTURE = ("architectures", "auto_map", "quantization_config", "transformers_version", "_name_or_path")
 
@@ -130,8 +128,9 @@ class Adapter:
         return {"total": total, "decoder": decoder, "non_embedding": decoder + norm}
 
     @staticmethod
-    def set_config_widths(config: Any, keeps: list[LayerKeep]) -> None:
-        """After pruning: the config's global head counts and MLP width are the largest kept ones."""
+    def set_config_widths(config: Any, keeps: list) -> None:
+        """After pruning (`keeps`: each layer's `prune.surgery.LayerKeep`): the config's global head counts
+        and MLP width are the largest kept ones."""
         config.num_attention_heads = max(len(k.q_heads) for k in keeps)
         config.num_key_value_heads = max(len(k.kv_heads) for k in keeps)
         config.intermediate_size = max(len(k.channels) for k in keeps)
