@@ -67,29 +67,19 @@ class RunConfig(BaseModel):
             raise UserError(_sentence(exc)) from None
 
     # ---- names -----------------------------------------------------------------------------
-    @field_validator("metric")
+    @field_validator("metric", "compensation")
     @classmethod
-    def _metric(cls, v: str) -> str:
-        if v not in IMPORTANCE:
-            raise ValueError(f"Unknown importance metric '{v}' (known: auto, {', '.join(IMPORTANCE.names())}).")
+    def _registered(cls, v: str, info) -> str:
+        registry = IMPORTANCE if info.field_name == "metric" else COMPENSATION
+        if v not in registry:
+            raise ValueError(f"Unknown {registry.kind} '{v}' (known: auto, {', '.join(registry.names())}).")
         return v
 
-    @field_validator("compensation")
+    @field_validator("structure", "attn_unit")
     @classmethod
-    def _compensation(cls, v: str) -> str:
-        if v not in COMPENSATION:
-            raise ValueError(f"Unknown compensation '{v}' (known: auto, {', '.join(COMPENSATION.names())}).")
-        return v
-
-    @field_validator("structure")
-    @classmethod
-    def _structure(cls, v: str) -> str:
-        return _one_of(v, ("auto", *STRUCTURES), "--structure")
-
-    @field_validator("attn_unit")
-    @classmethod
-    def _attn_unit(cls, v: str) -> str:
-        return _one_of(v, ATTN_UNITS, "--attn-unit")
+    def _choice(cls, v: str, info) -> str:
+        allowed = ("auto", *STRUCTURES) if info.field_name == "structure" else ATTN_UNITS
+        return _one_of(v, allowed, "--" + info.field_name.replace("_", "-"))
 
     @field_validator("export_dtype")
     @classmethod
@@ -109,25 +99,12 @@ class RunConfig(BaseModel):
             raise ValueError(f"The pruning ratio must be between 0 and 1 (exclusive), got {v}.")
         return v
 
-    @field_validator("round_to", "threads")
+    @field_validator("round_to", "threads", "nsamples", "eval_samples", "batch_size", "trials", "seqlen")
     @classmethod
-    def _positive_or_none(cls, v: int | None, info) -> int | None:
-        if v is not None and v < 1:
-            raise ValueError(f"--{info.field_name.replace('_', '-')} must be at least 1, got {v}.")
-        return v
-
-    @field_validator("nsamples", "eval_samples", "batch_size", "trials")
-    @classmethod
-    def _positive(cls, v: int, info) -> int:
-        if v < 1:
-            raise ValueError(f"--{info.field_name.replace('_', '-')} must be at least 1, got {v}.")
-        return v
-
-    @field_validator("seqlen")
-    @classmethod
-    def _seqlen(cls, v: int) -> int:
-        if v < 2:
-            raise ValueError(f"--seqlen must be at least 2, got {v}.")
+    def _at_least(cls, v: int | None, info) -> int | None:
+        least = 2 if info.field_name == "seqlen" else 1  # None: the default (the profile's, torch's)
+        if v is not None and v < least:
+            raise ValueError(f"--{info.field_name.replace('_', '-')} must be at least {least}, got {v}.")
         return v
 
     # ---- places ----------------------------------------------------------------------------

@@ -115,9 +115,6 @@ class LayerStats:
 class EngineReport:
     peak_rss_mib: float = 0.0
     peak_device_mib: float = 0.0
-    tokens: int = 0
-    layers: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 class _Observer:
@@ -190,7 +187,7 @@ class LayerwiseEngine:
         # also carry the dense model's activations (each layer run on them before it is pruned) and
         # stream cross statistics between the dense and the pruned inputs of o_proj / down_proj
         self.reference = reference
-        self.report = EngineReport(tokens=samples.numel())
+        self.report = EngineReport()
 
     @torch.no_grad()
     def _capture_inputs(self) -> tuple[torch.Tensor, dict[int, dict]]:
@@ -287,6 +284,5 @@ class LayerwiseEngine:
                 ref_in, ref_out = ref_out, ref_in
             if self.progress:
                 self.progress(i + 1, len(layers))
-        self.report.layers = len(layers)
         self.report.peak_rss_mib = peak_rss_mib()
         return self.report
