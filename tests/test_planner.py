@@ -163,7 +163,7 @@ def test_main_job_takes_the_plans_ratio(tmp_path, tiny_model_dir):
     assert p.returncode == 0, p.stderr[-3000:]
     assert f"plan: ratio {expected:.2f}" in p.stderr.replace("\n", " ")
     r = json.loads((out / "report.json").read_text())
-    assert r["schema"] == "fitprune.report/2"
+    assert r["schema"] == "fitprune.report/3"
     assert r["method"]["ratio_requested"] == expected and r["plan"]["chosen_ratio"] == expected
     lat = r["latency"]
     assert lat["on_profile_device"] is False and lat["runtime"] == "torch"
