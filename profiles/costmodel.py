@@ -14,7 +14,7 @@ half the output); throughput = concurrency x output tokens / (prefill of all pro
 of the decode steps at batch = concurrency), the way `runtimes.base.Runtime.measure` times it.
 
 The efficiency factors come from the profile (`efficiency:`), or from a measured dense run on the
-device (see `compressor.planner.calibrate`). This module knows architectures, not weights.
+device (see `compressor.budget.fitting.fit_cost_model`). This module knows architectures, not weights.
 """
 
 from __future__ import annotations

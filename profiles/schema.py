@@ -50,7 +50,7 @@ class Efficiency(_Strict):
     """Fractions of the device's peak a runtime reaches, and its fixed costs per forward step.
 
     The cost model's defaults; on the device itself a measured dense run replaces them
-    (`compressor.planner.calibrate`)."""
+    (`compressor.budget.fitting.fit_cost_model`)."""
 
     bandwidth: float = Field(gt=0, le=1, description="fraction of peak memory bandwidth reached in decode")
     compute: float = Field(gt=0, le=1, description="fraction of peak FLOP/s reached in prefill")
