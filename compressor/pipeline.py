@@ -15,7 +15,6 @@ import torch
 
 from .config import RunConfig
 from .data import HELDOUT, Texts, load_texts
-from .errors import UserError
 from .evaluate.lm_eval import Tasks
 from .evaluate.perplexity import perplexity
 from .model import adapter_for
@@ -247,4 +246,4 @@ def _plot(report: Report, path: Path, say) -> str | None:
     return path.name
 
 
-__all__ = ["Prepared", "RunConfig", "Stages", "UserError", "prepare", "run"]
+__all__ = ["Prepared", "RunConfig", "Stages", "prepare", "run"]
