@@ -21,6 +21,7 @@ from .prune import ATTN_UNITS, COMPENSATION, IMPORTANCE, STRUCTURES
 
 EXPORT_DTYPES = ("auto", "float32", "bfloat16", "float16")
 LM_EVAL_BACKENDS = ("hf", "vllm")
+OUT_OF_CORE = ("auto", "on", "off")
 
 
 def _one_of(value: str, allowed: tuple[str, ...] | list[str], option: str) -> str:
@@ -57,6 +58,10 @@ class RunConfig(BaseModel):
     trials: int = 20
     checks: bool = True  # after export: latency in the profile's runtime, lm-eval tasks, budget verdict
     lm_eval_backend: str = "hf"  # "vllm": also run the lm-eval tasks on the export as vLLM serves it
+    # weights stay in the checkpoint and one layer at a time is in memory (auto: when the model in
+    # float32 would not fit in half of the free memory); see compressor/outofcore.py
+    out_of_core: str = "auto"
+    resume: bool = False  # continue an interrupted out-of-core run on the same --out
 
     @classmethod
     def make(cls, **options) -> RunConfig:
@@ -90,6 +95,11 @@ class RunConfig(BaseModel):
     @classmethod
     def _backend(cls, v: str) -> str:
         return _one_of(v, LM_EVAL_BACKENDS, "--lm-eval-backend")
+
+    @field_validator("out_of_core")
+    @classmethod
+    def _out_of_core(cls, v: str) -> str:
+        return _one_of(v, OUT_OF_CORE, "--out-of-core")
 
     # ---- numbers ---------------------------------------------------------------------------
     @field_validator("ratio")

@@ -133,13 +133,8 @@ def _write_weights(sd: dict, out: Path) -> list[str]:
     return files + ["model.safetensors.index.json"]
 
 
-def export_hf(model: nn.Module, tokenizer, out: Path, dtype: torch.dtype | None = None,
-              force_format: str | None = None) -> ExportResult:
-    """Write `model` (pruned in memory) into the existing directory `out`."""
-    out = Path(out)
-    config = model.config
-    w = read_widths(model)
-    dtype = dtype or next(model.parameters()).dtype
+def target_config(config, w: Widths, dtype: torch.dtype, force_format: str | None = None):
+    """(config to write, "native" or "fitprune") for a pruned model of widths `w` from `config`."""
     cfg = None
     if force_format != "fitprune":
         cfg = _native_config(config, w)
@@ -147,20 +142,34 @@ def export_hf(model: nn.Module, tokenizer, out: Path, dtype: torch.dtype | None 
     if cfg is None:
         cfg = _fitprune_config(config, w)
     cfg.dtype = str(dtype).replace("torch.", "")
-    tied = bool(getattr(config, "tie_word_embeddings", False))
-    sd = _state_dict(model, bool(getattr(cfg, "attention_bias", False)), bool(getattr(cfg, "mlp_bias", False)),
-                     tied, dtype)
-    files = _write_weights(sd, out)
+    return cfg, fmt
+
+
+def finish_dir(out: Path, cfg, fmt: str, files: list[str], generation_config, tokenizer) -> ExportResult:
+    """Everything beside the weights: config, modeling file (per-layer format), generation config, tokenizer."""
     cfg.save_pretrained(out)
-    files.append("config.json")
+    files = [*files, "config.json"]
     if fmt == "fitprune":
         shutil.copy(MODELING_FILE, out / MODELING_FILE.name)
         files.append(MODELING_FILE.name)
-    gen = getattr(model, "generation_config", None)
-    if gen is not None:
-        gen.save_pretrained(out)
+    if generation_config is not None:
+        generation_config.save_pretrained(out)
         files.append("generation_config.json")
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     return ExportResult(out, fmt, cfg.architectures[0], files)
+
+
+def export_hf(model: nn.Module, tokenizer, out: Path, dtype: torch.dtype | None = None,
+              force_format: str | None = None) -> ExportResult:
+    """Write `model` (pruned in memory) into the existing directory `out`."""
+    out = Path(out)
+    config = model.config
+    dtype = dtype or next(model.parameters()).dtype
+    cfg, fmt = target_config(config, read_widths(model), dtype, force_format)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    sd = _state_dict(model, bool(getattr(cfg, "attention_bias", False)), bool(getattr(cfg, "mlp_bias", False)),
+                     tied, dtype)
+    files = _write_weights(sd, out)
+    return finish_dir(out, cfg, fmt, files, getattr(model, "generation_config", None), tokenizer)
 

@@ -37,6 +37,8 @@ def run_cmd(
     lm_eval_backend: str = typer.Option("hf", "--lm-eval-backend", help="hf: lm-eval tasks on the in-memory model; vllm: also on the export as vLLM serves it (report: accuracy.lm_eval.pruned_vllm)."),
     search: bool = typer.Option(False, "--search", help="Bayesian search (Optuna) over the metric mixture, calibration subset and compensation, on validation text; overrides --metric/--compensation."),
     trials: int = typer.Option(20, "--trials", help="Trial budget for --search."),
+    out_of_core: str = typer.Option("auto", "--out-of-core", help="on: weights stay in the checkpoint's safetensors files and one layer at a time is in memory, in the checkpoint's dtype (for models larger than RAM); off: the whole model in memory in float32; auto: on when the model in float32 would not fit in half of the free memory."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted out-of-core run on the same --out (same options) from its work directory."),
 ):
     from ..config import RunConfig
     from ..output import signals_as_errors
@@ -45,7 +47,8 @@ def run_cmd(
                    structure=structure, attn_unit=attn_unit, round_to=round_to, calib=calib, nsamples=nsamples,
                    seqlen=seqlen, batch_size=batch_size, device=device, seed=seed, out=out,
                    export_dtype=export_dtype, threads=threads, trust_remote_code=trust_remote_code, checks=checks,
-                   lm_eval_backend=lm_eval_backend, search=search, trials=trials)
+                   lm_eval_backend=lm_eval_backend, search=search, trials=trials,
+                   out_of_core=out_of_core, resume=resume)
     with signals_as_errors():
         from ..pipeline import run
 
@@ -67,6 +70,10 @@ def print_report(r: dict) -> None:
     t.add_row("pruning step (s)", "", f"{r['seconds']['pruning_step']:.1f}")
     t.add_row("peak memory (RSS MiB)", "", f"{r['peak_rss_mib_total']:.0f}")
     out.print(t)
+    stages = r.get("memory", {}).get("stages", {})
+    if stages:
+        out.print("peak memory per stage (host RSS MiB" + (" / device MiB" if any(v.get("peak_device_mib") for v in stages.values()) else "") + "): "
+                  + ", ".join(f"{k} {v['peak_rss_mib']:.0f}" + (f" / {v['peak_device_mib']:.0f}" if v.get("peak_device_mib") else "") for k, v in stages.items()))
     out.print("seconds per stage: " + ", ".join(f"{k} {v:.1f}" for k, v in r["seconds"].items()))
 
 

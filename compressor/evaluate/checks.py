@@ -14,7 +14,7 @@ from ..model.loading import read_config
 from ..report.schema import Budget, Report
 from . import lm_eval
 from .latency import latency
-from .verdict import budget_lines
+from .verdict import budget_lines, describe, passed
 
 
 def check_export(report: Report, export_dir: Path, profile: Profile, plan, model_source: str,
@@ -30,15 +30,14 @@ def check_export(report: Report, export_dir: Path, profile: Profile, plan, model
           "text": "builtin held-out region"}
     if tasks.pruned.get("skipped"):
         le = {"skipped": tasks.pruned["skipped"]}
-    elif tasks.vllm:
+    if tasks.vllm:
         le["pruned_vllm"] = lm_eval.task_scores_vllm(export_dir, tasks.folder, say=say)
     report.latency = lat
     report.accuracy = {"lm_eval": le, "max_ppl_increase": profile.accuracy.max_ppl_increase,
                        "min_task_accuracy": profile.accuracy.min_task_accuracy}
     lines = budget_lines(profile, lat["on_profile_device"], lat["measured"].get("pruned"),
                          lat["predicted"]["pruned"], {"perplexity": report.perplexity.model_dump(), "lm_eval": le})
-    report.budget = Budget(passed=all(ln["ok"] for ln in lines), lines=lines, limits=profile.budget.model_dump(),
+    report.budget = Budget(passed=passed(lines), lines=lines, limits=profile.budget.model_dump(),
                            accuracy_floor=profile.accuracy.model_dump())
     for ln in lines:
-        say(f"budget {ln['line']}: {ln['value']:.4g} {ln['unit']} (limit {ln['limit']:.4g}, {ln['kind']} on "
-            f"{ln['device']}): {'ok' if ln['ok'] else 'FAIL'}")
+        say(describe(ln))

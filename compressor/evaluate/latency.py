@@ -27,6 +27,18 @@ def measure(path: Path, profile: Profile, runtime: str, runs: int = 3) -> dict:
     return {**m.as_dict(), "kind": "measured"}
 
 
+def _does_not_fit(export_dir: Path) -> str | None:
+    """Why the export cannot be measured in this host's memory (a runtime holds all of it), or None."""
+    from ..memory import available_bytes
+
+    size = sum(f.stat().st_size for f in Path(export_dir).glob("*.safetensors"))
+    free = available_bytes()
+    if size * 1.2 > free:
+        return (f"the export ({size / 2**30:.1f} GiB of weights) does not fit in this host's free memory "
+                f"({free / 2**30:.1f} GiB); the budget is judged on the predicted figures")
+    return None
+
+
 def predicted(cost: CostModel, arch: Arch, device: str) -> dict:
     p = cost.predict(arch)
     return {"ttft_s": p.ttft_s, "tpot_s": p.tpot_s, "throughput_tok_s": p.throughput_tok_s,
@@ -52,6 +64,11 @@ def latency(export_dir: Path, profile: Profile, plan, dense_arch: Arch, pruned_a
            "profile_device": profile.device.name, "workload": profile.workload.model_dump(),
            "measured": {}, "predicted": {"dense": predicted(cost, dense_arch, target),
                                          "pruned": predicted(cost, pruned_arch, target)}}
+    too_big = _does_not_fit(export_dir)
+    if too_big:
+        res["measured"]["skipped"] = too_big
+        say(f"latency not measured on this host: {too_big}")
+        return res
     say(f"measuring the export in {runtime} ({profile.workload.prompt_tokens} prompt + "
         f"{profile.workload.output_tokens} output tokens)")
     try:

@@ -22,3 +22,43 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 4) -> float:
         nll += float(loss)
         count += target.numel()
     return math.exp(nll / count)
+
+
+@torch.no_grad()
+def layerwise_perplexity(lazy, adapter, windows: torch.Tensor, device: str = "cpu", batch_size: int = 4,
+                         vocab_chunk: int = 16384) -> float:
+    """The same perplexity for a model too large for memory (`lazy`: `model.lazy.LazyModel`): the
+    decoder runs one layer at a time through the layer-wise engine, then the final norm and the LM
+    head score each window with the logits computed a slice of the vocabulary at a time, so neither
+    the whole model nor a full logits tensor is ever in memory."""
+    from ..prune.engine import LayerwiseEngine
+
+    model = lazy.model
+    engine = LayerwiseEngine(model, adapter, windows, device=device, batch_size=batch_size, lazy=lazy, observe=False)
+    engine.run(lambda *_: False)
+    hidden = engine.hidden
+    norm = lazy.materialize(adapter.decoder(model).norm, "model.norm", device)
+    head = lazy.materialize(model.lm_head, "lm_head", device)
+    nll, count = 0.0, 0
+    try:
+        for start in range(0, hidden.shape[0], batch_size):
+            h = norm(hidden[start: start + batch_size].to(device))[:, :-1]
+            target = windows[start: start + batch_size, 1:].to(device)
+            h = h.reshape(-1, h.shape[-1])
+            target = target.reshape(-1)
+            lse = torch.full((h.shape[0],), -float("inf"), dtype=torch.float32, device=device)
+            picked = torch.zeros(h.shape[0], dtype=torch.float32, device=device)
+            for v0 in range(0, head.weight.shape[0], vocab_chunk):
+                logits = (h @ head.weight[v0: v0 + vocab_chunk].T).float()
+                if head.bias is not None:
+                    logits += head.bias[v0: v0 + vocab_chunk].float()
+                lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=-1))
+                inside = (target >= v0) & (target < v0 + logits.shape[1])
+                idx = (target - v0).clamp(0, logits.shape[1] - 1)
+                picked += torch.where(inside, logits.gather(1, idx[:, None])[:, 0], 0.0)
+            nll += float((lse - picked).sum())
+            count += target.numel()
+    finally:
+        lazy.release(norm)
+        lazy.release(head)
+    return math.exp(nll / count)

@@ -5,6 +5,20 @@ from __future__ import annotations
 
 from profiles import Profile
 
+NOT_MEASURED = "not measured"
+
+
+def passed(lines: list[dict]) -> bool:
+    """Every line that has a figure holds (a line without one is reported, not judged)."""
+    return all(ln["ok"] for ln in lines if ln["kind"] != NOT_MEASURED)
+
+
+def describe(ln: dict) -> str:
+    if ln["kind"] == NOT_MEASURED:
+        return f"budget {ln['line']}: not measured ({ln.get('reason', '')})"
+    return (f"budget {ln['line']}: {ln['value']:.4g} {ln['unit']} (limit {ln['limit']:.4g}, {ln['kind']} on "
+            f"{ln['device']}): {'ok' if ln['ok'] else 'FAIL'}")
+
 
 def budget_lines(profile: Profile, on_device: bool, measured: dict | None, predicted_target: dict,
                  accuracy: dict) -> list[dict]:
@@ -34,7 +48,11 @@ def budget_lines(profile: Profile, on_device: bool, measured: dict | None, predi
         add("perplexity_increase", inc, profile.accuracy.max_ppl_increase, "relative",
             inc <= profile.accuracy.max_ppl_increase, "measured", ppl["device"])
     tasks = accuracy.get("lm_eval")
-    if tasks and tasks.get("dense") and tasks.get("pruned"):
+    if tasks and tasks.get("skipped"):  # said, never silently dropped; it cannot pass or fail the budget
+        lines.append({"line": "task_accuracy", "value": None, "limit": profile.accuracy.min_task_accuracy,
+                      "unit": "relative to dense", "ok": False, "kind": NOT_MEASURED, "device": "",
+                      "reason": tasks["skipped"]})
+    elif tasks and tasks.get("dense") and tasks.get("pruned"):
         d, p = tasks["dense"]["cloze_acc"], tasks["pruned"]["cloze_acc"]
         rel = p / d if d > 0 else 1.0
         add("task_accuracy", rel, profile.accuracy.min_task_accuracy, "relative to dense",

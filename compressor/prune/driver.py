@@ -26,6 +26,8 @@ Progress = Callable[[str, int, int], None]  # (pass name, layers done, layers in
 PASS_ONE = "calibrate + score"
 PASS_ONE_PRUNE = "calibrate + score + prune"
 PASS_GREEDY = "greedy pass: prune + re-fit"
+PASS_WRITE = "prune + write"
+PASS_REFIT = "pass 2: re-fit + write"
 
 
 @dataclass(frozen=True)
@@ -220,3 +222,149 @@ def prune(model, adapter: Adapter, calib: torch.Tensor, spec: PruneSpec, compute
     memory = {k: max(v, memory.get(k, 0.0)) for k, v in _memory(rep).items()}
     adapter.set_config_widths(model.config, final)
     return PruneResult(final, memory, passes, structure)
+
+
+# ---- out of core --------------------------------------------------------------------------------
+
+class LayerSink:
+    """Where an out-of-core prune puts each finished layer (the streaming export): `add(i, layer)`
+    returns True when what was added so far is safely on disk; `state()` says what is."""
+
+    def begin(self, keeps: list[LayerKeep]) -> None:  # pragma: no cover - an interface
+        """The allocated widths, before the first layer arrives."""
+
+    def add(self, index: int, layer) -> bool:  # pragma: no cover
+        raise NotImplementedError
+
+    def state(self) -> list[dict]:  # pragma: no cover
+        raise NotImplementedError
+
+
+def gram_bytes(shapes) -> int:
+    """What keeping every layer's float64 Gram matrices (o_proj and down_proj inputs) takes."""
+    return sum(8 * ((s.num_heads * s.head_dim) ** 2 + s.intermediate_size ** 2) for s in shapes)
+
+
+def plan_passes(metric: Metric, comp: Compensation, structure: str, greedy: bool | None, shapes,
+                free_bytes: int) -> tuple[str, str]:
+    """How an out-of-core prune walks the model: ("one-pass", why) keeps pass 1's Gram matrices,
+    ("two-pass", why) recomputes one layer's Gram at a time in pass 2 on the dense activations,
+    ("greedy", why) re-scores each layer on the pruned model's activations."""
+    if comp.needs_reference or (greedy if greedy is not None else metric.sequential):
+        return "greedy", f"the {'compensation' if comp.needs_reference else 'metric'} is sequential"
+    if not comp.needs_gram:
+        return "one-pass", f"'{comp.name}' needs no Gram matrices"
+    need = gram_bytes(shapes)
+    if need <= free_bytes // 2:
+        return "one-pass", (f"every layer's Gram matrices ({need / 2**30:.2f} GiB) fit in half of the free memory "
+                            f"({free_bytes / 2**30:.1f} GiB)")
+    return "two-pass", (f"every layer's Gram matrices ({need / 2**30:.2f} GiB) do not fit in half of the free memory "
+                        f"({free_bytes / 2**30:.1f} GiB): pass 2 recomputes one layer's at a time")
+
+
+def prune_out_of_core(lazy, adapter: Adapter, calib: torch.Tensor, spec: PruneSpec, compute: Compute, sink: LayerSink,
+                      work=None, free_bytes: int = 0, progress: Progress | None = None, say=print) -> PruneResult:
+    """Calibrate, score, allocate, prune and compensate a model whose weights stay in its checkpoint
+    (`lazy`: `model.lazy.LazyModel`), one layer in memory at a time, handing every pruned layer to
+    `sink` in order. Gives the same pruned weights as `prune` on the same model in memory.
+
+    Pass 1 scores every layer on the dense model (keeping only light statistics unless the Gram
+    matrices fit, see `plan_passes`); allocation fixes the widths; pass 2 walks the layers again,
+    cuts and compensates each (recomputing its statistics where they were not kept) and streams
+    it out. `work` (`prune.resume.WorkState`) makes both passes resumable."""
+    metric: Metric = IMPORTANCE.get(spec.metric)
+    comp: Compensation = COMPENSATION.get(spec.compensation)
+    structure = resolve_structure(spec.structure, metric)
+    if not 0.0 < spec.ratio < 1.0:
+        raise UserError(f"The pruning ratio must be between 0 and 1 (exclusive), got {spec.ratio}.")
+    if metric.precompute is not None:
+        raise UserError(f"The metric '{metric.name}' needs gradients through the whole model, which the out-of-core "
+                        "path does not compute; use --out-of-core off (the model in memory) or another metric.")
+    model = lazy.model
+    layers = adapter.layers(model)
+    hidden = model.config.hidden_size
+    shapes = [adapter.shape(layer) for layer in layers]
+    mode, why = plan_passes(metric, comp, structure, spec.greedy, shapes, free_bytes)
+    say(f"out of core: {mode} ({why})")
+    engine_args = dict(device=compute.device, batch_size=compute.batch_size, lazy=lazy)
+    memory: dict = {}
+    passes = 0
+
+    # pass 1: scores (and light statistics) of every layer, resumable layer by layer
+    if structure == "global" or mode != "greedy":
+        keep_gram = mode == "one-pass" and comp.needs_gram
+        scores: list[LayerScores] = []
+        stats: list[LayerStats] = []
+        start = work.pass1_done if work is not None else 0
+        for i in range(start):
+            sc, st = work.load_pass1_layer(i, shapes[i], hidden)
+            scores.append(sc)
+            stats.append(st)
+
+        def visit(i, layer, st: LayerStats) -> bool:
+            scores.append(_layer_scores(metric, adapter, layer, st, hidden))
+            stats.append(LayerStats(st.attn.to("cpu"), st.mlp.to("cpu"), st.extra) if keep_gram else _light(st))
+            return False
+
+        def saved(i, layer, acts) -> None:
+            if work is not None:
+                work.save_pass1_layer(i, scores[i], stats[i], acts)
+
+        if start < len(layers):
+            engine = LayerwiseEngine(model, adapter, calib, gram=metric.needs_gram or keep_gram,
+                                     sample_rows=metric.sample_rows, on_done=saved,
+                                     progress=_engine_progress(progress, PASS_ONE), **engine_args)
+            memory = _memory(engine.run(visit, start=start, resume_inputs=work.acts() if start else None))
+            passes += 1
+        keeps = work.allocation() if work is not None and work.allocation() is not None else None
+        if keeps is None:
+            keeps = allocation.allocate(scores, spec.ratio, structure, spec.attn_unit, spec.round_to,
+                                        standardized=metric.standardize and structure == "global")
+            if work is not None:
+                work.save_allocation(keeps)
+    else:
+        stats = []
+        keeps = allocation.uniform_widths(shapes, hidden, spec.ratio, spec.attn_unit, spec.round_to)
+
+    # pass 2: cut, compensate and stream out every layer, resumable at the sink's durable points
+    sink.begin(keeps)
+    done = work.pass2_done if work is not None else 0
+    final: list[LayerKeep] = work.keeps() if work is not None else []
+
+    def finished(i, layer, acts) -> None:
+        if sink.add(i, layer) and work is not None:
+            work.save_pass2(i + 1, final, sink.state(), acts)
+
+    if mode == "one-pass" or (mode == "two-pass" and not comp.needs_gram):
+        for i in range(done, len(layers)):  # the statistics are at hand: no forward pass needed
+            layer = lazy.materialize(layers[i], f"model.layers.{i}", compute.device)
+            _cut(adapter, layer, keeps[i], comp(adapter, layer, keeps[i], stats[i]))
+            final.append(keeps[i])
+            finished(i, layer, None)
+            lazy.release(layer)
+            if progress:
+                progress(PASS_WRITE, i + 1, len(layers))
+    else:
+        greedy = mode == "greedy"
+
+        def visit2(i, layer, st: LayerStats) -> bool:
+            if greedy:
+                keep = allocation.select(_layer_scores(metric, adapter, layer, st, hidden), spec.attn_unit, keeps[i])
+            else:
+                keep = keeps[i]
+                st.extra.update(stats[i].extra)
+            _cut(adapter, layer, keep, comp(adapter, layer, keep, st))
+            final.append(keep)
+            return greedy  # greedy: later layers see this layer's pruned outputs; else the dense ones
+
+        if done < len(layers):
+            engine = LayerwiseEngine(model, adapter, calib, gram=metric.needs_gram or comp.needs_gram,
+                                     sample_rows=metric.sample_rows if greedy else 0,
+                                     reference=comp.needs_reference, on_done=finished,
+                                     progress=_engine_progress(progress, PASS_GREEDY if greedy else PASS_REFIT),
+                                     **engine_args)
+            rep = engine.run(visit2, start=done, resume_inputs=work.acts() if done else None)
+            memory = {k: max(v, memory.get(k, 0.0)) for k, v in _memory(rep).items()}
+    passes += 1
+    adapter.set_config_widths(model.config, final)
+    return PruneResult(final, memory, passes, structure, notes={"out_of_core": mode})

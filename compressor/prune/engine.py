@@ -11,7 +11,6 @@ activations (two buffers of N x L x hidden), whatever the model's depth.
 from __future__ import annotations
 
 import functools
-import resource
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -146,7 +145,10 @@ class _Captured(Exception):
 
 
 def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    """The process's peak RSS since start (or since the last `compressor.memory.reset_peak`)."""
+    from ..memory import peak_rss_mib as peak
+
+    return peak()
 
 
 def _to(obj, device):
@@ -176,6 +178,9 @@ class LayerwiseEngine:
         sample_rows: int = 0,
         progress: Callable[[int, int], None] | None = None,
         reference: bool = False,
+        lazy=None,
+        observe: bool = True,
+        on_done: Callable[[int, nn.Module, torch.Tensor], None] | None = None,
     ):
         self.model, self.adapter = model, adapter
         self.samples = samples
@@ -187,7 +192,27 @@ class LayerwiseEngine:
         # also carry the dense model's activations (each layer run on them before it is pruned) and
         # stream cross statistics between the dense and the pruned inputs of o_proj / down_proj
         self.reference = reference
+        # out of core (`model.lazy.LazyModel`): each layer's weights are read from the checkpoint when
+        # the engine reaches it and dropped after `on_done`; the model itself is a meta-device skeleton
+        self.lazy = lazy
+        self.observe = observe  # False: only run the layers (evaluation), no statistics
+        # on_done(index, layer, outputs): the layer is finished (visited, outputs recomputed if it
+        # changed); `outputs` are the next layer's inputs (what a resumable run saves)
+        self.on_done = on_done
         self.report = EngineReport()
+        self.hidden: torch.Tensor | None = None  # the last layer's outputs, after `run`
+
+    def _load(self, module: nn.Module, prefix: str) -> None:
+        if self.lazy is not None:
+            self.lazy.materialize(module, prefix, self.device)
+        else:
+            module.to(self.device)
+
+    def _unload(self, module: nn.Module) -> None:
+        if self.lazy is not None:
+            self.lazy.release(module)
+        else:
+            module.to("cpu")
 
     @torch.no_grad()
     def _capture_inputs(self) -> tuple[torch.Tensor, dict[int, dict]]:
@@ -200,9 +225,9 @@ class LayerwiseEngine:
             hidden = args[0] if args else kwargs.pop("hidden_states")
             raise _Captured(hidden, kwargs)
 
-        embed_parts = [m for n, m in decoder.named_children() if n != "layers"]
-        for m in embed_parts:
-            m.to(self.device)
+        embed_parts = [(n, m) for n, m in decoder.named_children() if n != "layers"]
+        for n, m in embed_parts:
+            self._load(m, f"model.{n}")
         handle = first.register_forward_pre_hook(hook, with_kwargs=True)
         hidden_all, kwargs_by_bs = [], {}
         try:
@@ -215,8 +240,8 @@ class LayerwiseEngine:
                     kwargs_by_bs.setdefault(batch.shape[0], _to(kw, "cpu"))
         finally:
             handle.remove()
-            for m in embed_parts:
-                m.to("cpu")
+            for _, m in embed_parts:
+                self._unload(m)
         return torch.cat(hidden_all), kwargs_by_bs
 
     @torch.no_grad()
@@ -242,17 +267,32 @@ class LayerwiseEngine:
         finally:
             obs.reference_pass = False
 
-    def run(self, visit: Visitor) -> EngineReport:
+    def run(self, visit: Visitor, start: int = 0, resume_inputs: dict[str, torch.Tensor] | None = None) -> EngineReport:
         """For each layer: stream statistics over all calibration samples, then call
         `visit(index, layer, stats)`. If the visitor changed the layer (returns True), the layer's
-        outputs are recomputed so later layers see the pruned model's activations."""
+        outputs are recomputed so later layers see the pruned model's activations.
+
+        A resumed run starts at layer `start` with the saved inputs of that layer
+        (`resume_inputs`: "inputs", and "reference" with a reference stream)."""
         inputs, kwargs_by_bs = self._capture_inputs()
+        if resume_inputs is not None:
+            inputs = resume_inputs["inputs"].to(inputs.dtype)
         outputs = torch.empty_like(inputs)
         if self.reference:
-            ref_in, ref_out = inputs.clone(), torch.empty_like(inputs)
+            ref_in = resume_inputs["reference"].to(inputs.dtype) if resume_inputs is not None else inputs.clone()
+            ref_out = torch.empty_like(inputs)
         layers = self.adapter.layers(self.model)
         for i, layer in enumerate(layers):
-            layer.to(self.device)
+            if i < start:
+                continue
+            self._load(layer, f"model.layers.{i}")
+            if not self.observe:
+                self._forward(layer, inputs, outputs, kwargs_by_bs)
+                self._unload(layer)
+                inputs, outputs = outputs, inputs
+                if self.progress:
+                    self.progress(i + 1, len(layers))
+                continue
             shape = self.adapter.shape(layer)
             attn_in = self.adapter.attention(layer).o_proj
             mlp_in = self.adapter.mlp(layer).down_proj
@@ -274,15 +314,19 @@ class LayerwiseEngine:
                     h.remove()
             if visit(i, layer, stats):
                 self._forward(layer, inputs, outputs, kwargs_by_bs)
+            del stats, obs, before_batch  # free this layer's statistics before the next layer's
+            if self.on_done is not None:
+                self.on_done(i, layer, {"inputs": outputs, **({"reference": ref_out} if self.reference else {})})
             if self.device.type == "cuda":
                 self.report.peak_device_mib = max(
                     self.report.peak_device_mib, torch.cuda.max_memory_allocated(self.device) / 2**20
                 )
-            layer.to("cpu")
+            self._unload(layer)
             inputs, outputs = outputs, inputs
             if self.reference:
                 ref_in, ref_out = ref_out, ref_in
             if self.progress:
                 self.progress(i + 1, len(layers))
+        self.hidden = inputs
         self.report.peak_rss_mib = peak_rss_mib()
         return self.report

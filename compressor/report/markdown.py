@@ -39,6 +39,9 @@ def markdown(report: Report | dict) -> str:
                   "|---|---|---|---|---|---|"]
         for ln in b["lines"]:
             op = ">=" if ln["line"] in ("throughput", "task_accuracy") else "<="
+            if ln["kind"] == "not measured":
+                lines.append(f"| {ln['line']} | not measured | {op} {ln['limit']:.4g} | | {ln.get('reason', '')} | |")
+                continue
             lines.append(f"| {ln['line']} | {ln['value']:.4g} {ln['unit']} | {op} {ln['limit']:.4g} | "
                          f"{'ok' if ln['ok'] else '**FAIL**'} | {ln['kind']} | {ln['device']} |")
         lines.append("")

@@ -69,6 +69,10 @@ class Memory(Section):
     peak_rss_mib: float = 0.0
     peak_device_mib: float = 0.0
     what: str = ""
+    # per stage (load, data, plan, perplexity_dense, pruning_step, export, checks, ...): peak host RSS and
+    # peak device memory, each reset at the start of the stage
+    stages: dict[str, dict[str, float]] = Field(default_factory=dict)
+    stages_what: str = ""
 
 
 class Export(Section):

@@ -1,0 +1,263 @@
+"""The main job for models larger than memory: the same data flow as `steps.run`, with the
+weights left in the checkpoint's safetensors files and one decoder layer in memory at a time.
+
+load (config + skeleton on the meta device) -> plan -> dense perplexity, layer by layer -> pass 1
+(score, light statistics) -> allocate -> pass 2 (cut, compensate, stream each layer into the
+output's shards) -> pruned perplexity, layer by layer, read back from the written shards -> check ->
+report. Everything is written into a work directory beside `--out` (`.OUT.fitprune-work/`), which
+also holds the state that `--resume` continues from; its `export/` folder is renamed to `--out`
+when complete.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from .config import RunConfig
+from .data import load_texts
+from .errors import UserError
+from .memory import available_bytes
+from .model import adapter_for
+from .model.adapters import Widths
+from .model.lazy import LazyModel, checkpoint_bytes
+from .model.loading import LoadedModel, resolve
+from .output import Interrupted
+from .prune import COMPENSATION
+from .prune.driver import LayerSink, prune_out_of_core
+from .prune.resume import WorkState, work_dir_for
+from .prune.surgery import LayerKeep
+from .steps import Prepared, layer_progress
+
+
+def choose(cfg: RunConfig, say) -> bool:
+    """Out of core or in memory, with the reason printed."""
+    if cfg.out_of_core == "off":
+        if cfg.resume:
+            raise UserError("--resume continues an out-of-core run; it cannot be used with --out-of-core off.")
+        return False
+    path = Path(resolve(cfg.model)).expanduser()
+    local = path.is_dir() and (any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").is_file())
+    if cfg.out_of_core == "on" or cfg.resume:
+        if not local:
+            raise UserError("--out-of-core on needs a local Hugging Face directory with safetensors weights "
+                            f"({cfg.model} is not one).")
+        if cfg.search:
+            raise UserError("--search scores many pruned models in memory; it cannot run out of core.")
+        if cfg.calib == "self":
+            raise UserError("--calib self generates text with the whole model; it cannot run out of core.")
+        say("out of core: asked for" if cfg.out_of_core == "on" else "out of core: resuming an interrupted run")
+        return True
+    if not local or cfg.search or cfg.calib == "self":
+        return False
+    need = 4 * checkpoint_params(path)
+    free = available_bytes()
+    if need > free // 2:
+        say(f"out of core: the model in float32 ({need / 2**30:.1f} GiB) does not fit in half of the free memory "
+            f"({free / 2**30:.1f} GiB); one layer at a time stays in memory")
+        return True
+    return False
+
+
+def checkpoint_params(path: Path) -> int:
+    """Number of weights in a checkpoint, from its safetensors headers (nothing is read)."""
+    from .model.lazy import _open, weight_files
+
+    total = 0
+    for f in sorted(set(weight_files(path).values())):
+        with _open(path / f) as h:
+            for k in h.keys():
+                n = 1
+                for d in h.get_slice(k).get_shape():
+                    n *= d
+                total += n
+    return total
+
+
+class ExportSink(LayerSink):
+    """The streaming export of one run: each pruned layer goes to the output's shards."""
+
+    def __init__(self, lazy: LazyModel, adapter, comp, dtype: torch.dtype, work: WorkState,
+                 shard_bytes: int | None = None):
+        from exporters.stream import STREAM_SHARD_BYTES, ShardWriter
+
+        self.lazy, self.adapter, self.comp, self.dtype = lazy, adapter, comp, dtype
+        self.writer = ShardWriter(work.export_dir, shard_bytes or STREAM_SHARD_BYTES, parts=work.state["parts"])
+        self.expected: set[str] | None = None
+        self.target = None
+
+    def begin(self, keeps: list[LayerKeep]) -> None:
+        """The output's config follows from the allocated widths (known before pass 2)."""
+        from exporters.hf import target_config
+
+        from .model import adapter_for_config
+
+        files = self.lazy.files
+        shape = self.adapter.shape(self.adapter.layers(self.lazy.model)[0])
+        w = Widths(heads=[len(k.q_heads) for k in keeps], kv_heads=[len(k.kv_heads) for k in keeps],
+                   intermediate=[len(k.channels) for k in keeps], head_dim=shape.head_dim,
+                   o_bias=self.comp.adds_bias or any(k.endswith("o_proj.bias") for k in files),
+                   down_bias=self.comp.adds_bias or any(k.endswith("down_proj.bias") for k in files),
+                   qkv_bias=any(k.endswith("q_proj.bias") for k in files))
+        cfg, fmt = target_config(self.lazy.config, w, self.dtype)
+        self.target = (cfg, fmt)
+        self.expected = adapter_for_config(cfg).expected_keys(cfg.to_dict())
+
+    def add(self, index: int, layer) -> bool:
+        from exporters.stream import layer_tensors
+
+        return self.writer.add(layer_tensors(layer, index, self.expected, self.dtype))
+
+    def state(self) -> list[dict]:
+        return self.writer.state()
+
+    def finish(self, tokenizer):
+        """The tensors outside the decoder layers (embeddings, final norm, LM head), then the config,
+        tokenizer and generation config; the parts get their final shard names."""
+        from exporters.hf import finish_dir
+
+        cfg, fmt = self.target
+        for name in sorted(k for k in self.lazy.files if not k.startswith("model.layers.")):
+            if name == "lm_head.weight" and getattr(cfg, "tie_word_embeddings", False):
+                continue
+            self.writer.add({name: self.lazy.tensor(name, dtype=self.dtype).contiguous()})
+        files = self.writer.finish()
+        gen = None
+        if (self.lazy.path / "generation_config.json").is_file():
+            from transformers import GenerationConfig
+
+            gen = GenerationConfig.from_pretrained(self.lazy.path)
+        return finish_dir(self.writer.out, cfg, fmt, files, gen, tokenizer)
+
+
+def open_work(cfg: RunConfig, out: Path, fingerprint: dict, say) -> WorkState:
+    """The work directory beside --out: a stale one (a killed run) is reported and removed, unless
+    --resume continues it."""
+    folder = work_dir_for(out)
+    work = WorkState(folder, fingerprint)
+    if cfg.resume:
+        if not (folder / "state.json").is_file():
+            raise UserError(f"Nothing to resume: there is no interrupted run for {out} (no {folder}).")
+        work.load()
+        say(f"resuming: pass 1 has {work.pass1_done} layers, pass 2 has written {work.pass2_done} layers")
+        return work
+    if folder.exists():
+        say(f"removing the work directory of an earlier interrupted run ({folder}); pass --resume to continue one")
+        shutil.rmtree(folder)
+    work.create()
+    return work
+
+
+def fingerprint(cfg: RunConfig, spec, dtype: torch.dtype) -> dict:
+    return {"model": str(Path(resolve(cfg.model)).expanduser().absolute()), "metric": spec.metric,
+            "compensation": spec.compensation, "structure": spec.structure, "ratio": spec.ratio,
+            "attn_unit": spec.attn_unit, "round_to": spec.round_to, "calib": cfg.calib, "nsamples": cfg.nsamples,
+            "seqlen": cfg.seqlen, "seed": cfg.seed, "batch_size": cfg.batch_size, "device": cfg.device,
+            "dtype": str(dtype), "export_dtype": cfg.export_dtype}
+
+
+def prepare_lazy(cfg: RunConfig, stages):
+    """Stage "load": the skeleton and the tokenizer; stage "data": the token windows."""
+    from transformers import AutoTokenizer
+
+    with stages.timed("load"):
+        path = Path(resolve(cfg.model)).expanduser()
+        lazy = LazyModel(path, trust_remote_code=cfg.trust_remote_code)
+        try:
+            tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+        except (OSError, ValueError) as exc:
+            raise UserError(f"The model directory {path} has no usable tokenizer ({exc}).") from exc
+        adapter = adapter_for(lazy.model)
+        cfg.check_model(lazy.config)
+    with stages.timed("data"):
+        texts = load_texts(cfg.calib, tok, None, cfg.nsamples, cfg.seqlen, cfg.eval_samples, cfg.seed)
+    return lazy, Prepared(LoadedModel(lazy.model, tok, cfg.model or str(path)), adapter, texts)
+
+
+def run_out_of_core(cfg: RunConfig, profile, round_to: int, stages, console):
+    """The whole job out of core; returns the report (also written to OUT/report.json)."""
+    from . import steps
+    from .evaluate.lm_eval import Tasks
+    from .evaluate.perplexity import layerwise_perplexity
+
+    say = console.print
+    lazy, prep = prepare_lazy(cfg, stages)
+    plan, ratio = steps.choose_ratio(cfg, profile, round_to, stages, say)
+    spec = steps.prune_spec(cfg, ratio, round_to)
+    out = steps.output_dir(cfg, spec)
+    steps.announce(cfg, profile, spec, plan, out, say)
+    dtype = lazy.dtype if cfg.export_dtype == "auto" else getattr(torch, cfg.export_dtype)
+    say(f"out of core: weights stay in {lazy.path} ({checkpoint_bytes(lazy.path) / 2**30:.1f} GiB), computed in "
+        f"{str(lazy.dtype).replace('torch.', '')}, one layer at a time on {cfg.device}")
+    work = open_work(cfg, out, fingerprint(cfg, spec, lazy.dtype), say)
+    keep_work = False
+    try:
+        report = _run(cfg, profile, plan, spec, lazy, prep, work, dtype, stages, console, out, Tasks,
+                      layerwise_perplexity)
+    except Interrupted as exc:
+        keep_work = True
+        raise UserError(f"Interrupted by {str(exc).split('by ', 1)[-1].split(';')[0]}; the finished layers are kept "
+                        f"in {work.folder}: rerun the same command with --resume to continue.",
+                        exit_code=130) from None
+    except KeyboardInterrupt:
+        keep_work = True
+        raise
+    finally:
+        lazy.close()
+        if not keep_work:
+            shutil.rmtree(work.folder, ignore_errors=True)
+    return report
+
+
+def _run(cfg, profile, plan, spec, lazy, prep, work, dtype, stages, console, out, Tasks, layerwise_perplexity):
+    from . import steps
+    from .output import _disk_full
+
+    say = console.print
+    model, adapter, tok = lazy.model, prep.adapter, prep.loaded.tokenizer
+    before = adapter.count_params(model)
+    no_lm_eval = ("not measured: the model does not fit in memory, so lm-eval cannot run on it in process; pass "
+                  "--lm-eval-backend vllm to score the export in vLLM")
+    with Tasks(prep.texts.heldout_text, cfg.checks, vllm=cfg.lm_eval_backend == "vllm") as tasks:
+        with stages.timed("perplexity_dense"):
+            ppl_dense = layerwise_perplexity(lazy, adapter, prep.heldout, cfg.device)
+        say(f"dense held-out perplexity: {ppl_dense:.3f} (layer by layer)")
+        if cfg.checks:
+            tasks.dense = tasks.pruned = {"skipped": no_lm_eval}
+            say(f"lm-eval in process {no_lm_eval}")
+        sink = ExportSink(lazy, adapter, COMPENSATION.get(spec.compensation), dtype, work)
+        try:
+            with stages.timed("pruning_step"):
+                result = _prune(cfg, lazy, prep, spec, work, sink, console)
+            with stages.timed("export"):
+                res = sink.finish(tok)
+        except OSError as exc:
+            if _disk_full(exc):
+                raise UserError(f"The disk holding {work.folder.parent} is full; nothing was written.",
+                                exit_code=28) from exc
+            raise
+        with stages.timed("perplexity_pruned"):
+            pruned = LazyModel(work.export_dir, trust_remote_code=True)
+            try:
+                ppl_pruned = layerwise_perplexity(pruned, adapter_for(pruned.model), prep.heldout, cfg.device)
+            finally:
+                pruned.close()
+        say(f"pruned held-out perplexity: {ppl_pruned:.3f} (layer by layer, read back from the written shards)")
+        report = steps.build_report(cfg, profile.name, prep, spec, result, before, ppl_dense, ppl_pruned)
+        steps.finish_report(report, work.export_dir, res, dtype, prep.loaded.source, profile, plan, tasks, cfg,
+                               stages, say)
+    import os
+
+    if out.exists():
+        out.rmdir()  # empty (checked before any work)
+    os.replace(work.export_dir, out)
+    report.output = str(out)
+    return report
+
+
+def _prune(cfg, lazy, prep, spec, work, sink, console):
+    with layer_progress(console, len(prep.adapter.layers(lazy.model))) as progress:
+        return prune_out_of_core(lazy, prep.adapter, prep.calib, spec, cfg.compute, sink, work=work,
+                                 free_bytes=available_bytes(), progress=progress, say=console.print)

@@ -1,0 +1,188 @@
+"""The steps the main job is made of, shared by the in-memory pipeline (`pipeline.run`) and the
+out-of-core one (`outofcore.run_out_of_core`): stage timing and memory, the prepared inputs, the
+ratio, the prune spec, the output directory, the announcement, the progress bar, the report."""
+
+from __future__ import annotations
+
+import platform
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import RunConfig
+from .data import HELDOUT, Texts
+from .evaluate.lm_eval import Tasks
+from .memory import StageMemory
+from .model.adapters import Adapter
+from .model.loading import LoadedModel
+from .output import check_out_dir
+from .prune import COMPENSATION, IMPORTANCE
+from .prune.driver import PruneResult, PruneSpec, resolve_structure
+from .report.schema import Export, LayerWidths, Memory, Method, Params, Perplexity, Report
+
+
+class Stages:
+    """Seconds per stage, summed when a stage runs more than once, and each stage's peak memory."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.memory = StageMemory()
+
+    @contextmanager
+    def timed(self, name: str):
+        t = time.perf_counter()
+        self.memory.start()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - t, 3)
+            self.memory.stop(name)
+
+
+@dataclass
+class Prepared:
+    """The inputs of a run after loading: the model, its adapter and the token windows."""
+
+    loaded: LoadedModel
+    adapter: Adapter
+    texts: Texts
+
+    # the windows under the names the benchmarks and tests use
+    @property
+    def calib(self) -> torch.Tensor:
+        return self.texts.calib
+
+    @property
+    def heldout(self) -> torch.Tensor:
+        return self.texts.heldout
+
+    @property
+    def validation(self) -> torch.Tensor:
+        return self.texts.validation
+
+
+def choose_ratio(cfg: RunConfig, profile, round_to: int, stages: Stages, say):
+    """--ratio, or the planner's choice for the profile (then the plan is returned too)."""
+    if cfg.ratio is not None:
+        return None, cfg.ratio
+    from .budget.planner import plan_for_run
+
+    with stages.timed("plan"):
+        plan = plan_for_run(profile, cfg.model, cfg.attn_unit, round_to, say=say)
+    return plan, plan.ratio
+
+
+def prune_spec(cfg: RunConfig, ratio: float, round_to: int) -> PruneSpec:
+    metric = IMPORTANCE.get(cfg.metric)
+    comp = COMPENSATION.get(cfg.compensation)
+    return PruneSpec(metric=metric.name, compensation=comp.name, structure=resolve_structure(cfg.structure, metric),
+                     ratio=ratio, attn_unit=cfg.attn_unit, round_to=round_to)
+
+
+def output_dir(cfg: RunConfig, spec: PruneSpec) -> Path:
+    """--out, or out/MODEL-METRIC-PERCENT; refused now if it exists and is not empty."""
+    if cfg.out:
+        out = Path(cfg.out)
+    else:
+        slug = Path(cfg.model.rstrip("/")).name.replace(".gguf", "").lower() if cfg.model else "smollm2-135m"
+        out = Path("out") / f"{slug or 'model'}-{spec.metric}-{int(spec.ratio * 100)}"
+    check_out_dir(out)
+    return out
+
+
+def announce(cfg: RunConfig, profile, spec: PruneSpec, plan, out: Path, say) -> None:
+    say(f"[bold]plan[/]: profile [cyan]{profile.name}[/] ({profile.device.name}), remove {spec.ratio:.0%} of decoder "
+        f"weights, metric [cyan]{spec.metric}[/], compensation [cyan]{spec.compensation}[/], structure "
+        f"[cyan]{spec.structure}[/], widths rounded to {spec.round_to}, calibration {cfg.nsamples} x {cfg.seqlen} "
+        f"tokens from '{cfg.calib}', output {out}"
+        + (f" (ratio from the plan: {plan.efficiency['source']})" if plan else " (ratio from --ratio)"))
+
+
+@contextmanager
+def layer_progress(console, layers: int):
+    """A progress bar over the layers, restarted with the pass's name whenever the driver starts
+    another pass; yields the `progress(pass_name, done, total)` callback the drivers call."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} layers"),
+                  TimeElapsedColumn(), console=console, transient=False) as bar:
+        task = bar.add_task("", total=layers, visible=False)
+
+        def progress(pass_name: str, done: int, total: int) -> None:
+            if bar.tasks[task].description != pass_name:  # the driver started another pass
+                bar.reset(task, total=total, description=pass_name, visible=True)
+            bar.update(task, completed=done)
+
+        yield progress
+
+
+def build_report(cfg: RunConfig, profile_name: str, prep: Prepared, spec: PruneSpec, result: PruneResult,
+                 before: dict, ppl_dense: float, ppl_pruned: float) -> Report:
+    model = prep.loaded.model
+    after = prep.adapter.count_params(model)
+    return Report(
+        created_unix=int(time.time()), model=prep.loaded.source, profile=profile_name,
+        method=Method(metric="search" if cfg.search else spec.metric,
+                      compensation="search" if cfg.search else spec.compensation, structure=result.structure,
+                      attn_unit=cfg.attn_unit, ratio_requested=spec.ratio, round_to=spec.round_to, calib=cfg.calib,
+                      nsamples=cfg.nsamples, seqlen=cfg.seqlen, seed=cfg.seed, passes=result.passes, **result.notes),
+        params=Params(before=before, after=after,
+                      achieved_ratio_decoder=round(1 - after["decoder"] / before["decoder"], 4),
+                      achieved_ratio_total=round(1 - after["total"] / before["total"], 4)),
+        widths=LayerWidths(q_heads=[len(k.q_heads) for k in result.keeps],
+                           kv_heads=[len(k.kv_heads) for k in result.keeps],
+                           intermediate=[len(k.channels) for k in result.keeps]),
+        perplexity=Perplexity(dense=round(ppl_dense, 4), pruned=round(ppl_pruned, 4),
+                              relative_increase=round(ppl_pruned / ppl_dense - 1, 4), text=HELDOUT,
+                              windows=int(prep.heldout.shape[0]), seqlen=int(prep.heldout.shape[1]), measured=True,
+                              device=cfg.device),
+        memory=Memory(**result.memory, what="peak host RSS during the pruning step (calibration, scoring, pruning, "
+                                            "compensation), and peak device memory on CUDA"),
+        host={"machine": platform.machine(), "processor": platform.processor() or platform.machine(),
+              "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
+    )
+
+
+def finish_report(report: Report, folder: Path, res, dtype, source: str, profile, plan, tasks: Tasks,
+                  cfg: RunConfig, stages: Stages, say) -> None:
+    """After the export is in `folder`: check it (latency, accuracy, verdict, plot) and write
+    report.json, the model card and report.md beside it."""
+    from .report.card import model_card
+    from .report.markdown import markdown
+
+    report.export = Export(format=res.format, architecture=res.architecture,
+                           dtype=str(dtype).replace("torch.", ""), files=res.files)
+    report.plan = plan.as_dict() if plan else {"ratio_source": "--ratio"}
+    if cfg.checks:
+        from .evaluate.checks import check_export
+
+        with stages.timed("checks"):
+            check_export(report, folder, profile, plan, source, tasks, say=say)
+        report.plot = _plot(report, folder / "report.png", say)
+    report.seconds = stages.seconds
+    report.memory.stages, report.memory.stages_what = stages.memory.peaks, stages.memory.what()
+    report.peak_rss_mib_total = round(_process_peak_mib(), 1)
+    (folder / "report.json").write_text(report.to_json())
+    (folder / "README.md").write_text(model_card(report))
+    if cfg.checks:
+        (folder / "report.md").write_text(markdown(report))
+
+
+def _process_peak_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _plot(report: Report, path: Path, say) -> str | None:
+    try:
+        from .report.plot import plot
+
+        plot(report, path)
+    except ImportError:
+        say("no plot: matplotlib is not installed (extra 'eval')")
+        return None
+    return path.name

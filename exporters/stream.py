@@ -1,0 +1,84 @@
+"""Streaming sharded export: finished decoder layers go to the output's safetensors shards as soon
+as they are done, so the pruned model is never assembled in memory.
+
+`ShardWriter` buffers whole layers until a shard's worth (`shard_bytes`) is reached and writes it
+as `part-0000k.safetensors`; `finish()` renames the parts to the hub's
+`model-0000k-of-0000n.safetensors` (plus `model.safetensors.index.json`), or to
+`model.safetensors` when there is one. Its `state()` lists the parts already on disk, so a resumed
+run continues after them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+STREAM_SHARD_BYTES = 2**30  # 1 GiB: the writer holds at most one shard plus one layer
+
+
+def layer_tensors(layer: nn.Module, index: int, expected: set[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """One decoder layer's tensors under their checkpoint names, in `dtype`, on the CPU, with a zero
+    bias wherever the target config implies one the layer does not have (`expected`: the names the
+    whole checkpoint must hold)."""
+    prefix = f"model.layers.{index}."
+    sd = {prefix + k: v.detach().to("cpu", dtype).contiguous() for k, v in layer.state_dict().items()}
+    for key in sorted(k for k in expected if k.startswith(prefix) and k not in sd):
+        if not key.endswith(".bias"):
+            raise KeyError(f"the pruned layer {index} has no tensor {key}")
+        rows = sd[key[: -len(".bias")] + ".weight"].shape[0]
+        sd[key] = torch.zeros(rows, dtype=dtype)
+    return sd
+
+
+class ShardWriter:
+    def __init__(self, out: Path, shard_bytes: int = STREAM_SHARD_BYTES, parts: list[dict] | None = None):
+        self.out = Path(out)
+        self.shard_bytes = shard_bytes
+        self.parts: list[dict] = list(parts or [])  # {"file", "keys", "bytes"} of the parts on disk
+        self.buffer: dict[str, torch.Tensor] = {}
+        self.size = 0
+
+    def add(self, tensors: dict[str, torch.Tensor]) -> bool:
+        """Buffer `tensors`; write a part when the buffer is a shard's worth. True if a part was written."""
+        self.buffer.update(tensors)
+        self.size += sum(t.numel() * t.element_size() for t in tensors.values())
+        if self.size >= self.shard_bytes:
+            self.flush()
+            return True
+        return False
+
+    def flush(self) -> None:
+        if not self.buffer:
+            return
+        name = f"part-{len(self.parts) + 1:05d}.safetensors"
+        tmp = self.out / (name + ".partial")
+        save_file(self.buffer, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, self.out / name)  # a part on disk is always complete
+        self.parts.append({"file": name, "keys": sorted(self.buffer), "bytes": self.size})
+        self.buffer, self.size = {}, 0
+
+    def state(self) -> list[dict]:
+        return list(self.parts)
+
+    def finish(self) -> list[str]:
+        """Write what is buffered and give the parts their final names; returns the file names."""
+        self.flush()
+        n = len(self.parts)
+        if n == 1:
+            os.replace(self.out / self.parts[0]["file"], self.out / "model.safetensors")
+            return ["model.safetensors"]
+        weight_map, files = {}, []
+        for k, part in enumerate(self.parts, 1):
+            name = f"model-{k:05d}-of-{n:05d}.safetensors"
+            os.replace(self.out / part["file"], self.out / name)
+            weight_map.update({key: name for key in part["keys"]})
+            files.append(name)
+        total = sum(p["bytes"] for p in self.parts)
+        (self.out / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+        return [*files, "model.safetensors.index.json"]
