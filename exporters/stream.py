@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-STREAM_SHARD_BYTES = 2**30  # 1 GiB: the writer holds at most one shard plus one layer
+STREAM_SHARD_BYTES = 2**29  # 512 MiB: the writer holds at most one shard plus one layer
 
 
 def layer_tensors(layer: nn.Module, index: int, expected: set[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
