@@ -15,13 +15,14 @@ import math
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from ..errors import UserError
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+_ALL_DTYPES = {**_ST_DTYPES, "F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+               "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 
 def weight_files(path: Path) -> dict[str, str]:
@@ -42,16 +43,46 @@ def weight_files(path: Path) -> dict[str, str]:
         raise UserError(f"{path} holds no safetensors weights.")
     names: dict[str, str] = {}
     for f in files:
-        with _open(path / f) as h:
-            names.update({k: f for k in h.keys()})
+        names.update({k: f for k in header(path / f)[0]})
     return names
 
 
-def _open(file: Path):
+def header(file: Path) -> tuple[dict, int]:
+    """A safetensors file's tensor table (name -> dtype, shape, data_offsets) and where its data begins."""
     try:
-        return safe_open(str(file), "pt")
-    except (SafetensorError, OSError) as exc:
-        raise UserError(f"The safetensors file {file} is corrupt or truncated ({str(exc).splitlines()[0]}).") from exc
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if n <= 0 or 8 + n > size:
+                raise ValueError("header length out of range")
+            table = json.loads(f.read(n))
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise UserError(f"The safetensors file {file} is corrupt or truncated ({exc}).") from exc
+    table.pop("__metadata__", None)
+    end = max((t["data_offsets"][1] for t in table.values()), default=0)
+    if 8 + n + end > size:
+        raise UserError(f"The safetensors file {file} is truncated ({size} bytes, its header needs {8 + n + end}).")
+    return table, 8 + n
+
+
+def _finite(t: torch.Tensor, chunk: int = 2**24) -> bool:
+    """No NaN or inf in `t`, checked a slice at a time (a whole-tensor check of a 1 GB embedding
+    would take several GB of temporaries)."""
+    return all(bool(torch.isfinite(c).all()) for c in t.reshape(-1).split(chunk))
+
+
+def _read(f, base: int, entry: dict, file: Path) -> torch.Tensor:
+    """One tensor, read with plain file reads: no memory map, so the checkpoint's pages are page
+    cache (reclaimable) rather than this process's resident memory."""
+    dtype = _ALL_DTYPES.get(entry["dtype"])
+    if dtype is None:
+        raise UserError(f"The safetensors file {file} holds a tensor of unsupported dtype {entry['dtype']}.")
+    start, end = entry["data_offsets"]
+    buf = torch.empty(end - start, dtype=torch.uint8)
+    f.seek(base + start)
+    if f.readinto(buf.numpy()) != end - start:
+        raise UserError(f"The safetensors file {file} is truncated.")
+    return buf.view(dtype).reshape(entry["shape"])
 
 
 def checkpoint_dtype(path: Path, config) -> torch.dtype:
@@ -59,10 +90,8 @@ def checkpoint_dtype(path: Path, config) -> torch.dtype:
     name = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "").replace("torch.", "")
     if name in _DTYPES:
         return _DTYPES[name]
-    files = weight_files(path)
-    with _open(path / next(iter(files.values()))) as h:
-        first = next(iter(h.keys()))
-        return _ST_DTYPES.get(h.get_slice(first).get_dtype(), torch.float32)
+    table, _ = header(path / next(iter(weight_files(path).values())))
+    return next((_ST_DTYPES[t["dtype"]] for t in table.values() if t["dtype"] in _ST_DTYPES), torch.float32)
 
 
 def checkpoint_bytes(path: Path) -> int:
@@ -96,6 +125,7 @@ class LazyModel:
             raise UserError(f"Could not read the config in {self.path}: {str(exc).splitlines()[0]}") from exc
         self.files = weight_files(self.path)
         self.dtype = dtype or checkpoint_dtype(self.path, self.config)
+        self._headers: dict[str, tuple[dict, int]] = {}
         with torch.device("meta"):
             self.model = AutoModelForCausalLM.from_config(self.config, dtype=self.dtype,
                                                           trust_remote_code=trust_remote_code)
@@ -113,8 +143,7 @@ class LazyModel:
 
     def read(self, names: list[str], device: torch.device | str = "cpu", dtype: torch.dtype | None = None
              ) -> dict[str, torch.Tensor]:
-        """Tensors of the checkpoint, each checked to be finite. Each file is mapped only while it is
-        read, so pages of the checkpoint never linger in this process's resident memory."""
+        """Tensors of the checkpoint, each checked to be finite."""
         missing = [n for n in names if n not in self.files]
         if missing:
             raise UserError(f"The checkpoint {self.path} is incomplete: it has no tensor '{missing[0]}'.")
@@ -123,14 +152,14 @@ class LazyModel:
             by_file.setdefault(self.files[n], []).append(n)
         out = {}
         for f, group in by_file.items():
-            with _open(self.path / f) as h:
+            file = self.path / f
+            if f not in self._headers:
+                self._headers[f] = header(file)
+            table, base = self._headers[f]
+            with open(file, "rb") as fh:
                 for name in group:
-                    try:
-                        t = h.get_tensor(name)
-                    except (SafetensorError, OSError) as exc:
-                        raise UserError(f"The safetensors file {self.path / f} is corrupt or truncated "
-                                        f"({exc}).") from exc
-                    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    t = _read(fh, base, table[name], file)
+                    if t.is_floating_point() and not _finite(t):
                         raise UserError(f"The checkpoint {self.path} has non-finite values (NaN or inf) in '{name}'.")
                     out[name] = t.to(device=device, dtype=dtype or self.dtype)
                     del t

@@ -113,7 +113,7 @@ def least_squares(w: torch.Tensor, gram: torch.Tensor, mean: torch.Tensor, n: in
     lam = (RIDGE if ridge is None else ridge) * float(a[:nk, :nk].diagonal().mean().clamp_min(1e-12))
     cross = g if cross is None else cross.double()
     rhs = torch.empty(w.shape[0], size, dtype=torch.float64)
-    rhs[:, :nk] = w @ cross[:, k]
+    rhs[:, :nk] = (w @ cross)[:, k]  # not w @ cross[:, k]: that copy of the Gram's columns is the larger
     rhs[:, :nk] += lam * w[:, k]  # W R X_K^T + lam P
     a[:nk, :nk].diagonal().add_(lam)
     if intercept:
