@@ -156,35 +156,118 @@ def _lm_eval_vllm_class():
     return mod.VLLM
 
 
+# The child interpreter `lm_eval_scores_vllm` starts. vLLM starts its own processes with `spawn`;
+# the guard keeps a re-import of this program from scoring again.
+_VLLM_CHILD = r"""
+import sys
+from compressor.evaluate.lm_eval import _vllm_child_main
+if __name__ == "__main__":
+    _vllm_child_main(sys.argv[1], sys.argv[2])
+"""
+# Once the child has delivered its scores, how long it may take to stop vLLM and exit.
+_VLLM_CHILD_EXIT_S = 180.0
+
+
 def lm_eval_scores_vllm(export_dir: Path, task_dir: Path, dtype: str = "float32", max_length: int = 256
                         ) -> TaskScores:
     """Run the local tasks on an export with lm-eval's vLLM backend: the weights as vLLM serves them
-    (fitprune's per-layer format through the installed plugin). Starts a vLLM engine in this process
-    (needs the `if __name__ == "__main__":` guard vLLM asks of every script)."""
+    (fitprune's per-layer format through the installed plugin).
+
+    The engine runs in a child interpreter (this process starts no vLLM engine, so no
+    `if __name__ == "__main__":` guard is needed here), which sends its scores back through a
+    file: vLLM's CPU engine can abort the interpreter that ran it as that interpreter exits
+    ("terminate called without an active exception", SIGABRT) after the work is done; that must
+    not cost the caller its scores or its own exit status."""
     _import_lm_eval()
-    try:
-        VLLM = _lm_eval_vllm_class()
-    except ImportError as exc:
-        raise UserError(f"lm-eval's vLLM backend is not usable here ({exc}).") from exc
+    import importlib.util
     import os
+    import subprocess
+    import sys
+    import tempfile
+    import time
 
     from exporters.vllm_plugin import check_checkpoint
 
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    if importlib.util.find_spec("vllm") is None:
+        raise UserError("lm-eval's vLLM backend is not usable here (No module named 'vllm').")
+    export_dir, task_dir = Path(export_dir).resolve(), Path(task_dir).resolve()
     check_checkpoint(export_dir)
-    lm = VLLM(pretrained=str(export_dir), dtype=dtype, max_model_len=max_length, seed=0, batch_size="auto",
-              enable_prefix_caching=False)
-    try:
-        return _evaluate(lm, task_dir)
-    finally:
-        import gc
-
+    env = dict(os.environ)
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    root = Path(__file__).resolve().parents[2]  # holds `compressor` and `exporters`
+    if root.name not in ("site-packages", "dist-packages"):
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH", "")) if p)
+    with tempfile.TemporaryDirectory(prefix="fitprune-lmeval-vllm-") as tmp:
+        request, result = Path(tmp) / "request.json", Path(tmp) / "result.json"
+        request.write_text(json.dumps({"export_dir": str(export_dir), "task_dir": str(task_dir), "dtype": dtype,
+                                       "max_length": max_length}))
+        proc = subprocess.Popen([sys.executable, "-c", _VLLM_CHILD, str(request), str(result)], env=env)
         try:
-            lm.model.llm_engine.engine_core.shutdown()
-        except Exception:  # noqa: BLE001  (already stopped)
-            pass
-        del lm
-        gc.collect()
+            while proc.poll() is None and not result.exists():
+                time.sleep(0.2)
+            if result.exists():
+                # The scores are in. The child's exit status from here on does not matter (see
+                # the docstring): it is logged, and a child that does not stop is killed.
+                try:
+                    rc = proc.wait(timeout=_VLLM_CHILD_EXIT_S)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    rc = proc.wait()
+                if rc != 0:
+                    logging.getLogger(__name__).info(
+                        "the vLLM scoring process exited with status %s after it delivered its scores "
+                        "(ignored)", rc)
+                res = json.loads(result.read_text())
+            else:
+                raise RuntimeError(f"lm-eval's vLLM backend stopped (exit status {proc.returncode}) before "
+                                   "it returned scores; its output is above.")
+        except BaseException:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            raise
+    if "user_error" in res:
+        raise UserError(res["user_error"])
+    return TaskScores(**res["scores"])
+
+
+def _vllm_child_main(request: str, result: str) -> None:
+    """The child of `lm_eval_scores_vllm`: score, write the result (atomically, before vLLM is
+    stopped), stop vLLM in its own order, then end the process without interpreter finalization."""
+    import os
+    import sys
+
+    req = json.loads(Path(request).read_text())
+
+    def deliver(res: dict) -> None:
+        part = Path(result + ".part")
+        part.write_text(json.dumps(res))
+        os.replace(part, result)
+
+    lm = None
+    try:
+        _import_lm_eval()
+        try:
+            VLLM = _lm_eval_vllm_class()
+        except ImportError as exc:
+            raise UserError(f"lm-eval's vLLM backend is not usable here ({exc}).") from exc
+        lm = VLLM(pretrained=req["export_dir"], dtype=req["dtype"], max_model_len=req["max_length"], seed=0,
+                  batch_size="auto", enable_prefix_caching=False)
+        deliver({"scores": _evaluate(lm, Path(req["task_dir"])).as_dict()})
+    except UserError as exc:
+        deliver({"user_error": str(exc)})
+    finally:
+        if lm is not None:
+            from runtimes.vllm_runtime import shutdown_llm
+
+            shutdown_llm(lm.model)
+    # Deliberately no interpreter finalization (as multiprocessing ends its children): the result
+    # is delivered and vLLM's processes are stopped; what is left is the teardown of native
+    # threads (torch, pyarrow, ...) during which this process may abort. Exit status: 0.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _scores_or_skip(score, label: str, say) -> dict:

@@ -245,21 +245,33 @@ def gram_bytes(shapes) -> int:
     return sum(8 * ((s.num_heads * s.head_dim) ** 2 + s.intermediate_size ** 2) for s in shapes)
 
 
-def plan_passes(metric: Metric, comp: Compensation, structure: str, greedy: bool | None, shapes,
+def refit_bytes(shape, hidden: int) -> int:
+    """Working memory of one least-squares re-fit of down_proj in float64: its Gram matrix, the
+    system matrix and its factorisation, the weights, the right-hand side and the solution."""
+    d = shape.intermediate_size
+    return 8 * (3 * d * d + 4 * hidden * d)
+
+
+def plan_passes(metric: Metric, comp: Compensation, structure: str, greedy: bool | None, shapes, hidden: int,
                 free_bytes: int) -> tuple[str, str]:
     """How an out-of-core prune walks the model: ("one-pass", why) keeps pass 1's Gram matrices,
     ("two-pass", why) recomputes one layer's Gram at a time in pass 2 on the dense activations,
-    ("greedy", why) re-scores each layer on the pruned model's activations."""
+    ("greedy", why) re-scores each layer on the pruned model's activations. One pass is chosen when
+    its predicted memory fits in 80% of what is free."""
     if comp.needs_reference or (greedy if greedy is not None else metric.sequential):
         return "greedy", f"the {'compensation' if comp.needs_reference else 'metric'} is sequential"
     if not comp.needs_gram:
         return "one-pass", f"'{comp.name}' needs no Gram matrices"
-    need = gram_bytes(shapes)
-    if need <= free_bytes // 2:
-        return "one-pass", (f"every layer's Gram matrices ({need / 2**30:.2f} GiB) fit in half of the free memory "
-                            f"({free_bytes / 2**30:.1f} GiB)")
-    return "two-pass", (f"every layer's Gram matrices ({need / 2**30:.2f} GiB) do not fit in half of the free memory "
-                        f"({free_bytes / 2**30:.1f} GiB): pass 2 recomputes one layer's at a time")
+    work = max(refit_bytes(s, hidden) for s in shapes)
+    one = gram_bytes(shapes) + work
+    two = gram_bytes(shapes[:1]) + work
+    gib = 2**30
+    if one <= 0.8 * free_bytes:
+        return "one-pass", (f"every layer's Gram matrices and a re-fit ({one / gib:.2f} GiB) fit in the free memory "
+                            f"({free_bytes / gib:.1f} GiB)")
+    return "two-pass", (f"every layer's Gram matrices and a re-fit ({one / gib:.2f} GiB) do not fit in the free "
+                        f"memory ({free_bytes / gib:.1f} GiB): pass 2 recomputes one layer's at a time "
+                        f"({two / gib:.2f} GiB)")
 
 
 def prune_out_of_core(lazy, adapter: Adapter, calib: torch.Tensor, spec: PruneSpec, compute: Compute, sink: LayerSink,
@@ -284,7 +296,7 @@ def prune_out_of_core(lazy, adapter: Adapter, calib: torch.Tensor, spec: PruneSp
     layers = adapter.layers(model)
     hidden = model.config.hidden_size
     shapes = [adapter.shape(layer) for layer in layers]
-    mode, why = plan_passes(metric, comp, structure, spec.greedy, shapes, free_bytes)
+    mode, why = plan_passes(metric, comp, structure, spec.greedy, shapes, hidden, free_bytes)
     say(f"out of core: {mode} ({why})")
     engine_args = dict(device=compute.device, batch_size=compute.batch_size, lazy=lazy)
     memory: dict = {}

@@ -35,6 +35,9 @@ def markdown(report: Report | dict) -> str:
     b = r.get("budget")
     if b:
         verdict = "**meets every budget line**" if b["passed"] else "**misses at least one budget line**"
+        unmeasured = [ln["line"] for ln in b["lines"] if ln["kind"] == "not measured"]
+        if unmeasured and b["passed"]:
+            verdict = f"**meets every budget line that has a figure**; not measured: {', '.join(unmeasured)}"
         lines += [f"## Budget: {verdict}", "", "| line | value | limit | | kind | device |",
                   "|---|---|---|---|---|---|"]
         for ln in b["lines"]:
@@ -50,15 +53,17 @@ def markdown(report: Report | dict) -> str:
         lines += ["## Latency and throughput", ""]
         if not lat["on_profile_device"]:
             lines += [f"> The profile's device ({lat['profile_device']}) is **not** this machine. Measured figures "
-                      f"are this host's ({lat['host_device']}); the target's figures are **predicted** by the "
-                      "cost model.", ""]
+                      f"are this host's ({lat.get('host_device', 'none taken')}); the target's figures are "
+                      "**predicted** by the cost model.", ""]
         if lat.get("runtime_note"):
             lines += [f"> Note: {lat['runtime_note']}.", ""]
+        if (lat.get("measured") or {}).get("skipped"):
+            lines += [f"> Not measured on this host: {lat['measured']['skipped']}.", ""]
         lines += ["| figure | model | TTFT | TPOT | throughput | device |", "|---|---|---|---|---|---|"]
         for kind in ("measured", "predicted"):
             for which in ("dense", "pruned"):
                 f = (lat.get(kind) or {}).get(which)
-                if not f:
+                if not isinstance(f, dict):
                     continue
                 dev = f.get("device", "")
                 if kind == "measured":
