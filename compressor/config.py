@@ -22,6 +22,7 @@ from .prune import ATTN_UNITS, COMPENSATION, IMPORTANCE, STRUCTURES
 EXPORT_DTYPES = ("auto", "float32", "bfloat16", "float16")
 LM_EVAL_BACKENDS = ("hf", "vllm")
 OUT_OF_CORE = ("auto", "on", "off")
+PASSES = ("auto", "one", "two")
 
 
 def _one_of(value: str, allowed: tuple[str, ...] | list[str], option: str) -> str:
@@ -62,6 +63,9 @@ class RunConfig(BaseModel):
     # float32 would not fit in half of the free memory); see compressor/outofcore.py
     out_of_core: str = "auto"
     resume: bool = False  # continue an interrupted out-of-core run on the same --out
+    # out of core with a Gram-based compensation: keep every layer's Gram matrices from pass 1 ("one")
+    # or recompute one layer's at a time in pass 2 ("two"); auto: from the predicted memory
+    passes: str = "auto"
 
     @classmethod
     def make(cls, **options) -> RunConfig:
@@ -96,10 +100,11 @@ class RunConfig(BaseModel):
     def _backend(cls, v: str) -> str:
         return _one_of(v, LM_EVAL_BACKENDS, "--lm-eval-backend")
 
-    @field_validator("out_of_core")
+    @field_validator("out_of_core", "passes")
     @classmethod
-    def _out_of_core(cls, v: str) -> str:
-        return _one_of(v, OUT_OF_CORE, "--out-of-core")
+    def _out_of_core(cls, v: str, info) -> str:
+        return _one_of(v, OUT_OF_CORE if info.field_name == "out_of_core" else PASSES,
+                       "--" + info.field_name.replace("_", "-"))
 
     # ---- numbers ---------------------------------------------------------------------------
     @field_validator("ratio")

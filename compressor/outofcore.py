@@ -79,7 +79,8 @@ class ExportSink(LayerSink):
         from exporters.stream import STREAM_SHARD_BYTES, ShardWriter
 
         self.lazy, self.adapter, self.comp, self.dtype = lazy, adapter, comp, dtype
-        self.writer = ShardWriter(work.export_dir, shard_bytes or STREAM_SHARD_BYTES, parts=work.state["parts"])
+        self.writer = ShardWriter(work.export_dir, STREAM_SHARD_BYTES if shard_bytes is None else shard_bytes,
+                                  parts=work.state["parts"])
         self.expected: set[str] | None = None
         self.target = None
 
@@ -114,10 +115,11 @@ class ExportSink(LayerSink):
         from exporters.hf import finish_dir
 
         cfg, fmt = self.target
-        for name in sorted(k for k in self.lazy.files if not k.startswith("model.layers.")):
-            if name == "lm_head.weight" and getattr(cfg, "tie_word_embeddings", False):
-                continue
-            self.writer.add({name: self.lazy.tensor(name, dtype=self.dtype).contiguous()})
+        rest = [k for k in sorted(self.lazy.files) if not k.startswith("model.layers.")
+                and not (k == "lm_head.weight" and getattr(cfg, "tie_word_embeddings", False))]
+        small = [k for k in rest if "embed" not in k and not k.startswith("lm_head")]
+        for group in [small, *[[k] for k in rest if k not in small]]:  # the large ones one at a time
+            self.writer.add({k: self.lazy.tensor(k, dtype=self.dtype).contiguous() for k in group})
         files = self.writer.finish()
         gen = None
         if (self.lazy.path / "generation_config.json").is_file():
@@ -150,7 +152,7 @@ def fingerprint(cfg: RunConfig, spec, dtype: torch.dtype) -> dict:
             "compensation": spec.compensation, "structure": spec.structure, "ratio": spec.ratio,
             "attn_unit": spec.attn_unit, "round_to": spec.round_to, "calib": cfg.calib, "nsamples": cfg.nsamples,
             "seqlen": cfg.seqlen, "seed": cfg.seed, "batch_size": cfg.batch_size, "device": cfg.device,
-            "dtype": str(dtype), "export_dtype": cfg.export_dtype}
+            "dtype": str(dtype), "export_dtype": cfg.export_dtype, "passes": cfg.passes}
 
 
 def prepare_lazy(cfg: RunConfig, stages):
@@ -255,4 +257,5 @@ def _run(cfg, profile, plan, spec, lazy, prep, work, dtype, stages, console, out
 def _prune(cfg, lazy, prep, spec, work, sink, console):
     with layer_progress(console, len(prep.adapter.layers(lazy.model))) as progress:
         return prune_out_of_core(lazy, prep.adapter, prep.calib, spec, cfg.compute, sink, work=work,
-                                 free_bytes=available_bytes(), progress=progress, say=console.print)
+                                 free_bytes=available_bytes(), progress=progress, say=console.print,
+                                 passes=cfg.passes)

@@ -285,3 +285,59 @@ def test_resume_without_a_work_directory_is_one_sentence(tmp_path, tiny_model_di
     p = run_cli(str(tiny_model_dir), "--ratio", "0.2", "--nsamples", "4", "--seqlen", "32", "--no-checks", "--resume",
                 "--out", str(out))
     assert_clean_failure(p, out, "Nothing to resume")
+
+
+@pytest.mark.slow
+def test_peak_memory_does_not_grow_with_depth(tmp_path, tiny_model_dir):
+    """Two runs out of core (two passes: one layer's statistics at a time), 2 and 8 layers of the same
+    width, each in its own process: the peak host RSS of the pruning step and of the layer-wise
+    evaluation stays flat, where holding the 6 extra layers would add ~200 MB (bf16)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.conftest import tiny_config
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    peaks = {}
+    for layers in (2, 8):
+        path = tmp_path / f"m{layers}"
+        cfg = tiny_config("llama-mha", vocab_size=len(tok), layers=layers, hidden_size=1024, intermediate_size=4096,
+                          num_attention_heads=8, num_key_value_heads=8, head_dim=128)
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).save_pretrained(path)
+        tok.save_pretrained(path)
+        out = tmp_path / f"o{layers}"
+        p = run_cli(str(path), "--ratio", "0.2", "--nsamples", "16", "--seqlen", "64", "--no-checks",
+                    "--out-of-core", "on", "--passes", "two", "--round-to", "64", "--out", str(out))
+        assert p.returncode == 0, p.stderr[-3000:]
+        stages = json.loads((out / "report.json").read_text())["memory"]["stages"]
+        peaks[layers] = {k: stages[k]["peak_rss_mib"]
+                         for k in ("pruning_step", "perplexity_dense", "perplexity_pruned")}
+    layer_mib = (4 * 1024 * 1024 + 3 * 1024 * 4096) * 2 / 2**20  # one layer in bf16: 32 MiB
+    print(peaks)
+    for stage in peaks[2]:
+        assert peaks[8][stage] - peaks[2][stage] < 2 * layer_mib, (stage, peaks)
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.parametrize("structure", ["uniform", "global"])
+def test_smollm2_out_of_core_gives_the_in_memory_weights(tmp_path, smollm2_dir, structure):
+    """The real model: the default method (flap + lsq+bias) out of core, with one layer's Gram
+    matrices at a time (two passes), writes the weights the in-memory path writes (fp32, <= 1e-6)."""
+    from compressor.data import load_texts
+
+    loaded = load(str(smollm2_dir))
+    texts = load_texts("builtin", loaded.tokenizer, loaded.model, 8, 128, 2, 0)
+    spec = PruneSpec(metric="flap", compensation="lsq+bias", structure=structure, ratio=0.2, round_to=64)
+    prune(loaded.model, adapter_for(loaded.model), texts.calib, spec, Compute())
+    mem = tmp_path / "mem"
+    mem.mkdir()
+    export_hf(loaded.model, loaded.tokenizer, mem)
+    ref = _weights(mem)
+    work, res = _out_of_core(smollm2_dir, spec, texts.calib, tmp_path / "w", free=0)
+    assert res.notes["out_of_core"] == "two-pass"
+    got = _weights(work.export_dir)
+    assert set(got) == set(ref)
+    worst = max(float((got[k] - ref[k]).abs().max()) for k in ref)
+    print(f"{structure}: max abs diff {worst:.3g} over {len(ref)} tensors")
+    assert worst <= 1e-6

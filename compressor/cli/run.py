@@ -39,6 +39,7 @@ def run_cmd(
     trials: int = typer.Option(20, "--trials", help="Trial budget for --search."),
     out_of_core: str = typer.Option("auto", "--out-of-core", help="on: weights stay in the checkpoint's safetensors files and one layer at a time is in memory, in the checkpoint's dtype (for models larger than RAM); off: the whole model in memory in float32; auto: on when the model in float32 would not fit in half of the free memory."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted out-of-core run on the same --out (same options) from its work directory."),
+    passes: str = typer.Option("auto", "--passes", help="Out of core, with a least-squares compensation: one (keep every layer's Gram matrices from the scoring pass; memory grows with depth), two (recompute one layer's at a time in a second pass; memory flat in depth), auto (one when it fits in the free memory)."),
 ):
     from ..config import RunConfig
     from ..output import signals_as_errors
@@ -48,7 +49,7 @@ def run_cmd(
                    seqlen=seqlen, batch_size=batch_size, device=device, seed=seed, out=out,
                    export_dtype=export_dtype, threads=threads, trust_remote_code=trust_remote_code, checks=checks,
                    lm_eval_backend=lm_eval_backend, search=search, trials=trials,
-                   out_of_core=out_of_core, resume=resume)
+                   out_of_core=out_of_core, resume=resume, passes=passes)
     with signals_as_errors():
         from ..pipeline import run
 

@@ -175,12 +175,14 @@ def lm_eval_scores_vllm(export_dir: Path, task_dir: Path, dtype: str = "float32"
 
     The engine runs in a child interpreter (this process starts no vLLM engine, so no
     `if __name__ == "__main__":` guard is needed here), which sends its scores back through a
-    file: vLLM's CPU engine can abort the interpreter that ran it as that interpreter exits
-    ("terminate called without an active exception", SIGABRT) after the work is done; that must
+    file before it stops the engine: the process that ran vLLM's CPU engine can abort after the
+    work is done, while the engine stops or as the interpreter exits ("terminate called without
+    an active exception", SIGABRT, seen in CI after all requests had been answered); that must
     not cost the caller its scores or its own exit status."""
     _import_lm_eval()
     import importlib.util
     import os
+    import signal
     import subprocess
     import sys
     import tempfile
@@ -221,10 +223,14 @@ def lm_eval_scores_vllm(export_dir: Path, task_dir: Path, dtype: str = "float32"
             else:
                 raise RuntimeError(f"lm-eval's vLLM backend stopped (exit status {proc.returncode}) before "
                                    "it returned scores; its output is above.")
-        except BaseException:
+        except BaseException:  # interrupted: let the child stop its engine (SIGINT), then kill it
             if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+                proc.send_signal(signal.SIGINT)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
             raise
     if "user_error" in res:
         raise UserError(res["user_error"])

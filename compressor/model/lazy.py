@@ -115,8 +115,10 @@ class LazyModel:
     def __init__(self, path: Path | str, dtype: torch.dtype | None = None, trust_remote_code: bool = False):
         from transformers import AutoConfig, AutoModelForCausalLM
 
+        from ..memory import return_freed_memory_to_the_os
         from .loading import _register_fitprune
 
+        return_freed_memory_to_the_os()
         self.path = Path(path)
         _register_fitprune()
         try:

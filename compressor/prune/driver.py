@@ -246,14 +246,14 @@ def gram_bytes(shapes) -> int:
 
 
 def refit_bytes(shape, hidden: int) -> int:
-    """Working memory of one least-squares re-fit of down_proj in float64: its Gram matrix, the
+    """Working memory of one least-squares re-fit of down_proj in float64 beside its Gram matrix: the
     system matrix and its factorisation, the weights, the right-hand side and the solution."""
     d = shape.intermediate_size
-    return 8 * (3 * d * d + 4 * hidden * d)
+    return 8 * (2 * d * d + 4 * hidden * d)
 
 
 def plan_passes(metric: Metric, comp: Compensation, structure: str, greedy: bool | None, shapes, hidden: int,
-                free_bytes: int) -> tuple[str, str]:
+                free_bytes: int, passes: str = "auto") -> tuple[str, str]:
     """How an out-of-core prune walks the model: ("one-pass", why) keeps pass 1's Gram matrices,
     ("two-pass", why) recomputes one layer's Gram at a time in pass 2 on the dense activations,
     ("greedy", why) re-scores each layer on the pruned model's activations. One pass is chosen when
@@ -262,6 +262,8 @@ def plan_passes(metric: Metric, comp: Compensation, structure: str, greedy: bool
         return "greedy", f"the {'compensation' if comp.needs_reference else 'metric'} is sequential"
     if not comp.needs_gram:
         return "one-pass", f"'{comp.name}' needs no Gram matrices"
+    if passes in ("one", "two"):
+        return f"{passes}-pass", "asked for with --passes"
     work = max(refit_bytes(s, hidden) for s in shapes)
     one = gram_bytes(shapes) + work
     two = gram_bytes(shapes[:1]) + work
@@ -269,13 +271,15 @@ def plan_passes(metric: Metric, comp: Compensation, structure: str, greedy: bool
     if one <= 0.8 * free_bytes:
         return "one-pass", (f"every layer's Gram matrices and a re-fit ({one / gib:.2f} GiB) fit in the free memory "
                             f"({free_bytes / gib:.1f} GiB)")
+    warn = "" if two <= free_bytes else "; warning: even that may not fit"
     return "two-pass", (f"every layer's Gram matrices and a re-fit ({one / gib:.2f} GiB) do not fit in the free "
                         f"memory ({free_bytes / gib:.1f} GiB): pass 2 recomputes one layer's at a time "
-                        f"({two / gib:.2f} GiB)")
+                        f"({two / gib:.2f} GiB){warn}")
 
 
 def prune_out_of_core(lazy, adapter: Adapter, calib: torch.Tensor, spec: PruneSpec, compute: Compute, sink: LayerSink,
-                      work=None, free_bytes: int = 0, progress: Progress | None = None, say=print) -> PruneResult:
+                      work=None, free_bytes: int = 0, progress: Progress | None = None, say=print,
+                      passes: str = "auto") -> PruneResult:
     """Calibrate, score, allocate, prune and compensate a model whose weights stay in its checkpoint
     (`lazy`: `model.lazy.LazyModel`), one layer in memory at a time, handing every pruned layer to
     `sink` in order. Gives the same pruned weights as `prune` on the same model in memory.
@@ -296,7 +300,7 @@ def prune_out_of_core(lazy, adapter: Adapter, calib: torch.Tensor, spec: PruneSp
     layers = adapter.layers(model)
     hidden = model.config.hidden_size
     shapes = [adapter.shape(layer) for layer in layers]
-    mode, why = plan_passes(metric, comp, structure, spec.greedy, shapes, hidden, free_bytes)
+    mode, why = plan_passes(metric, comp, structure, spec.greedy, shapes, hidden, free_bytes, passes)
     say(f"out of core: {mode} ({why})")
     engine_args = dict(device=compute.device, batch_size=compute.batch_size, lazy=lazy)
     memory: dict = {}
