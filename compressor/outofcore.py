@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from . import steps
 from .config import RunConfig
 from .data import load_texts
 from .errors import UserError
@@ -24,7 +25,7 @@ from .model import adapter_for
 from .model.adapters import Widths
 from .model.lazy import LazyModel, checkpoint_bytes
 from .model.loading import LoadedModel, resolve
-from .output import Interrupted
+from .output import Interrupted, _disk_full
 from .prune import COMPENSATION
 from .prune.driver import LayerSink, prune_out_of_core
 from .prune.resume import WorkState, work_dir_for
@@ -175,10 +176,6 @@ def prepare_lazy(cfg: RunConfig, stages):
 
 def run_out_of_core(cfg: RunConfig, profile, round_to: int, stages, console):
     """The whole job out of core; returns the report (also written to OUT/report.json)."""
-    from . import steps
-    from .evaluate.lm_eval import Tasks
-    from .evaluate.perplexity import layerwise_perplexity
-
     say = console.print
     lazy, prep = prepare_lazy(cfg, stages)
     plan, ratio = steps.choose_ratio(cfg, profile, round_to, stages, say)
@@ -188,29 +185,37 @@ def run_out_of_core(cfg: RunConfig, profile, round_to: int, stages, console):
     dtype = lazy.dtype if cfg.export_dtype == "auto" else getattr(torch, cfg.export_dtype)
     say(f"out of core: weights stay in {lazy.path} ({checkpoint_bytes(lazy.path) / 2**30:.1f} GiB), computed in "
         f"{str(lazy.dtype).replace('torch.', '')}, one layer at a time on {cfg.device}")
-    work = open_work(cfg, out, fingerprint(cfg, spec, lazy.dtype), say)
+    folder = work_dir_for(out)
     keep_work = False
     try:
-        report = _run(cfg, profile, plan, spec, lazy, prep, work, dtype, stages, console, out, Tasks,
-                      layerwise_perplexity)
+        try:
+            work = open_work(cfg, out, fingerprint(cfg, spec, lazy.dtype), say)
+        except UserError:
+            keep_work = cfg.resume  # a refused --resume (other settings) leaves the interrupted run as it was
+            raise
+        return _run(cfg, profile, plan, spec, lazy, prep, work, dtype, stages, console, out)
     except Interrupted as exc:
         keep_work = True
-        raise UserError(f"Interrupted by {str(exc).split('by ', 1)[-1].split(';')[0]}; the finished layers are kept "
-                        f"in {work.folder}: rerun the same command with --resume to continue.",
-                        exit_code=130) from None
+        raise UserError(f"Interrupted by {exc.signal_name}; the finished layers are kept in {folder}: rerun the same "
+                        "command with --resume to continue.", exit_code=130) from None
     except KeyboardInterrupt:
         keep_work = True
+        raise
+    except UserError:
+        raise
+    except Exception as exc:
+        if _disk_full(exc):
+            raise UserError(f"The disk holding {folder.parent} is full; nothing was written.", exit_code=28) from exc
         raise
     finally:
         lazy.close()
         if not keep_work:
-            shutil.rmtree(work.folder, ignore_errors=True)
-    return report
+            shutil.rmtree(folder, ignore_errors=True)
 
 
-def _run(cfg, profile, plan, spec, lazy, prep, work, dtype, stages, console, out, Tasks, layerwise_perplexity):
-    from . import steps
-    from .output import _disk_full
+def _run(cfg, profile, plan, spec, lazy, prep, work, dtype, stages, console, out):
+    from .evaluate.lm_eval import Tasks
+    from .evaluate.perplexity import layerwise_perplexity
 
     say = console.print
     model, adapter, tok = lazy.model, prep.adapter, prep.loaded.tokenizer
@@ -225,16 +230,10 @@ def _run(cfg, profile, plan, spec, lazy, prep, work, dtype, stages, console, out
             tasks.dense = tasks.pruned = {"skipped": no_lm_eval}
             say(f"lm-eval in process {no_lm_eval}")
         sink = ExportSink(lazy, adapter, COMPENSATION.get(spec.compensation), dtype, work)
-        try:
-            with stages.timed("pruning_step"):
-                result = _prune(cfg, lazy, prep, spec, work, sink, console)
-            with stages.timed("export"):
-                res = sink.finish(tok)
-        except OSError as exc:
-            if _disk_full(exc):
-                raise UserError(f"The disk holding {work.folder.parent} is full; nothing was written.",
-                                exit_code=28) from exc
-            raise
+        with stages.timed("pruning_step"):
+            result = _prune(cfg, lazy, prep, spec, work, sink, console)
+        with stages.timed("export"):
+            res = sink.finish(tok)
         with stages.timed("perplexity_pruned"):
             pruned = LazyModel(work.export_dir, trust_remote_code=True)
             try:

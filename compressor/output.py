@@ -23,6 +23,7 @@ def check_out_dir(out: Path) -> None:
 class Interrupted(UserError):
     def __init__(self, what: str):
         super().__init__(f"Interrupted by {what}; nothing was written.", exit_code=130)
+        self.signal_name = what
 
 
 @contextlib.contextmanager

@@ -252,3 +252,42 @@ def test_same_seed_gives_bit_identical_weights(tmp_path, tiny_model_dir):
     assert runs["a"] == runs["b"]
     # the hash does see the calibration: another seed draws other windows and other weights
     assert runs["c"] != runs["a"]
+
+
+# ---- out of core: the same failures, and the work directory beside --out never stays behind ----
+
+OOC = ("--out-of-core", "on")
+
+
+def test_disk_full_during_streaming_export(tiny_fs, tiny_model_dir):
+    out = tiny_fs / "o"
+    p = run_cli(str(tiny_model_dir), *FAST, *OOC, "--out", str(out))
+    assert_clean_failure(p, out, "is full; nothing was written.", code=28)
+    assert list(tiny_fs.iterdir()) == []  # no work directory either
+
+
+@pytest.mark.parametrize("kind", ["garbage", "truncated"])
+def test_corrupt_safetensors_out_of_core(tmp_path, tiny_model_dir, kind):
+    model = _copy_without_weights(tiny_model_dir, tmp_path / "m")
+    real = (tiny_model_dir / "model.safetensors").read_bytes()
+    data = b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}xx" if kind == "garbage" else real[: len(real) // 2]
+    (model / "model.safetensors").write_bytes(data)
+    out = tmp_path / "o"
+    p = run_cli(str(model), *FAST, *OOC, "--out", str(out))
+    assert_clean_failure(p, out, "is corrupt or truncated")
+    assert not (tmp_path / ".o.fitprune-work").exists()
+
+
+def test_missing_shard_out_of_core(tmp_path, tiny_model_dir):
+    model = _copy_without_weights(tiny_model_dir, tmp_path / "m")
+    shutil.copy(tiny_model_dir / "model.safetensors", model / "model-00001-of-00002.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(tiny_model_dir / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    weight_map = {k: "model-00001-of-00002.safetensors" for k in keys}
+    weight_map["model.layers.1.mlp.down_proj.weight"] = "model-00002-of-00002.safetensors"
+    (model / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    out = tmp_path / "o"
+    p = run_cli(str(model), *FAST, *OOC, "--out", str(out))
+    assert_clean_failure(p, out, "the shard model-00002-of-00002.safetensors named in its index is missing")

@@ -61,7 +61,8 @@ def header(file: Path) -> tuple[dict, int]:
     table.pop("__metadata__", None)
     end = max((t["data_offsets"][1] for t in table.values()), default=0)
     if 8 + n + end > size:
-        raise UserError(f"The safetensors file {file} is truncated ({size} bytes, its header needs {8 + n + end}).")
+        raise UserError(f"The safetensors file {file} is corrupt or truncated ({size} bytes where its header "
+                        f"needs {8 + n + end}).")
     return table, 8 + n
 
 
