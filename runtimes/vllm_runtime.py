@@ -5,17 +5,68 @@ fitprune's per-layer format resolves through the installed `vllm.general_plugins
 a script that creates a `VllmRuntime` needs an `if __name__ == "__main__":` guard.
 
 On CPU, `VLLM_CPU_KVCACHE_SPACE` (GiB of KV cache) defaults to 1 here unless set.
+
+`shutdown_llm` stops a `vllm.LLM` in vLLM's own order (what `VllmRuntime.close` does).
 """
 
 from __future__ import annotations
 
 import gc
 import json
+import logging
 import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
 from .base import Generation, Runtime, RuntimeUnavailable, cpu_device, register
+
+log = logging.getLogger(__name__)
+
+# How long the EngineCore process may take to stop (it stops its workers first) before it is
+# killed. vLLM's default, 5 s, is shorter than a CPU engine takes on 2 cores (about 6 s): the
+# EngineCore is then SIGKILLed during its teardown and leaves its shared-memory queue behind.
+ENGINE_SHUTDOWN_S = 60.0
+
+
+def shutdown_llm(llm, timeout: float = ENGINE_SHUTDOWN_S) -> None:
+    """Stop a `vllm.LLM` in the order vLLM stops its own engines: the renderer's thread pools, the
+    engine core (SIGTERM to the EngineCore process, which stops its workers; SIGKILL only after
+    `timeout` s), the client's output thread (told to stop by the engine core's shutdown, but not
+    joined there: joined here, so that it is not still decoding tensors when the interpreter
+    exits), then the distributed state of this process. Each step is tried even if an earlier
+    one failed (failures are logged, never raised)."""
+    engine = getattr(llm, "llm_engine", None)
+    if engine is None:
+        return
+    client = getattr(engine, "engine_core", None)
+
+    def stop_renderer():
+        renderer = getattr(engine, "renderer", None)
+        if renderer is not None:
+            renderer.shutdown()
+
+    def stop_engine_core():
+        if client is not None:
+            client.shutdown(timeout=timeout)
+
+    def join_output_thread():
+        t = getattr(client, "output_queue_thread", None)
+        if isinstance(t, threading.Thread) and t is not threading.current_thread():
+            t.join(timeout=10)
+            if t.is_alive():
+                log.debug("vLLM's output thread did not stop in 10 s")
+
+    def cleanup_distributed():
+        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+        cleanup_dist_env_and_memory()
+
+    for step in (stop_renderer, stop_engine_core, join_output_thread, cleanup_distributed):
+        try:
+            step()
+        except Exception as exc:  # noqa: BLE001  (already stopped, or a step this vLLM lacks)
+            log.debug("vLLM shutdown step %s failed: %r", step.__name__, exc)
 
 
 @register("vllm")
@@ -84,9 +135,6 @@ class VllmRuntime(Runtime):
         if llm is None:
             return
         self.llm = None
-        try:
-            llm.llm_engine.engine_core.shutdown()
-        except Exception:  # noqa: BLE001  (already stopped)
-            pass
+        shutdown_llm(llm)
         del llm
         gc.collect()
