@@ -108,11 +108,11 @@ def least_squares(w: torch.Tensor, gram: torch.Tensor, mean: torch.Tensor, n: in
     k = kept
     nk = len(k)
     size = nk + 1 if intercept else nk
-    a = torch.empty(size, size, dtype=torch.float64)
+    a = torch.empty(size, size, dtype=torch.float64, device=g.device)
     a[:nk, :nk] = g[k[:, None], k]
     lam = (RIDGE if ridge is None else ridge) * float(a[:nk, :nk].diagonal().mean().clamp_min(1e-12))
     cross = g if cross is None else cross.double()
-    rhs = torch.empty(w.shape[0], size, dtype=torch.float64)
+    rhs = torch.empty(w.shape[0], size, dtype=torch.float64, device=g.device)
     for c in range(0, nk, 2048):  # W R X_K^T, a block of columns at a time (no full copy of G[:, K])
         rhs[:, c: min(c + 2048, nk)] = w @ cross[:, k[c: c + 2048]]
     rhs[:, :nk] += lam * w[:, k]  # + lam P
@@ -152,8 +152,12 @@ def _lsq(adapter: Adapter, layer: nn.Module, keep: LayerKeep, stats: LayerStats,
         if towards_dense:
             if st.cross is None:
                 raise RuntimeError("a re-fit towards the dense outputs needs the engine's reference stream")
-            ref = {"cross": st.cross.cpu(), "ref_sum": st.ref_sum.cpu()}
-        new_w, b = least_squares(lin.weight.data.cpu(), st.gram.cpu(), st.mean.cpu(), st.n, kept, intercept, **ref)
+            ref = {"cross": st.cross, "ref_sum": st.ref_sum}
+        # solved where the Gram matrix is (the compute device during a pass; the CPU for statistics kept
+        # from an earlier pass)
+        dev = st.gram.device
+        new_w, b = least_squares(lin.weight.data.to(dev), st.gram, st.mean.to(dev), st.n, kept.to(dev), intercept,
+                                 **{k: v.to(dev) for k, v in ref.items()})
         setattr(fix, f"{kind}_weight", new_w)
         setattr(fix, f"{kind}_bias", b)
     return fix
