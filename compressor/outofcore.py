@@ -235,7 +235,7 @@ def _run(cfg, profile, plan, spec, lazy, prep, work, dtype, stages, console, out
         with stages.timed("export"):
             res = sink.finish(tok)
         with stages.timed("perplexity_pruned"):
-            pruned = LazyModel(work.export_dir, trust_remote_code=True)
+            pruned = LazyModel(work.export_dir)  # our format is registered: no remote code
             try:
                 ppl_pruned = layerwise_perplexity(pruned, adapter_for(pruned.model), prep.heldout, cfg.device)
             finally:

@@ -188,7 +188,7 @@ def test_corrupt_safetensors(tmp_path, tiny_model_dir, kind):
     (model / "model.safetensors").write_bytes(data)
     out = tmp_path / "o"
     p = run_cli(str(model), *FAST, "--out", str(out))
-    assert_clean_failure(p, out, "are corrupt or truncated")
+    assert_clean_failure(p, out, "corrupt or truncated")
 
 
 def _gguf_with_architecture(path: Path, arch: str) -> Path:

@@ -124,20 +124,22 @@ def least_squares(w: torch.Tensor, gram: torch.Tensor, mean: torch.Tensor, n: in
         a[nk, :nk] = s[k]
         a[nk, nk] = float(n)  # the intercept is not penalised
         rhs[:, nk] = w @ target_sum
-    sol = _solve_spd(a, rhs)
-    if intercept:
-        return sol[:, :-1], sol[:, -1]
-    return sol, None
-
-
-def _solve_spd(a: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
-    """rhs A^-1 for the symmetric positive definite A (a Gram matrix plus a ridge): by Cholesky, half
-    the work of a general solve; a general solve if rounding made A numerically indefinite."""
+    del w, g, cross
+    # rhs A^-1 for the symmetric positive definite A (a Gram matrix plus a ridge): by Cholesky, half
+    # the work of a general solve, each input freed as soon as it is used; a general solve if
+    # rounding made A numerically indefinite
     chol, info = torch.linalg.cholesky_ex(a)
     if int(info) == 0:
         del a
-        return torch.cholesky_solve(rhs.T.contiguous(), chol).T
-    return torch.linalg.solve(a, rhs.T).T
+        rhs_t = rhs.T.contiguous()
+        del rhs
+        sol = torch.cholesky_solve(rhs_t, chol).T
+    else:
+        del chol
+        sol = torch.linalg.solve(a, rhs.T).T
+    if intercept:
+        return sol[:, :-1], sol[:, -1]
+    return sol, None
 
 
 def _lsq(adapter: Adapter, layer: nn.Module, keep: LayerKeep, stats: LayerStats, intercept: bool,
