@@ -223,8 +223,12 @@ def _run(cfg, profile, plan, spec, lazy, prep, work, dtype, stages, console, out
     no_lm_eval = ("not measured: the model does not fit in memory, so lm-eval cannot run on it in process; pass "
                   "--lm-eval-backend vllm to score the export in vLLM")
     with Tasks(prep.texts.heldout_text, cfg.checks, vllm=cfg.lm_eval_backend == "vllm") as tasks:
-        with stages.timed("perplexity_dense"):
-            ppl_dense = layerwise_perplexity(lazy, adapter, prep.heldout, cfg.device)
+        ppl_dense = work.state.get("ppl_dense")  # a resumed run measured it already
+        if ppl_dense is None:
+            with stages.timed("perplexity_dense"):
+                ppl_dense = layerwise_perplexity(lazy, adapter, prep.heldout, cfg.device)
+            work.state["ppl_dense"] = ppl_dense
+            work.save()
         say(f"dense held-out perplexity: {ppl_dense:.3f} (layer by layer)")
         if cfg.checks:
             tasks.dense = tasks.pruned = {"skipped": no_lm_eval}

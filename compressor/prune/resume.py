@@ -120,6 +120,10 @@ class WorkState:
             if f.name not in known:
                 f.unlink()
 
+    def save(self) -> None:
+        """Write the state as it is now (after a caller added a figure to `state`)."""
+        self._write_state()
+
     def _write_state(self) -> None:
         tmp = self.folder / "state.json.partial"
         tmp.write_text(json.dumps(self.state))
