@@ -242,10 +242,12 @@ def _run(cfg, profile, plan, spec, lazy, prep, work, dtype, stages, console, out
             pruned = LazyModel(work.export_dir)  # our format is registered: no remote code
             try:
                 ppl_pruned = layerwise_perplexity(pruned, adapter_for(pruned.model), prep.heldout, cfg.device)
+                # counted on what was written (a resumed run's skeleton has only its own layers cut)
+                after = adapter_for(pruned.model).count_params(pruned.model)
             finally:
                 pruned.close()
         say(f"pruned held-out perplexity: {ppl_pruned:.3f} (layer by layer, read back from the written shards)")
-        report = steps.build_report(cfg, profile.name, prep, spec, result, before, ppl_dense, ppl_pruned)
+        report = steps.build_report(cfg, profile.name, prep, spec, result, before, ppl_dense, ppl_pruned, after)
         steps.finish_report(report, work.export_dir, res, dtype, prep.loaded.source, profile, plan, tasks, cfg,
                                stages, say)
     import os

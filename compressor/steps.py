@@ -120,9 +120,10 @@ def layer_progress(console, layers: int):
 
 
 def build_report(cfg: RunConfig, profile_name: str, prep: Prepared, spec: PruneSpec, result: PruneResult,
-                 before: dict, ppl_dense: float, ppl_pruned: float) -> Report:
+                 before: dict, ppl_dense: float, ppl_pruned: float, after: dict | None = None) -> Report:
+    """The report of a run; `after` (parameter counts of the pruned model) defaults to the model in memory."""
     model = prep.loaded.model
-    after = prep.adapter.count_params(model)
+    after = after or prep.adapter.count_params(model)
     return Report(
         created_unix=int(time.time()), model=prep.loaded.source, profile=profile_name,
         method=Method(metric="search" if cfg.search else spec.metric,
@@ -164,7 +165,10 @@ def finish_report(report: Report, folder: Path, res, dtype, source: str, profile
         report.plot = _plot(report, folder / "report.png", say)
     report.seconds = stages.seconds
     report.memory.stages, report.memory.stages_what = stages.memory.peaks, stages.memory.what()
-    report.peak_rss_mib_total = round(_process_peak_mib(), 1)
+    # the process's peak: the stages' peaks (each stage resets the kernel's high-water mark, which
+    # getrusage reads too), or getrusage where the kernel could not reset it
+    report.peak_rss_mib_total = round(max([_process_peak_mib()]
+                                          + [v["peak_rss_mib"] for v in stages.memory.peaks.values()]), 1)
     (folder / "report.json").write_text(report.to_json())
     (folder / "README.md").write_text(model_card(report))
     if cfg.checks:

@@ -249,6 +249,8 @@ def test_cli_out_of_core_end_to_end_and_resume_after_sigterm(tmp_path, tiny_mode
     assert "resuming" in p.stderr
     ref, got = _weights(ref_out), _weights(out)
     assert set(got) == set(ref) and all(torch.equal(got[k], ref[k]) for k in ref)
+    resumed = json.loads((out / "report.json").read_text())
+    assert resumed["params"] == report["params"] and resumed["widths"] == report["widths"]
     assert not state.parent.exists()
 
     code = (
