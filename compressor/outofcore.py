@@ -208,7 +208,6 @@ def run_out_of_core(cfg: RunConfig, profile, round_to: int, stages, console):
             raise UserError(f"The disk holding {folder.parent} is full; nothing was written.", exit_code=28) from exc
         raise
     finally:
-        lazy.close()
         if not keep_work:
             shutil.rmtree(folder, ignore_errors=True)
 
@@ -240,12 +239,9 @@ def _run(cfg, profile, plan, spec, lazy, prep, work, dtype, stages, console, out
             res = sink.finish(tok)
         with stages.timed("perplexity_pruned"):
             pruned = LazyModel(work.export_dir)  # our format is registered: no remote code
-            try:
-                ppl_pruned = layerwise_perplexity(pruned, adapter_for(pruned.model), prep.heldout, cfg.device)
-                # counted on what was written (a resumed run's skeleton has only its own layers cut)
-                after = adapter_for(pruned.model).count_params(pruned.model)
-            finally:
-                pruned.close()
+            ppl_pruned = layerwise_perplexity(pruned, adapter_for(pruned.model), prep.heldout, cfg.device)
+            # counted on what was written (a resumed run's skeleton has only its own layers cut)
+            after = adapter_for(pruned.model).count_params(pruned.model)
         say(f"pruned held-out perplexity: {ppl_pruned:.3f} (layer by layer, read back from the written shards)")
         report = steps.build_report(cfg, profile.name, prep, spec, result, before, ppl_dense, ppl_pruned, after)
         steps.finish_report(report, work.export_dir, res, dtype, prep.loaded.source, profile, plan, tasks, cfg,

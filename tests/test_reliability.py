@@ -180,15 +180,17 @@ def _copy_without_weights(src: Path, dst: Path) -> Path:
     return dst
 
 
+@pytest.mark.parametrize("mode", ["auto", "on"], ids=["in-memory", "out-of-core"])
 @pytest.mark.parametrize("kind", ["garbage", "truncated"])
-def test_corrupt_safetensors(tmp_path, tiny_model_dir, kind):
+def test_corrupt_safetensors(tmp_path, tiny_model_dir, kind, mode):
     model = _copy_without_weights(tiny_model_dir, tmp_path / "m")
     real = (tiny_model_dir / "model.safetensors").read_bytes()
     data = b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}xx" if kind == "garbage" else real[: len(real) // 2]
     (model / "model.safetensors").write_bytes(data)
     out = tmp_path / "o"
-    p = run_cli(str(model), *FAST, "--out", str(out))
+    p = run_cli(str(model), *FAST, "--out-of-core", mode, "--out", str(out))
     assert_clean_failure(p, out, "corrupt or truncated")
+    assert not (tmp_path / ".o.fitprune-work").exists()
 
 
 def _gguf_with_architecture(path: Path, arch: str) -> Path:
@@ -264,18 +266,6 @@ def test_disk_full_during_streaming_export(tiny_fs, tiny_model_dir):
     p = run_cli(str(tiny_model_dir), *FAST, *OOC, "--out", str(out))
     assert_clean_failure(p, out, "is full; nothing was written.", code=28)
     assert list(tiny_fs.iterdir()) == []  # no work directory either
-
-
-@pytest.mark.parametrize("kind", ["garbage", "truncated"])
-def test_corrupt_safetensors_out_of_core(tmp_path, tiny_model_dir, kind):
-    model = _copy_without_weights(tiny_model_dir, tmp_path / "m")
-    real = (tiny_model_dir / "model.safetensors").read_bytes()
-    data = b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}xx" if kind == "garbage" else real[: len(real) // 2]
-    (model / "model.safetensors").write_bytes(data)
-    out = tmp_path / "o"
-    p = run_cli(str(model), *FAST, *OOC, "--out", str(out))
-    assert_clean_failure(p, out, "is corrupt or truncated")
-    assert not (tmp_path / ".o.fitprune-work").exists()
 
 
 def test_missing_shard_out_of_core(tmp_path, tiny_model_dir):

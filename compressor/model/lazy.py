@@ -11,7 +11,6 @@ memory is one layer whatever the depth.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import torch
@@ -200,13 +199,3 @@ class LazyModel:
                     sub._buffers[name] = b.to("cpu")
         if self.tied:  # the skeleton's tied LM head is the embedding again (parameter counts, exports)
             self.model.get_output_embeddings().weight = self.model.get_input_embeddings().weight
-
-    def layer_prefix(self, i: int) -> str:
-        return f"model.layers.{i}"
-
-    def close(self) -> None:
-        """Nothing stays open between reads (kept for callers that close what they open)."""
-
-    def fp32_bytes(self) -> int:
-        """What the whole model would take in memory in float32 (the in-memory path's cost)."""
-        return 4 * sum(math.prod(p.shape) for p in self.model.parameters())

@@ -252,7 +252,7 @@ def refit_bytes(shape, hidden: int) -> int:
     return 8 * (2 * d * d + 4 * hidden * d)
 
 
-def plan_passes(metric: Metric, comp: Compensation, structure: str, greedy: bool | None, shapes, hidden: int,
+def plan_passes(metric: Metric, comp: Compensation, greedy: bool | None, shapes, hidden: int,
                 free_bytes: int, passes: str = "auto") -> tuple[str, str]:
     """How an out-of-core prune walks the model: ("one-pass", why) keeps pass 1's Gram matrices,
     ("two-pass", why) recomputes one layer's Gram at a time in pass 2 on the dense activations,
@@ -300,7 +300,7 @@ def prune_out_of_core(lazy, adapter: Adapter, calib: torch.Tensor, spec: PruneSp
     layers = adapter.layers(model)
     hidden = model.config.hidden_size
     shapes = [adapter.shape(layer) for layer in layers]
-    mode, why = plan_passes(metric, comp, structure, spec.greedy, shapes, hidden, free_bytes, passes)
+    mode, why = plan_passes(metric, comp, spec.greedy, shapes, hidden, free_bytes, passes)
     say(f"out of core: {mode} ({why})")
     engine_args = dict(device=compute.device, batch_size=compute.batch_size, lazy=lazy)
     memory: dict = {}
@@ -332,7 +332,7 @@ def prune_out_of_core(lazy, adapter: Adapter, calib: torch.Tensor, spec: PruneSp
                                      progress=_engine_progress(progress, PASS_ONE), **engine_args)
             memory = _memory(engine.run(visit, start=start, resume_inputs=work.acts() if start else None))
             passes += 1
-        keeps = work.allocation() if work is not None and work.allocation() is not None else None
+        keeps = work.allocation() if work is not None else None
         if keeps is None:
             keeps = allocation.allocate(scores, spec.ratio, structure, spec.attn_unit, spec.round_to,
                                         standardized=metric.standardize and structure == "global")

@@ -96,7 +96,7 @@ class WorkState:
     def create(self) -> None:
         (self.folder / "pass1").mkdir(parents=True, exist_ok=True)
         self.export_dir.mkdir(exist_ok=True)
-        self._write_state()
+        self.save()
 
     def load(self) -> None:
         """Read the state of an interrupted run; refused if it was started with other settings."""
@@ -121,10 +121,7 @@ class WorkState:
                 f.unlink()
 
     def save(self) -> None:
-        """Write the state as it is now (after a caller added a figure to `state`)."""
-        self._write_state()
-
-    def _write_state(self) -> None:
+        """Write the state as it is now (atomically)."""
         tmp = self.folder / "state.json.partial"
         tmp.write_text(json.dumps(self.state))
         os.replace(tmp, self.folder / "state.json")
@@ -145,7 +142,7 @@ class WorkState:
         _atomic_save(t, self.folder / "pass1" / f"layer-{i:05d}.safetensors")
         self.save_acts(acts)
         self.state["pass1_done"] = i + 1
-        self._write_state()
+        self.save()
 
     def load_pass1_layer(self, i: int, shape, hidden: int) -> tuple[LayerScores, LayerStats]:
         t = load_file(str(self.folder / "pass1" / f"layer-{i:05d}.safetensors"))
@@ -154,7 +151,7 @@ class WorkState:
 
     def save_allocation(self, keeps: list[LayerKeep]) -> None:
         self.state["allocated"] = [_keep_dict(k) for k in keeps]
-        self._write_state()
+        self.save()
 
     def allocation(self) -> list[LayerKeep] | None:
         a = self.state.get("allocated")
@@ -172,7 +169,7 @@ class WorkState:
         if acts is not None:
             self.save_acts(acts)
         self.state.update(pass2_done=done, keeps=[_keep_dict(k) for k in keeps[:done]], parts=parts)
-        self._write_state()
+        self.save()
 
     # ---- activations -----------------------------------------------------------------------------
     def save_acts(self, acts: dict[str, torch.Tensor]) -> None:
