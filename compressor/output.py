@@ -8,10 +8,10 @@ import errno
 import os
 import shutil
 import signal
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from . import tempdirs
 from .errors import UserError
 
 
@@ -52,9 +52,10 @@ def atomic_dir(out: Path) -> Iterator[Path]:
     out = Path(out).absolute()
     check_out_dir(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = tempdirs.make(f".{out.name}.tmp-", dir=out.parent)  # also sweeps siblings left by killed runs
     try:
         yield tmp
+        tempdirs.disown(tmp)
         if out.exists():
             out.rmdir()  # empty (checked above)
         os.replace(tmp, out)

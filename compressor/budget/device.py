@@ -23,15 +23,14 @@ def open_runtime(runtime: str, path: Path, dtype: str, threads: int | None):
         with load_runtime(runtime, path, dtype=dtype, threads=threads) as rt:
             yield rt
         return
-    import tempfile
-
     import torch
 
     from exporters.onnx import export_onnx
 
+    from .. import tempdirs
     from ..model.loading import load
 
-    tmp = Path(tempfile.mkdtemp(prefix="fitprune-onnx-"))
+    tmp = tempdirs.make("fitprune-onnx-")
     try:
         loaded = load(str(path), getattr(torch, dtype), tokenizer_required=False)
         model, tokenizer = loaded.model, loaded.tokenizer

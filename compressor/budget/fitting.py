@@ -5,13 +5,13 @@ efficiency factors to the two measurements, so the plan predicts this device, no
 from __future__ import annotations
 
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from profiles import Efficiency, Profile
 from profiles.costmodel import Arch, CostModel
 
+from .. import tempdirs
 from ..errors import UserError
 from .device import measure_batch1, open_runtime
 
@@ -73,7 +73,7 @@ def fit_cost_model(profile: Profile, config: dict, tokenizer_dir: Path, runtime:
     w = profile.workload
     threads = profile.device.threads if profile.device.kind == "cpu" else None
     meas = {}
-    tmp = Path(tempfile.mkdtemp(prefix="fitprune-calib-"))
+    tmp = tempdirs.make("fitprune-calib-")
     try:
         for name, arch in (("dense", dense), ("skeleton", skel)):
             path = tmp / name

@@ -58,6 +58,9 @@ def _exception_types(name: str) -> tuple[type, ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ..tempdirs import sweep_stale
+
+    sweep_stale(say=lambda msg: err.print(msg, highlight=False, soft_wrap=True))  # what killed runs left
     try:
         app(args=argv, standalone_mode=False)
     except UserError as exc:

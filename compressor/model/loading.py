@@ -7,13 +7,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 
+from .. import tempdirs
 from ..errors import UserError
 
 DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
@@ -86,7 +86,7 @@ def embedded_model_dir() -> Path:
         return target
     model, tok = _load_gguf(_embedded_gguf_path(), torch.float32)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    tmp = tempdirs.make(".tmp-", dir=target.parent)
     try:
         # transformers refuses save_pretrained on a model it read from GGUF; the tensors are
         # plain float32 by now, so write them (and the config without the GGUF marker) directly.
@@ -102,6 +102,7 @@ def embedded_model_dir() -> Path:
         tok.save_pretrained(tmp)
         if target.exists():
             shutil.rmtree(target)
+        tempdirs.disown(tmp)
         os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
