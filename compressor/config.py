@@ -59,6 +59,8 @@ class RunConfig(BaseModel):
     trials: int = 20
     checks: bool = True  # after export: latency in the profile's runtime, lm-eval tasks, budget verdict
     lm_eval_backend: str = "hf"  # "vllm": also run the lm-eval tasks on the export as vLLM serves it
+    # measure latency in this runtime instead of the profile's (a labelled proxy unless it is the profile's)
+    runtime: str | None = None
     # weights stay in the checkpoint and one layer at a time is in memory (auto: when the model in
     # float32 would not fit in half of the free memory); see compressor/outofcore.py
     out_of_core: str = "auto"
@@ -99,6 +101,13 @@ class RunConfig(BaseModel):
     @classmethod
     def _backend(cls, v: str) -> str:
         return _one_of(v, LM_EVAL_BACKENDS, "--lm-eval-backend")
+
+    @field_validator("runtime")
+    @classmethod
+    def _runtime(cls, v: str | None) -> str | None:
+        from runtimes.base import RUNTIMES
+
+        return None if v is None else _one_of(v, RUNTIMES.names(), "--runtime")
 
     @field_validator("out_of_core", "passes")
     @classmethod

@@ -92,9 +92,11 @@ def test_unknown_metric(tmp_path, tiny_model_dir):
 
 def test_successful_run_on_a_tiny_model_writes_a_complete_directory(tmp_path, tiny_model_dir):
     out = tmp_path / "o"
+    # vLLM cannot run this tiny model (head_dim 8): measured in torch on purpose, a proxy, so the verdict
+    # is "not verified" (exit 5) while the directory is complete
     p = run_cli(str(tiny_model_dir), "--profile", "cpu-2core", "--nsamples", "4", "--seqlen", "32",
-                "--round-to", "8", "--ratio", "0.3", "--out", str(out))
-    assert p.returncode == 0, p.stderr[-3000:]
+                "--round-to", "8", "--ratio", "0.3", "--runtime", "torch", "--out", str(out))
+    assert p.returncode == 5, p.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     assert report["schema"].startswith("fitprune.report/")
     assert 0.2 < report["params"]["achieved_ratio_decoder"] < 0.4

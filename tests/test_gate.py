@@ -23,7 +23,7 @@ def _report(tpot=0.05, ttft=0.4, tput=30.0, ppl=20.0, acc=0.6, device=HOST, runt
     return {"schema": "fitprune.report/2", "perplexity": {"dense": 18.0, "pruned": ppl},
             "latency": {"measured": {"pruned": m}},
             "accuracy": {"lm_eval": {"pruned": {"cloze_acc": acc}, "dense": {"cloze_acc": 0.62}}},
-            "budget": {"passed": True, "lines": []}}
+            "budget": {"passed": True, "verified": True, "lines": []}}
 
 
 def test_a_report_passes_against_itself():
@@ -59,8 +59,9 @@ def test_measurements_from_different_hosts_are_not_compared():
 
 def test_the_reports_own_budget_verdict_counts_unless_disabled():
     r = _report()
-    r["budget"] = {"passed": False, "lines": [{"line": "tpot", "value": 120.0, "limit": 100.0, "unit": "ms",
-                                               "ok": False, "kind": "measured", "device": HOST}]}
+    r["budget"] = {"passed": False, "verified": True,
+                   "lines": [{"line": "tpot", "value": 120.0, "limit": 100.0, "unit": "ms", "ok": False,
+                              "kind": "measured", "device": HOST, "verified": True}]}
     res = gate(r, _report())
     assert res.violations == [f"budget: tpot 120 ms is above the profile's limit 100 (measured on {HOST})"]
     assert gate(r, _report(), check_budget=False).exit_code == EXIT_PASS

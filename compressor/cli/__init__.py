@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
 
     sweep_stale(say=lambda msg: err.print(msg, highlight=False, soft_wrap=True))  # what killed runs left
     try:
-        app(args=argv, standalone_mode=False)
+        # click returns a command's `typer.Exit(code)` as the value (standalone_mode=False)
+        rc = app(args=argv, standalone_mode=False)
     except UserError as exc:
         err.print(f"[bold red]error:[/] {exc}", highlight=False)
         return exc.exit_code
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except _exception_types("Exit") as exc:
         return getattr(exc, "exit_code", 0)
-    return 0
+    return rc if isinstance(rc, int) else 0
 
 
 if __name__ == "__main__":

@@ -25,12 +25,16 @@ def gate_cmd(
                                           help="Allowed relative perplexity increase and task accuracy decrease."),
     budget: bool = typer.Option(True, "--budget/--no-budget",
                                 help="Also fail on budget lines the report itself misses."),
+    allow_unverified: bool = typer.Option(False, "--allow-unverified",
+                                          help="Accept a budget verdict whose figures were not all measured in the "
+                                               "profile's runtime on its device (proxy or predicted)."),
 ):
     from ..report import gate, parse_fraction, read_report
 
     lat = parse_fraction(max_latency_regression, "--max-latency-regression")
     acc = parse_fraction(max_accuracy_drop, "--max-accuracy-drop")
-    res = gate(read_report(report), read_report(baseline), lat, acc, check_budget=budget)
+    res = gate(read_report(report), read_report(baseline), lat, acc, check_budget=budget,
+               allow_unverified=allow_unverified)
     for v in res.violations:
         print(f"FAIL {v}")
     if res.violations:

@@ -1,5 +1,9 @@
-"""Latency and throughput of the export: measured in the profile's runtime on this machine (or
-torch, labelled, when that runtime is missing or fails), and predicted for the profile's device."""
+"""Latency and throughput of the export: measured in the profile's runtime on this machine, and
+predicted for the profile's device.
+
+When the profile's runtime is missing here or fails on the export, the run says so in one console
+line and measures in torch as a labelled proxy; `--runtime NAME` asks for a proxy on purpose. A
+proxy's figures never verify a budget line (evaluate/verdict.py)."""
 
 from __future__ import annotations
 
@@ -43,15 +47,36 @@ def predicted(cost: CostModel, arch: Arch, device: str) -> dict:
     p = cost.predict(arch)
     return {"ttft_s": p.ttft_s, "tpot_s": p.tpot_s, "throughput_tok_s": p.throughput_tok_s,
             "memory_gib": p.memory.total_gib, "memory": p.as_dict()["memory"], "kind": "predicted",
+            "runtime": cost.profile.runtime,
             "device": device, "efficiency": p.efficiency}
 
 
+def choose_runtime(profile: Profile, requested: str | None, say=print) -> tuple[str, str | None]:
+    """The runtime to measure in and, when it is not the profile's, why (said on the console)."""
+    from runtimes.base import RuntimeUnavailable, get_runtime
+
+    if requested:
+        try:
+            get_runtime(requested).check_available()
+        except RuntimeUnavailable as exc:
+            raise UserError(f"--runtime {requested} cannot be used here: {exc}") from exc
+        if requested == profile.runtime:
+            return requested, None
+        note = f"--runtime {requested} asked for a proxy of the profile's runtime '{profile.runtime}'"
+    else:
+        requested, note = measurement_runtime(profile)
+    if note:
+        say(f"[yellow]warning:[/] {note}; latency is measured in {requested} as a proxy, and the verdict will be "
+            f"'not verified'")
+    return requested, note
+
+
 def latency(export_dir: Path, profile: Profile, plan, dense_arch: Arch, pruned_arch: Arch, dense_dir: Path | None,
-            say=print) -> dict:
+            say=print, runtime: str | None = None) -> dict:
     """Measure the export (and the dense model unless the plan's calibration measured its
-    architecture already) in the profile's runtime, or torch where that is missing or fails; and
-    predict both for the profile's device."""
-    runtime, note = measurement_runtime(profile)
+    architecture already) in the profile's runtime (or `runtime`; torch, labelled a proxy, where
+    the profile's is missing or fails); and predict both for the profile's device."""
+    runtime, note = choose_runtime(profile, runtime, say)
     on_device = device_present(profile)
     cost = CostModel(profile)
     if plan is not None and plan.cost_fit:
@@ -61,7 +86,8 @@ def latency(export_dir: Path, profile: Profile, plan, dense_arch: Arch, pruned_a
                                                                   if k != "source"}), plan.efficiency["source"])
     target = f"{profile.device.name} x{profile.device.count} ({profile.name}, {profile.runtime})"
     res = {"runtime": runtime, "runtime_note": note, "on_profile_device": on_device,
-           "profile_device": profile.device.name, "workload": profile.workload.model_dump(),
+           "profile_device": profile.device.name, "profile_runtime": profile.runtime,
+           "workload": profile.workload.model_dump(),
            "measured": {}, "predicted": {"dense": predicted(cost, dense_arch, target),
                                          "pruned": predicted(cost, pruned_arch, target)}}
     too_big = _does_not_fit(export_dir)
@@ -73,11 +99,12 @@ def latency(export_dir: Path, profile: Profile, plan, dense_arch: Arch, pruned_a
         f"{profile.workload.output_tokens} output tokens)")
     try:
         res["measured"]["pruned"] = measure(export_dir, profile, runtime)
-    except Exception as exc:  # a runtime that fails on this export: say so, measure in torch
+    except Exception as exc:  # a runtime that fails on this export: say so, measure in torch as a proxy
         if runtime == "torch":
             raise
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        res["runtime_note"] = f"{runtime} failed on this export ({first[:200]}); measured in torch"
+        res["runtime_note"] = f"{runtime} failed on this export ({first[:200]}); measured in torch as a proxy"
+        say(f"[yellow]warning:[/] {res['runtime_note']}; the verdict will be 'not verified'")
         runtime = res["runtime"] = "torch"
         res["measured"]["pruned"] = measure(export_dir, profile, runtime)
     if plan is not None and plan.cost_fit and plan.cost_fit["runtime"] == runtime:

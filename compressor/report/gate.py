@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
+from ..evaluate.verdict import reasons
 from .schema import Report
 
 EXIT_PASS = 0
@@ -43,9 +44,10 @@ class GateResult:
 
 
 def gate(report: Report | dict, baseline: Report | dict, max_latency_regression: float = 0.05,
-         max_accuracy_drop: float = 0.02, check_budget: bool = True) -> GateResult:
+         max_accuracy_drop: float = 0.02, check_budget: bool = True, allow_unverified: bool = False) -> GateResult:
     """Compare `report` with `baseline`: measured latency no worse than the allowed regression,
-    accuracy no lower than the allowed drop, and (optionally) the report's own budget verdict."""
+    accuracy no lower than the allowed drop, and (optionally) the report's own budget verdict, which
+    must be verified in the profile's runtime on its device unless `allow_unverified`."""
     report = Report.parse(report).as_dict() if isinstance(report, dict) else report.as_dict()
     baseline = Report.parse(baseline).as_dict() if isinstance(baseline, dict) else baseline.as_dict()
     bad, checked = [], []
@@ -95,6 +97,14 @@ def gate(report: Report | dict, baseline: Report | dict, max_latency_regression:
                 op = "below" if ln["line"] in ("throughput", "task_accuracy") else "above"
                 bad.append(f"budget: {ln['line']} {ln['value']:.4g} {ln['unit']} is {op} the profile's limit "
                            f"{ln['limit']:.4g} ({ln['kind']} on {ln['device']})")
+    if check_budget and report.get("budget") and not allow_unverified:
+        b = report["budget"]
+        checked.append("verification")
+        if not b.get("verified"):
+            why = reasons(b["lines"])
+            bad.append(f"budget: not verified in {b.get('target') or 'the profile runtime on its device'}: "
+                       f"{why or 'the report records no provenance (written before schema /4)'} "
+                       "(--allow-unverified accepts proxy and predicted figures)")
     if not checked:
         bad.append("nothing to compare: neither latency nor accuracy figures are in both reports")
     return GateResult(bad, checked)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..evaluate.verdict import reasons
 from .schema import Report
 
 
@@ -13,6 +14,14 @@ def _ms(x: float | None) -> str:
 
 def _tok(x: float | None) -> str:
     return "—" if x is None else f"{x:.1f} tok/s"
+
+
+def _verdict(b: dict) -> str:
+    """The verdict heading; reports before schema /4 carry no `verdict`: said from `passed`."""
+    if b.get("verdict"):
+        return b["verdict"]
+    return ("meets every budget line that has a figure" if b["passed"] else "misses at least one budget line") + \
+        " (provenance not recorded: not verified)"
 
 
 def markdown(report: Report | dict) -> str:
@@ -34,19 +43,20 @@ def markdown(report: Report | dict) -> str:
     ]
     b = r.get("budget")
     if b:
-        verdict = "**meets every budget line**" if b["passed"] else "**misses at least one budget line**"
-        unmeasured = [ln["line"] for ln in b["lines"] if ln["kind"] == "not measured"]
-        if unmeasured and b["passed"]:
-            verdict = f"**meets every budget line that has a figure**; not measured: {', '.join(unmeasured)}"
-        lines += [f"## Budget: {verdict}", "", "| line | value | limit | | kind | device |",
-                  "|---|---|---|---|---|---|"]
+        lines += [f"## Budget: **{_verdict(b)}**", "",
+                  "| line | value | limit | | kind | runtime | device | verified |",
+                  "|---|---|---|---|---|---|---|---|"]
         for ln in b["lines"]:
             op = ">=" if ln["line"] in ("throughput", "task_accuracy") else "<="
             if ln["kind"] == "not measured":
-                lines.append(f"| {ln['line']} | not measured | {op} {ln['limit']:.4g} | | {ln.get('reason', '')} | |")
+                lines.append(f"| {ln['line']} | not measured | {op} {ln['limit']:.4g} | | {ln.get('reason', '')} | | | "
+                             "no |")
                 continue
             lines.append(f"| {ln['line']} | {ln['value']:.4g} {ln['unit']} | {op} {ln['limit']:.4g} | "
-                         f"{'ok' if ln['ok'] else '**FAIL**'} | {ln['kind']} | {ln['device']} |")
+                         f"{'ok' if ln['ok'] else '**FAIL**'} | {ln['kind']} | {ln.get('runtime') or ''} | "
+                         f"{ln['device']} | {'yes' if ln.get('verified') else '**no**'} |")
+        if not b.get("verified"):
+            lines += ["", f"Not verified: {reasons(b['lines'])}."]
         lines.append("")
     lat = r.get("latency")
     if lat:
@@ -59,17 +69,17 @@ def markdown(report: Report | dict) -> str:
             lines += [f"> Note: {lat['runtime_note']}.", ""]
         if (lat.get("measured") or {}).get("skipped"):
             lines += [f"> Not measured on this host: {lat['measured']['skipped']}.", ""]
-        lines += ["| figure | model | TTFT | TPOT | throughput | device |", "|---|---|---|---|---|---|"]
+        lines += ["| figure | model | TTFT | TPOT | throughput | runtime | device |", "|---|---|---|---|---|---|---|"]
         for kind in ("measured", "predicted"):
             for which in ("dense", "pruned"):
                 f = (lat.get(kind) or {}).get(which)
                 if not isinstance(f, dict):
                     continue
-                dev = f.get("device", "")
+                dev, rt = f.get("device", ""), f.get("runtime", "")
                 if kind == "measured":
-                    dev = f"{dev}, {f.get('runtime', '')} {f.get('dtype', '')}"
+                    rt = f"{rt} {f.get('dtype', '')}" + ("" if rt == lat.get("profile_runtime", rt) else " (proxy)")
                 lines.append(f"| {kind} | {which} | {_ms(f['ttft_s'])} | {_ms(f['tpot_s'])} | "
-                             f"{_tok(f['throughput_tok_s'])} | {dev} |")
+                             f"{_tok(f['throughput_tok_s'])} | {rt} | {dev} |")
         w = lat["workload"]
         lines += ["", f"Workload: TTFT for a {w['prompt_tokens']}-token prompt at batch 1, TPOT at batch 1, throughput "
                   f"with {w['concurrency']} concurrent sequences of {w['output_tokens']} output tokens.", ""]

@@ -1,9 +1,11 @@
 """The report, typed and versioned: what the pipeline fills, `report.json` holds, the markdown,
 plot and model card render, and the gate reads.
 
-Schema `fitprune.report/3` (/2 with the planner's `calibration` renamed `cost_fit`; /2 files still
-read). Every figure says whether it was measured or predicted, and where. Sections are optional
-so that a partial report (a baseline written by hand, an older run) still reads; NaN and infinity
+Schema `fitprune.report/4`: /3 (which renamed /2's `plan.calibration` to `cost_fit`) plus the
+provenance of every budget line (`kind`, `runtime`, `device`, `verified`) and the budget's
+`verified` and `verdict`. Older files still read; their budget lines count as not verified.
+Every figure says whether it was measured or predicted, and where. Sections are optional so that
+a partial report (a baseline written by hand, an older run) still reads; NaN and infinity
 are written as JSON null, never as bare `NaN`.
 """
 
@@ -18,8 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import UserError
 
-SCHEMA = "fitprune.report/3"
-READABLE = ("fitprune.report/1", "fitprune.report/2", SCHEMA)
+SCHEMA = "fitprune.report/4"
+READABLE = ("fitprune.report/1", "fitprune.report/2", "fitprune.report/3", SCHEMA)
 
 
 class Section(BaseModel):
@@ -88,12 +90,18 @@ class BudgetLine(Section):
     limit: float
     unit: str
     ok: bool
-    kind: str  # measured | predicted
+    kind: str  # measured | proxy | predicted | computed | not measured (evaluate/verdict.py)
     device: str
+    runtime: str | None = None  # where the figure was measured (or, predicted, what it is predicted for)
+    verified: bool = False  # measured in the profile's runtime on its device (reports before /4: unknown, False)
+    why: str | None = None  # why a line is not verified
 
 
 class Budget(Section):
-    passed: bool
+    passed: bool  # every line that has a figure holds
+    verified: bool = False  # every line verified in the profile's runtime on its device
+    verdict: str = ""  # the verdict in words
+    target: str = ""  # the profile's runtime and device
     lines: list[BudgetLine] = Field(default_factory=list)
     limits: dict = Field(default_factory=dict)
     accuracy_floor: dict = Field(default_factory=dict)
