@@ -91,13 +91,54 @@ def tiny_model_dir(tmp_path_factory, smollm2_dir) -> Path:
     return path
 
 
-def assert_clean_failure(p, out_dir, match: str) -> None:
-    """A user-caused failure: one `error:` sentence, non-zero exit, no traceback, no output left."""
-    assert p.returncode != 0
-    assert "Traceback" not in p.stderr and "Traceback" not in p.stdout
+def assert_clean_failure(p, out_dir, match: str, code: int | None = None) -> None:
+    """A user-caused failure: one `error:` sentence, non-zero exit (`code` when given), no
+    traceback, no output left. With FITPRUNE_RELIABILITY_LOG set, each passing call is recorded
+    there for docs/reliability.md (scripts/reliability_table.py)."""
+    assert p.returncode != 0, p.stderr[-2000:]
+    if code is not None:
+        assert p.returncode == code, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr and "Traceback" not in p.stdout, p.stderr[-4000:]
     lines = [line for line in p.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, p.stderr
-    assert match in p.stderr.replace("\n", " "), p.stderr
+    assert len(lines) == 1, p.stderr[-2000:]
+    assert match in p.stderr.replace("\n", " "), p.stderr[-2000:]
     if out_dir is not None:
         assert not out_dir.exists() or not any(out_dir.iterdir())
         assert not list(out_dir.parent.glob(f".{out_dir.name}.tmp-*"))
+    if os.environ.get(RELIABILITY_LOG):
+        _record_failure(p)
+
+
+RELIABILITY_LOG = "FITPRUNE_RELIABILITY_LOG"
+_current_node = None
+
+
+@pytest.fixture(autouse=True)
+def _remember_test_node(request):
+    """The running test, so that assert_clean_failure can record which test (and case) it checks."""
+    global _current_node
+    _current_node = request.node
+    yield
+    _current_node = None
+
+
+def _record_failure(p) -> None:
+    """One JSON line: the test, its docstring (the case), the command, the whole `error:` sentence
+    (rich wraps long ones over several lines) and the exit code."""
+    import json
+
+    node = _current_node
+    func = getattr(node, "function", None)
+    err = p.stderr.splitlines()
+    start = next(i for i, line in enumerate(err) if line.startswith("error:"))
+    sentence = [err[start].strip()]
+    for line in err[start + 1:]:  # a continuation only where the line before was wrapped at the console width
+        if len(sentence[-1]) < 150 or not line.strip():
+            break
+        sentence.append(line.strip())
+    args = p.args if isinstance(p.args, (list, tuple)) else [str(p.args)]
+    entry = {"nodeid": node.nodeid if node else os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0],
+             "function": func.__name__ if func else None, "doc": (func.__doc__ or "") if func else "",
+             "args": [str(a) for a in args], "error": " ".join(sentence), "exit": p.returncode}
+    with open(os.environ[RELIABILITY_LOG], "a", encoding="utf-8") as f:
+        f.write(json.dumps(entry) + "\n")
