@@ -30,6 +30,7 @@ from .prune import COMPENSATION
 from .prune.driver import LayerSink, prune_out_of_core
 from .prune.resume import WorkState, work_dir_for
 from .prune.surgery import LayerKeep
+from .prune.tensor_parallel import tensor_parallel_size
 from .steps import Prepared, layer_progress
 
 
@@ -151,7 +152,8 @@ def open_work(cfg: RunConfig, out: Path, fingerprint: dict, say) -> WorkState:
 def fingerprint(cfg: RunConfig, spec, dtype: torch.dtype) -> dict:
     return {"model": str(Path(resolve(cfg.model)).expanduser().absolute()), "metric": spec.metric,
             "compensation": spec.compensation, "structure": spec.structure, "ratio": spec.ratio,
-            "attn_unit": spec.attn_unit, "round_to": spec.round_to, "calib": cfg.calib, "nsamples": cfg.nsamples,
+            "attn_unit": spec.attn_unit, "round_to": spec.round_to, "tensor_parallel": spec.tensor_parallel,
+            "calib": cfg.calib, "nsamples": cfg.nsamples,
             "seqlen": cfg.seqlen, "seed": cfg.seed, "batch_size": cfg.batch_size, "device": cfg.device,
             "dtype": str(dtype), "export_dtype": cfg.export_dtype, "passes": cfg.passes}
 
@@ -179,7 +181,7 @@ def run_out_of_core(cfg: RunConfig, profile, round_to: int, stages, console):
     say = console.print
     lazy, prep = prepare_lazy(cfg, stages)
     plan, ratio = steps.choose_ratio(cfg, profile, round_to, stages, say)
-    spec = steps.prune_spec(cfg, ratio, round_to)
+    spec = steps.prune_spec(cfg, ratio, round_to, tensor_parallel_size(profile))
     out = steps.output_dir(cfg, spec)
     steps.announce(cfg, profile, spec, plan, out, say)
     dtype = lazy.dtype if cfg.export_dtype == "auto" else getattr(torch, cfg.export_dtype)

@@ -18,6 +18,7 @@ from .model import adapter_for
 from .model.loading import load
 from .output import atomic_dir
 from .prune.driver import PruneResult, PruneSpec, prune
+from .prune.tensor_parallel import tensor_parallel_size
 from .report.schema import Report
 from .steps import (
     Prepared,
@@ -63,7 +64,7 @@ def run(cfg: RunConfig, console=None) -> Report:
         return outofcore.run_out_of_core(cfg, profile, round_to, stages, console)
     prep = prepare(cfg, stages)
     plan, ratio = choose_ratio(cfg, profile, round_to, stages, say)
-    spec = prune_spec(cfg, ratio, round_to)
+    spec = prune_spec(cfg, ratio, round_to, tensor_parallel_size(profile))
     out = output_dir(cfg, spec)
     announce(cfg, profile, spec, plan, out, say)
     model, tok = prep.loaded.model, prep.loaded.tokenizer

@@ -75,11 +75,12 @@ def choose_ratio(cfg: RunConfig, profile, round_to: int, stages: Stages, say):
     return plan, plan.ratio
 
 
-def prune_spec(cfg: RunConfig, ratio: float, round_to: int) -> PruneSpec:
+def prune_spec(cfg: RunConfig, ratio: float, round_to: int, tensor_parallel: int = 1) -> PruneSpec:
+    """`tensor_parallel`: the profile's (prune/tensor_parallel.py), which the widths must split over."""
     metric = IMPORTANCE.get(cfg.metric)
     comp = COMPENSATION.get(cfg.compensation)
     return PruneSpec(metric=metric.name, compensation=comp.name, structure=resolve_structure(cfg.structure, metric),
-                     ratio=ratio, attn_unit=cfg.attn_unit, round_to=round_to)
+                     ratio=ratio, attn_unit=cfg.attn_unit, round_to=round_to, tensor_parallel=tensor_parallel)
 
 
 def output_dir(cfg: RunConfig, spec: PruneSpec) -> Path:
@@ -96,7 +97,9 @@ def output_dir(cfg: RunConfig, spec: PruneSpec) -> Path:
 def announce(cfg: RunConfig, profile, spec: PruneSpec, plan, out: Path, say) -> None:
     say(f"[bold]plan[/]: profile [cyan]{profile.name}[/] ({profile.device.name}), remove {spec.ratio:.0%} of decoder "
         f"weights, metric [cyan]{spec.metric}[/], compensation [cyan]{spec.compensation}[/], structure "
-        f"[cyan]{spec.structure}[/], widths rounded to {spec.round_to}, calibration {cfg.nsamples} x {cfg.seqlen} "
+        f"[cyan]{spec.structure}[/], widths rounded to {spec.round_to}"
+        + (f" and split for tensor parallel {spec.tensor_parallel}" if spec.tensor_parallel > 1 else "")
+        + f", calibration {cfg.nsamples} x {cfg.seqlen} "
         f"tokens from '{cfg.calib}', output {out}"
         + (f" (ratio from the plan: {plan.efficiency['source']})" if plan else " (ratio from --ratio)"))
 

@@ -95,7 +95,8 @@ def _check_host(host: str) -> None:
 
 def from_profile(profile, model_config: dict, **over) -> ServeSettings:
     """Serving settings from a `profiles.Profile`: context length (capped by the model's),
-    concurrency, dtype, tensor parallel, and the base image for the profile's device kind."""
+    concurrency, dtype, tensor parallel (the size the pruning allocated for), and the base image
+    for the profile's device kind."""
     kind = profile.device.kind
     max_len = int(profile.workload.max_context)
     model_max = model_config.get("max_position_embeddings")
@@ -103,7 +104,7 @@ def from_profile(profile, model_config: dict, **over) -> ServeSettings:
         max_len = min(max_len, int(model_max))
     s = ServeSettings(runtime=profile.runtime if profile.runtime in RUNTIMES else "vllm", base_image=DEFAULT_BASE[kind],
                       device_kind=kind, dtype=profile.dtype, max_model_len=max_len,
-                      max_num_seqs=int(profile.workload.concurrency), tensor_parallel=int(profile.device.count),
+                      max_num_seqs=int(profile.workload.concurrency), tensor_parallel=profile.tensor_parallel,
                       profile=profile.name)
     for k, v in over.items():
         if v is not None:

@@ -83,6 +83,13 @@ class Profile(_Strict):
     accuracy: AccuracyFloor = AccuracyFloor()
     efficiency: Efficiency = Field(None, description="cost-model factors; default: by device kind")  # type: ignore[assignment]
 
+    @property
+    def tensor_parallel(self) -> int:
+        """The tensor-parallel size the profile serves with: its device count. Pruning makes the
+        widths split over it (compressor/prune/tensor_parallel.py) and the container passes it to
+        `vllm serve --tensor-parallel-size`: the same N in both places."""
+        return int(self.device.count)
+
     @model_validator(mode="after")
     def _defaults(self) -> Profile:
         if self.efficiency is None:

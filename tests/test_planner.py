@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from compressor.budget.planner import GRID, InfeasibleBudget, NothingToPrune, arch_at_ratio, make_plan, plan_for_run
+from compressor.errors import UserError
 from profiles import list_profiles, load_profile
 from profiles.costmodel import Arch, CostModel
 from tests.conftest import run_cli
@@ -69,7 +70,12 @@ def test_widths_at_a_ratio_are_valid_and_aligned():
 @pytest.mark.parametrize("profile", list_profiles())
 @pytest.mark.parametrize("arch", [SMOLLM2, LLAMA_8B], ids=["smollm2", "llama8b"])
 def test_predictions_are_monotone_in_the_ratio(profile, arch):
-    plan = make_plan(load_profile(profile), arch)
+    prof = load_profile(profile)
+    if arch is SMOLLM2 and prof.device.count == 8:  # 9 query heads: no shape of them splits over 8 devices
+        with pytest.raises(UserError, match="cannot be pruned to a shape vLLM splits over 8 devices"):
+            make_plan(prof, arch)
+        return
+    plan = make_plan(prof, arch)
     rows = plan.rows
     assert [r.ratio for r in rows] == list(GRID)
     for a, b in zip(rows, rows[1:], strict=False):

@@ -6,6 +6,11 @@ profile's multiple) go through the cost model (`profiles.costmodel`); the plan i
 ratio whose prediction meets every budget line (memory, TTFT, TPOT, throughput). When none does,
 the budget is infeasible and the plan names the closest ratio and the lines it still misses.
 
+Under tensor parallel (a profile with `device.count` N > 1) the widths follow the shared rule of
+`prune.tensor_parallel` (query and KV head counts vLLM can split over N devices, MLP widths a
+multiple of N x round_to), exactly as allocation applies it; a dense model whose head counts vLLM
+cannot split is not a choice (ratio 0 is skipped), and the plan's notes say which constraint applied.
+
 Only the model's config is read. Where the profile's device is the one at hand, `fit_cost_model`
 (budget/fitting.py) measures the dense architecture (and a skeleton of it: the same depth and embeddings, minimal
 widths) in the runtime, with random weights, and fits the efficiency factors to the two
@@ -22,6 +27,7 @@ from profiles.costmodel import Arch, CostModel, Prediction, Violation
 from ..errors import UserError
 from ..model.adapters import LayerShape
 from ..model.loading import read_config
+from ..prune.tensor_parallel import describe, tensor_parallel_size, widths_problems
 from ..prune.widths import uniform_shapes
 from .device import device_present, measurement_runtime
 from .fitting import arch_of, fit_cost_model
@@ -43,13 +49,14 @@ class NothingToPrune(UserError):
         super().__init__(message, exit_code=4)
 
 
-def arch_at_ratio(arch: Arch, ratio: float, attn_unit: str = "auto", round_to: int = 1) -> Arch:
-    """The widths uniform pruning gives at `ratio`: the allocation's own width function."""
+def arch_at_ratio(arch: Arch, ratio: float, attn_unit: str = "auto", round_to: int = 1, tp: int = 1) -> Arch:
+    """The widths uniform pruning gives at `ratio` under tensor parallel `tp`: the allocation's own
+    width function. Ratio 0 is the dense model as it is (whether or not `tp` can split it)."""
     if ratio <= 0:
         return arch
     shapes = [LayerShape(arch.q_heads[i], arch.kv_heads[i], arch.head_dim, arch.intermediate[i])
               for i in range(arch.layers)]
-    after = uniform_shapes(shapes, arch.hidden, ratio, attn_unit, round_to)
+    after = uniform_shapes(shapes, arch.hidden, ratio, attn_unit, round_to, tp)
     return Arch(arch.hidden, arch.vocab, arch.head_dim, tuple(s.num_heads for s in after),
                 tuple(s.num_kv_heads for s in after), tuple(s.intermediate_size for s in after), arch.tied_embeddings)
 
@@ -60,10 +67,11 @@ class PlanRow:
     arch: Arch
     prediction: Prediction
     violations: list[Violation]
+    tp_problem: str | None = None  # why vLLM cannot split these widths over the profile's devices
 
     @property
     def ok(self) -> bool:
-        return not self.violations
+        return not self.violations and self.tp_problem is None
 
     @property
     def worst_excess(self) -> float:
@@ -73,7 +81,8 @@ class PlanRow:
         return {"ratio": self.ratio, "params": self.arch.total_params,
                 "decoder_removed": round(1 - self.arch.decoder_params / dense_decoder, 4),
                 **self.prediction.as_dict(), "meets_budget": self.ok,
-                "violations": [v.sentence() for v in self.violations]}
+                "violations": [v.sentence() for v in self.violations]
+                + ([f"vLLM cannot split it: {self.tp_problem}"] if self.tp_problem else [])}
 
 
 @dataclass
@@ -82,6 +91,7 @@ class Plan:
     rows: list[PlanRow]
     efficiency: dict
     cost_fit: dict | None = None  # the cost model fitted on this device (budget/fitting.py), if any
+    tensor_parallel: int = 1  # the profile's device count: the widths split over this many devices
     chosen: PlanRow | None = None
     closest: PlanRow | None = None
     notes: list[str] = field(default_factory=list)
@@ -109,24 +119,42 @@ class Plan:
             "profile": self.profile, "feasible": self.feasible,
             "chosen_ratio": self.chosen.ratio if self.chosen else None,
             "closest_ratio": None if self.chosen else (self.closest.ratio if self.closest else None),
-            "efficiency": self.efficiency, "cost_fit": self.cost_fit, "notes": self.notes,
+            "efficiency": self.efficiency, "cost_fit": self.cost_fit, "tensor_parallel": self.tensor_parallel,
+            "notes": self.notes,
             "rows": rows, "predicted": True,
         }
+
+
+def tensor_parallel_notes(arch: Arch, tp: int, round_to: int) -> list[str]:
+    """What the plan says about tensor parallel: the constraint, and whether the dense model meets it."""
+    if tp <= 1:
+        return []
+    notes = [describe(tp, round_to)]
+    problems = widths_problems(list(arch.q_heads), list(arch.kv_heads), list(arch.intermediate), tp)
+    if problems:
+        notes.append(f"the dense model cannot be served with tensor parallel {tp} ({problems[0]}), so ratio 0 is "
+                     "not a choice and every ratio prunes at least to the nearest shape vLLM can split")
+    return notes
 
 
 def make_plan(profile: Profile, arch: Arch, cost: CostModel | None = None, grid: tuple[float, ...] = GRID,
               attn_unit: str = "auto", round_to: int | None = None) -> Plan:
     cost = cost or CostModel(profile)
     rt = round_to or profile.round_to
+    tp = tensor_parallel_size(profile)
     rows = []
     for r in grid:
-        a = arch_at_ratio(arch, r, attn_unit, rt)
+        a = arch_at_ratio(arch, r, attn_unit, rt, tp)
         pred = cost.predict(a)
-        rows.append(PlanRow(r, a, pred, cost.violations(pred)))
+        problems = widths_problems(list(a.q_heads), list(a.kv_heads), list(a.intermediate), tp)
+        rows.append(PlanRow(r, a, pred, cost.violations(pred), problems[0] if problems else None))
     plan = Plan(profile.name, rows, {**cost.efficiency.model_dump(), "source": cost.efficiency_source})
+    plan.tensor_parallel = tp
     plan.chosen = next((row for row in rows if row.ok), None)
     if plan.chosen is None:
-        plan.closest = min(rows, key=lambda row: (row.worst_excess, row.ratio))
+        splittable = [row for row in rows if row.tp_problem is None] or rows
+        plan.closest = min(splittable, key=lambda row: (row.worst_excess, row.ratio))
+    plan.notes = tensor_parallel_notes(arch, tp, rt)
     return plan
 
 
@@ -156,7 +184,7 @@ def plan_for(profile: Profile, model: str | None, calibrate_here: bool | None = 
                      "predictions use the profile's efficiency factors")
     plan = make_plan(profile, arch, cost, attn_unit=attn_unit, round_to=round_to)
     plan.cost_fit = cal.details if cal else None
-    plan.notes = notes
+    plan.notes = notes + plan.notes
     return plan, arch
 
 

@@ -44,6 +44,10 @@ def write(model_dir: Path, out: Path | None = None, runtime: str = "vllm", profi
         raise UserError(f"The config.json in {model_dir} is not readable JSON.") from exc
     settings = from_profile(prof, config, runtime=runtime, base_image=base_image, host=host, port=port,
                             served_model_name=served_model_name or model_dir.resolve().name)
+    if settings.runtime == "vllm":  # an image whose `vllm serve` would refuse the widths: refused now
+        from ..prune.tensor_parallel import check_config
+
+        check_config(config, settings.tensor_parallel, f"{model_dir} (profile {prof.name})")
     out = Path(out) if out else default_context_dir(model_dir)
     if out.resolve() == model_dir.resolve() or model_dir.resolve() in out.resolve().parents:
         raise UserError(f"The context directory {out} must not be inside the export {model_dir}.")

@@ -30,7 +30,8 @@ def plan_table(plan, title: str) -> Table:
     for row in plan.rows:
         p = row.prediction
         mark = "[bold green]chosen[/]" if row.ratio == chosen else (
-            "[green]ok[/]" if row.ok else "[red]" + ", ".join(v.line for v in row.violations) + "[/]")
+            "[green]ok[/]" if row.ok else "[red]" + ", ".join([v.line for v in row.violations]
+                                                              + (["tensor parallel"] if row.tp_problem else [])) + "[/]")
         t.add_row(f"{row.ratio:.2f}", f"{1 - row.arch.decoder_params / dense:.1%}", f"{row.arch.total_params:,}",
                   f"{p.memory.total_gib:.2f}", f"{p.ttft_s * 1e3:.1f}", f"{p.tpot_s * 1e3:.2f}",
                   f"{p.throughput_tok_s:.1f}", mark)

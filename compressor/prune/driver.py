@@ -133,6 +133,7 @@ class PruneSpec:
     ratio: float = 0.2
     attn_unit: str = "auto"
     round_to: int = 64
+    tensor_parallel: int = 1  # the widths must split over this many devices (prune/tensor_parallel.py)
     grad_samples: int = 8  # calibration windows used for gradients (Taylor-based metrics)
     # greedy second pass on the pruned model's activations; None = when the metric is sequential.
     # Without it a Gram-matrix compensation keeps every layer's Gram matrices from pass 1 in memory
@@ -197,13 +198,13 @@ def prune(model, adapter: Adapter, calib: torch.Tensor, spec: PruneSpec, compute
                                           pass_name=PASS_ONE if two_pass else PASS_ONE_PRUNE)
             passes += 1
         keeps = allocation.allocate(scored.scores, spec.ratio, structure, spec.attn_unit, spec.round_to,
-                                    standardized=metric.standardize and structure == "global")
+                                    standardized=metric.standardize and structure == "global", tp=spec.tensor_parallel)
         if not two_pass:
             prune_model(model, adapter, keeps, scored, comp)
             return PruneResult(keeps, memory, passes, structure)
     else:
         keeps = allocation.uniform_widths([adapter.shape(layer) for layer in layers], hidden, spec.ratio,
-                                          spec.attn_unit, spec.round_to)
+                                          spec.attn_unit, spec.round_to, spec.tensor_parallel)
     final: list[LayerKeep] = []
 
     def visit(i, layer, st: LayerStats) -> bool:
@@ -335,12 +336,14 @@ def prune_out_of_core(lazy, adapter: Adapter, calib: torch.Tensor, spec: PruneSp
         keeps = work.allocation() if work is not None else None
         if keeps is None:
             keeps = allocation.allocate(scores, spec.ratio, structure, spec.attn_unit, spec.round_to,
-                                        standardized=metric.standardize and structure == "global")
+                                        standardized=metric.standardize and structure == "global",
+                                        tp=spec.tensor_parallel)
             if work is not None:
                 work.save_allocation(keeps)
     else:
         stats = []
-        keeps = allocation.uniform_widths(shapes, hidden, spec.ratio, spec.attn_unit, spec.round_to)
+        keeps = allocation.uniform_widths(shapes, hidden, spec.ratio, spec.attn_unit, spec.round_to,
+                                          spec.tensor_parallel)
 
     # pass 2: cut, compensate and stream out every layer, resumable at the sink's durable points
     sink.begin(keeps)

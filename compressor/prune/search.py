@@ -93,10 +93,12 @@ class Search:
         self.setup_s = time.perf_counter() - t0
         say(f"search: cached statistics of {n_chunks} calibration chunks and gradients in {self.setup_s:.0f} s")
 
+    tp = 1  # tensor-parallel size the widths must split over (prune/tensor_parallel.py)
+
     def keeps(self, trial: Trial, ratio: float, round_to: int, attn_unit: str = "auto"):
         stats = _merge(self.per_chunk, trial.chunks)
         scored = mixture_scores(self.model, self.adapter, stats, trial.weights, self.extras)
-        keeps = allocation.allocate(scored.scores, ratio, "global", attn_unit, round_to, standardized=True)
+        keeps = allocation.allocate(scored.scores, ratio, "global", attn_unit, round_to, standardized=True, tp=self.tp)
         return keeps, scored
 
     def prune(self, model, trial: Trial, ratio: float, round_to: int, attn_unit: str = "auto"):
@@ -151,6 +153,7 @@ def run_search(model, adapter: Adapter, calib: torch.Tensor, validation: torch.T
 
     val = contiguous_chunks(validation, cfg.seqlen, 8)
     searcher = Search(model, adapter, calib, cfg.compute, say=say)
+    searcher.tp = spec.tensor_parallel  # every trial's widths split over the profile's devices
     found = searcher.run(val, spec.ratio, spec.round_to, trials=cfg.trials, seed=cfg.seed, attn_unit=spec.attn_unit)
     best = found.best
     say(f"search: best trial {best.number}, validation perplexity {best.val_ppl:.3f}")
