@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from ..errors import UserError
+
 
 @torch.no_grad()
 def perplexity(model, windows: torch.Tensor, batch_size: int = 4) -> float:
@@ -62,3 +64,24 @@ def layerwise_perplexity(lazy, adapter, windows: torch.Tensor, device: str = "cp
         lazy.release(norm)
         lazy.release(head)
     return math.exp(nll / count)
+
+
+def finite(value: float, what: str) -> float:
+    """A measured perplexity that is NaN or infinite ends the run: the model produces non-finite
+    outputs (weights that overflow, a broken checkpoint), and a report of it would pass for a result."""
+    if value is None or not math.isfinite(float(value)):
+        raise UserError(f"The {what} is {value} (not a finite number): the model produces non-finite outputs; "
+                        "nothing was written.")
+    return value
+
+
+def finite_scores(scores, what: str) -> None:
+    """The same for a nested dict of scores (lm-eval tasks): the first non-finite figure ends the run."""
+    def walk(x, path):
+        if isinstance(x, float) and not math.isfinite(x):
+            raise UserError(f"The {what} '{path}' is {x} (not a finite number): the model produces non-finite "
+                            "outputs; nothing was written.")
+        if isinstance(x, dict):
+            for k, v in x.items():
+                walk(v, f"{path}.{k}" if path else str(k))
+    walk(scores, "")

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from .validate import _finite
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
@@ -37,7 +38,10 @@ def weight_files(path: Path) -> dict[str, str]:
             raise UserError(f"The checkpoint {path} is incomplete: the shard {missing[0]} named in its index is "
                             "missing.")
         return dict(weight_map)
-    files = sorted(p.name for p in path.glob("*.safetensors"))
+    # transformers reads model.safetensors alone when it is there (a repository may also ship other
+    # weights files, e.g. Mistral's consolidated.safetensors, in another layout)
+    files = ["model.safetensors"] if (path / "model.safetensors").is_file() else sorted(
+        p.name for p in path.glob("*.safetensors") if p.is_file())
     if not files:
         raise UserError(f"{path} holds no safetensors weights.")
     names: dict[str, str] = {}
@@ -63,12 +67,6 @@ def header(file: Path) -> tuple[dict, int]:
         raise UserError(f"The safetensors file {file} is corrupt or truncated ({size} bytes where its header "
                         f"needs {8 + n + end}).")
     return table, 8 + n
-
-
-def _finite(t: torch.Tensor, chunk: int = 2**24) -> bool:
-    """No NaN or inf in `t`, checked a slice at a time (a whole-tensor check of a 1 GB embedding
-    would take several GB of temporaries)."""
-    return all(bool(torch.isfinite(c).all()) for c in t.reshape(-1).split(chunk))
 
 
 def _read(f, base: int, entry: dict, file: Path) -> torch.Tensor:
@@ -116,21 +114,28 @@ class LazyModel:
         from transformers import AutoConfig, AutoModelForCausalLM
 
         from ..memory import return_freed_memory_to_the_os
-        from .loading import _register_fitprune
+        from .loading import _register_fitprune, read_config_file
+        from .validate import check_tensors
 
         return_freed_memory_to_the_os()
         self.path = Path(path)
         _register_fitprune()
+        read_config_file(self.path)  # the size keys, before transformers fills them with a 7B default
         try:
             self.config = AutoConfig.from_pretrained(self.path, trust_remote_code=trust_remote_code)
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError, KeyError, TypeError) as exc:
             raise UserError(f"Could not read the config in {self.path}: {str(exc).splitlines()[0]}") from exc
         self.files = weight_files(self.path)
         self.dtype = dtype or checkpoint_dtype(self.path, self.config)
         self._headers: dict[str, tuple[dict, int]] = {}
-        with torch.device("meta"):
-            self.model = AutoModelForCausalLM.from_config(self.config, dtype=self.dtype,
-                                                          trust_remote_code=trust_remote_code)
+        try:
+            with torch.device("meta"):
+                self.model = AutoModelForCausalLM.from_config(self.config, dtype=self.dtype,
+                                                              trust_remote_code=trust_remote_code)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise UserError(f"The config in {self.path} does not describe a valid model: "
+                            f"{str(exc).splitlines()[0]}") from exc
+        check_tensors(self.path, self.model)  # names and shapes, from the headers, before any weight is read
         _real_buffers(self.model, self.config)
         self.model.eval()
         self.tied = bool(getattr(self.config, "tie_word_embeddings", False))

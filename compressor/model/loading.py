@@ -15,6 +15,7 @@ from safetensors import SafetensorError
 
 from .. import tempdirs
 from ..errors import UserError
+from .validate import check_config, check_finite, check_tensors, meta_model
 
 DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
 _EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -141,17 +142,18 @@ def load(model: str | None, dtype: torch.dtype = torch.float32, trust_remote_cod
         if not path.is_file():
             raise UserError(f"The GGUF file {name} does not exist.")
         m, tok = _load_gguf(path, dtype)
+        check_finite(m, str(path))
         return LoadedModel(m, tok, source)
+    _register_fitprune()
     if path.exists():
-        if not (path / "config.json").is_file():
-            raise UserError(f"{name} is not a Hugging Face model directory (no config.json in it).")
+        _check_model_dir(path, name)
         _refuse_pickle_only(path)
+        check_checkpoint(path, trust_remote_code)
         ref = str(path)
     elif _is_hub_id(name):
         ref = name
     else:
         raise UserError(f"The model path {name} does not exist.")
-    _register_fitprune()
     try:
         m = AutoModelForCausalLM.from_pretrained(
             ref, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
@@ -173,7 +175,55 @@ def load(model: str | None, dtype: torch.dtype = torch.float32, trust_remote_cod
         raise UserError(f"Could not load the model in {ref}: {_first_line(exc)}") from exc
     except SafetensorError as exc:
         raise UserError(f"The safetensors weights in {ref} are corrupt or truncated ({_first_line(exc)}).") from exc
+    check_finite(m, ref)
     return LoadedModel(m.eval(), tok, source)
+
+
+def _check_model_dir(path: Path, name: str) -> None:
+    """A local model path is a directory with a config.json file (one sentence for each way it is not)."""
+    if not path.is_dir():
+        raise UserError(f"The model path {name} is a file; pass a Hugging Face model directory or a .gguf file.")
+    cfg = path / "config.json"
+    if cfg.is_dir():
+        raise UserError(f"{cfg} is a directory, not a config file.")
+    if not cfg.is_file():
+        raise UserError(f"{name} is not a Hugging Face model directory (no config.json in it).")
+
+
+def read_config_file(path: Path) -> dict:
+    """config.json of a local model directory as written, checked for the keys that fix the model's size."""
+    _check_model_dir(path, str(path))
+    cfg = path / "config.json"
+    try:
+        data = json.loads(cfg.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"The config {cfg} is not valid JSON (truncated or not a config file).") from exc
+    except OSError as exc:
+        raise UserError(f"The config {cfg} cannot be read ({exc.strerror}).") from exc
+    check_config(data, cfg)
+    return data
+
+
+def check_checkpoint(path: Path, trust_remote_code: bool = False):
+    """Before any weight is allocated: the config's size keys, then the checkpoint's tensor names and
+    shapes (safetensors headers only) against the model the config describes, built on the meta
+    device. Returns the transformers config."""
+    from transformers import AutoConfig
+
+    _register_fitprune()
+    read_config_file(path)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"Could not read the config in {path}: {_first_line(exc)}") from exc
+    if not any(path.glob("*.safetensors")):
+        return config  # no safetensors: the pickle refusal or transformers' own message follows
+    try:
+        skeleton = meta_model(config, trust_remote_code)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"The config in {path} does not describe a valid model: {_first_line(exc)}") from exc
+    check_tensors(path, skeleton)
+    return config
 
 
 def _first_line(exc: BaseException) -> str:
@@ -192,13 +242,8 @@ def read_config(model: str | None) -> tuple[dict, Path | None]:
 
         return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name).to_dict(), None
     if path.exists():
-        cfg = path / "config.json"
-        if not cfg.is_file():
-            raise UserError(f"{name} is not a Hugging Face model directory (no config.json in it).")
-        try:
-            return json.loads(cfg.read_text(encoding="utf-8")), path
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise UserError(f"The config {cfg} is not valid JSON.") from exc
+        _check_model_dir(path, name)
+        return read_config_file(path), path
     if _is_hub_id(name):
         try:
             from transformers import AutoConfig
