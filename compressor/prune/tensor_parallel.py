@@ -37,6 +37,8 @@ def heads_problem(q_heads: int, kv_heads: int, tp: int) -> str | None:
     """Why vLLM refuses `q_heads` query / `kv_heads` KV heads at tensor parallel `tp` (None: it accepts)."""
     if tp <= 1:
         return None
+    if q_heads < 1 or kv_heads < 1:
+        return f"{q_heads} query heads and {kv_heads} KV heads are not an attention shape"
     if q_heads % tp:
         return f"{q_heads} query heads do not divide by tensor parallel {tp}"
     if kv_heads >= tp and kv_heads % tp:
