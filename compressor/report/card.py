@@ -11,6 +11,8 @@ def model_card(report: Report) -> str:
     r = report.as_dict()
     m, p, ppl = r["method"], r["params"], r["perplexity"]
     ppl_label = f"held-out perplexity ({ppl['windows']} x {ppl['seqlen']} tokens, {ppl['device']})"
+    b = r.get("budget")
+    verdict = f"- Budget of profile `{r['profile']}`: {b['verdict']} (report.md).\n" if b and b.get("verdict") else ""
     return f"""---
 library_name: transformers
 tags: [fitprune, structured-pruning]
@@ -23,7 +25,7 @@ tags: [fitprune, structured-pruning]
 - Parameters: {p['before']['total']:,} -> {p['after']['total']:,} total; decoder {p['before']['decoder']:,} ->
   {p['after']['decoder']:,} ({p['achieved_ratio_decoder']:.1%} removed).
 - Format: {r['export']['format']} (`{r['export']['architecture']}`, {r['export']['dtype']}).
-
+{verdict}
 ## Measured
 | | dense | pruned |
 |---|---|---|
