@@ -9,14 +9,16 @@ when asked for (vLLM or onnxruntime are imported only then). Implementations:
 - `vllm`        runtimes/vllm_runtime.py   (vLLM offline engine)
 - `onnxruntime` runtimes/onnx_runtime.py   (ONNX Runtime with KV cache)
 
-A subclass implements `__init__` (load), `generate` and `device`; `measure` is shared and times
-`generate` calls, which is fair across runtimes as long as `generate` does no work beyond decoding
-(tokens in, tokens out). A runtime with a better clock (e.g. a streaming API) may override
-`time_to_first_token` / `time_per_output_token` / `throughput`.
+A subclass implements `__init__` (load), `generate`, `stream` and `device`; `measure` is shared.
+Latency comes from `stream`: one greedy request whose every output token is timestamped when it
+reaches the caller, so TTFT and TPOT of a run are two figures of the same request (not the
+difference of two separate runs, whose noise can make it 0 or negative). Throughput times whole
+batched `generate` calls, fair across runtimes as long as `generate` does no work beyond decoding.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import statistics
@@ -34,6 +36,10 @@ RUNTIMES = Registry("runtime", {
     "vllm": "runtimes.vllm_runtime:VllmRuntime",
     "onnxruntime": "runtimes.onnx_runtime:OnnxRuntime",
 })
+
+
+TIMING = ("TTFT and TPOT from per-token arrival times of one streamed batch-1 generation per run; "
+          "throughput = output tokens / wall time of one batched call per run")
 
 
 class RuntimeUnavailable(RuntimeError):
@@ -81,14 +87,53 @@ class Generation:
     logprobs: list[dict[int, float]] | None = None
 
 
+class MeasurementError(RuntimeError):
+    """A timing that cannot be a latency (non-finite, not positive, or a runtime that did not stream
+    the tokens it was asked for). Never replaced by 0: a 0 ms TPOT would pass any budget."""
+
+
+@dataclass(frozen=True)
+class TokenTimes:
+    """One streamed request at batch 1: `start` is when it was handed to the runtime and
+    `arrivals[i]` when output token i (`token_ids[i]`) reached the caller (`time.perf_counter()` seconds).
+
+    TTFT and TPOT come from the same request, the way vLLM's serving benchmark computes them
+    from a stream (vllm/benchmarks/serve.py: TPOT = (latency - TTFT) / (output tokens - 1))."""
+
+    start: float
+    arrivals: tuple[float, ...]
+    token_ids: tuple[int, ...] = ()
+
+    @property
+    def ttft_s(self) -> float:
+        return self.arrivals[0] - self.start
+
+    @property
+    def tpot_s(self) -> float:
+        return (self.arrivals[-1] - self.arrivals[0]) / (len(self.arrivals) - 1)
+
+
+def _checked(what: str, runtime: str, values: Sequence[float]) -> list[float]:
+    """`values` if every one is a finite positive number of seconds (or tokens/s), else MeasurementError."""
+    bad = [v for v in values if not math.isfinite(v) or v <= 0]
+    if bad:
+        raise MeasurementError(f"{runtime} gave a {what} of {bad[0]!r}, which cannot be a real timing; "
+                               "the measurement is refused rather than reported.")
+    return list(values)
+
+
 @dataclass(frozen=True)
 class Measurement:
-    """Medians over `runs` timed runs after `warmup` untimed ones.
+    """Medians (and per-run values) over `runs` timed runs after `warmup` untimed ones.
 
     ttft_s: time to first token, batch 1, a prompt of `prompt_tokens` tokens.
     tpot_s: time per output token after the first, batch 1 (decode step latency).
+    Both come from one streamed generation per run: TTFT = first token's arrival - request start,
+    TPOT = (last arrival - first arrival) / (output_tokens - 1) of that same request.
     throughput_tok_s: output tokens per second with `concurrency` prompts of `prompt_tokens`
-    tokens generating `output_tokens` tokens each at the same time.
+    tokens generating `output_tokens` tokens each at the same time (tokens / wall time of the
+    batched call).
+    *_runs: the per-run values the medians are taken over (their spread is the noise).
     """
 
     runtime: str
@@ -103,9 +148,21 @@ class Measurement:
     runs: int
     warmup: int
     extra: dict[str, float | str] = field(default_factory=dict)
+    ttft_runs_s: tuple[float, ...] = ()
+    tpot_runs_s: tuple[float, ...] = ()
+    throughput_runs_tok_s: tuple[float, ...] = ()
+    timing: str = TIMING
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """The fields, plus each figure's spread as flat keys (`ttft_min_s`, `ttft_max_s`, ...)."""
+        d = asdict(self)
+        for key, runs in (("ttft", self.ttft_runs_s), ("tpot", self.tpot_runs_s),
+                          ("throughput", self.throughput_runs_tok_s)):
+            unit = "tok_s" if key == "throughput" else "s"
+            d[f"{key}_runs_{unit}"] = list(runs)
+            if runs:
+                d[f"{key}_min_{unit}"], d[f"{key}_max_{unit}"] = min(runs), max(runs)
+        return d
 
 
 def cpu_name() -> str:
@@ -195,45 +252,63 @@ class Runtime(ABC):
 
     # ---- measurement -------------------------------------------------------------------------
 
+    @abstractmethod
+    def stream(self, prompt: Sequence[int], max_new_tokens: int) -> TokenTimes:
+        """Greedy decoding of one prompt for exactly `max_new_tokens` tokens (EOS ignored), noting
+        when the request started and when each output token reached the caller. A token counts as
+        arrived when its id is on the host (a device runtime synchronises), as a streaming client
+        would see it."""
+
+    def timed_request(self, prompt: Sequence[int], output_tokens: int) -> tuple[float, float]:
+        """(TTFT, TPOT) of one streamed request; MeasurementError if it did not stream
+        `output_tokens` tokens or a figure is not a finite positive time."""
+        t = self.stream(prompt, output_tokens)
+        if len(t.arrivals) != output_tokens:
+            raise MeasurementError(f"{self.name} streamed {len(t.arrivals)} tokens where {output_tokens} "
+                                   "were asked for.")
+        ttft, tpot = t.ttft_s, t.tpot_s
+        _checked("time to first token", self.name, [ttft])
+        _checked("time per output token", self.name, [tpot])
+        return ttft, tpot
+
     def _timed(self, prompts: list[list[int]], new_tokens: int) -> float:
         t0 = time.perf_counter()
         out = self.generate(prompts, new_tokens, ignore_eos=True)
         dt = time.perf_counter() - t0
         if any(len(g.token_ids) != new_tokens for g in out):
-            raise RuntimeError(f"{self.name} did not generate the {new_tokens} tokens asked for.")
+            raise MeasurementError(f"{self.name} did not generate the {new_tokens} tokens asked for.")
         return dt
 
-    def time_to_first_token(self, prompt: list[int], runs: int) -> list[float]:
-        return [self._timed([prompt], 1) for _ in range(runs)]
-
-    def time_per_output_token(self, prompt: list[int], output_tokens: int, runs: int) -> list[float]:
-        """Per run: (time for `output_tokens` tokens - time for 1 token) / (output_tokens - 1)."""
-        out = []
-        for _ in range(runs):
-            first = self._timed([prompt], 1)
-            full = self._timed([prompt], output_tokens)
-            out.append(max(full - first, 0.0) / (output_tokens - 1))
-        return out
+    def latency(self, prompt: list[int], output_tokens: int, runs: int) -> tuple[list[float], list[float]]:
+        """Per-run TTFT and TPOT at batch 1, each pair from one streamed request."""
+        pairs = [self.timed_request(prompt, output_tokens) for _ in range(runs)]
+        return [a for a, _ in pairs], [b for _, b in pairs]
 
     def throughput(self, prompts: list[list[int]], output_tokens: int, runs: int) -> list[float]:
-        return [len(prompts) * output_tokens / self._timed(prompts, output_tokens) for _ in range(runs)]
+        """Per run: output tokens of all `prompts` generated at once / wall time of that call."""
+        return _checked("throughput", self.name,
+                        [len(prompts) * output_tokens / self._timed(prompts, output_tokens) for _ in range(runs)])
 
     def measure(self, prompt_tokens: int = 128, output_tokens: int = 32, concurrency: int = 4, runs: int = 5,
                 warmup: int = 1) -> Measurement:
-        """TTFT and TPOT at batch 1 and throughput at `concurrency`, medians of `runs` after `warmup`."""
+        """TTFT and TPOT at batch 1 and throughput at `concurrency`: medians and per-run values of
+        `runs` timed runs after `warmup` untimed ones."""
         if output_tokens < 2:
             raise ValueError("output_tokens must be at least 2 to measure time per output token.")
+        if runs < 1:
+            raise ValueError("runs must be at least 1.")
         prompt = benchmark_prompt(self.tokenizer, prompt_tokens)
         batch = [benchmark_prompt(self.tokenizer, prompt_tokens, seed=i) for i in range(concurrency)]
         for _ in range(warmup):
-            self._timed([prompt], output_tokens)
+            self.stream(prompt, output_tokens)
             self._timed(batch, output_tokens)
-        ttft = statistics.median(self.time_to_first_token(prompt, runs))
-        tpot = statistics.median(self.time_per_output_token(prompt, output_tokens, runs))
-        tput = statistics.median(self.throughput(batch, output_tokens, runs))
+        ttfts, tpots = self.latency(prompt, output_tokens, runs)
+        tputs = self.throughput(batch, output_tokens, runs)
         return Measurement(runtime=self.name, device=self.device, dtype=self.dtype,
                            prompt_tokens=prompt_tokens, output_tokens=output_tokens, concurrency=concurrency,
-                           ttft_s=ttft, tpot_s=tpot, throughput_tok_s=tput, runs=runs, warmup=warmup)
+                           ttft_s=statistics.median(ttfts), tpot_s=statistics.median(tpots),
+                           throughput_tok_s=statistics.median(tputs), runs=runs, warmup=warmup,
+                           ttft_runs_s=tuple(ttfts), tpot_runs_s=tuple(tpots), throughput_runs_tok_s=tuple(tputs))
 
 
 def load_runtime(name: str, path: str | Path, dtype: str = "float32", threads: int | None = None) -> Runtime:

@@ -10,12 +10,13 @@ would alone. The cache tensors returned by one step (`present.*`) are fed back a
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from .base import Generation, Runtime, RuntimeUnavailable, cpu_device, register
+from .base import Generation, Runtime, RuntimeUnavailable, TokenTimes, cpu_device, register
 
 MANIFEST_FILE = "fitprune_onnx.json"  # the exporter writes it; runtimes do not import exporters
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -103,8 +104,21 @@ class OnnxRuntime(Runtime):
 
     # ---- generation ----------------------------------------------------------------------------
 
+    def stream(self, prompt: Sequence[int], max_new_tokens: int) -> TokenTimes:
+        """The greedy loop on one prompt, each token timestamped as soon as its argmax is known."""
+        arrivals: list[float] = []
+        start = time.perf_counter()
+        (gen,) = self._greedy([prompt], max_new_tokens, ignore_eos=True, logprobs=0, arrivals=arrivals)
+        return TokenTimes(start, tuple(arrivals), tuple(gen.token_ids))
+
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, ignore_eos: bool = False,
                  logprobs: int = 0) -> list[Generation]:
+        return self._greedy(prompts, max_new_tokens, ignore_eos=ignore_eos, logprobs=logprobs)
+
+    def _greedy(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, ignore_eos: bool, logprobs: int,
+                arrivals: list[float] | None = None) -> list[Generation]:
+        """Left-padded greedy decoding over the KV cache; with `arrivals`, the time each step's
+        tokens are chosen is appended to it."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("Every prompt needs at least one token.")
         batch, width = len(prompts), max(len(p) for p in prompts)
@@ -125,6 +139,8 @@ class OnnxRuntime(Runtime):
         for step in range(max_new_tokens):
             scores = logits[:, -1, :]
             nxt = scores.argmax(axis=-1)
+            if arrivals is not None:
+                arrivals.append(time.perf_counter())
             for i in range(batch):
                 if done[i]:
                     continue

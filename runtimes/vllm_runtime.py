@@ -7,19 +7,27 @@ a script that creates a `VllmRuntime` needs an `if __name__ == "__main__":` guar
 On CPU, `VLLM_CPU_KVCACHE_SPACE` (GiB of KV cache) defaults to 1 here unless set.
 
 `shutdown_llm` stops a `vllm.LLM` in vLLM's own order (what `VllmRuntime.close` does).
+
+Latency (`VllmRuntime.stream`) is timed the way vLLM's serving benchmark times a streamed request
+(vllm/benchmarks/lib/endpoint_request_func.py: a clock read when each chunk arrives), without the
+HTTP server: the request goes into the offline engine with `output_kind=DELTA` and the engine is
+stepped by hand (what `LLM.generate` does inside), so every `step()` hands back the tokens that the
+engine core has just produced and each is stamped when it reaches this process.
 """
 
 from __future__ import annotations
 
 import gc
+import itertools
 import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from .base import Generation, Runtime, RuntimeUnavailable, cpu_device, register
+from .base import Generation, Runtime, RuntimeUnavailable, TokenTimes, cpu_device, register
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +77,26 @@ def shutdown_llm(llm, timeout: float = ENGINE_SHUTDOWN_S) -> None:
             log.debug("vLLM shutdown step %s failed: %r", step.__name__, exc)
 
 
+def _check_cpu_head_size(config: dict) -> None:
+    """vLLM's CPU attention kernels exist for a fixed set of head sizes, and vLLM finds out only
+    in its worker at the first forward pass (a C++ error and a dead engine). Ask its CPU backend
+    first and refuse in one sentence."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return
+    try:
+        head_dim = int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return  # vLLM's own config validation says what is missing
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    sizes = CPUAttentionBackend.get_supported_head_sizes()
+    if head_dim not in sizes:
+        raise RuntimeUnavailable(f"vLLM's CPU attention has no kernel for head size {head_dim} (it supports "
+                                 f"{', '.join(map(str, sizes))}).")
+
+
 @register("vllm")
 class VllmRuntime(Runtime):
     """vLLM offline engine, greedy (temperature 0), prefix caching off so that repeated timing
@@ -90,12 +118,14 @@ class VllmRuntime(Runtime):
         from exporters.vllm_plugin import check_checkpoint
 
         check_checkpoint(self.path)
+        _check_cpu_head_size(config)
         from vllm import LLM
 
         max_model_len = min(max_model_len, int(config.get("max_position_embeddings") or max_model_len))
 
         self.llm = LLM(model=str(self.path), dtype=dtype, max_model_len=max_model_len, seed=0,
                        max_num_seqs=max_num_seqs, enable_prefix_caching=False, trust_remote_code=False)
+        self._stream_ids = itertools.count()
 
     @classmethod
     def check_available(cls) -> None:
@@ -129,6 +159,31 @@ class VllmRuntime(Runtime):
                 lps = [{t: lp.logprob for t, lp in step.items()} for step in c.logprobs]
             gens.append(Generation(list(c.token_ids), lps))
         return gens
+
+    def stream(self, prompt: Sequence[int], max_new_tokens: int) -> TokenTimes:
+        """One greedy request, streamed out of the offline engine token by token (DELTA outputs),
+        each token stamped when `step()` returns it to this process."""
+        from vllm import SamplingParams, TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        engine = self.llm.llm_engine
+        if engine.has_unfinished_requests():
+            raise RuntimeError("the vLLM engine is busy with other requests; a timed request must run alone")
+        params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, ignore_eos=True, detokenize=False,
+                                output_kind=RequestOutputKind.DELTA)
+        start = time.perf_counter()
+        # rendered as `LLM.generate` renders a prompt (its own `_add_request` would force FINAL_ONLY)
+        request = self.llm._preprocess_cmpl_one(TokensPrompt(prompt_token_ids=list(prompt)))
+        engine.add_request(f"fitprune-stream-{next(self._stream_ids)}", request, params)
+        arrivals: list[float] = []
+        tokens: list[int] = []
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                now = time.perf_counter()
+                for c in out.outputs:
+                    tokens += c.token_ids
+                    arrivals += [now] * len(c.token_ids)
+        return TokenTimes(start, tuple(arrivals), tuple(tokens))
 
     def close(self) -> None:
         llm = getattr(self, "llm", None)

@@ -42,18 +42,26 @@ def open_runtime(runtime: str, path: Path, dtype: str, threads: int | None):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def device_present(profile: Profile) -> bool:
-    """Is the profile's device the one this process runs on? (CPU profile on a CPU-only host, or a
-    GPU whose name contains the profile's device name's model part.)"""
-    import torch
+def device_match(profile: Profile, host: list[tuple[str, int]] | None = None) -> tuple[bool, str]:
+    """Is the profile's device the one this process runs on, and a sentence saying what was
+    compared. A CPU profile matches a host without CUDA. A GPU profile matches when the first
+    `device.count` GPUs are all the profile's product and memory class (`gpus.identify`: exact
+    model, never a shared word; an unknown GPU is no profile's device). `host`: (name, total memory
+    bytes) per GPU, as `gpus.host_gpus()` reads them from torch (the default)."""
+    from .gpus import host_gpus, match
 
+    if host is None:
+        host = host_gpus()
     if profile.device.kind == "cpu":
-        return not torch.cuda.is_available()
-    if not torch.cuda.is_available():
-        return False
-    here = torch.cuda.get_device_name().lower()
-    words = [w for w in profile.device.name.lower().replace("nvidia", "").split() if len(w) > 2]
-    return bool(words) and any(w in here for w in words[:2]) and torch.cuda.device_count() >= profile.device.count
+        if host:
+            return False, f"the profile's device is a CPU and this host has a GPU ({host[0][0]})"
+        return True, "the profile's device is a CPU and this host has no GPU"
+    return match(profile.device.name, profile.device.memory_gib, profile.device.count, host)
+
+
+def device_present(profile: Profile, host: list[tuple[str, int]] | None = None) -> bool:
+    """`device_match(profile, host)` without the sentence."""
+    return device_match(profile, host)[0]
 
 
 def measurement_runtime(profile: Profile) -> tuple[str, str | None]:
@@ -70,18 +78,19 @@ def measurement_runtime(profile: Profile) -> tuple[str, str | None]:
 
 
 def measure_batch1(rt, prompt_tokens: int, output_tokens: int, runs: int):
-    """TTFT and TPOT at batch 1 (what the fit needs; throughput is predicted from them), medians."""
+    """TTFT and TPOT at batch 1 (what the fit needs; throughput is predicted from them): medians
+    and per-run values of `runs` streamed requests after one untimed one, timed as `Runtime.measure`
+    times them (TTFT and TPOT of each run from the per-token arrival times of one request)."""
     import statistics
 
     from runtimes.base import Measurement, benchmark_prompt
 
     prompt = benchmark_prompt(rt.tokenizer, prompt_tokens)
-    rt.time_per_output_token(prompt, output_tokens, 1)  # warm-up
-    ttft = statistics.median(rt.time_to_first_token(prompt, runs))
-    tpot = statistics.median(rt.time_per_output_token(prompt, output_tokens, runs))
+    rt.stream(prompt, output_tokens)  # warm-up
+    ttfts, tpots = rt.latency(prompt, output_tokens, runs)
+    tpot = statistics.median(tpots)
     return Measurement(runtime=rt.name, device=rt.device, dtype=rt.dtype, prompt_tokens=prompt_tokens,
-                       output_tokens=output_tokens, concurrency=1, ttft_s=ttft, tpot_s=tpot,
-                       throughput_tok_s=1 / tpot, runs=runs, warmup=1,
+                       output_tokens=output_tokens, concurrency=1, ttft_s=statistics.median(ttfts), tpot_s=tpot,
+                       throughput_tok_s=1 / tpot, runs=runs, warmup=1, ttft_runs_s=tuple(ttfts),
+                       tpot_runs_s=tuple(tpots),
                        extra={"throughput": "batch 1 (1 / TPOT); the workload's concurrency was not measured"})
-
-

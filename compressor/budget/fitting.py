@@ -7,6 +7,7 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from profiles import Efficiency, Profile
 from profiles.costmodel import Arch, CostModel
@@ -14,6 +15,9 @@ from profiles.costmodel import Arch, CostModel
 from .. import tempdirs
 from ..errors import UserError
 from .device import measure_batch1, open_runtime
+
+if TYPE_CHECKING:
+    from runtimes.base import Measurement
 
 
 def arch_of(config: dict) -> Arch:
@@ -55,6 +59,44 @@ def _write_random_model(config: dict, arch: Arch, tokenizer_dir: Path, dtype: st
     AutoTokenizer.from_pretrained(str(tokenizer_dir)).save_pretrained(out)
 
 
+class CalibrationFailed(UserError):
+    """The runtime could not build or run an architecture of the model here, so no cost model was
+    fitted. One sentence, never the runtime's traceback; a caller that calibrates on its own
+    initiative may catch it and plan with the profile's factors, labelled so."""
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300].rstrip(".") if text else type(exc).__name__
+
+
+def _measure_arch(name: str, config: dict, arch: Arch, tokenizer_dir: Path, profile: Profile, runtime: str,
+                  path: Path, runs: int, say) -> Measurement:
+    """Write `arch` with random weights to `path` and measure it at batch 1 in `runtime`. Any
+    failure of the runtime (it cannot load or run this architecture, it dies, its timings are not
+    real) becomes CalibrationFailed."""
+    w = profile.workload
+    threads = profile.device.threads if profile.device.kind == "cpu" else None
+    try:
+        _write_random_model(config, arch, tokenizer_dir, profile.dtype, path)
+    except ValueError as exc:
+        raise CalibrationFailed(f"The cost model cannot be fitted: the {name} architecture of this model cannot be "
+                                f"written for measuring ({_first_line(exc)}); plan without fitting (--no-fit).",
+                                ) from exc
+    say(f"fitting the cost model: measuring the {name} architecture in {runtime} "
+        f"({w.prompt_tokens} prompt + {w.output_tokens} output tokens, batch 1)")
+    try:
+        with open_runtime(runtime, path, profile.dtype, threads) as rt:
+            return measure_batch1(rt, w.prompt_tokens, w.output_tokens, runs)
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001  (a third-party runtime: RuntimeUnavailable, MeasurementError, its own)
+        raise CalibrationFailed(
+            f"The cost model cannot be fitted on this machine: {runtime} cannot run the {name} architecture of "
+            f"this model ({_first_line(exc)}); plan without fitting (--no-fit) to use the profile's efficiency "
+            "factors, or pass --ratio to prune without a plan.") from exc
+
+
 @dataclass
 class CostFit:
     efficiency: Efficiency
@@ -66,22 +108,18 @@ def fit_cost_model(profile: Profile, config: dict, tokenizer_dir: Path, runtime:
               say=print) -> CostFit:
     """Measure the dense architecture and its skeleton (random weights, the profile's dtype and
     workload) in `runtime`; fit decode = overhead + bytes / bandwidth and prefill = overhead +
-    FLOPs / compute to the two points. The weights' values do not change the time."""
+    FLOPs / compute to the two points. The weights' values do not change the time. CalibrationFailed
+    (one sentence) when the runtime cannot run either architecture here."""
     dense = arch_of(config)
     skel = skeleton(dense, profile.round_to)
     cost = CostModel(profile)
     w = profile.workload
-    threads = profile.device.threads if profile.device.kind == "cpu" else None
     meas = {}
     tmp = tempdirs.make("fitprune-calib-")
     try:
         for name, arch in (("dense", dense), ("skeleton", skel)):
             path = tmp / name
-            _write_random_model(config, arch, tokenizer_dir, profile.dtype, path)
-            say(f"fitting the cost model: measuring the {name} architecture in {runtime} "
-                f"({w.prompt_tokens} prompt + {w.output_tokens} output tokens, batch 1)")
-            with open_runtime(runtime, path, profile.dtype, threads) as rt:
-                meas[name] = measure_batch1(rt, w.prompt_tokens, w.output_tokens, runs)
+            meas[name] = _measure_arch(name, config, arch, tokenizer_dir, profile, runtime, path, runs, say)
             shutil.rmtree(path, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
