@@ -154,6 +154,7 @@ def test_open_runtime_serves_a_hf_directory_in_onnxruntime(rt, tiny_model_dir):
     assert list(streamed.token_ids) == want[0] and len(set(streamed.arrivals)) == 6 and streamed.ttft_s > 0
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 def test_planner_fit_where_vllm_cannot_run_the_model_is_one_sentence(tiny_model_dir):
     """Issue 11: the planner's on-device fitting ended in a vLLM traceback when vLLM could not run
@@ -164,6 +165,7 @@ def test_planner_fit_where_vllm_cannot_run_the_model_is_one_sentence(tiny_model_
                                   "has no kernel for head size 8", code=2)
 
 
+@pytest.mark.slow
 def test_planner_fit_where_the_runtime_fails_is_one_sentence(tiny_model_dir, tmp_path):
     """Any failure of the runtime during the fit (here: ONNX Runtime asked for bfloat16, which its
     CPU provider cannot run) ends in one sentence, not the runtime's traceback."""
