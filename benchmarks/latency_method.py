@@ -45,6 +45,7 @@ def main() -> None:
     ap.add_argument("--runtime", default="torch", choices=["torch", "vllm", "onnxruntime"])
     ap.add_argument("--profile", default="cpu-2core")
     ap.add_argument("--model", default=None, help="HF directory (default: the embedded SmolLM2-135M-Instruct)")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: the profile's)")
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--json", type=Path, default=None)
@@ -58,7 +59,7 @@ def main() -> None:
     prof = load_profile(args.profile)
     w = prof.workload
     model = Path(args.model) if args.model else embedded_model_dir()
-    threads = prof.device.threads if prof.device.kind == "cpu" else None
+    threads = args.threads or (prof.device.threads if prof.device.kind == "cpu" else None)
     n = w.output_tokens
     with open_runtime(args.runtime, model, prof.dtype, threads) as rt:
         prompt = benchmark_prompt(rt.tokenizer, w.prompt_tokens)
