@@ -115,11 +115,15 @@ _current_node = None
 
 @pytest.fixture(autouse=True)
 def _remember_test_node(request):
-    """The running test, so that assert_clean_failure can record which test (and case) it checks."""
-    global _current_node
-    _current_node = request.node
+    """The running test, so that assert_clean_failure can record which test (and case) it checks.
+    pytest loads this file as `conftest` while test files import it as `tests.conftest`: two module
+    objects, so both are told."""
+    mods = {id(m): m for m in (sys.modules[__name__], sys.modules.get("tests.conftest")) if m is not None}
+    for m in mods.values():
+        m._current_node = request.node
     yield
-    _current_node = None
+    for m in mods.values():
+        m._current_node = None
 
 
 def _record_failure(p) -> None:
@@ -132,8 +136,8 @@ def _record_failure(p) -> None:
     err = p.stderr.splitlines()
     start = next(i for i, line in enumerate(err) if line.startswith("error:"))
     sentence = [err[start].strip()]
-    for line in err[start + 1:]:  # a continuation only where the line before was wrapped at the console width
-        if len(sentence[-1]) < 150 or not line.strip():
+    for line in err[start + 1:start + 8]:  # rich wraps long sentences: join lines up to the closing "."
+        if sentence[-1].endswith(".") or not line.strip():
             break
         sentence.append(line.strip())
     args = p.args if isinstance(p.args, (list, tuple)) else [str(p.args)]
