@@ -17,12 +17,22 @@ from tests.conftest import run_cli
 HOST = "cpu: Test CPU (2 threads)"
 
 
-def _report(tpot=0.05, ttft=0.4, tput=30.0, ppl=20.0, acc=0.6, device=HOST, runtime="torch") -> dict:
+def _cloze(acc: float, n: int = 600, items: str | None = "d1", per_item: bool = True) -> dict:
+    """Cloze scores as a report holds them: right answers first, so two scores of the same item set
+    differ only in the items between their two accuracies (paired: lost or gained)."""
+    k = round(acc * n)
+    d = {"cloze_acc": k / n, "cloze_n": n}
+    if per_item:
+        d |= {"cloze_correct": "1" * k + "0" * (n - k), "cloze_items": items}
+    return d
+
+
+def _report(tpot=0.05, ttft=0.4, tput=30.0, ppl=20.0, acc=0.6, device=HOST, runtime="torch", cloze=None) -> dict:
     m = {"runtime": runtime, "device": device, "ttft_s": ttft, "tpot_s": tpot, "throughput_tok_s": tput,
          "kind": "measured"}
     return {"schema": "fitprune.report/2", "perplexity": {"dense": 18.0, "pruned": ppl},
             "latency": {"measured": {"pruned": m}},
-            "accuracy": {"lm_eval": {"pruned": {"cloze_acc": acc}, "dense": {"cloze_acc": 0.62}}},
+            "accuracy": {"lm_eval": {"pruned": cloze or _cloze(acc), "dense": _cloze(0.62)}},
             "budget": {"passed": True, "verified": True, "lines": []}}
 
 
@@ -48,8 +58,50 @@ def test_a_slower_report_fails_with_one_line_per_rule():
 def test_accuracy_drops_fail():
     res = gate(_report(ppl=21.0, acc=0.5), _report(), max_accuracy_drop=0.02)
     assert [v.split(":")[0] for v in res.violations] == ["accuracy", "accuracy"]
-    assert "perplexity 21.000 is +5.0%" in res.violations[0] and "cloze accuracy 0.500" in res.violations[1]
+    assert "perplexity 21.000 is +5.0%" in res.violations[0]
+    assert res.violations[1].startswith("accuracy: lm-eval cloze accuracy 0.500 is -16.7% against the baseline's 0.600")
+    assert "change -10.0 points, 95% CI -12.4 to -7.6 (paired over the same 600 items)" in res.violations[1]
     assert gate(_report(ppl=21.0, acc=0.5), _report(), max_accuracy_drop=0.2).exit_code == EXIT_PASS
+
+
+def test_a_small_paired_change_passes_and_a_resolved_one_fails():
+    """600 items scored by both reports: 3 items lost (-0.5 points) is within the allowed 2% (1.2
+    points) with statistical support; 30 lost (-5 points) is beyond it with support."""
+    assert gate(_report(acc=0.595), _report(acc=0.6)).exit_code == EXIT_PASS
+    res = gate(_report(acc=0.55), _report(acc=0.6))
+    assert res.violations == ["accuracy: lm-eval cloze accuracy 0.550 is -8.3% against the baseline's 0.600: change "
+                              "-5.0 points, 95% CI -6.8 to -3.2 (paired over the same 600 items); allowed -2.0% = "
+                              "-1.2 points"]
+
+
+def test_too_few_items_to_resolve_the_drop_is_said_plainly():
+    """A report of the former 40-item task (no per-item results) against itself: one flipped item
+    moves its accuracy by 2.5 points, so it can neither pass nor fail a 2% drop on evidence."""
+    old = _cloze(0.6, n=40, per_item=False)
+    res = gate(_report(cloze=old), _report(cloze=old))
+    assert len(res.violations) == 1, res.violations
+    v = res.violations[0]
+    assert v.startswith("accuracy: 40 cloze items cannot resolve a 2.0% drop: change +0.0 points, 95% CI -21.0 to "
+                        "+21.0 (40 and 40 items, not paired)"), v
+    assert "the smallest drop it resolves is 35.0%" in v
+    assert gate(_report(cloze=old), _report(cloze=old), max_accuracy_drop=0.4).exit_code == EXIT_PASS
+    # unpaired, a drop far beyond the allowed one is still found
+    res = gate(_report(cloze=_cloze(0.3, per_item=False)), _report(cloze=_cloze(0.6, per_item=False)))
+    assert res.violations[0].startswith("accuracy: lm-eval cloze accuracy 0.300 is -50.0%") and "not paired" in \
+        res.violations[0]
+
+
+def test_reports_on_different_items_are_not_paired():
+    res = gate(_report(cloze=_cloze(0.6, items="python3.12")), _report(cloze=_cloze(0.6, items="python3.11")))
+    assert res.violations and "600 cloze items cannot resolve" in res.violations[0]
+    assert "600 and 600 items, not paired" in res.violations[0]
+    assert gate(_report(cloze=_cloze(0.6)), _report(cloze=_cloze(0.6))).exit_code == EXIT_PASS
+
+
+def test_a_cloze_accuracy_without_an_item_count_cannot_be_judged():
+    res = gate(_report(), _report(cloze={"cloze_acc": 0.6}))
+    assert res.violations == ["accuracy: the baseline's lm-eval cloze accuracy has no item count, so a 2.0% drop "
+                              "cannot be judged; refresh it with this version of fitprune"]
 
 
 def test_measurements_from_different_hosts_are_not_compared():

@@ -28,7 +28,9 @@ def check_export(report: Report, export_dir: Path, profile: Profile, plan, model
                   runtime=runtime)
     le = {"dense": tasks.dense, "pruned": tasks.pruned, "device": report.perplexity.device,
           "tasks": [lm_eval.TASK_PPL, lm_eval.TASK_CLOZE], "backend": "lm_eval.simple_evaluate, HF model in process",
-          "text": "builtin held-out region"}
+          "text": "builtin held-out region; the cloze task also docstrings of standard-library modules"}
+    if tasks.change is not None:  # paired over the same cloze items (lm_eval.accuracy_change)
+        le["change"] = tasks.change
     if tasks.pruned.get("skipped"):
         le = {"skipped": tasks.pruned["skipped"]}
     if tasks.vllm:

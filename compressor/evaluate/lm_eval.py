@@ -1,22 +1,44 @@
 """Accuracy: lm-eval (`lm_eval.simple_evaluate`; HF backend in this process, or the vLLM backend on
-the export with `lm_eval_scores_vllm`) on two local tasks
-built from the builtin held-out text (no hub): `fitprune_heldout` (rolling word perplexity) and
-`fitprune_cloze` (choose the true continuation of a passage among four, acc).
+the export with `lm_eval_scores_vllm`) on two local tasks built from held-out text (no hub):
+`fitprune_heldout` (rolling word perplexity on the builtin held-out region) and `fitprune_cloze`
+(choose the true continuation of a passage among four, acc) over two text domains, the builtin
+held-out region (the pydoc topics' language reference) and the docstrings of standard-library
+modules (`data.docstring_paragraphs`), both on every Python install.
+
+The cloze task has hundreds of items (`CLOZE_ITEMS`) because one flipped item of
+the former 40 moved the accuracy by 2.5 points, more than the CI gate's default 2% drop. Every score
+carries its item count, standard error and 95% interval, and the right/wrong answer of every item
+(`cloze_correct`, in item order) with a digest of the items (`cloze_items`): two runs on the same
+items compare item by item (`accuracy_change`), which resolves far smaller changes than two
+independent accuracies (`accuracy_change_unpaired`) do.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
+import math
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UserError
+from ..output import Interrupted
 
 TASK_PPL = "fitprune_heldout"
 TASK_CLOZE = "fitprune_cloze"
+# Cloze items in all, shared evenly among the domains (a domain with fewer candidate items leaves
+# the rest to the others). Each item is four loglikelihood requests of about 45 tokens: 400 items
+# cost ten times the former 40 (the dense and the pruned model are both scored), and a paired
+# comparison over them resolves about 0.5 accuracy points between models that agree on every item
+# and about 3 points between models that disagree on one item in ten (`accuracy_change`).
+CLOZE_ITEMS = 400
+CONTEXT_WORDS = (16, 32)  # the passage shown: a seeded length in this range
+CHOICE_WORDS = 8  # every choice (the true continuation and three from other passages of the domain)
+Z95 = 1.959963984540054  # two-sided 95% normal quantile
 
 
 def _paragraphs(text: str, min_words: int = 40) -> list[str]:
@@ -24,40 +46,94 @@ def _paragraphs(text: str, min_words: int = 40) -> list[str]:
     return [p for p in paras if len(p.split()) >= min_words]
 
 
-def write_tasks(folder: Path, text: str, n_docs: int = 12, n_cloze: int = 40, seed: int = 0) -> list[str]:
-    """Local lm-eval task YAMLs and their jsonl data, from `text` (held-out, never calibrated on)."""
+def cloze_domains(heldout_text: str) -> dict[str, list[str]]:
+    """The cloze task's text domains: name -> paragraphs (whitespace collapsed)."""
+    from ..data import docstring_paragraphs, is_prose
+
+    least = CONTEXT_WORDS[0] + CHOICE_WORDS
+    return {"pydoc": [p for p in _paragraphs(heldout_text, min_words=least) if is_prose(p)],
+            "docstrings": docstring_paragraphs(min_words=least)}
+
+
+def _shares(sizes: dict[str, int], total: int) -> dict[str, int]:
+    """`total` split as evenly as the sizes allow (water filling), in the order of `sizes`."""
+    out = dict.fromkeys(sizes, 0)
+    left = total
+    while left > 0:
+        open_ = [k for k in sizes if out[k] < sizes[k]]
+        if not open_:
+            break
+        share = max(1, left // len(open_))
+        for k in open_:
+            take = min(share, sizes[k] - out[k], left)
+            out[k] += take
+            left -= take
+    return out
+
+
+def cloze_items(domains: dict[str, list[str]], total: int = CLOZE_ITEMS, seed: int = 0) -> list[dict]:
+    """Seeded cloze items: each paragraph is cut into non-overlapping windows of 40 words, each
+    window one candidate item (a passage of 16-32 words and its next 8 words); `total` of them are
+    drawn, shared among the domains (`_shares`). The three wrong choices are 8-word spans of other
+    paragraphs of the same domain, so style alone does not give the answer away."""
+    rng = random.Random(seed)
+    span = CONTEXT_WORDS[1] + CHOICE_WORDS
+    pools, windows = {}, {}
+    for name, paras in domains.items():
+        pool = [p.split() for p in dict.fromkeys(paras)]  # a paragraph repeated in the source counts once
+        if len(pool) >= 2:
+            pools[name] = pool
+            seen: dict[tuple, tuple] = {}  # windows opening alike (repeated boilerplate) count once
+            for i, words in enumerate(pool):
+                for s in range(0, len(words) - CONTEXT_WORDS[0] - CHOICE_WORDS + 1, span):
+                    seen.setdefault(tuple(words[s:s + CONTEXT_WORDS[0]]), (i, words[s:s + span]))
+            windows[name] = list(seen.values())
+    shares = _shares({k: len(v) for k, v in windows.items()}, total)
+    items = []
+    for name, pool in pools.items():
+        for i, words in rng.sample(windows[name], shares[name]):
+            cut = rng.randint(CONTEXT_WORDS[0], min(CONTEXT_WORDS[1], len(words) - CHOICE_WORDS))
+            true = " " + " ".join(words[cut:cut + CHOICE_WORDS])
+            others: list[str] = []
+            while len(others) < 3:
+                j = rng.randrange(len(pool))
+                if j == i or len(pool[j]) < CHOICE_WORDS:
+                    continue
+                k = rng.randint(0, len(pool[j]) - CHOICE_WORDS)
+                other = " " + " ".join(pool[j][k:k + CHOICE_WORDS])
+                if other != true and other not in others:
+                    others.append(other)
+            gold = rng.randrange(4)
+            items.append({"context": " ".join(words[:cut]), "choices": others[:gold] + [true] + others[gold:],
+                          "gold": gold, "domain": name})
+    return items
+
+
+def write_tasks(folder: Path, text: str, n_docs: int = 12, n_cloze: int = CLOZE_ITEMS, seed: int = 0,
+                domains: dict[str, list[str]] | None = None) -> list[str]:
+    """Local lm-eval task YAMLs and their jsonl data, from held-out text (never calibrated on):
+    `text` (the builtin held-out region) for the perplexity task and the first cloze domain, the
+    standard library's docstrings for the second (`domains` replaces both, for tests). The datasets
+    cache of the two tasks is kept inside `folder` (the default one under ~/.cache would gain an entry
+    per run, each run's folder being new)."""
     folder.mkdir(parents=True, exist_ok=True)
     paras = _paragraphs(text)
     if len(paras) < 8:
         raise UserError("The held-out text is too short to build the lm-eval tasks.")
-    rng = random.Random(seed)
     docs = [{"text": " ".join(p.split()[:160])} for p in paras[:: max(1, len(paras) // n_docs)][:n_docs]]
     (folder / "heldout.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
-    items = []
-    pool = [p.split() for p in paras]
-    picks = rng.sample(range(len(pool)), min(n_cloze, len(pool)))
-    for i in picks:
-        words = pool[i]
-        cut = rng.randint(16, min(32, len(words) - 10))
-        context, true = " ".join(words[:cut]), " " + " ".join(words[cut:cut + 8])
-        others = []
-        while len(others) < 3:
-            j = rng.randrange(len(pool))
-            if j != i:
-                k = rng.randint(0, len(pool[j]) - 8)
-                others.append(" " + " ".join(pool[j][k:k + 8]))
-        gold = rng.randrange(4)
-        choices = others[:gold] + [true] + others[gold:]
-        items.append({"context": context, "choices": choices, "gold": gold})
+    items = cloze_items(domains if domains is not None else cloze_domains(text), n_cloze, seed)
     (folder / "cloze.jsonl").write_text("".join(json.dumps(d) + "\n" for d in items))
     data = str(folder)
-    (folder / f"{TASK_PPL}.yaml").write_text(f"""task: {TASK_PPL}
-dataset_path: json
+    common = f"""dataset_path: json
 dataset_kwargs:
+  cache_dir: {data}/datasets-cache
   data_files:
-    test: {data}/heldout.jsonl
+    test: {data}/{{file}}
 test_split: test
-output_type: loglikelihood_rolling
+"""
+    (folder / f"{TASK_PPL}.yaml").write_text(f"""task: {TASK_PPL}
+{common.format(file="heldout.jsonl")}output_type: loglikelihood_rolling
 doc_to_text: ""
 doc_to_target: "{{{{text}}}}"
 metric_list:
@@ -68,12 +144,7 @@ metadata:
   version: 1.0
 """)
     (folder / f"{TASK_CLOZE}.yaml").write_text(f"""task: {TASK_CLOZE}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}/cloze.jsonl
-test_split: test
-output_type: multiple_choice
+{common.format(file="cloze.jsonl")}output_type: multiple_choice
 doc_to_text: "{{{{context}}}}"
 doc_to_choice: "{{{{choices}}}}"
 doc_to_target: gold
@@ -83,9 +154,112 @@ metric_list:
     aggregation: mean
     higher_is_better: true
 metadata:
-  version: 1.0
+  version: 2.0
 """)
     return [TASK_PPL, TASK_CLOZE]
+
+
+def items_digest(folder: Path) -> str:
+    """Identity of a cloze item set: two scores are paired only when their digests match."""
+    return hashlib.sha256((Path(folder) / "cloze.jsonl").read_bytes()).hexdigest()[:16]
+
+
+# -- statistics ------------------------------------------------------------------------------------
+
+def _bits(correct) -> list[int]:
+    """Per-item correctness as 0/1: a string of "0"/"1" (as stored in reports) or a sequence."""
+    bits = [int(c) for c in correct]
+    if any(b not in (0, 1) for b in bits):
+        raise ValueError("per-item correctness must be 0 or 1")
+    return bits
+
+
+def accuracy_stats(correct) -> dict:
+    """Accuracy of one run with its item count, standard error sqrt(p(1-p)/n) and 95% Wilson interval
+    (which stays inside [0, 1] and is not zero-width at 0 or 100%, unlike p +- 1.96 se)."""
+    bits = _bits(correct)
+    n = len(bits)
+    if n == 0:
+        raise ValueError("no items")
+    p = sum(bits) / n
+    z2 = Z95 * Z95
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = Z95 * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return {"acc": p, "n": n, "stderr": math.sqrt(p * (1 - p) / n),
+            "ci95": [max(0.0, centre - half), min(1.0, centre + half)]}
+
+
+def accuracy_change(before, after) -> dict:
+    """The change of accuracy from `before` to `after`, scored on the SAME items (per-item 0/1 in the
+    same order): delta = acc(after) - acc(before) in accuracy units, its standard error and 95%
+    interval from the paired (McNemar) variance, the items lost (right before, wrong after) and
+    gained. Only items on which the two runs disagree carry variance, so two similar models are
+    compared far more finely than their two accuracies' own intervals allow.
+
+    The interval is Agresti and Min's (2005): the Wald interval after adding half an item to each
+    of the four agree/disagree cells, which keeps it from collapsing to zero width when the runs
+    agree on every item (then its half-width is about 1.96/n). `ratio` is acc(after)/acc(before)
+    and `ratio_ci95` the same interval relative to acc(before) (treating it as the reference), the
+    form of the relative limits (`--max-accuracy-drop`, `min_task_accuracy`)."""
+    x, y = _bits(before), _bits(after)
+    n = len(x)
+    if n == 0 or len(y) != n:
+        raise ValueError(f"a paired change needs the same items: {len(x)} and {len(y)} item results")
+    lost = sum(1 for a, b in zip(x, y, strict=True) if a and not b)
+    gained = sum(1 for a, b in zip(x, y, strict=True) if b and not a)
+    nn = n + 2.0
+    pl, pg = (lost + 0.5) / nn, (gained + 0.5) / nn
+    d = pg - pl
+    se = math.sqrt(max(pg + pl - d * d, 0.0) / nn)
+    p0 = sum(x) / n
+    delta = (gained - lost) / n
+    ci = [d - Z95 * se, d + Z95 * se]
+    return {"delta": delta, "stderr": se, "ci95": ci, "n": n, "lost": lost, "gained": gained,
+            "ratio": (sum(y) / n) / p0 if p0 > 0 else None,
+            "ratio_ci95": [1 + ci[0] / p0, 1 + ci[1] / p0] if p0 > 0 else None,
+            "method": "paired over the same items (Agresti-Min interval)"}
+
+
+def accuracy_change_unpaired(acc_before: float, n_before: int, acc_after: float, n_after: int) -> dict:
+    """The change between two accuracies on different (or unknown) items, from their counts only:
+    Agresti and Caffo's (2000) interval (one right and one wrong answer added to each run). The
+    form of `accuracy_change`, without the item counts lost and gained."""
+    if n_before < 1 or n_after < 1:
+        raise ValueError("no items")
+    pb, pa = (acc_before * n_before + 1) / (n_before + 2), (acc_after * n_after + 1) / (n_after + 2)
+    se = math.sqrt(pb * (1 - pb) / (n_before + 2) + pa * (1 - pa) / (n_after + 2))
+    d = pa - pb
+    ci = [d - Z95 * se, d + Z95 * se]
+    return {"delta": acc_after - acc_before, "stderr": se, "ci95": ci, "n": min(n_before, n_after),
+            "ratio": acc_after / acc_before if acc_before > 0 else None,
+            "ratio_ci95": [1 + ci[0] / acc_before, 1 + ci[1] / acc_before] if acc_before > 0 else None,
+            "method": "unpaired: different or unknown items (Agresti-Caffo interval)"}
+
+
+def item_results(scores: dict) -> str | None:
+    """The per-item results a score dict holds ("0"/"1" per item), or None (an older report)."""
+    x = scores.get("cloze_correct")
+    return x if isinstance(x, str) and x and set(x) <= {"0", "1"} else None
+
+
+def item_count(scores: dict) -> int | None:
+    """The cloze item count a score dict holds, or None (missing or not a positive count)."""
+    n = scores.get("cloze_n")
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
+
+
+def compare_scores(before: dict, after: dict) -> dict | None:
+    """`accuracy_change` of two cloze scores (report dicts) when both carry per-item results on the
+    same items (same `cloze_items` digest), else `accuracy_change_unpaired` from their accuracies
+    and counts (reports written before per-item results were kept); None when an item count is
+    missing."""
+    xb, xa = item_results(before), item_results(after)
+    if xb and xa and len(xb) == len(xa) and before.get("cloze_items") == after.get("cloze_items"):
+        return accuracy_change(xb, xa)
+    nb, na = item_count(before), item_count(after)
+    if nb is None or na is None:
+        return None
+    return accuracy_change_unpaired(before["cloze_acc"], nb, after["cloze_acc"], na)
 
 
 @dataclass
@@ -93,9 +267,25 @@ class TaskScores:
     word_perplexity: float
     cloze_acc: float
     cloze_n: int
+    cloze_correct: str = ""  # one "1" (right) or "0" (wrong) per cloze item, in item order
+    cloze_items: str = ""  # digest of the items (`items_digest`)
+    cloze_domain: list[str] = field(default_factory=list)  # each item's text domain, in item order
 
     def as_dict(self) -> dict:
-        return {"word_perplexity": self.word_perplexity, "cloze_acc": self.cloze_acc, "cloze_n": self.cloze_n}
+        """The report's form: accuracy with its count, standard error, 95% interval and the
+        accuracy per text domain; the per-item results for paired comparisons."""
+        out = {"word_perplexity": self.word_perplexity, "cloze_acc": self.cloze_acc, "cloze_n": self.cloze_n}
+        if self.cloze_correct:
+            st = accuracy_stats(self.cloze_correct)
+            out |= {"cloze_stderr": st["stderr"], "cloze_ci95": st["ci95"]}
+            if self.cloze_domain:
+                out["cloze_domains"] = {
+                    name: {k: v for k, v in accuracy_stats(
+                        [c for c, d in zip(self.cloze_correct, self.cloze_domain, strict=True) if d == name]
+                    ).items() if k in ("acc", "n", "stderr")}
+                    for name in dict.fromkeys(self.cloze_domain)}
+            out |= {"cloze_correct": self.cloze_correct, "cloze_items": self.cloze_items}
+        return out
 
 
 def _import_lm_eval():
@@ -109,13 +299,18 @@ def _import_lm_eval():
 
 
 def _evaluate(lm, task_dir: Path) -> TaskScores:
+    """Both tasks, with the per-item results of the cloze task (lm-eval's logged samples)."""
     lm_eval, TaskManager = _import_lm_eval()
     res = lm_eval.simple_evaluate(model=lm, tasks=[TASK_PPL, TASK_CLOZE], task_manager=TaskManager(
-        include_path=str(task_dir), include_defaults=False), bootstrap_iters=0, log_samples=False,
+        include_path=str(task_dir), include_defaults=False), bootstrap_iters=0, log_samples=True,
         verbosity="ERROR")
     r = res["results"]
+    samples = sorted(res["samples"][TASK_CLOZE], key=lambda x: x["doc_id"])
     return TaskScores(float(r[TASK_PPL]["word_perplexity,none"]), float(r[TASK_CLOZE]["acc,none"]),
-                      int(res["n-samples"][TASK_CLOZE]["effective"]))
+                      int(res["n-samples"][TASK_CLOZE]["effective"]),
+                      cloze_correct="".join("1" if x["acc"] else "0" for x in samples),
+                      cloze_items=items_digest(task_dir),
+                      cloze_domain=[str(x["doc"].get("domain", "")) for x in samples])
 
 
 def lm_eval_scores(model, tokenizer, task_dir: Path, max_length: int = 256, batch_size: int = 8) -> TaskScores:
@@ -259,7 +454,7 @@ def _vllm_child_main(request: str, result: str) -> None:
             raise UserError(f"lm-eval's vLLM backend is not usable here ({exc}).") from exc
         lm = VLLM(pretrained=req["export_dir"], dtype=req["dtype"], max_model_len=req["max_length"], seed=0,
                   batch_size="auto", enable_prefix_caching=False)
-        deliver({"scores": _evaluate(lm, Path(req["task_dir"])).as_dict()})
+        deliver({"scores": dataclasses.asdict(_evaluate(lm, Path(req["task_dir"])))})
     except UserError as exc:
         deliver({"user_error": str(exc)})
     finally:
@@ -277,14 +472,20 @@ def _vllm_child_main(request: str, result: str) -> None:
 
 
 def _scores_or_skip(score, label: str, say) -> dict:
-    """Run `score()` (-> TaskScores); a UserError (lm-eval or the runtime missing) becomes a skip."""
+    """Run `score()` (-> TaskScores); a UserError (lm-eval or the runtime missing) becomes a skip,
+    but not an interrupt (Ctrl-C, SIGTERM: also a UserError), which ends the run."""
     try:
         s = score()
+    except Interrupted:
+        raise
     except UserError as exc:
         say(f"{label} skipped: {exc}")
         return {"skipped": str(exc)}
-    say(f"{label}: word perplexity {s.word_perplexity:.3f}, cloze accuracy {s.cloze_acc:.3f} ({s.cloze_n} items)")
-    return {**s.as_dict(), "kind": "measured"}
+    d = s.as_dict()
+    spread = f" +- {Z95 * d['cloze_stderr']:.3f}" if "cloze_stderr" in d else ""
+    say(f"{label}: word perplexity {s.word_perplexity:.3f}, cloze accuracy {s.cloze_acc:.3f}{spread} "
+        f"({s.cloze_n} items)")
+    return {**d, "kind": "measured"}
 
 
 def task_scores_vllm(export_dir: Path, task_dir: Path, say=print) -> dict:
@@ -306,30 +507,61 @@ def task_scores(model, tokenizer, task_dir: Path, device: str, say=print) -> dic
 
 
 class Tasks:
-    """The local lm-eval tasks of one run, in a temporary folder (removed on exit), and the scores
-    of the dense and the pruned model on them. Disabled: nothing is written or run."""
+    """The local lm-eval tasks of one run, in a temporary folder, and the scores of the dense and the
+    pruned model on them. Disabled: nothing is written or run.
 
-    def __init__(self, heldout_text: str, enabled: bool, vllm: bool = False):
-        self.text, self.enabled, self.vllm = heldout_text, enabled, vllm
+    The folder is removed on every exit path: the `with` block's end, an error or an interrupt while
+    the tasks are being written (`__enter__` cleans up itself, since `__exit__` does not run when
+    `__enter__` fails), and a Ctrl-C or SIGTERM turned into `Interrupted` by `signals_as_errors`.
+    The folder carries an owner marker (`tempdirs.make`), so a run killed outright leaves a folder
+    the next run's sweep removes."""
+
+    def __init__(self, heldout_text: str, enabled: bool, vllm: bool = False, n_cloze: int = CLOZE_ITEMS):
+        self.text, self.enabled, self.vllm, self.n_cloze = heldout_text, enabled, vllm, n_cloze
         self.folder: Path | None = None
         self.dense: dict = {}
         self.pruned: dict = {}
 
     def __enter__(self) -> Tasks:
         if self.enabled:
-            import tempfile
+            from .. import tempdirs
 
-            self.folder = Path(tempfile.mkdtemp(prefix="fitprune-tasks-"))
-            write_tasks(self.folder, self.text)
+            try:
+                self.folder = tempdirs.make("fitprune-tasks-")
+                write_tasks(self.folder, self.text, n_cloze=self.n_cloze)
+            except BaseException:
+                self.close()
+                raise
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.folder is not None:
+        self.close()
+
+    def close(self) -> None:
+        """Remove the task folder (again: a no-op)."""
+        folder, self.folder = self.folder, None
+        if folder is not None:
             import shutil
 
-            shutil.rmtree(self.folder, ignore_errors=True)
+            shutil.rmtree(folder, ignore_errors=True)
+
+    @property
+    def change(self) -> dict | None:
+        """`accuracy_change` from the dense to the pruned model over the same cloze items, or None
+        when either was not scored (skipped, disabled)."""
+        d, p = self.dense.get("cloze_correct"), self.pruned.get("cloze_correct")
+        if not d or not p or self.dense.get("cloze_items") != self.pruned.get("cloze_items"):
+            return None
+        return accuracy_change(d, p)
 
     def score(self, which: str, model, tokenizer, device: str, say=print) -> None:
-        """lm-eval scores of `model` (in memory) as `which` ("dense" or "pruned")."""
-        if self.enabled:
-            setattr(self, which, task_scores(model, tokenizer, self.folder, device, say=say))
+        """lm-eval scores of `model` (in memory) as `which` ("dense" or "pruned"); after the pruned
+        model, the paired change of the cloze accuracy is said too."""
+        if not self.enabled:
+            return
+        setattr(self, which, task_scores(model, tokenizer, self.folder, device, say=say))
+        ch = self.change if which == "pruned" else None
+        if ch is not None:
+            say(f"cloze accuracy change, pruned - dense: {ch['delta'] * 100:+.1f} points (95% CI "
+                f"{ch['ci95'][0] * 100:+.1f} to {ch['ci95'][1] * 100:+.1f}, paired over {ch['n']} items: "
+                f"{ch['lost']} lost, {ch['gained']} gained)")

@@ -84,10 +84,7 @@ def gate(report: Report | dict, baseline: Report | dict, max_latency_regression:
     ble = ((baseline.get("accuracy") or {}).get("lm_eval") or {}).get("pruned")
     if le and ble:
         checked.append("cloze accuracy")
-        if le["cloze_acc"] < ble["cloze_acc"] * (1 - max_accuracy_drop):
-            bad.append(f"accuracy: lm-eval cloze accuracy {le['cloze_acc']:.3f} is "
-                       f"{le['cloze_acc'] / ble['cloze_acc'] - 1:+.1%} against the baseline's {ble['cloze_acc']:.3f} "
-                       f"(allowed -{max_accuracy_drop:.1%})")
+        bad += _cloze_rule(le, ble, max_accuracy_drop)
     elif ble and not le:
         bad.append("accuracy: the baseline has lm-eval scores but the report has none")
     if check_budget and report.get("budget"):
@@ -110,3 +107,39 @@ def gate(report: Report | dict, baseline: Report | dict, max_latency_regression:
     return GateResult(bad, checked)
 
 
+def _cloze_rule(le: dict, ble: dict, max_drop: float) -> list[str]:
+    """The cloze accuracy rule, judged with a 95% confidence interval of the change from the
+    baseline (`lm_eval.compare_scores`: paired over the same items when both reports hold per-item
+    results on the same item set, else from the two accuracies and their item counts). Allowed: a
+    drop of `max_drop` x the baseline's accuracy.
+      * the whole interval is below the allowed drop: the drop is beyond it with statistical support;
+      * the interval reaches past the allowed drop on both sides and is wider than it: the items
+        cannot tell an allowed change from a forbidden one, which is said plainly (a gate that cannot
+        resolve its threshold is not a gate);
+      * otherwise the rule holds (an interval narrower than the allowed drop that still straddles it
+        is a change near the threshold without statistical support for a violation)."""
+    from ..evaluate.lm_eval import compare_scores, item_count
+
+    acc, base = le["cloze_acc"], ble["cloze_acc"]
+    ch = compare_scores(ble, le)
+    if ch is None:
+        who = "baseline's" if item_count(ble) is None else "report's"
+        return [f"accuracy: the {who} lm-eval cloze accuracy has no item count, so a {max_drop:.1%} drop cannot "
+                "be judged; refresh it with this version of fitprune"]
+    allowed = max_drop * base
+    lo, hi = ch["ci95"]
+    half = (hi - lo) / 2
+    paired = ch["method"].startswith("paired")
+    items = (f"paired over the same {ch['n']} items" if paired
+             else f"{le['cloze_n']} and {ble['cloze_n']} items, not paired")
+    rel = f"{acc / base - 1:+.1%}" if base > 0 else "n/a"
+    where = (f"change {ch['delta'] * 100:+.1f} points, 95% CI {lo * 100:+.1f} to {hi * 100:+.1f} ({items}); "
+             f"allowed -{max_drop:.1%} = -{allowed * 100:.1f} points")
+    if hi < -allowed:
+        return [f"accuracy: lm-eval cloze accuracy {acc:.3f} is {rel} against the baseline's {base:.3f}: {where}"]
+    if lo < -allowed and half > allowed:
+        n = ch["n"] if paired else min(le["cloze_n"], ble["cloze_n"])
+        smallest = f"; the smallest drop it resolves is {half / base:.1%}" if base > 0 else ""
+        return [f"accuracy: {n} cloze items cannot resolve a {max_drop:.1%} drop: {where}{smallest}"
+                + ("" if paired else " (reports scored on the same items are compared item by item, far finer)")]
+    return []
