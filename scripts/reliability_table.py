@@ -7,9 +7,10 @@ the command, the whole `error:` sentence and the exit code, and writes one table
 between the GENERATED markers of docs/reliability.md; the prose around them is kept. A test that
 was skipped or failed in the generating run still gets a row saying so.
 
-    python scripts/reliability_table.py             # run the failure tests (slow ones too) and write the doc
-    python scripts/reliability_table.py -m "not slow"   # extra pytest arguments are passed on
-    python scripts/reliability_table.py --from-log LOG --junit XML   # rewrite the doc from an earlier run
+    python scripts/reliability_table.py                   # run the failure tests (slow ones too), write the doc
+    python scripts/reliability_table.py -m "not slow"     # extra pytest arguments are passed on
+    python scripts/reliability_table.py --save rows.json  # ... and keep the rows; later, to rerun one file only:
+    python scripts/reliability_table.py --only tests/test_inputs.py --merge rows.json
 
 Exit status: 0, or 1 when a failure test failed (the doc is written all the same, with those rows marked).
 tests/test_reliability_doc.py checks that every such test has a row and that the rows are this
@@ -152,8 +153,13 @@ def _case(doc: str, nodeid: str) -> str:
     return name[:1].upper() + name[1:]
 
 
-def render(tests: dict[str, str], records: list[dict], status: dict[str, tuple[str, str]],
-           basetemp: str | None) -> str:
+def normalised(raw: dict, basetemp: str | None) -> dict:
+    """A recorded check with its command and message in stable, per-run-independent text."""
+    return {"nodeid": raw["nodeid"], "doc": raw.get("doc", ""), "exit": raw["exit"],
+            "command": _normalise(_command(raw["args"]), basetemp), "error": _normalise(raw["error"], basetemp)}
+
+
+def render(tests: dict[str, str], records: list[dict], status: dict[str, tuple[str, str]]) -> str:
     """The generated region's body: per test file, one row per recorded check."""
     by_test: dict[str, list[dict]] = {}
     for r in records:
@@ -175,8 +181,7 @@ def render(tests: dict[str, str], records: list[dict], status: dict[str, tuple[s
                 continue
             seen = set()
             for i, r in enumerate(rows):
-                cmd = _normalise(_command(r["args"]), basetemp)
-                msg = _normalise(r["error"], basetemp)
+                cmd, msg = r["command"], r["error"]
                 test = r["nodeid"].split("::", 1)[1]
                 if (test, cmd, msg) in seen:
                     continue
@@ -200,23 +205,30 @@ def write_doc(body: str, n_records: int, n_tests: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--from-log", type=Path, help="records of an earlier run (JSON lines) instead of running pytest")
-    ap.add_argument("--junit", type=Path, help="with --from-log: that run's junit XML (skips and failures)")
+    ap.add_argument("--only", nargs="+", default=None, metavar="PREFIX",
+                    help="run only the failure tests whose node id starts with one of these (e.g. "
+                         "tests/test_inputs.py); the rows of the others come from --merge")
+    ap.add_argument("--merge", type=Path, help="the --save file of an earlier run: rows of the tests not run now")
+    ap.add_argument("--save", type=Path, help="keep this run's rows (JSON) for a later --merge")
     args, extra = ap.parse_known_args(argv)
     tests = failure_tests()
-    rc = 0
+    nodes = sorted(n for n in tests if args.only is None or n.startswith(tuple(args.only)))
     with tempfile.TemporaryDirectory(prefix="fitprune-reliability-") as tmp:
-        basetemp = None
-        if args.from_log:
-            log, junit = args.from_log, args.junit or Path("/nonexistent")
-        else:
-            log, junit, rc = run_tests(sorted(tests), Path(tmp), extra)
-            basetemp = str(Path(tmp) / "t")
-        records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-        status = outcomes(junit)
-        body = render(tests, records, status, basetemp)
+        log, junit, rc = run_tests(nodes, Path(tmp), extra) if nodes else (Path(tmp) / "none", None, 0)
+        log.touch()
+        basetemp = str(Path(tmp) / "t")
+        records = [normalised(json.loads(line), basetemp) for line in log.read_text().splitlines() if line.strip()]
+        status = outcomes(junit) if junit else {}
+    if args.merge:
+        ran = set(nodes)
+        earlier = json.loads(args.merge.read_text())
+        records += [r for r in earlier["records"] if re.sub(r"\[.*\]$", "", r["nodeid"]) not in ran]
+        status |= {k: tuple(v) for k, v in earlier["status"].items() if k not in ran}
+    if args.save:
+        args.save.write_text(json.dumps({"records": records, "status": status}, indent=1))
+    body = render(tests, records, status)
     write_doc(body, len(records), len(tests))
-    failed = sorted(k for k, (s, _) in status.items() if s in ("FAILED", "ERROR"))
+    failed = sorted(k for k, (st, _) in status.items() if st in ("FAILED", "ERROR"))
     print(f"wrote {DOC.relative_to(ROOT)}: {len(tests)} failure tests, {len(records)} recorded failures"
           + (f"; FAILED: {', '.join(failed)}" if failed else ""))
     return 1 if failed or rc not in (0, 5) else 0
