@@ -46,6 +46,8 @@ def main() -> None:
     ap.add_argument("--profile", default="cpu-2core")
     ap.add_argument("--model", default=None, help="HF directory (default: the embedded SmolLM2-135M-Instruct)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: the profile's)")
+    ap.add_argument("--prompt-tokens", type=int, default=None, help="default: the profile's workload")
+    ap.add_argument("--output-tokens", type=int, default=None, help="default: the profile's workload")
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--json", type=Path, default=None)
@@ -60,9 +62,10 @@ def main() -> None:
     w = prof.workload
     model = Path(args.model) if args.model else embedded_model_dir()
     threads = args.threads or (prof.device.threads if prof.device.kind == "cpu" else None)
-    n = w.output_tokens
+    n = args.output_tokens or w.output_tokens
+    prompt_tokens = args.prompt_tokens or w.prompt_tokens
     with open_runtime(args.runtime, model, prof.dtype, threads) as rt:
-        prompt = benchmark_prompt(rt.tokenizer, w.prompt_tokens)
+        prompt = benchmark_prompt(rt.tokenizer, prompt_tokens)
         for _ in range(args.warmup):
             _old_timed(rt, prompt, n)
             rt.stream(prompt, n)
@@ -81,12 +84,12 @@ def main() -> None:
         device = rt.device
     old_tpot = [max(v, 0.0) for v in old_tpot_raw]
     res = {"runtime": args.runtime, "device": device, "profile": prof.name, "dtype": prof.dtype, "threads": threads,
-           "model": str(model), "prompt_tokens": w.prompt_tokens, "output_tokens": n, "warmup": args.warmup,
+           "model": str(model), "prompt_tokens": prompt_tokens, "output_tokens": n, "warmup": args.warmup,
            "old": {"ttft": summary(old_ttft), "tpot": summary(old_tpot),
                    "tpot_raw_ms": [round(v * 1e3, 3) for v in old_tpot_raw],
                    "tpot_nonpositive_raw": sum(v <= 0 for v in old_tpot_raw)},
            "new": {"ttft": summary(new_ttft), "tpot": summary(new_tpot)}}
-    print(f"\n{args.runtime} on {device}, {prof.dtype}, {w.prompt_tokens} prompt + {n} output tokens, "
+    print(f"\n{args.runtime} on {device}, {prof.dtype}, {prompt_tokens} prompt + {n} output tokens, "
           f"{args.runs} runs after {args.warmup} warm-up")
     print(f"{'method':<6} {'TTFT median':>12} {'TTFT min-max':>16} {'TPOT median':>12} {'TPOT min-max':>16}")
     for k in ("old", "new"):

@@ -172,17 +172,28 @@ class VllmRuntime(Runtime):
         params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, ignore_eos=True, detokenize=False,
                                 output_kind=RequestOutputKind.DELTA)
         start = time.perf_counter()
-        # rendered as `LLM.generate` renders a prompt (its own `_add_request` would force FINAL_ONLY)
-        request = self.llm._preprocess_cmpl_one(TokensPrompt(prompt_token_ids=list(prompt)))
-        engine.add_request(f"fitprune-stream-{next(self._stream_ids)}", request, params)
+        prompt_in = TokensPrompt(prompt_token_ids=list(prompt))
+        # rendered as `LLM.generate` renders a prompt (its own `_add_request` would force FINAL_ONLY);
+        # a vLLM without that helper takes the raw prompt (deprecated there, same request)
+        render = getattr(self.llm, "_preprocess_cmpl_one", None)
+        request = render(prompt_in) if render is not None else prompt_in
+        req_id = engine.add_request(f"fitprune-stream-{next(self._stream_ids)}", request, params)
         arrivals: list[float] = []
         tokens: list[int] = []
-        while engine.has_unfinished_requests():
-            for out in engine.step():
-                now = time.perf_counter()
-                for c in out.outputs:
-                    tokens += c.token_ids
-                    arrivals += [now] * len(c.token_ids)
+        try:
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    now = time.perf_counter()
+                    for c in out.outputs:
+                        tokens += c.token_ids
+                        arrivals += [now] * len(c.token_ids)
+        except BaseException:
+            # leave the engine idle for the next request (an interrupt, or an error of this one)
+            try:
+                engine.abort_request([req_id], internal=True)
+            except Exception as exc:  # noqa: BLE001  (the engine may be dead already)
+                log.debug("aborting the timed request failed: %r", exc)
+            raise
         return TokenTimes(start, tuple(arrivals), tuple(tokens))
 
     def close(self) -> None:
