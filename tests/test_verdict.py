@@ -10,7 +10,15 @@ import pytest
 import yaml
 
 from compressor.evaluate.verdict import (
-    COMPUTED, EXIT_MEETS, EXIT_MISSES, EXIT_UNVERIFIED, MEASURED, PREDICTED, PROXY, budget_lines, summary,
+    COMPUTED,
+    EXIT_MEETS,
+    EXIT_MISSES,
+    EXIT_UNVERIFIED,
+    MEASURED,
+    PREDICTED,
+    PROXY,
+    budget_lines,
+    summary,
 )
 from compressor.report import gate
 from profiles import load_profile
@@ -26,8 +34,8 @@ def _figures(runtime: str, ttft_ms: float, device: str = "cpu: this host") -> di
 def _latency(measured_in: str | None, on_device: bool, ttft_ms: float = 300.0, note: str | None = None) -> dict:
     pred = _figures("vllm", 400.0, device="x86-64 CPU, 2 cores x1 (cpu-2core, vllm)")
     pred.update(memory_gib=1.0, memory={"available_gib": 19.2})
-    return {"on_profile_device": on_device, "runtime_note": note,
-            "measured": {"pruned": _figures(measured_in, ttft_ms)} if measured_in else {}, "predicted": {"pruned": pred}}
+    measured = {"pruned": _figures(measured_in, ttft_ms)} if measured_in else {}
+    return {"on_profile_device": on_device, "runtime_note": note, "measured": measured, "predicted": {"pruned": pred}}
 
 
 def test_lines_measured_in_the_profiles_runtime_on_its_device_are_verified():
