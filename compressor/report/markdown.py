@@ -12,6 +12,14 @@ def _ms(x: float | None) -> str:
     return "—" if x is None else f"{x * 1e3:.2f} ms"
 
 
+def _spread(f: dict, name: str) -> str:
+    """'12.30 ms (11.90-13.10 over 5 runs)' where the runtime recorded every run, else the median."""
+    lo, hi, runs = f.get(f"{name}_min_s"), f.get(f"{name}_max_s"), f.get(f"{name}_runs_s")
+    if lo is None or hi is None:
+        return _ms(f[f"{name}_s"])
+    return f"{_ms(f[f'{name}_s'])} ({lo * 1e3:.2f}-{hi * 1e3:.2f} over {len(runs or [])} runs)"
+
+
 def _tok(x: float | None) -> str:
     return "—" if x is None else f"{x:.1f} tok/s"
 
@@ -78,7 +86,7 @@ def markdown(report: Report | dict) -> str:
                 dev, rt = f.get("device", ""), f.get("runtime", "")
                 if kind == "measured":
                     rt = f"{rt} {f.get('dtype', '')}" + ("" if rt == lat.get("profile_runtime", rt) else " (proxy)")
-                lines.append(f"| {kind} | {which} | {_ms(f['ttft_s'])} | {_ms(f['tpot_s'])} | "
+                lines.append(f"| {kind} | {which} | {_spread(f, 'ttft')} | {_spread(f, 'tpot')} | "
                              f"{_tok(f['throughput_tok_s'])} | {rt} | {dev} |")
         w = lat["workload"]
         lines += ["", f"Workload: TTFT for a {w['prompt_tokens']}-token prompt at batch 1, TPOT at batch 1, throughput "
