@@ -30,7 +30,7 @@ from ..model.loading import read_config
 from ..prune.tensor_parallel import describe, tensor_parallel_size, widths_problems
 from ..prune.widths import uniform_shapes
 from .device import device_present, measurement_runtime
-from .fitting import arch_of, fit_cost_model
+from .fitting import CalibrationFailed, arch_of, fit_cost_model
 
 GRID = tuple(round(0.05 * i, 2) for i in range(15))  # 0.0 .. 0.7
 
@@ -176,9 +176,17 @@ def plan_for(profile: Profile, model: str | None, calibrate_here: bool | None = 
             runtime, note = measurement_runtime(profile)
             if note:
                 notes.append(note)
-            cal = fit_cost_model(profile, config, model_dir, runtime, runs=runs, say=say)
-            cost = cost.with_efficiency(cal.efficiency, cal.source)
-            notes += cal.details["notes"]
+            try:
+                cal = fit_cost_model(profile, config, model_dir, runtime, runs=runs, say=say)
+            except CalibrationFailed as exc:
+                if calibrate_here:  # asked for (--fit): the failure is the answer
+                    raise
+                # fitted on our own initiative: plan with the profile's factors, and say so
+                notes.append(f"the cost model could not be fitted here ({str(exc).rstrip('.')}); "
+                             "predictions use the profile's efficiency factors")
+            else:
+                cost = cost.with_efficiency(cal.efficiency, cal.source)
+                notes += cal.details["notes"]
     elif calibrate_here is None:
         notes.append(f"the profile's device ({profile.device.name}) is not present here: "
                      "predictions use the profile's efficiency factors")
