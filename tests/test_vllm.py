@@ -243,7 +243,8 @@ def test_lm_eval_vllm_backend_agrees_with_the_hf_backend(exports, tmp_path):
     print(f"lm-eval HF: {ref.as_dict()}; vLLM: {got}")
     assert abs(got["word_perplexity"] / ref.word_perplexity - 1) < 0.01
     assert got["cloze_n"] == ref.cloze_n
-    assert abs(got["cloze_acc"] - ref.cloze_acc) <= 1 / ref.cloze_n + 1e-9
+    # bf16 in vLLM against float32 in process: a near-tie may flip; at most 1% of the items (at least one)
+    assert abs(got["cloze_acc"] - ref.cloze_acc) <= max(1, round(0.01 * ref.cloze_n)) / ref.cloze_n + 1e-9
 
 
 def test_main_command_runs_lm_eval_on_the_export_in_vllm(tmp_path, smollm2_dir):
@@ -271,5 +272,5 @@ def test_main_command_runs_lm_eval_on_the_export_in_vllm(tmp_path, smollm2_dir):
     hf, served = le["pruned"], le["pruned_vllm"]
     assert served["kind"] == "measured" and "vLLM" in served["backend"]
     assert abs(served["word_perplexity"] / hf["word_perplexity"] - 1) < 0.01
-    assert abs(served["cloze_acc"] - hf["cloze_acc"]) <= 1 / hf["cloze_n"] + 1e-9
+    assert abs(served["cloze_acc"] - hf["cloze_acc"]) <= max(1, round(0.01 * hf["cloze_n"])) / hf["cloze_n"] + 1e-9
     assert "on the export in vLLM" in (out / "report.md").read_text()

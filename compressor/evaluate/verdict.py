@@ -81,7 +81,8 @@ def describe(ln: dict) -> str:
         return f"budget {ln['line']}: not measured ({ln.get('reason', '')})"
     where = f"{ln['kind']} in {ln['runtime']} on {ln['device']}" if ln.get("runtime") else \
         f"{ln['kind']} on {ln['device']}"
-    return (f"budget {ln['line']}: {ln['value']:.4g} {ln['unit']} (limit {ln['limit']:.4g}, {where}"
+    ci = f", 95% CI {ln['ci95'][0]:.3g}-{ln['ci95'][1]:.3g} over {ln.get('n')} items" if ln.get("ci95") else ""
+    return (f"budget {ln['line']}: {ln['value']:.4g} {ln['unit']}{ci} (limit {ln['limit']:.4g}, {where}"
             f"{'' if ln.get('verified') else ', NOT VERIFIED'}): {'ok' if ln['ok'] else 'FAIL'}")
 
 
@@ -140,4 +141,7 @@ def budget_lines(profile: Profile, lat: dict, accuracy: dict) -> list[dict]:
         rel = p / d if d > 0 else 1.0
         add("task_accuracy", rel, profile.accuracy.min_task_accuracy, "relative to dense",
             rel >= profile.accuracy.min_task_accuracy, MEASURED, "torch (reference)", tasks["device"])
+        change = tasks.get("change") or {}
+        if change.get("ratio_ci95"):  # the paired 95% interval over the same items (evaluate/lm_eval.py)
+            lines[-1].update(ci95=list(change["ratio_ci95"]), n=change.get("n"))
     return lines

@@ -20,6 +20,11 @@ def _spread(f: dict, name: str) -> str:
     return f"{_ms(f[f'{name}_s'])} ({lo * 1e3:.2f}-{hi * 1e3:.2f} over {len(runs or [])} runs)"
 
 
+def _acc(scores: dict) -> str:
+    ci = scores.get("cloze_ci95")
+    return f"{scores['cloze_acc']:.3f}" + (f" ({ci[0]:.3f}-{ci[1]:.3f})" if ci else "")
+
+
 def _tok(x: float | None) -> str:
     return "—" if x is None else f"{x:.1f} tok/s"
 
@@ -101,8 +106,12 @@ def markdown(report: Report | dict) -> str:
         d, q = le["dense"], le["pruned"]
         lines += [f"| lm-eval `fitprune_heldout` word perplexity | {d['word_perplexity']:.3f} | "
                   f"{q['word_perplexity']:.3f} | {le['device']} |",
-                  f"| lm-eval `fitprune_cloze` acc ({q['cloze_n']} items, chance 0.25) | {d['cloze_acc']:.3f} | "
-                  f"{q['cloze_acc']:.3f} | {le['device']} |"]
+                  f"| lm-eval `fitprune_cloze` acc ({q['cloze_n']} items, chance 0.25; 95% CI) | {_acc(d)} | "
+                  f"{_acc(q)} | {le['device']} |"]
+        ch = le.get("change") or {}
+        if ch.get("ci95"):
+            lines += [f"| cloze change, paired over the same {ch.get('n')} items | | {ch['delta']:+.3f} "
+                      f"({ch['ci95'][0]:+.3f} to {ch['ci95'][1]:+.3f}) | |"]
         v = le.get("pruned_vllm") or {}
         if "word_perplexity" in v:
             lines += [f"| the same tasks on the export in vLLM: word perplexity / cloze acc | | "
