@@ -147,6 +147,7 @@ def test_the_issues_llama8b_case_keeps_an_even_number_of_kv_heads():
     assert (tp2.num_heads, tp2.num_kv_heads) == (24, 6) and tp2.intermediate_size % 256 == 0
 
 
+@pytest.mark.integration  # reads the embedded SmolLM2's config
 def test_a_model_no_shape_of_which_splits_is_one_sentence(smollm2_dir):
     with pytest.raises(UserError, match="cannot be pruned to a shape vLLM splits over 8 devices"):
         attention_states(SMOLLM2, "query", 8)
@@ -156,6 +157,7 @@ def test_a_model_no_shape_of_which_splits_is_one_sentence(smollm2_dir):
     assert len(errors) == 1 and "8 devices" in p.stderr.replace("\n", " "), p.stderr
 
 
+@pytest.mark.integration  # reads the embedded SmolLM2's config
 @pytest.mark.parametrize("profile, tp", [("2xl4-48gb", 2), ("4xa10g-96gb", 4)])
 def test_the_plan_states_the_constraint_and_skips_an_unsplittable_dense_model(tmp_path, smollm2_dir, profile, tp):
     out = tmp_path / "plan.json"
