@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,34 @@ def read_report(path: Path) -> Report:
     return Report.read(path)
 
 
+# the figures the gate compares; a section that is present must hold them as finite numbers
+_FIGURES = (("perplexity", "dense"), ("perplexity", "pruned"), ("latency", "measured", "pruned", "ttft_s"),
+            ("latency", "measured", "pruned", "tpot_s"), ("latency", "measured", "pruned", "throughput_tok_s"),
+            ("accuracy", "lm_eval", "pruned", "cloze_acc"))
+
+
+def _number(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def non_finite_figures(r: dict) -> list[str]:
+    """Where a report holds NaN, infinity (written as null), null or text in place of a figure the
+    gate compares or a budget line's value."""
+    bad = []
+    for path in _FIGURES:
+        node = r
+        for k in path[:-1]:
+            node = node.get(k) if isinstance(node, dict) else None
+        if isinstance(node, dict) and path[-1] in node and not _number(node[path[-1]]):
+            bad.append(f"{'.'.join(path)} is not a finite number (NaN, infinity, null or text)")
+        elif isinstance(node, dict) and path[1] == "measured" and path[-1] not in node:
+            bad.append(f"{'.'.join(path)} is missing")  # measured latency without one of its three figures
+    for ln in (r.get("budget") or {}).get("lines", []):
+        if ln.get("kind") != "not measured" and not _number(ln.get("value")):
+            bad.append(f"the budget line {ln.get('line')} has no finite value")
+    return bad
+
+
 def parse_fraction(text: str, option: str) -> float:
     """'5%' -> 0.05, '0.05' -> 0.05; anything else is one clear sentence."""
     s = text.strip()
@@ -26,6 +55,8 @@ def parse_fraction(text: str, option: str) -> float:
         v = float(s[:-1]) / 100 if s.endswith("%") else float(s)
     except ValueError:
         raise UserError(f"{option} must be a percentage like 5% or a fraction like 0.05, got '{text}'.") from None
+    if not math.isfinite(v):  # NaN would make every comparison false, i.e. pass everything
+        raise UserError(f"{option} must be a finite percentage like 5% or a fraction like 0.05, got '{text}'.")
     if not s.endswith("%") and v > 1:
         raise UserError(f"{option} {text} is ambiguous; write {text}% or {v / 100:g}.")
     if v < 0:
@@ -51,11 +82,17 @@ def gate(report: Report | dict, baseline: Report | dict, max_latency_regression:
     report = Report.parse(report).as_dict() if isinstance(report, dict) else report.as_dict()
     baseline = Report.parse(baseline).as_dict() if isinstance(baseline, dict) else baseline.as_dict()
     bad, checked = [], []
+    # a NaN, infinite, null or non-numeric figure is a broken run, never "within limits" (and the
+    # comparisons below need numbers)
+    broken = [f"{who}: {f}; a broken run never passes"
+              for who, r in (("report", report), ("baseline", baseline)) for f in non_finite_figures(r)]
+    if broken:
+        return GateResult(broken, checked)
     lat, base_lat = (report.get("latency") or {}).get("measured", {}), (baseline.get("latency") or {}).get(
         "measured", {})
     cur, ref = lat.get("pruned"), base_lat.get("pruned")
     if cur and ref:
-        where, base_where = (cur["device"], cur["runtime"]), (ref["device"], ref["runtime"])
+        where, base_where = (cur.get("device"), cur.get("runtime")), (ref.get("device"), ref.get("runtime"))
         if where != base_where:
             bad.append(f"latency: not comparable: measured on {where[0]} in {where[1]}, baseline on "
                        f"{base_where[0]} in {base_where[1]}")
@@ -80,11 +117,15 @@ def gate(report: Report | dict, baseline: Report | dict, max_latency_regression:
         if p > bp * (1 + max_accuracy_drop):
             bad.append(f"accuracy: held-out perplexity {p:.3f} is {p / bp - 1:+.1%} against the baseline's {bp:.3f} "
                        f"(allowed +{max_accuracy_drop:.1%})")
-    le = ((report.get("accuracy") or {}).get("lm_eval") or {}).get("pruned")
-    ble = ((baseline.get("accuracy") or {}).get("lm_eval") or {}).get("pruned")
+    elif bp is not None:
+        bad.append("accuracy: the baseline has a held-out perplexity but the report has none")
+    le = ((report.get("accuracy") or {}).get("lm_eval") or {}).get("pruned") or {}
+    ble = ((baseline.get("accuracy") or {}).get("lm_eval") or {}).get("pruned") or {}
+    le, ble = (x if "cloze_acc" in x else None for x in (le, ble))  # {"skipped": why} has no scores
     if le and ble:
-        checked.append("cloze accuracy")
-        bad += _cloze_rule(le, ble, max_accuracy_drop)
+        violations, note = _cloze_rule(le, ble, max_accuracy_drop)
+        checked.append("cloze accuracy" + (f" ({note})" if note else ""))
+        bad += violations
     elif ble and not le:
         bad.append("accuracy: the baseline has lm-eval scores but the report has none")
     if check_budget and report.get("budget"):
@@ -107,17 +148,17 @@ def gate(report: Report | dict, baseline: Report | dict, max_latency_regression:
     return GateResult(bad, checked)
 
 
-def _cloze_rule(le: dict, ble: dict, max_drop: float) -> list[str]:
+def _cloze_rule(le: dict, ble: dict, max_drop: float) -> tuple[list[str], str | None]:
     """The cloze accuracy rule, judged with a 95% confidence interval of the change from the
     baseline (`lm_eval.compare_scores`: paired over the same items when both reports hold per-item
     results on the same item set, else from the two accuracies and their item counts). Allowed: a
     drop of `max_drop` x the baseline's accuracy.
       * the whole interval is below the allowed drop: the drop is beyond it with statistical support;
-      * the interval reaches past the allowed drop on both sides and is wider than it: the items
-        cannot tell an allowed change from a forbidden one, which is said plainly (a gate that cannot
-        resolve its threshold is not a gate);
-      * otherwise the rule holds (an interval narrower than the allowed drop that still straddles it
-        is a change near the threshold without statistical support for a violation)."""
+      * the measured drop is beyond the allowed one but the interval reaches past it: the rule fails
+        too, and says that the items cannot resolve the threshold (the smallest drop they resolve);
+      * otherwise the rule holds: a measured change within the allowance is not a regression, even
+        where the interval is wider than the allowance (identical reports always pass). Where the
+        items cannot resolve the threshold, the gate's PASS line says so (the returned note)."""
     from ..evaluate.lm_eval import compare_scores, item_count
 
     acc, base = le["cloze_acc"], ble["cloze_acc"]
@@ -125,7 +166,7 @@ def _cloze_rule(le: dict, ble: dict, max_drop: float) -> list[str]:
     if ch is None:
         who = "baseline's" if item_count(ble) is None else "report's"
         return [f"accuracy: the {who} lm-eval cloze accuracy has no item count, so a {max_drop:.1%} drop cannot "
-                "be judged; refresh it with this version of fitprune"]
+                "be judged; refresh it with this version of fitprune"], None
     allowed = max_drop * base
     lo, hi = ch["ci95"]
     half = (hi - lo) / 2
@@ -136,10 +177,12 @@ def _cloze_rule(le: dict, ble: dict, max_drop: float) -> list[str]:
     where = (f"change {ch['delta'] * 100:+.1f} points, 95% CI {lo * 100:+.1f} to {hi * 100:+.1f} ({items}); "
              f"allowed -{max_drop:.1%} = -{allowed * 100:.1f} points")
     if hi < -allowed:
-        return [f"accuracy: lm-eval cloze accuracy {acc:.3f} is {rel} against the baseline's {base:.3f}: {where}"]
-    if lo < -allowed and half > allowed:
-        n = ch["n"] if paired else min(le["cloze_n"], ble["cloze_n"])
-        smallest = f"; the smallest drop it resolves is {half / base:.1%}" if base > 0 else ""
-        return [f"accuracy: {n} cloze items cannot resolve a {max_drop:.1%} drop: {where}{smallest}"
-                + ("" if paired else " (reports scored on the same items are compared item by item, far finer)")]
-    return []
+        return [f"accuracy: lm-eval cloze accuracy {acc:.3f} is {rel} against the baseline's {base:.3f}: {where}"], None
+    n = ch["n"] if paired else min(le["cloze_n"], ble["cloze_n"])
+    smallest = f"the smallest drop they resolve is {half / base:.1%}" if base > 0 else "no drop is resolved"
+    unresolved = lo < -allowed and half > allowed
+    if ch["delta"] < -allowed:
+        return [f"accuracy: lm-eval cloze accuracy {acc:.3f} is {rel} against the baseline's {base:.3f}, beyond the "
+                f"allowed drop, and {n} cloze items cannot tell whether it is: {where}; {smallest}"
+                + ("" if paired else " (reports scored on the same items are compared item by item, far finer)")], None
+    return [], (f"{n} items cannot resolve a {max_drop:.1%} drop, {smallest}" if unresolved else None)
