@@ -2,10 +2,12 @@
 
 `RunConfig.make(**options)` turns a bad value into one sentence (a `UserError`), before any work
 starts: unknown names (metric, compensation, structure, attention unit, export dtype, lm-eval
-backend), counts that must be positive, a compute device this machine does not have, and an
-output path that is empty, under a file, not empty, or on a disk that cannot be written. What
-only the model can tell (the longest sequence it takes) is checked by `check_model` right after
-the model's config is read.
+backend), counts that must be positive, more threads than CPUs, a seed outside numpy's range, a
+calibration file that is missing or a directory, a compute device this machine does not have, and
+an output path that is empty, under a file, not empty, or on a disk that cannot be written. What
+only the model can tell (the longest sequence it takes, its MLP width against --round-to) is
+checked by `check_model` right after the model's config is read. `refuse_out_dir` and
+`refuse_out_file` give the sub-commands the same checks for their output paths.
 """
 
 from __future__ import annotations
@@ -129,6 +131,33 @@ class RunConfig(BaseModel):
         least = 2 if info.field_name == "seqlen" else 1  # None: the default (the profile's, torch's)
         if v is not None and v < least:
             raise ValueError(f"--{info.field_name.replace('_', '-')} must be at least {least}, got {v}.")
+        if info.field_name == "threads" and v is not None and v > (os.cpu_count() or 1):
+            # torch starts every one of them: 100000 threads exhaust memory before any work
+            raise ValueError(f"--threads {v} is more than the {os.cpu_count()} CPUs of this machine.")
+        return v
+
+    @field_validator("seed")
+    @classmethod
+    def _seed(cls, v: int) -> int:
+        if not 0 <= v < 2**32:  # numpy's (and Optuna's) seed range
+            raise ValueError(f"--seed must be between 0 and {2**32 - 1}, got {v}.")
+        return v
+
+    @field_validator("calib")
+    @classmethod
+    def _calib(cls, v: str) -> str:
+        """A calibration file is checked now, not after the model has loaded (builtin, self and
+        hf:NAME are checked by the data stage)."""
+        if v in ("builtin", "self") or v.startswith("hf:"):
+            return v
+        if not v.strip():
+            raise ValueError("--calib must be builtin, self, hf:NAME or a file, not an empty string.")
+        path = Path(v).expanduser()
+        if path.is_dir():
+            raise ValueError(f"The calibration file {path} is a directory; give a .txt or .jsonl file.")
+        if not path.is_file():
+            raise ValueError(f"The calibration file {path} does not exist (use builtin, self, hf:NAME or a "
+                             ".txt/.jsonl file).")
         return v
 
     # ---- places ----------------------------------------------------------------------------
@@ -153,6 +182,10 @@ class RunConfig(BaseModel):
         limit = getattr(model_config, "max_position_embeddings", None)
         if limit and self.seqlen > limit:
             raise UserError(f"--seqlen {self.seqlen} is longer than the model's {limit} positions.")
+        width = getattr(model_config, "intermediate_size", None)
+        if self.round_to and isinstance(width, int) and self.round_to > width:
+            raise UserError(f"--round-to {self.round_to} is wider than the model's MLP ({width} channels), so no MLP "
+                            "channel could be removed; choose a multiple that divides it.")
 
     @property
     def compute(self):
@@ -207,5 +240,37 @@ def check_out_path(out: Path) -> None:
         fd, probe = tempfile.mkstemp(prefix=".fitprune-probe-", dir=parent)
     except OSError as exc:
         raise ValueError(f"The output directory {out} cannot be written ({parent}: {exc.strerror}).") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def refuse_out_dir(out: Path, option: str = "--out") -> None:
+    """`check_out_path` for the sub-commands: one sentence (a `UserError`) before any work."""
+    if str(out).strip() == "":
+        raise UserError(f"{option} must name a directory, not an empty string.")
+    try:
+        check_out_path(Path(out))
+    except ValueError as exc:
+        raise UserError(str(exc).replace("--out", option)) from None
+
+
+def refuse_out_file(path: Path, option: str) -> None:
+    """A file the command will write at the end (e.g. `plan --json`): refused before the work when
+    it is a directory, lies under a file, or its directory cannot be written."""
+    path = Path(os.path.expanduser(str(path))).absolute()
+    if path.is_dir():
+        raise UserError(f"{option} {path} is a directory; give a file name.")
+    parent = path.parent
+    if not parent.exists():
+        above = next((p for p in parent.parents if p.exists()), None)
+        if above is not None and not above.is_dir():
+            raise UserError(f"{option} {path} lies under the file {above}.")
+        raise UserError(f"{option} {path} is in a directory that does not exist ({parent}).")
+    if not parent.is_dir():
+        raise UserError(f"{option} {path} lies under the file {parent}.")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".fitprune-probe-", dir=parent)
+    except OSError as exc:
+        raise UserError(f"{option} {path} cannot be written ({parent}: {exc.strerror}).") from None
     os.close(fd)
     os.unlink(probe)

@@ -27,6 +27,8 @@ def write(model_dir: Path, out: Path | None = None, runtime: str = "vllm", profi
     from ..output import atomic_dir
 
     model_dir = Path(model_dir)
+    if model_dir.exists() and not model_dir.is_dir():
+        raise UserError(f"{model_dir} is a file; container needs an export directory written by `compress`.")
     if not model_dir.is_dir():
         raise UserError(f"The export directory {model_dir} does not exist.")
     if not (model_dir / "config.json").is_file():
@@ -51,6 +53,9 @@ def write(model_dir: Path, out: Path | None = None, runtime: str = "vllm", profi
     out = Path(out) if out else default_context_dir(model_dir)
     if out.resolve() == model_dir.resolve() or model_dir.resolve() in out.resolve().parents:
         raise UserError(f"The context directory {out} must not be inside the export {model_dir}.")
+    from ..config import refuse_out_dir
+
+    refuse_out_dir(out)
     try:
         with atomic_dir(out) as tmp:
             info = write_context(model_dir, tmp, settings)

@@ -29,10 +29,16 @@ def _load(model_dir: Path, dtype_name: str):
 
     from ..model.loading import load
 
-    if not model_dir.is_dir():
-        raise UserError(f"The model directory {model_dir} does not exist.")
+    _check_model_dir(model_dir)
     loaded = load(str(model_dir), getattr(torch, dtype_name), tokenizer_required=False)
     return loaded.model, loaded.tokenizer
+
+
+def _check_model_dir(model_dir: Path) -> None:
+    if model_dir.exists() and not model_dir.is_dir():
+        raise UserError(f"{model_dir} is a file; export-onnx needs an exported model directory.")
+    if not model_dir.is_dir():
+        raise UserError(f"The model directory {model_dir} does not exist.")
 
 
 def _verify(model, path: Path, dtype_name: str) -> float:
@@ -67,8 +73,11 @@ def export_onnx_cmd(
                                 "on a 16-token sequence after export."),
 ):
     """Export MODEL_DIR to ONNX with a KV cache (past key/values in, present out) for ONNX Runtime."""
+    from ..config import refuse_out_dir
     from ..output import atomic_dir, signals_as_errors
 
+    _check_model_dir(model_dir)  # the paths first: one sentence before the slow imports and the load
+    refuse_out_dir(out)  # not empty, a file, under a file, unwritable
     try:
         from exporters.onnx import ONNX_DTYPES, UNSUPPORTED_DTYPES, export_onnx
     except ImportError as exc:  # pragma: no cover - torch missing
@@ -77,17 +86,15 @@ def export_onnx_cmd(
         raise UserError(f"Cannot export ONNX in {dtype}: {UNSUPPORTED_DTYPES[dtype]}.")
     if dtype not in ONNX_DTYPES:
         raise UserError(f"Unknown --dtype '{dtype}' (use {' or '.join(ONNX_DTYPES)}).")
-    if external_data_threshold_mb < 0:
-        raise UserError("--external-data-threshold-mb must be 0 or more.")
+    if not 0 <= external_data_threshold_mb < 2048:
+        raise UserError(f"--external-data-threshold-mb must be between 0 and 2047 (a single ONNX file holds at most "
+                        f"2 GiB), got {external_data_threshold_mb}.")
     for pkg in ("onnx", "onnxscript", "onnxruntime"):
         try:
             __import__(pkg)
         except ImportError as exc:
             raise UserError(f"ONNX export needs the package '{pkg}': pip install 'fitprune[onnx]'.") from exc
 
-    from ..output import check_out_dir
-
-    check_out_dir(out.absolute())  # fail before the slow load
     with signals_as_errors():
         with err.status(f"loading {model_dir}"):
             model, tokenizer = _load(model_dir, dtype)

@@ -19,6 +19,23 @@ from . import app
 
 err = Console(stderr=True)
 out = Console()
+MAX_RUNS = 1000  # timed runs per measurement: more is hours of measuring, not a better median
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """Write beside the target and rename: an interrupted write never leaves half a JSON file."""
+    import os
+    import tempfile
+
+    path = Path(path).expanduser()
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.absolute().parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(data, indent=2))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def plan_table(plan, title: str) -> Table:
@@ -61,9 +78,20 @@ def plan_cmd(
         raise UserError(f"Unknown --attn-unit '{attn_unit}' (use {', '.join(ATTN_UNITS)}).")
     if round_to is not None and round_to < 1:
         raise UserError(f"--round-to must be at least 1, got {round_to}.")
-    if runs < 1:
-        raise UserError(f"--runs must be at least 1, got {runs}.")
+    if not 1 <= runs <= MAX_RUNS:
+        raise UserError(f"--runs must be between 1 and {MAX_RUNS}, got {runs}.")
+    if json_out is not None:
+        from ..config import refuse_out_file
+
+        refuse_out_file(json_out, "--json")  # before the work, not after it
     prof = load_profile(profile)
+    if round_to is not None:
+        from ..model.loading import read_config
+
+        width = read_config(model)[0].get("intermediate_size")
+        if isinstance(width, int) and round_to > width:
+            raise UserError(f"--round-to {round_to} is wider than the model's MLP ({width} channels), so no MLP "
+                            "channel could be removed; choose a multiple that divides it.")
     plan, _ = plan_for(prof, model, calibrate_here=calibrate, attn_unit=attn_unit, round_to=round_to,
                        runs=runs, say=lambda s: err.print(s, highlight=False))
     out.print(plan_table(plan, f"plan for {prof.name} ({prof.device.name} x{prof.device.count}, {prof.runtime}, "
@@ -75,7 +103,7 @@ def plan_cmd(
     for n in plan.notes:
         out.print(f"note: {n}", highlight=False)
     if json_out:
-        json_out.write_text(json.dumps(plan.as_dict(), indent=2))
+        _write_json(json_out, plan.as_dict())
     if not plan.feasible:
         raise InfeasibleBudget(plan.infeasible_sentence())
     out.print(f"[bold]choice[/]: ratio {plan.chosen.ratio:.2f} "

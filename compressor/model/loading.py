@@ -215,7 +215,7 @@ def check_checkpoint(path: Path, trust_remote_code: bool = False):
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise UserError(f"Could not read the config in {path}: {_first_line(exc)}") from exc
+        raise UserError(f"Could not load the model in {path}: {_first_line(exc)}") from exc
     if not any(path.glob("*.safetensors")):
         return config  # no safetensors: the pickle refusal or transformers' own message follows
     try:
