@@ -216,7 +216,7 @@ def run_out_of_core(cfg: RunConfig, profile, round_to: int, stages, console):
 
 def _run(cfg, profile, plan, spec, lazy, prep, work, dtype, stages, console, out):
     from .evaluate.lm_eval import Tasks
-    from .evaluate.perplexity import layerwise_perplexity
+    from .evaluate.perplexity import finite, layerwise_perplexity
 
     say = console.print
     model, adapter, tok = lazy.model, prep.adapter, prep.loaded.tokenizer
@@ -227,7 +227,8 @@ def _run(cfg, profile, plan, spec, lazy, prep, work, dtype, stages, console, out
         ppl_dense = work.state.get("ppl_dense")  # a resumed run measured it already
         if ppl_dense is None:
             with stages.timed("perplexity_dense"):
-                ppl_dense = layerwise_perplexity(lazy, adapter, prep.heldout, cfg.device)
+                ppl_dense = finite(layerwise_perplexity(lazy, adapter, prep.heldout, cfg.device),
+                                   "dense held-out perplexity")
             work.state["ppl_dense"] = ppl_dense
             work.save()
         say(f"dense held-out perplexity: {ppl_dense:.3f} (layer by layer)")
@@ -241,7 +242,8 @@ def _run(cfg, profile, plan, spec, lazy, prep, work, dtype, stages, console, out
             res = sink.finish(tok)
         with stages.timed("perplexity_pruned"):
             pruned = LazyModel(work.export_dir)  # our format is registered: no remote code
-            ppl_pruned = layerwise_perplexity(pruned, adapter_for(pruned.model), prep.heldout, cfg.device)
+            ppl_pruned = finite(layerwise_perplexity(pruned, adapter_for(pruned.model), prep.heldout, cfg.device),
+                                "pruned held-out perplexity")
             # counted on what was written (a resumed run's skeleton has only its own layers cut)
             after = adapter_for(pruned.model).count_params(pruned.model)
         say(f"pruned held-out perplexity: {ppl_pruned:.3f} (layer by layer, read back from the written shards)")

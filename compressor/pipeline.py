@@ -13,7 +13,7 @@ from . import outofcore
 from .config import RunConfig
 from .data import load_texts
 from .evaluate.lm_eval import Tasks
-from .evaluate.perplexity import perplexity
+from .evaluate.perplexity import finite, finite_scores, perplexity
 from .model import adapter_for
 from .model.loading import load
 from .output import atomic_dir
@@ -82,10 +82,11 @@ def evaluate_model(which: str, model, tok, prep: Prepared, tasks: Tasks, cfg: Ru
                    say) -> float:
     """Held-out perplexity (stage perplexity_WHICH) and the lm-eval tasks (stage lm_eval) of the model in memory."""
     with stages.timed(f"perplexity_{which}"):
-        ppl = perplexity(model, prep.heldout)
+        ppl = finite(perplexity(model, prep.heldout), f"{which} held-out perplexity")
     say(f"{which} held-out perplexity: {ppl:.3f}")
     with stages.timed("lm_eval"):
         tasks.score(which, model, tok, cfg.device, say=say)
+    finite_scores(getattr(tasks, which, None), f"{which} model's lm-eval score")
     return ppl
 
 

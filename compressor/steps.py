@@ -90,6 +90,9 @@ def output_dir(cfg: RunConfig, spec: PruneSpec) -> Path:
     else:
         slug = Path(cfg.model.rstrip("/")).name.replace(".gguf", "").lower() if cfg.model else "smollm2-135m"
         out = Path("out") / f"{slug or 'model'}-{spec.metric}-{int(spec.ratio * 100)}"
+        from .config import refuse_out_dir
+
+        refuse_out_dir(out)  # the default one too: an unwritable working directory is refused before the work
     check_out_dir(out)
     return out
 
@@ -165,6 +168,9 @@ def finish_report(report: Report, folder: Path, res, dtype, source: str, profile
 
         with stages.timed("checks"):
             check_export(report, folder, profile, plan, source, tasks, say=say)
+        from .evaluate.perplexity import finite_scores
+
+        finite_scores((report.accuracy or {}).get("lm_eval"), "lm-eval score")  # vLLM's scores of the export too
         report.plot = _plot(report, folder / "report.png", say)
     report.seconds = stages.seconds
     report.memory.stages, report.memory.stages_what = stages.memory.peaks, stages.memory.what()

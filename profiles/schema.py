@@ -114,7 +114,9 @@ def load_profile(name_or_path: str) -> Profile:
         if not path.is_file():
             shipped = ", ".join(list_profiles())
             raise UserError(f"Unknown profile '{name_or_path}' (shipped: {shipped}; or give a path to a YAML file).")
-    if not path.is_file():
+    if path.is_dir():
+        raise UserError(f"The profile path {path} is a directory; give a profile name or a YAML file.")
+    if not path.exists():
         raise UserError(f"The profile file {path} does not exist.")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))

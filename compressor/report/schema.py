@@ -155,13 +155,19 @@ class Report(BaseModel):
     def read(cls, path: Path) -> Report:
         path = Path(path)
         if path.is_dir():
+            if not (path / "report.json").exists():
+                raise UserError(f"The directory {path} holds no report.json (is it a fitprune output directory?).")
             path = path / "report.json"
+        if path.is_dir():
+            raise UserError(f"The report {path} is a directory, not a report file.")
         if not path.is_file():
             raise UserError(f"The report {path} does not exist.")
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise UserError(f"The report {path} is not valid JSON.") from exc
+            raise UserError(f"The report {path} is not valid JSON (truncated or not a report).") from exc
+        except OSError as exc:
+            raise UserError(f"The report {path} cannot be read ({exc.strerror}).") from exc
         return cls.parse(data, where=f"The file {path}")
 
 
