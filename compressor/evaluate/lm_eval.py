@@ -380,10 +380,11 @@ def lm_eval_scores_vllm(export_dir: Path, task_dir: Path, dtype: str = "float32"
     import signal
     import subprocess
     import sys
-    import tempfile
     import time
 
     from exporters.vllm_plugin import check_checkpoint
+
+    from .. import tempdirs
 
     if importlib.util.find_spec("vllm") is None:
         raise UserError("lm-eval's vLLM backend is not usable here (No module named 'vllm').")
@@ -394,7 +395,7 @@ def lm_eval_scores_vllm(export_dir: Path, task_dir: Path, dtype: str = "float32"
     root = Path(__file__).resolve().parents[2]  # holds `compressor` and `exporters`
     if root.name not in ("site-packages", "dist-packages"):
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH", "")) if p)
-    with tempfile.TemporaryDirectory(prefix="fitprune-lmeval-vllm-") as tmp:
+    with tempdirs.temp_dir("fitprune-lmeval-vllm-") as tmp:  # owner-marked: swept if this run is killed
         request, result = Path(tmp) / "request.json", Path(tmp) / "result.json"
         request.write_text(json.dumps({"export_dir": str(export_dir), "task_dir": str(task_dir), "dtype": dtype,
                                        "max_length": max_length}))
