@@ -440,6 +440,16 @@ def test_container_out_under_a_file(tmp_path, tiny_model_dir):
     _clean_failure(p, None, f"lies under the file {tmp_path / 'f'}")
 
 
+@pytest.mark.parametrize("command", ["container", "export-onnx"])
+def test_sub_command_on_truncated_weights(tmp_path, tiny_model_dir, command):
+    """`compress container` / `export-onnx` on an export whose model.safetensors is truncated."""
+    model = _copy(tiny_model_dir, tmp_path / "m")
+    data = (model / "model.safetensors").read_bytes()
+    (model / "model.safetensors").write_bytes(data[: len(data) // 2])
+    p = run_cli(command, str(model), "--out", str(tmp_path / "c"))
+    _clean_failure(p, tmp_path / "c", "model.safetensors is corrupt or truncated")
+
+
 def test_profiles_validate_a_directory(tmp_path):
     """`compress profiles validate` given a directory."""
     p = run_cli("profiles", "validate", str(tmp_path))

@@ -33,6 +33,9 @@ def write(model_dir: Path, out: Path | None = None, runtime: str = "vllm", profi
         raise UserError(f"The export directory {model_dir} does not exist.")
     if not (model_dir / "config.json").is_file():
         raise UserError(f"{model_dir} is not an exported model directory (no config.json in it).")
+    from ..model.loading import check_checkpoint
+
+    check_checkpoint(model_dir)  # a truncated or incomplete export never becomes an image (headers only)
     report = model_dir / "report.json"
     if profile is None and report.is_file():
         try:
