@@ -67,7 +67,7 @@ def checkpoint_params(path: Path) -> int:
     """Number of weights in a checkpoint, from its safetensors headers (nothing else is read)."""
     import math
 
-    from .model.lazy import header, weight_files
+    from .model.safetensors_files import header, weight_files
 
     return sum(math.prod(t["shape"]) for f in sorted(set(weight_files(path).values()))
                for t in header(path / f)[0].values())

@@ -74,7 +74,7 @@ def check_config(config: dict, where: Path | str) -> None:
 def checkpoint_tensors(path: Path) -> dict[str, tuple[str, list[int]]]:
     """Tensor name -> (dtype, shape) of a local checkpoint, from the safetensors headers only (a
     shard index's names are checked against the shards it points to)."""
-    from .lazy import header, weight_files
+    from .safetensors_files import header, weight_files
 
     files = weight_files(path)
     tables = {f: header(path / f)[0] for f in sorted(set(files.values()))}
