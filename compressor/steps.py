@@ -167,7 +167,7 @@ def finish_report(report: Report, folder: Path, res, dtype, source: str, profile
         from .evaluate.checks import check_export
 
         with stages.timed("checks"):
-            check_export(report, folder, profile, plan, source, tasks, say=say)
+            check_export(report, folder, profile, plan, source, tasks, say=say, runtime=cfg.runtime)
         from .evaluate.perplexity import finite_scores
 
         finite_scores((report.accuracy or {}).get("lm_eval"), "lm-eval score")  # vLLM's scores of the export too
