@@ -42,23 +42,39 @@ END = "<!-- END GENERATED -->"
 
 def failure_tests(tests: Path = TESTS) -> dict[str, str]:
     """{"tests/test_x.py::test_name" (or ::Class::test_name): docstring} for every test function
-    whose body calls assert_clean_failure."""
+    that calls assert_clean_failure, itself or through a helper of its file."""
     found: dict[str, str] = {}
     for path in sorted(tests.glob("test_*.py")):
         tree = ast.parse(path.read_text(), filename=str(path))
         rel = path.relative_to(tests.parent).as_posix()
+        checks = _checking_helpers(tree)
 
-        def visit(body, prefix, rel=rel):
+        def visit(body, prefix, rel=rel, checks=checks):
             for node in body:
                 if isinstance(node, ast.ClassDef):
-                    visit(node.body, f"{prefix}{node.name}::", rel)
+                    visit(node.body, f"{prefix}{node.name}::", rel, checks)
                 elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name.startswith("test"):
-                    calls = any(isinstance(n, ast.Call) and _name(n.func) == CHECK for n in ast.walk(node))
+                    calls = any(isinstance(n, ast.Call) and _name(n.func) in checks for n in ast.walk(node))
                     if calls:
                         found[f"{rel}::{prefix}{node.name}"] = ast.get_docstring(node) or ""
 
         visit(tree.body, "")
     return found
+
+
+def _checking_helpers(tree: ast.Module) -> set[str]:
+    """assert_clean_failure and the file's own helpers that call it, directly or through one another
+    (e.g. `_refused(...)` that runs the CLI and checks the failure)."""
+    helpers = {n.name: n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
+               and not n.name.startswith("test")}
+    checks, grew = {CHECK}, True
+    while grew:
+        grew = False
+        for name, fn in helpers.items():
+            if name not in checks and any(isinstance(n, ast.Call) and _name(n.func) in checks for n in ast.walk(fn)):
+                checks.add(name)
+                grew = True
+    return checks
 
 
 def _name(func) -> str | None:
