@@ -50,6 +50,7 @@ class RunConfig(BaseModel):
     nsamples: int = 128
     seqlen: int = 512
     eval_samples: int = 40
+    eval_items: int = 400  # cloze items of the lm-eval task (evaluate/lm_eval.py CLOZE_ITEMS)
     batch_size: int = 8
     device: str = "cpu"
     seed: int = 0
@@ -123,6 +124,13 @@ class RunConfig(BaseModel):
     def _ratio(cls, v: float | None) -> float | None:
         if v is not None and not 0.0 < v < 1.0:
             raise ValueError(f"The pruning ratio must be between 0 and 1 (exclusive), got {v}.")
+        return v
+
+    @field_validator("eval_items")
+    @classmethod
+    def _eval_items(cls, v: int) -> int:
+        if not 20 <= v <= 2000:
+            raise ValueError(f"--eval-items must be between 20 and 2000, got {v}.")
         return v
 
     @field_validator("round_to", "threads", "nsamples", "eval_samples", "batch_size", "trials", "seqlen")

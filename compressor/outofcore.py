@@ -223,7 +223,8 @@ def _run(cfg, profile, plan, spec, lazy, prep, work, dtype, stages, console, out
     before = adapter.count_params(model)
     no_lm_eval = ("not measured: the model does not fit in memory, so lm-eval cannot run on it in process; pass "
                   "--lm-eval-backend vllm to score the export in vLLM")
-    with Tasks(prep.texts.heldout_text, cfg.checks, vllm=cfg.lm_eval_backend == "vllm") as tasks:
+    with Tasks(prep.texts.heldout_text, cfg.checks, vllm=cfg.lm_eval_backend == "vllm",
+               n_cloze=cfg.eval_items) as tasks:
         ppl_dense = work.state.get("ppl_dense")  # a resumed run measured it already
         if ppl_dense is None:
             with stages.timed("perplexity_dense"):

