@@ -177,7 +177,7 @@ def test_the_container_refuses_an_export_vllm_cannot_split(tmp_path):
     export.mkdir()
     (export / "config.json").write_text(json.dumps({
         "model_type": "llama", "num_hidden_layers": 2, "num_attention_heads": 20, "num_key_value_heads": 5,
-        "intermediate_size": 256, "hidden_size": 640, "max_position_embeddings": 512}))
+        "intermediate_size": 256, "hidden_size": 640, "max_position_embeddings": 512, "vocab_size": 1000}))
     p = run_cli("container", str(export), "--profile", "2xl4-48gb", "--out", str(tmp_path / "ctx"))
     assert p.returncode != 0 and "Traceback" not in p.stderr
     assert "5 KV heads do not divide by tensor parallel 2" in p.stderr.replace("\n", " "), p.stderr
