@@ -244,12 +244,20 @@ def check_out_path(out: Path) -> None:
         parent = parent.parent
     if not parent.is_dir():
         raise ValueError(f"The output path {out} lies under the file {parent}; choose a directory for --out.")
+    why = _unwritable(parent)
+    if why:
+        raise ValueError(f"The output directory {out} cannot be written ({parent}: {why}).")
+
+
+def _unwritable(folder: Path) -> str | None:
+    """Why a file cannot be created in `folder` (tried with a probe file, removed at once), or None."""
     try:
-        fd, probe = tempfile.mkstemp(prefix=".fitprune-probe-", dir=parent)
+        fd, probe = tempfile.mkstemp(prefix=".fitprune-probe-", dir=folder)
     except OSError as exc:
-        raise ValueError(f"The output directory {out} cannot be written ({parent}: {exc.strerror}).") from None
+        return exc.strerror
     os.close(fd)
     os.unlink(probe)
+    return None
 
 
 def refuse_out_dir(out: Path, option: str = "--out") -> None:
@@ -276,9 +284,6 @@ def refuse_out_file(path: Path, option: str) -> None:
         raise UserError(f"{option} {path} is in a directory that does not exist ({parent}).")
     if not parent.is_dir():
         raise UserError(f"{option} {path} lies under the file {parent}.")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".fitprune-probe-", dir=parent)
-    except OSError as exc:
-        raise UserError(f"{option} {path} cannot be written ({parent}: {exc.strerror}).") from None
-    os.close(fd)
-    os.unlink(probe)
+    why = _unwritable(parent)
+    if why:
+        raise UserError(f"{option} {path} cannot be written ({parent}: {why}).")

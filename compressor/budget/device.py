@@ -74,7 +74,8 @@ def measurement_runtime(profile: Profile) -> tuple[str, str | None]:
     except RuntimeUnavailable as exc:
         if profile.runtime == "torch":
             raise UserError(f"The torch runtime is not usable here: {exc}") from exc
-        return "torch", f"the profile's runtime '{profile.runtime}' is not available here ({exc}); measured in torch"
+        why = str(exc).rstrip(".")
+        return "torch", f"the profile's runtime '{profile.runtime}' is not available here ({why}); measured in torch"
 
 
 def measure_batch1(rt, prompt_tokens: int, output_tokens: int, runs: int):
