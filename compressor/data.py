@@ -12,9 +12,11 @@ is held out.
 
 N samples of L tokens are drawn as seeded random windows of the calibration token stream.
 
-Evaluation text of a second domain, never calibrated on by `builtin`: the docstrings of
-standard-library modules (`docstring_paragraphs`), which the lm-eval cloze task draws on beside the
-held-out region.
+Evaluation text of other domains, never calibrated on by `builtin` (`domain_windows`): Python
+source code, licence texts, Debian package changelogs and the prose of standard-library docstrings
+(`docstring_paragraphs`, which the lm-eval cloze task draws on too). A method is judged on these, not
+only on the held-out region of the calibration text's own stream, which flatters methods that
+re-fit weights to the calibration domain.
 """
 
 from __future__ import annotations
@@ -223,3 +225,90 @@ def docstring_paragraphs(min_words: int = 24) -> list[str]:
 def heldout_text(tokenizer) -> str:
     """The held-out region of the builtin text, as text (what the lm-eval tasks are built from)."""
     return tokenizer.decode(load_source("builtin", tokenizer).region("test").tolist())
+
+
+# ---- evaluation text of other domains -----------------------------------------------------------
+
+# Standard-library modules read as source code (comments and all); none is among DOCSTRING_FILES.
+CODE_FILES = (
+    "heapq.py", "bisect.py", "fractions.py", "textwrap.py", "string.py", "csv.py", "calendar.py", "colorsys.py",
+    "dataclasses.py", "functools.py", "contextlib.py", "enum.py", "pathlib.py", "random.py", "queue.py",
+    "sched.py", "shlex.py", "tokenize.py", "zipfile.py", "gzip.py", "base64.py", "pprint.py", "copy.py",
+)
+# Licence texts: Python's own LICENSE.txt, then Debian's common licences where the system has them.
+LICENSES = ("GPL-3", "Apache-2.0", "MPL-2.0", "LGPL-3", "Artistic", "GFDL-1.3", "CC0-1.0", "GPL-2")
+DOMAIN_CHARS = 400_000  # at most this much text of a domain is tokenized (a few seconds at most)
+
+
+def _stdlib() -> Path:
+    import sysconfig
+
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def _read_all(paths, limit: int = DOMAIN_CHARS) -> str:
+    parts, size = [], 0
+    for path in paths:
+        try:
+            if str(path).endswith(".gz"):
+                import gzip
+
+                text = gzip.decompress(Path(path).read_bytes()).decode("utf-8")
+            else:
+                text = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError, EOFError):
+            continue
+        parts.append(text)
+        size += len(text)
+        if size >= limit:
+            break
+    return "\n\n".join(parts)[:limit]
+
+
+def code_text() -> str:
+    return _read_all(_stdlib() / f for f in CODE_FILES)
+
+
+def legal_text() -> str:
+    return _read_all([_stdlib() / "LICENSE.txt"] + [Path("/usr/share/common-licenses") / n for n in LICENSES])
+
+
+def changelog_text() -> str:
+    """Debian packages' changelogs (terse English with names, versions and bug numbers), in package order."""
+    return _read_all(sorted(Path("/usr/share/doc").glob("*/changelog.Debian.gz")))
+
+
+def docstring_text() -> str:
+    return "\n\n".join(docstring_paragraphs())[:DOMAIN_CHARS]
+
+
+# name -> (what it is, the function that reads it). A domain whose text this machine lacks is skipped,
+# and the report names the domains it used.
+DOMAINS = {
+    "code": ("Python source of 23 standard-library modules", code_text),
+    "legal": ("licence texts (Python's LICENSE.txt, /usr/share/common-licenses)", legal_text),
+    "changelogs": ("Debian package changelogs (/usr/share/doc/*/changelog.Debian.gz)", changelog_text),
+    "docstrings": (DOCSTRINGS, docstring_text),
+}
+
+
+@dataclass
+class Domain:
+    name: str
+    description: str
+    windows: torch.Tensor  # [n, seqlen], spread evenly over the domain's token stream
+
+
+def domain_windows(tokenizer, seqlen: int, windows: int, names=None) -> list[Domain]:
+    """`windows` windows of `seqlen` tokens from each domain of `names` (default: all) that this
+    machine has text for (at least one window's worth), spread evenly over the domain's text."""
+    out = []
+    for name in names or DOMAINS:
+        description, read = DOMAINS[name]
+        ids = tokenize(tokenizer, read())
+        n_all = ids.numel() // seqlen
+        if n_all == 0:
+            continue
+        picks = torch.linspace(0, n_all - 1, min(windows, n_all)).round().long().unique()
+        out.append(Domain(name, description, torch.stack([ids[i * seqlen:(i + 1) * seqlen] for i in picks.tolist()])))
+    return out

@@ -85,3 +85,15 @@ def finite_scores(scores, what: str) -> None:
             for k, v in x.items():
                 walk(v, f"{path}.{k}" if path else str(k))
     walk(scores, "")
+
+
+def geometric_mean(values) -> float:
+    values = list(values)
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def domain_perplexities(model, domains, batch_size: int = 4) -> dict:
+    """Perplexity on each of `domains` (`data.Domain`: text of other domains than the calibration
+    text) and their geometric mean: {"domains": {name: ppl}, "geomean": ppl}."""
+    per = {d.name: perplexity(model, d.windows, batch_size) for d in domains}
+    return {"domains": per, "geomean": geometric_mean(per.values()) if per else None}
