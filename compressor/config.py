@@ -51,6 +51,7 @@ class RunConfig(BaseModel):
     seqlen: int = 512
     eval_samples: int = 40
     eval_items: int = 400  # cloze items of the lm-eval task (evaluate/lm_eval.py CLOZE_ITEMS)
+    domain_windows: int = 8  # windows per domain of the cross-domain perplexity (data.DOMAINS); 0: not measured
     batch_size: int = 8
     device: str = "cpu"
     seed: int = 0
@@ -131,6 +132,13 @@ class RunConfig(BaseModel):
     def _eval_items(cls, v: int) -> int:
         if not 20 <= v <= 2000:
             raise ValueError(f"--eval-items must be between 20 and 2000, got {v}.")
+        return v
+
+    @field_validator("domain_windows")
+    @classmethod
+    def _domain_windows(cls, v: int) -> int:
+        if not 0 <= v <= 256:
+            raise ValueError(f"--domain-windows must be between 0 and 256, got {v}.")
         return v
 
     @field_validator("round_to", "threads", "nsamples", "eval_samples", "batch_size", "trials", "seqlen")

@@ -36,6 +36,7 @@ def run_cmd(
     checks: bool = typer.Option(True, "--checks/--no-checks", help="After export: measure latency in the profile's runtime, run the lm-eval tasks, judge the budget, write report.md and report.png."),
     runtime: str = typer.Option(None, "--runtime", help="Measure latency in this runtime (torch, vllm, onnxruntime) instead of the profile's: a labelled proxy, and the verdict says 'not verified' unless it is the profile's runtime."),
     eval_items: int = typer.Option(400, "--eval-items", help="Items of the lm-eval cloze task (20-2000): fewer run faster and resolve only larger accuracy changes (docs/ci-gate.md)."),
+    domain_windows: int = typer.Option(8, "--domain-windows", help="Windows (of --seqlen tokens) per domain of the cross-domain perplexity: text of other domains than the calibration text (Python code, licences, changelogs, docstrings); 0 skips it."),
     lm_eval_backend: str = typer.Option("hf", "--lm-eval-backend", help="hf: lm-eval tasks on the in-memory model; vllm: also on the export as vLLM serves it (report: accuracy.lm_eval.pruned_vllm)."),
     search: bool = typer.Option(False, "--search", help="Bayesian search (Optuna) over the metric mixture, calibration subset and compensation, on validation text; overrides --metric/--compensation."),
     trials: int = typer.Option(20, "--trials", help="Trial budget for --search."),
@@ -50,7 +51,7 @@ def run_cmd(
                    structure=structure, attn_unit=attn_unit, round_to=round_to, calib=calib, nsamples=nsamples,
                    seqlen=seqlen, batch_size=batch_size, device=device, seed=seed, out=out,
                    export_dtype=export_dtype, threads=threads, trust_remote_code=trust_remote_code, checks=checks,
-                   lm_eval_backend=lm_eval_backend, eval_items=eval_items, runtime=runtime, search=search, trials=trials,
+                   lm_eval_backend=lm_eval_backend, eval_items=eval_items, domain_windows=domain_windows, runtime=runtime, search=search, trials=trials,
                    out_of_core=out_of_core, resume=resume, passes=passes)
     with signals_as_errors():
         from ..pipeline import run

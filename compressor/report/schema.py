@@ -1,9 +1,11 @@
 """The report, typed and versioned: what the pipeline fills, `report.json` holds, the markdown,
 plot and model card render, and the gate reads.
 
-Schema `fitprune.report/4`: /3 (which renamed /2's `plan.calibration` to `cost_fit`) plus the
-provenance of every budget line (`kind`, `runtime`, `device`, `verified`) and the budget's
-`verified` and `verdict`. Older files still read; their budget lines count as not verified.
+Schema `fitprune.report/5`: /4 plus `perplexity.cross_domain` (perplexity on text of other domains
+than the calibration text, per domain and as a geometric mean). /4 added the provenance of every
+budget line (`kind`, `runtime`, `device`, `verified`) and the budget's `verified` and `verdict`;
+/3 renamed /2's `plan.calibration` to `cost_fit`. Older files still read; budget lines of files
+before /4 count as not verified.
 Every figure says whether it was measured or predicted, and where. Sections are optional so that
 a partial report (a baseline written by hand, an older run) still reads; NaN and infinity
 are written as JSON null, never as bare `NaN`.
@@ -20,8 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import UserError
 
-SCHEMA = "fitprune.report/4"
-READABLE = ("fitprune.report/1", "fitprune.report/2", "fitprune.report/3", SCHEMA)
+SCHEMA = "fitprune.report/5"
+READABLE = ("fitprune.report/1", "fitprune.report/2", "fitprune.report/3", "fitprune.report/4", SCHEMA)
 
 
 class Section(BaseModel):
@@ -56,8 +58,20 @@ class LayerWidths(Section):
     intermediate: list[int]
 
 
+class CrossDomain(Section):
+    """Perplexity on text of other domains than the calibration text (data.DOMAINS): the yardstick
+    methods are judged on, since the in-domain held-out region flatters re-fitted weights."""
+
+    dense: float | None = None  # geometric mean over the domains
+    pruned: float | None = None
+    relative_increase: float | None = None
+    domains: dict[str, dict] = Field(default_factory=dict)  # name -> {dense, pruned, description}
+    windows: int = 0  # per domain
+    seqlen: int = 0
+
+
 class Perplexity(Section):
-    dense: float | None = None
+    dense: float | None = None  # in-domain: the held-out region of the builtin text's own stream
     pruned: float | None = None
     relative_increase: float | None = None
     text: str = ""
@@ -65,6 +79,7 @@ class Perplexity(Section):
     seqlen: int = 0
     measured: bool = True
     device: str = ""
+    cross_domain: CrossDomain | None = None
 
 
 class Memory(Section):
