@@ -72,6 +72,9 @@ class RunConfig(BaseModel):
     # out of core with a Gram-based compensation: keep every layer's Gram matrices from pass 1 ("one")
     # or recompute one layer's at a time in pass 2 ("two"); auto: from the predicted memory
     passes: str = "auto"
+    # after pruning, quantize the export with compressed-tensors (exporters/quantize.py): none,
+    # w8a8-int8, w4a16, w8a16 or fp8; a scheme the profile's device has no kernel for is refused
+    quantize: str = "none"
 
     @classmethod
     def make(cls, **options) -> RunConfig:
@@ -112,6 +115,14 @@ class RunConfig(BaseModel):
         from runtimes.base import RUNTIMES
 
         return None if v is None else _one_of(v, RUNTIMES.names(), "--runtime")
+
+    @field_validator("quantize")
+    @classmethod
+    def _quantize(cls, v: str) -> str:
+        from exporters.quantize import CHOICES, check_available
+
+        check_available(_one_of(v, CHOICES, "--quantize"))
+        return v
 
     @field_validator("out_of_core", "passes")
     @classmethod
@@ -202,6 +213,10 @@ class RunConfig(BaseModel):
         if self.round_to and isinstance(width, int) and self.round_to > width:
             raise UserError(f"--round-to {self.round_to} is wider than the model's MLP ({width} channels), so no MLP "
                             "channel could be removed; choose a multiple that divides it.")
+        if self.quantize != "none":  # a group-wise scheme the unpruned widths (hidden size) do not divide
+            from exporters.quantize import config_widths, refuse_for_widths
+
+            refuse_for_widths(self.quantize, config_widths(model_config))
 
     @property
     def compute(self):

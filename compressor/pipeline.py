@@ -5,6 +5,7 @@ output directory atomically."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -12,6 +13,7 @@ import torch
 from . import outofcore
 from .config import RunConfig
 from .data import load_texts
+from .errors import UserError
 from .evaluate.lm_eval import Tasks
 from .evaluate.perplexity import finite, finite_scores, perplexity
 from .model import adapter_for
@@ -60,11 +62,18 @@ def run(cfg: RunConfig, console=None) -> Report:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
+    if cfg.quantize != "none":
+        from exporters.quantize import refuse_for_profile
+
+        refuse_for_profile(cfg.quantize, profile)  # a format the device has no kernel for, before any work
     if outofcore.choose(cfg, say):
+        if cfg.quantize != "none":
+            raise UserError("--quantize is not applied to out-of-core runs yet; quantize the export "
+                            "afterwards or run in memory (--out-of-core off).")
         return outofcore.run_out_of_core(cfg, profile, round_to, stages, console)
     prep = prepare(cfg, stages)
     plan, ratio = choose_ratio(cfg, profile, round_to, stages, say)
-    spec = prune_spec(cfg, ratio, round_to, tensor_parallel_size(profile))
+    spec = quantizable(cfg, prune_spec(cfg, ratio, round_to, tensor_parallel_size(profile)), say)
     out = output_dir(cfg, spec)
     announce(cfg, profile, spec, plan, out, say)
     model, tok = prep.loaded.model, prep.loaded.tokenizer
@@ -77,6 +86,19 @@ def run(cfg: RunConfig, console=None) -> Report:
         report = build_report(cfg, profile.name, prep, spec, result, before, ppl_dense, ppl_pruned)
         write_output(report, out, prep, profile, plan, tasks, cfg, stages, say)
     return report
+
+
+def quantizable(cfg: RunConfig, spec: PruneSpec, say) -> PruneSpec:
+    """With --quantize, the pruned widths must be uniform (the per-layer format's vLLM plugin does not
+    build quantized layers yet): --structure auto becomes uniform, saying so; global is refused."""
+    if cfg.quantize == "none" or spec.structure == "uniform":
+        return spec
+    if cfg.structure != "auto":
+        raise UserError(f"--quantize {cfg.quantize} applies to uniform exports only for now, and --structure "
+                        f"{cfg.structure} gives per-layer widths; use --structure uniform.")
+    say(f"structure [cyan]uniform[/] instead of the metric's {spec.structure}: --quantize applies to uniform "
+        "exports only for now")
+    return replace(spec, structure="uniform")
 
 
 def evaluate_model(which: str, model, tok, prep: Prepared, tasks: Tasks, cfg: RunConfig, stages: Stages,
@@ -113,6 +135,13 @@ def write_output(report: Report, out: Path, prep: Prepared, profile, plan, tasks
     with atomic_dir(out) as tmp:
         with stages.timed("export"):
             res = export_hf(model, tok, tmp, dtype=dtype)
+        if cfg.quantize != "none":  # before the checks: latency and accuracy are the quantized model's
+            from exporters.quantize import quantize_export
+
+            with stages.timed("quantize"):
+                q = quantize_export(tmp, cfg.quantize)
+            res.format = f"{res.format} + compressed-tensors {q['scheme']} ({q['format']})"
+            say(f"quantized the export: {q['scheme']} ({q['what']}), {q['method']}, with {q['library']}")
         finish_report(report, tmp, res, dtype, prep.loaded.source, profile, plan, tasks, cfg, stages, say)
     report.output = str(out)
 
