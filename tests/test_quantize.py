@@ -1,0 +1,205 @@
+"""Quantization after pruning (exporters/quantize.py) and the table of kernels it consults
+(profiles/kernels.py): which formats a profile's device runs, the compressed-tensors checkpoint a
+uniform export becomes, and the one-sentence refusals of `compress --quantize`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import assert_clean_failure, run_cli, tiny_model
+
+from compressor.budget.gpus import PRODUCTS
+from compressor.errors import UserError
+from profiles import kernels, list_profiles, load_profile
+
+# ---- the table of kernels -------------------------------------------------------------------
+
+
+def test_every_gpu_of_the_gpu_table_has_an_architecture_and_every_class_lists_every_format():
+    missing = [p.model for p in PRODUCTS if kernels.architecture(p.model) is None]
+    assert not missing, f"add these GPUs to profiles/data/kernels.yaml's architectures: {missing}"
+    for runtime, classes in kernels.table()["kernels"].items():
+        for cls, entries in classes.items():
+            assert set(entries) == set(kernels.formats()), (runtime, cls)
+            for fmt, entry in entries.items():
+                assert set(entry) <= {"run", "why"} and isinstance(entry["run"], bool), (runtime, cls, fmt)
+                assert entry["run"] or entry.get("why"), f"{runtime}/{cls}/{fmt}: a 'no' needs its reason"
+
+
+def test_the_table_is_not_a_profile():
+    assert "kernels" not in list_profiles()
+
+
+def test_every_shipped_profile_runs_its_own_dtype():
+    for name in list_profiles():
+        p = load_profile(name)
+        assert kernels.can_run(p, kernels.baseline(p)), name
+
+
+def test_the_2core_cpu_runs_int8_and_int4_but_neither_w8a16_nor_fp8():
+    p = load_profile("cpu-2core")
+    assert kernels.device_class(p)[0] == "x86-cpu"
+    assert kernels.runnable(p) == ["fp32", "bf16", "fp16", "w8a8-int8", "w4a16"]
+    w8a16, fp8 = kernels.can_run(p, "w8a16"), kernels.can_run(p, "fp8")
+    assert not w8a16 and "4-bit weights only" in w8a16.reason
+    assert not fp8 and "AMX" in fp8.reason
+    assert "no faster than bf16" in kernels.can_run(p, "w4a16").reason  # runs, with its caveat
+
+
+def test_gpu_generations():
+    a10g, l4, h100, t4 = (load_profile(n) for n in ("a10g-24gb", "l4-24gb", "h100-80gb", "t4-16gb"))
+    assert kernels.device_class(a10g)[0] == "ampere" and kernels.device_class(h100)[0] == "hopper"
+    for p in (a10g, l4, h100):
+        assert all(kernels.can_run(p, f) for f in ("bf16", "w8a8-int8", "w4a16", "w8a16", "fp8"))
+    assert "weight-only" in kernels.can_run(a10g, "fp8").reason  # FP8 Marlin: no fp8 compute on Ampere
+    assert kernels.can_run(l4, "fp8").reason == "" and kernels.can_run(h100, "fp8").reason == ""
+    assert not kernels.can_run(t4, "bf16")
+
+
+def test_onnx_runtime_runs_only_the_float_export():
+    assert kernels.runnable(load_profile("cpu-2core-onnx")) == ["fp32"]
+    assert "not exported to ONNX" in kernels.can_run(load_profile("cpu-2core-onnx"), "w8a8-int8").reason
+
+
+def test_an_unknown_device_or_format_is_no_with_a_reason(tmp_path):
+    data = load_profile("a10g-24gb").model_dump()
+    data["device"]["name"] = "Imaginary GPU 9000"
+    (tmp_path / "mine.yaml").write_text(json.dumps(data))
+    answer = kernels.can_run(load_profile(str(tmp_path / "mine.yaml")), "w8a8-int8")
+    assert not answer and "not in the table of GPUs" in answer.reason
+    answer = kernels.can_run(load_profile("a10g-24gb"), "int3")
+    assert not answer and "not a weight format" in answer.reason
+
+
+# ---- the quantized checkpoint ---------------------------------------------------------------
+
+
+def _export(path: Path, **over) -> tuple[Path, dict]:
+    model = tiny_model("llama-gqa", layers=2, **over)
+    model.save_pretrained(path)
+    return path, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(path.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def test_w8a8_int8_writes_int8_weights_with_channel_scales_and_the_compressed_tensors_config(tmp_path):
+    from exporters.quantize import quantize_export
+
+    path, dense = _export(tmp_path / "m")
+    info = quantize_export(path, "w8a8-int8")
+    assert info["format"] == "int-quantized"
+    qc = json.loads((path / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "compressed-tensors" and qc["format"] == "int-quantized"
+    assert qc["quantization_status"] == "compressed" and qc["ignore"] == ["lm_head"]
+    group = qc["config_groups"]["group_0"]
+    assert group["weights"]["num_bits"] == 8 and group["weights"]["strategy"] == "channel"
+    assert group["input_activations"]["dynamic"] and group["input_activations"]["strategy"] == "token"
+    t = _tensors(path)
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+        w, scale = t[f"{name}.weight"], t[f"{name}.weight_scale"]
+        assert w.dtype == torch.int8 and scale.shape == (w.shape[0], 1)
+        # round to nearest on the library's min-max scale: the error is at most half a step
+        original = dense[f"{name}.weight"]
+        err = (w.float() * scale.float() - original).abs()
+        assert (err <= scale.float() / 2 + 1e-6).all()
+        assert w.abs().max() == 127  # each channel's largest weight uses the whole range
+    assert t["lm_head.weight"].dtype == torch.float32  # the head stays dense
+
+
+def test_fp8_and_w4a16_write_their_formats(tmp_path):
+    from exporters.quantize import quantize_export
+
+    path, _ = _export(tmp_path / "f")
+    assert quantize_export(path, "fp8")["format"] == "float-quantized"
+    assert _tensors(path)["model.layers.0.mlp.up_proj.weight"].dtype == torch.float8_e4m3fn
+    # group-wise int4: every input width a multiple of 128
+    path, _ = _export(tmp_path / "g", hidden_size=128, intermediate_size=256, head_dim=32, num_attention_heads=4,
+                      num_key_value_heads=2)
+    assert quantize_export(path, "w4a16")["format"] == "pack-quantized"
+    t = _tensors(path)
+    packed, scale = t["model.layers.0.mlp.down_proj.weight_packed"], t["model.layers.0.mlp.down_proj.weight_scale"]
+    assert packed.dtype == torch.int32 and packed.shape == (128, 256 // 8)  # eight int4 values per int32
+    assert scale.shape == (128, 256 // 128)
+
+
+def test_a_group_wise_scheme_refuses_widths_its_group_does_not_divide(tmp_path):
+    from exporters.quantize import quantize_export
+
+    path, _ = _export(tmp_path / "m")  # hidden size 48
+    with pytest.raises(UserError, match=r"groups of 128 input channels.*48 % 128 = 48"):
+        quantize_export(path, "w4a16")
+    assert "quantization_config" not in json.loads((path / "config.json").read_text())
+
+
+# ---- the CLI --------------------------------------------------------------------------------
+
+FAST = ("--profile", "cpu-2core", "--nsamples", "4", "--seqlen", "32", "--round-to", "8", "--ratio", "0.3",
+        "--domain-windows", "0")
+
+
+@pytest.mark.parametrize("scheme, match", [
+    ("fp8", "--quantize fp8 cannot serve on the profile cpu-2core: vllm has no fp8 kernel"),
+    ("w8a16", "--quantize w8a16 cannot serve on the profile cpu-2core"),
+    ("w4a16", "--quantize w4a16 scales groups of 128 input channels, and the hidden size"),
+    ("int3", "Unknown --quantize 'int3'"),
+])
+def test_refusals(tmp_path, tiny_model_dir, scheme, match):
+    out = tmp_path / "o"
+    p = run_cli(str(tiny_model_dir), *FAST, "--quantize", scheme, "--out", str(out))
+    assert_clean_failure(p, out, match)
+
+
+def test_per_layer_widths_are_refused_for_now(tmp_path, tiny_model_dir):
+    out = tmp_path / "o"
+    p = run_cli(str(tiny_model_dir), *FAST, "--structure", "global", "--quantize", "w8a8-int8", "--out", str(out))
+    assert_clean_failure(p, out, "applies to uniform exports only for now")
+
+
+def test_compress_quantize_writes_a_quantized_uniform_export(tmp_path, tiny_model_dir):
+    out = tmp_path / "o"
+    # the flap metric's default structure is global: with --quantize, auto becomes uniform
+    p = run_cli(str(tiny_model_dir), *FAST, "--quantize", "w8a8-int8", "--no-checks", "--out", str(out))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "structure uniform instead of the metric's global" in p.stderr.replace("\n", " ")
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"]
+    assert config["quantization_config"]["format"] == "int-quantized"
+    assert _tensors(out)["model.layers.0.mlp.gate_proj.weight"].dtype == torch.int8
+    report = json.loads((out / "report.json").read_text())
+    assert "compressed-tensors w8a8-int8" in report["export"]["format"]
+    assert "compressed-tensors w8a8-int8" in (out / "README.md").read_text()
+    assert "quantize" in report["seconds"]
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_vllm_cpu_serves_a_quantized_smollm2_export(tmp_path, smollm2_dir):
+    """Stock vLLM CPU loads the W8A8 checkpoint and decodes greedily as the bf16 model does: the
+    first tokens of each prompt match (round-to-nearest int8 may flip a near-tie later on)."""
+    pytest.importorskip("vllm")
+    import shutil
+
+    from exporters.quantize import quantize_export
+    from runtimes.vllm_runtime import VllmRuntime
+
+    path = tmp_path / "q"
+    shutil.copytree(smollm2_dir, path)
+    quantize_export(path, "w8a8-int8")
+    prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
+    tokens = {}
+    for name, where in (("dense", smollm2_dir), ("w8a8", path)):
+        with VllmRuntime(where, dtype="bfloat16") as rt:
+            tokens[name] = [g.token_ids for g in rt.generate([rt.encode(p) for p in prompts], 16)]
+    for dense, quant in zip(tokens["dense"], tokens["w8a8"], strict=True):
+        assert len(quant) == 16
+        assert quant[:4] == dense[:4]
