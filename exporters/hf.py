@@ -9,19 +9,28 @@ an explicit `head_dim`) when it has no biases.
 
 Anything else (different widths per layer, or a bias the family's config cannot switch on) ->
 fitprune's per-layer format (`model_type: fitprune`), with its modeling file beside the weights.
+
+Depth: a wholly removed decoder layer (no attention and no MLP block) is left out of every export
+and the layers after it are renumbered, so uniform widths with dropped layers are still the
+original architecture, just with fewer `num_hidden_layers` (per-layer lists such as
+`layer_types` trimmed). A layer that lost only its attention or only its MLP block needs the
+per-layer format, where a 0 in `layer_num_attention_heads` / `layer_intermediate_size` is that
+block's no-op (no weights, no norm, no KV cache).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from compressor.errors import UserError
 from compressor.model import adapter_for, adapter_for_config
 from compressor.model.adapters import Widths
 
@@ -36,6 +45,7 @@ class ExportResult:
     format: str  # "native" or "fitprune"
     architecture: str
     files: list[str]
+    dropped_layers: list[int] = field(default_factory=list)  # original indices left out (depth pruning)
 
 
 def read_widths(model: nn.Module) -> Widths:
@@ -57,14 +67,35 @@ def _native_config(config, w: Widths):
     return cfg
 
 
+def layer_renumbering(w: Widths) -> dict[int, int]:
+    """{index in the pruned model: index in the export} for the layers an export keeps."""
+    return {old: new for new, old in enumerate(w.kept_layers)}
+
+
+_LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def renumber_key(name: str, renumber: dict[int, int]) -> str | None:
+    """A tensor name with its layer index renumbered; None for a tensor of a dropped layer."""
+    m = _LAYER_KEY.match(name)
+    if m is None:
+        return name
+    new = renumber.get(int(m.group(1)))
+    return None if new is None else f"model.layers.{new}.{name[m.end():]}"
+
+
 def _fitprune_config(config, w: Widths) -> FitPruneConfig:
     d = config.to_dict()
     keep = {f for f in FitPruneConfig.__dataclass_fields__}
     kw = {k: v for k, v in d.items() if k in keep}
+    w = w.without_dropped()
     kw.update(
         base_model_type=config.model_type if config.model_type != "fitprune" else config.base_model_type,
-        num_attention_heads=max(w.heads), num_key_value_heads=max(w.kv_heads),
-        intermediate_size=max(w.intermediate), head_dim=w.head_dim,
+        num_hidden_layers=len(w.heads),
+        # the widest layer's (a model whose every attention or MLP block went keeps the original's)
+        num_attention_heads=max(w.heads) or config.num_attention_heads,
+        num_key_value_heads=max(w.kv_heads) or config.num_key_value_heads,
+        intermediate_size=max(w.intermediate) or config.intermediate_size, head_dim=w.head_dim,
         layer_num_attention_heads=w.heads, layer_num_key_value_heads=w.kv_heads,
         layer_intermediate_size=w.intermediate,
         attention_bias=w.o_bias or w.qkv_bias, mlp_bias=w.down_bias,
@@ -79,18 +110,26 @@ def _fitprune_config(config, w: Widths) -> FitPruneConfig:
     return cfg
 
 
-def _state_dict(model: nn.Module, attention_bias: bool, mlp_bias: bool, tied: bool, dtype) -> dict:
-    """Weights as the target config expects them: zero biases wherever a switch implies one."""
+def _state_dict(model: nn.Module, w: Widths, attention_bias: bool, mlp_bias: bool, tied: bool, dtype) -> dict:
+    """Weights as the target config expects them: dropped layers left out and the rest renumbered,
+    zero biases wherever a switch implies one."""
+    renumber = layer_renumbering(w)
     sd = {}
     for name, t in model.state_dict().items():
         if tied and name == "lm_head.weight":
             continue
-        sd[name] = t.detach().to(dtype).contiguous()
-    for i, layer in enumerate(model.model.layers):
+        new = renumber_key(name, renumber)
+        if new is not None:
+            sd[new] = t.detach().to(dtype).contiguous()
+    adapter = adapter_for(model)
+    for old, layer in enumerate(adapter.layers(model)):
+        if old not in renumber:
+            continue
+        i = renumber[old]
         groups = []
-        if attention_bias:
+        if attention_bias and adapter.has_attention(layer):
             groups.append(("self_attn", layer.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")))
-        if mlp_bias:
+        if mlp_bias and adapter.has_mlp(layer):
             groups.append(("mlp", layer.mlp, ("gate_proj", "up_proj", "down_proj")))
         for prefix, module, names in groups:
             for n in names:
@@ -134,7 +173,10 @@ def _write_weights(sd: dict, out: Path) -> list[str]:
 
 
 def target_config(config, w: Widths, dtype: torch.dtype, force_format: str | None = None):
-    """(config to write, "native" or "fitprune") for a pruned model of widths `w` from `config`."""
+    """(config to write, "native" or "fitprune") for a pruned model of widths `w` from `config`
+    (`w` has one entry per layer of the pruned model, wholly removed ones included)."""
+    if not w.kept_layers:
+        raise UserError("Every decoder layer was removed: there is no model left to export.")
     cfg = None
     if force_format != "fitprune":
         cfg = _native_config(config, w)
@@ -166,10 +208,13 @@ def export_hf(model: nn.Module, tokenizer, out: Path, dtype: torch.dtype | None 
     out = Path(out)
     config = model.config
     dtype = dtype or next(model.parameters()).dtype
-    cfg, fmt = target_config(config, read_widths(model), dtype, force_format)
+    w = read_widths(model)
+    cfg, fmt = target_config(config, w, dtype, force_format)
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    sd = _state_dict(model, bool(getattr(cfg, "attention_bias", False)), bool(getattr(cfg, "mlp_bias", False)),
+    sd = _state_dict(model, w, bool(getattr(cfg, "attention_bias", False)), bool(getattr(cfg, "mlp_bias", False)),
                      tied, dtype)
     files = _write_weights(sd, out)
-    return finish_dir(out, cfg, fmt, files, getattr(model, "generation_config", None), tokenizer)
+    result = finish_dir(out, cfg, fmt, files, getattr(model, "generation_config", None), tokenizer)
+    result.dropped_layers = w.dropped_layers
+    return result
 

@@ -13,9 +13,12 @@ wrapper that turns the flat ONNX inputs into a `DynamicCache` and back:
              present.{i}.key / .value           [batch, kv_heads[i], past_seq + seq, head_dim]
 
 Layer i's KV head count is its own (per-layer widths), so the cache tensors differ in shape from
-layer to layer. A first call passes `past_seq = 0` (empty tensors). `logits_index` = [seq - 1]
-computes the LM head for the last position only (what generation needs; on a small model the
-head over a whole prompt costs a quarter of the prefill), `arange(seq)` gives every position.
+layer to layer. A layer without an attention block (depth pruning: 0 heads) has no cache at all:
+its `past_key_values.{i}.*` / `present.{i}.*` are absent, so the names skip its index, and the
+manifest's `attention_layers` lists the indices that have them. A first call passes
+`past_seq = 0` (empty tensors). `logits_index` = [seq - 1] computes the LM head for the last
+position only (what generation needs; on a small model the head over a whole prompt costs a
+quarter of the prefill), `arange(seq)` gives every position.
 `fitprune_onnx.json` beside the model names all of this, so a runtime needs nothing else (see
 `runtimes/onnx_runtime.py`).
 
@@ -65,12 +68,22 @@ def _onnx_family(model_type: str) -> bool:
     return model_type in onnx_families()
 
 
-def past_names(num_layers: int) -> list[str]:
-    return [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+def _layers(layers: int | list[int]) -> list[int]:
+    return list(range(layers)) if isinstance(layers, int) else list(layers)
 
 
-def present_names(num_layers: int) -> list[str]:
-    return [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+def past_names(layers: int | list[int]) -> list[str]:
+    """Cache input names of `layers` (a count: every layer; a list: those indices, the attention layers)."""
+    return [f"past_key_values.{i}.{kv}" for i in _layers(layers) for kv in ("key", "value")]
+
+
+def present_names(layers: int | list[int]) -> list[str]:
+    return [f"present.{i}.{kv}" for i in _layers(layers) for kv in ("key", "value")]
+
+
+def attention_layers(kv_heads: list[int]) -> list[int]:
+    """The layers that have an attention block, hence a KV cache."""
+    return [i for i, kv in enumerate(kv_heads) if kv > 0]
 
 
 def _sliding_window(config) -> int | None:
@@ -90,13 +103,16 @@ class KVCacheWrapper(nn.Module):
     """`(input_ids, attention_mask, position_ids, logits_index, *past) -> (logits, *present)` around a
     transformers causal LM. The 4D additive mask is built here from the 2D padding mask (causal,
     padding, optional sliding window), which keeps the traced graph small and the export fast;
-    transformers passes a ready 4D mask through unchanged."""
+    transformers passes a ready 4D mask through unchanged. `attn_layers`: the layers with a cache
+    (the others are given none and their cache entry is not returned)."""
 
-    def __init__(self, model: nn.Module, num_layers: int, sliding_window: int | None):
+    def __init__(self, model: nn.Module, num_layers: int, sliding_window: int | None,
+                 attn_layers: list[int] | None = None):
         super().__init__()
         self.model = model
         self.num_layers = num_layers
         self.sliding_window = sliding_window
+        self.attn_layers = list(range(num_layers)) if attn_layers is None else list(attn_layers)
 
     def forward(self, input_ids, attention_mask, position_ids, logits_index, *past):
         from transformers import DynamicCache
@@ -116,11 +132,16 @@ class KVCacheWrapper(nn.Module):
         zero = torch.zeros((), dtype=dtype, device=input_ids.device)
         mask = torch.where(allowed, zero, torch.finfo(dtype).min)
 
-        cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(self.num_layers)])
+        slot = {layer: j for j, layer in enumerate(self.attn_layers)}
+        cache = DynamicCache(ddp_cache_data=[
+            (past[2 * slot[i]], past[2 * slot[i] + 1]) if i in slot else (None, None)
+            for i in range(self.num_layers)])
+        # explicit positions and a 4D mask: nothing reads the cached length of a layer without attention
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
                          past_key_values=cache, use_cache=True, logits_to_keep=logits_index)
         present = []
-        for layer in out.past_key_values.layers:
+        for i in self.attn_layers:
+            layer = out.past_key_values.layers[i]
             present += [layer.keys, layer.values]
         return (out.logits, *present)
 
@@ -144,7 +165,8 @@ def _sample_inputs(config, kv_heads: list[int], head_dim: int, dtype: torch.dtyp
     index = torch.tensor([0, seq - 1], dtype=torch.int64)
     cache = []
     for kv in kv_heads:
-        cache += [torch.zeros(batch, kv, past, head_dim, dtype=dtype) for _ in range(2)]
+        if kv:  # a layer without attention has no cache
+            cache += [torch.zeros(batch, kv, past, head_dim, dtype=dtype) for _ in range(2)]
     return ids, mask, pos, index, cache
 
 
@@ -163,6 +185,7 @@ def _eos_ids(config, generation_config) -> list[int]:
 def _manifest(config, generation_config, w, dtype_name: str, data_file: str | None, opset: int,
               seconds: float) -> dict:
     n = len(w.kv_heads)
+    attn = attention_layers(w.kv_heads)
     cache_shape = ["batch", "num_key_value_heads[i]", "past_seq", "head_dim"]
     return {
         "format": "fitprune-onnx",
@@ -173,6 +196,7 @@ def _manifest(config, generation_config, w, dtype_name: str, data_file: str | No
         "source_model_type": config.model_type if config.model_type != "fitprune" else config.base_model_type,
         "uniform": w.uniform,
         "num_layers": n,
+        "attention_layers": attn,  # the layers with a KV cache (0 heads: no attention block)
         "num_attention_heads": w.heads,
         "num_key_value_heads": w.kv_heads,
         "intermediate_size": w.intermediate,
@@ -190,12 +214,12 @@ def _manifest(config, generation_config, w, dtype_name: str, data_file: str | No
             "position_ids": {"dtype": "int64", "shape": ["batch", "seq"]},
             "logits_index": {"dtype": "int64", "shape": ["n"],
                              "meaning": "positions 0..seq-1 whose logits are returned ([seq - 1] to generate)"},
-            "past": {"names": past_names(n), "dtype": dtype_name, "shape": cache_shape,
+            "past": {"names": past_names(attn), "dtype": dtype_name, "shape": cache_shape,
                      "first_call": "past_seq = 0 (empty tensors)"},
         },
         "outputs": {
             "logits": {"dtype": dtype_name, "shape": ["batch", "n", "vocab"]},
-            "present": {"names": present_names(n), "dtype": dtype_name,
+            "present": {"names": present_names(attn), "dtype": dtype_name,
                         "shape": ["batch", "num_key_value_heads[i]", "past_seq + seq", "head_dim"]},
         },
         "opset": opset,
@@ -232,7 +256,8 @@ def export_onnx(model: nn.Module, tokenizer, out: Path, dtype: torch.dtype | str
 
     start = time.perf_counter()
     n = len(w.kv_heads)
-    wrapper = KVCacheWrapper(model, n, window).eval()
+    attn = attention_layers(w.kv_heads)
+    wrapper = KVCacheWrapper(model, n, window, attn).eval()
     args = _sample_inputs(config, w.kv_heads, w.head_dim, tdtype)
     batch, seq, keep = torch.export.Dim("batch"), torch.export.Dim("seq"), torch.export.Dim("n")
     past_seq, total = torch.export.Dim("past_seq"), torch.export.Dim("total_seq")
@@ -241,13 +266,13 @@ def export_onnx(model: nn.Module, tokenizer, out: Path, dtype: torch.dtype | str
         "attention_mask": {0: batch, 1: total},
         "position_ids": {0: batch, 1: seq},
         "logits_index": {0: keep},
-        "past": tuple({0: batch, 2: past_seq} for _ in range(2 * n)),
+        "past": tuple({0: batch, 2: past_seq} for _ in range(2 * len(attn))),
     }
     with _eager_attention(model), torch.no_grad():
         program = torch.onnx.export(
             wrapper, (*args[:4], *args[4]), dynamo=True, dynamic_shapes=dynamic_shapes,
-            input_names=[*INPUT_NAMES, *past_names(n)],
-            output_names=["logits", *present_names(n)], optimize=optimize, verbose=False,
+            input_names=[*INPUT_NAMES, *past_names(attn)],
+            output_names=["logits", *present_names(attn)], optimize=optimize, verbose=False,
         )
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     external = weight_bytes > external_data_threshold

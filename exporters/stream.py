@@ -24,10 +24,16 @@ from torch import nn
 STREAM_SHARD_BYTES = 0
 
 
-def layer_tensors(layer: nn.Module, index: int, expected: set[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def layer_tensors(layer: nn.Module, index: int, expected: set[str], dtype: torch.dtype,
+                  renumber: dict[int, int] | None = None) -> dict[str, torch.Tensor]:
     """One decoder layer's tensors under their checkpoint names, in `dtype`, on the CPU, with a zero
     bias wherever the target config implies one the layer does not have (`expected`: the names the
-    whole checkpoint must hold)."""
+    whole checkpoint must hold). `renumber` ({pruned index: exported index}, `exporters.hf.layer_renumbering`)
+    leaves out wholly removed layers (nothing returned) and renumbers the others."""
+    if renumber is not None:
+        if index not in renumber:
+            return {}
+        index = renumber[index]
     prefix = f"model.layers.{index}."
     sd = {prefix + k: v.detach().to("cpu", dtype).contiguous() for k, v in layer.state_dict().items()}
     for key in sorted(k for k in expected if k.startswith(prefix) and k not in sd):

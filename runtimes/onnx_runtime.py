@@ -4,7 +4,8 @@ on the CPU execution provider, with our own small greedy loop over the KV cache.
 Batches are left-padded: every row's next token then sits in the last column, the attention mask
 marks padding with 0 and position ids count real tokens only, so a padded row computes what it
 would alone. The cache tensors returned by one step (`present.*`) are fed back as the next step's
-`past_key_values.*`; each layer has its own KV head count.
+`past_key_values.*`; each layer has its own KV head count, and a layer without attention (0 KV
+heads, depth pruning) has no cache tensors at all.
 """
 
 from __future__ import annotations
@@ -78,7 +79,8 @@ class OnnxRuntime(Runtime):
     def empty_cache(self, batch: int) -> list[np.ndarray]:
         cache = []
         for kv in self.kv_heads:
-            cache += [np.zeros((batch, kv, 0, self.head_dim), dtype=self.np_dtype) for _ in range(2)]
+            if kv:  # the export has cache tensors for the attention layers only (in layer order)
+                cache += [np.zeros((batch, kv, 0, self.head_dim), dtype=self.np_dtype) for _ in range(2)]
         return cache
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,

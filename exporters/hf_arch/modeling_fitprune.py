@@ -5,6 +5,12 @@ Per layer i: `layer_num_attention_heads[i]` query heads, `layer_num_key_value_he
 `mlp_bias` gives gate/up/down one (zeros where the original model had none), `qk_norm` adds the
 per-head RMSNorm on queries and keys (Qwen3). Everything else is the Llama architecture.
 
+Depth: 0 query and 0 KV heads in a layer mean it has no attention block (and no input norm), 0
+MLP channels that it has no MLP block (and no post-attention norm); the residual stream passes
+that block unchanged. (Wholly removed layers are left out of the checkpoint by the exporter.) A
+layer without attention keeps a one-number-per-token placeholder in the KV cache, because
+transformers reads the cached length from layer 0 for positions and masks.
+
 This file imports only torch and transformers: it works as remote code (`trust_remote_code=True`)
 beside the weights, and fitprune registers it with the Auto classes when installed.
 """
@@ -71,6 +77,8 @@ class FitPruneConfig(PreTrainedConfig):
         if self.rope_parameters is None:
             self.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0}
         super().__post_init__(**kwargs)
+        # transformers' class validators are the base class's own list, which misses this override
+        self.validate_architecture()
 
     def validate_architecture(self):
         n = self.num_hidden_layers
@@ -78,6 +86,8 @@ class FitPruneConfig(PreTrainedConfig):
             if len(getattr(self, name)) != n:
                 raise ValueError(f"{name} must have one entry per layer ({n}).")
         for i, (q, kv) in enumerate(zip(self.layer_num_attention_heads, self.layer_num_key_value_heads, strict=True)):
+            if q == kv == 0:
+                continue  # no attention block in this layer
             if kv < 1 or q % kv != 0:
                 raise ValueError(f"layer {i}: {q} query heads cannot share {kv} KV heads evenly.")
 
@@ -127,6 +137,21 @@ class FitPruneAttention(nn.Module):
         return self.o_proj(out), weights
 
 
+class FitPruneNoAttention(nn.Module):
+    """A layer without attention: adds nothing, caches a placeholder so the cached length stays right."""
+
+    def __init__(self, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+
+    def forward(self, hidden_states, past_key_values=None, **kwargs):
+        if past_key_values is not None:
+            b, t = hidden_states.shape[:2]
+            placeholder = hidden_states.new_zeros(b, 1, t, 1)
+            past_key_values.update(placeholder, placeholder, self.layer_idx)
+        return torch.zeros_like(hidden_states), None
+
+
 class FitPruneMLP(nn.Module):
     def __init__(self, config: FitPruneConfig, layer_idx: int):
         super().__init__()
@@ -145,20 +170,30 @@ class FitPruneDecoderLayer(nn.Module):
     def __init__(self, config: FitPruneConfig, layer_idx: int):
         super().__init__()
         self.hidden_size = config.hidden_size
-        self.self_attn = FitPruneAttention(config, layer_idx)
-        self.mlp = FitPruneMLP(config, layer_idx)
-        self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.has_attention = config.layer_num_attention_heads[layer_idx] > 0
+        self.has_mlp = config.layer_intermediate_size[layer_idx] > 0
+        if self.has_attention:
+            self.self_attn = FitPruneAttention(config, layer_idx)
+            self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        else:
+            self.self_attn = FitPruneNoAttention(layer_idx)
+        if self.has_mlp:
+            self.mlp = FitPruneMLP(config, layer_idx)
+            self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None,
                 use_cache=False, position_embeddings=None, **kwargs):
-        residual = hidden_states
-        h, _ = self.self_attn(
-            self.input_layernorm(hidden_states), position_embeddings=position_embeddings,
-            attention_mask=attention_mask, past_key_values=past_key_values, **kwargs,
-        )
-        hidden_states = residual + h
-        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        if self.has_attention:
+            h, _ = self.self_attn(
+                self.input_layernorm(hidden_states), position_embeddings=position_embeddings,
+                attention_mask=attention_mask, past_key_values=past_key_values, **kwargs,
+            )
+            hidden_states = hidden_states + h
+        else:
+            self.self_attn(hidden_states, past_key_values=past_key_values)
+        if self.has_mlp:
+            hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        return hidden_states
 
 
 class FitPrunePreTrainedModel(PreTrainedModel):
