@@ -85,10 +85,11 @@ class ExportSink(LayerSink):
                                   parts=work.state["parts"])
         self.expected: set[str] | None = None
         self.target = None
+        self.renumber: dict[int, int] | None = None
 
     def begin(self, keeps: list[LayerKeep]) -> None:
         """The output's config follows from the allocated widths (known before pass 2)."""
-        from exporters.hf import target_config
+        from exporters.hf import layer_renumbering, target_config
 
         from .model import adapter_for_config
 
@@ -101,12 +102,13 @@ class ExportSink(LayerSink):
                    qkv_bias=any(k.endswith("q_proj.bias") for k in files))
         cfg, fmt = target_config(self.lazy.config, w, self.dtype)
         self.target = (cfg, fmt)
+        self.renumber = layer_renumbering(w)  # wholly removed layers are left out of the export
         self.expected = adapter_for_config(cfg).expected_keys(cfg.to_dict())
 
     def add(self, index: int, layer) -> bool:
         from exporters.stream import layer_tensors
 
-        return self.writer.add(layer_tensors(layer, index, self.expected, self.dtype))
+        return self.writer.add(layer_tensors(layer, index, self.expected, self.dtype, self.renumber))
 
     def state(self) -> list[dict]:
         return self.writer.state()
