@@ -19,7 +19,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from .errors import UserError
-from .prune import ATTN_UNITS, COMPENSATION, IMPORTANCE, STRUCTURES
+from .prune import ATTN_UNITS, COMPENSATION, DEPTH_BLOCKS, IMPORTANCE, STRUCTURES
 
 EXPORT_DTYPES = ("auto", "float32", "bfloat16", "float16")
 LM_EVAL_BACKENDS = ("hf", "vllm")
@@ -45,6 +45,7 @@ class RunConfig(BaseModel):
     compensation: str = "auto"
     structure: str = "auto"  # auto = the metric's default
     attn_unit: str = "auto"
+    blocks: str = "auto"  # --structure depth: which blocks it removes (layer, attention, mlp, any)
     round_to: int | None = None  # None = the profile's
     calib: str = "builtin"
     nsamples: int = 128
@@ -98,6 +99,14 @@ class RunConfig(BaseModel):
     def _choice(cls, v: str, info) -> str:
         allowed = ("auto", *STRUCTURES) if info.field_name == "structure" else ATTN_UNITS
         return _one_of(v, allowed, "--" + info.field_name.replace("_", "-"))
+
+    @field_validator("blocks")
+    @classmethod
+    def _blocks(cls, v: str, info) -> str:
+        _one_of(v, DEPTH_BLOCKS, "--blocks")
+        if v != "auto" and info.data.get("structure") != "depth":
+            raise ValueError(f"--blocks {v} chooses the blocks that depth pruning removes; it needs --structure depth.")
+        return v
 
     @field_validator("export_dtype")
     @classmethod

@@ -121,6 +121,10 @@ def prune_stage(prep: Prepared, spec: PruneSpec, cfg: RunConfig, stages: Stages,
             from .prune.search import run_search
 
             return run_search(model, adapter, prep.calib, prep.validation, spec, cfg, say=console.print)
+        if spec.structure == "depth":
+            from .prune.depth import prune_depth
+
+            return prune_depth(model, adapter, prep.calib, spec, cfg.compute, say=console.print, blocks=cfg.blocks)
         return prune(model, adapter, prep.calib, spec, cfg.compute, progress=progress)
 
 

@@ -20,7 +20,8 @@ def run_cmd(
     ratio: float = typer.Option(None, "--ratio", "-r", help="Fraction of decoder weights to remove, in (0, 1); overrides the plan (default: the planner's choice for the profile)."),
     metric: str = typer.Option("auto", help="Importance metric: auto (the quality benchmark's winner), " + ", ".join(IMPORTANCE.names()) + "."),
     compensation: str = typer.Option("auto", help="Compensation: auto (the quality benchmark's winner), " + ", ".join(COMPENSATION.names()) + "."),
-    structure: str = typer.Option("auto", help="uniform (same widths in every layer), global (one threshold over all layers), or auto (the metric's default)."),
+    structure: str = typer.Option("auto", help="uniform (same widths in every layer), global (one threshold over all layers), depth (remove whole blocks, see --blocks), or auto (the metric's default)."),
+    blocks: str = typer.Option("auto", "--blocks", help="With --structure depth: the blocks removed: layer (whole decoder layers), attention (attention blocks only), mlp (MLP blocks only), any (attention and MLP blocks separately), auto (any)."),
     attn_unit: str = typer.Option("auto", "--attn-unit", help="Attention pruning unit: kv (KV group with its query heads), query (query heads evenly from every KV group), auto (query for GQA, kv for MHA)."),
     round_to: int = typer.Option(None, "--round-to", help="Kept MLP widths round to a multiple of this (default: the profile's)."),
     calib: str = typer.Option("builtin", help="Calibration text: builtin, a .txt/.jsonl file, hf:NAME[:CONFIG[:SPLIT]], or self."),
@@ -49,7 +50,7 @@ def run_cmd(
     from ..output import signals_as_errors
 
     cfg = RunConfig.make(model=model, profile=profile, ratio=ratio, metric=metric, compensation=compensation,
-                   structure=structure, attn_unit=attn_unit, round_to=round_to, calib=calib, nsamples=nsamples,
+                   structure=structure, blocks=blocks, attn_unit=attn_unit, round_to=round_to, calib=calib, nsamples=nsamples,
                    seqlen=seqlen, batch_size=batch_size, device=device, seed=seed, out=out,
                    export_dtype=export_dtype, threads=threads, trust_remote_code=trust_remote_code, checks=checks,
                    lm_eval_backend=lm_eval_backend, eval_items=eval_items, domain_windows=domain_windows, runtime=runtime, search=search, trials=trials,

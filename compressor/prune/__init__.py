@@ -29,5 +29,7 @@ COMPENSATION = Registry("compensation", {
     "fold": f"{_C}:fold",
 }, aliases={"auto": "lsq+bias"})
 
-STRUCTURES = ("global", "uniform")  # and "auto": the metric's default
+STRUCTURES = ("global", "uniform", "depth")  # and "auto": the metric's default; depth: prune/depth.py
+# --blocks: which blocks depth pruning removes (auto: prune/depth.py DEFAULT_BLOCKS, the measured best)
+DEPTH_BLOCKS = ("auto", "layer", "attention", "mlp", "any")
 ATTN_UNITS = ("auto", "kv", "query")
