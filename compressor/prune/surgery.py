@@ -75,8 +75,8 @@ class NoMLP(nn.Module):
 
 
 def is_removed(block: nn.Module) -> bool:
-    """Is this attention or MLP module a removed block?"""
-    return isinstance(block, NoAttention | NoMLP)
+    """Is this attention or MLP module a removed block (ours, or a per-layer-format model's no-op)?"""
+    return not (hasattr(block, "q_proj") or hasattr(block, "gate_proj"))
 
 
 def _rows(lin: nn.Linear, idx: torch.Tensor) -> nn.Linear:
@@ -136,14 +136,14 @@ def prune_layer(
 
 def _remove_attention(adapter: Adapter, layer: nn.Module) -> None:
     attn = adapter.attention(layer)
-    if isinstance(attn, NoAttention):
+    if not adapter.has_attention(layer):  # ours, or a per-layer-format model's no-op: removed already
         return
     layer.self_attn = NoAttention(getattr(attn, "layer_idx", None), attn.head_dim, getattr(attn, "config", None))
     layer.input_layernorm = nn.Identity()
 
 
 def _remove_mlp(adapter: Adapter, layer: nn.Module) -> None:
-    if isinstance(adapter.mlp(layer), NoMLP):
+    if not adapter.has_mlp(layer):
         return
     layer.mlp = NoMLP()
     layer.post_attention_layernorm = nn.Identity()
@@ -152,7 +152,7 @@ def _remove_mlp(adapter: Adapter, layer: nn.Module) -> None:
 def _prune_attention(adapter: Adapter, layer: nn.Module, keep: LayerKeep, o_bias, o_weight) -> None:
     shape = adapter.shape(layer)
     attn = adapter.attention(layer)
-    if isinstance(attn, NoAttention):
+    if not adapter.has_attention(layer):
         raise ValueError("this layer's attention block was removed: nothing to keep")
     per_kv = len(keep.q_heads) // max(len(keep.kv_heads), 1)
     groups = [h // shape.heads_per_kv for h in keep.q_heads]
@@ -178,7 +178,7 @@ def _prune_attention(adapter: Adapter, layer: nn.Module, keep: LayerKeep, o_bias
 
 def _prune_mlp(adapter: Adapter, layer: nn.Module, keep: LayerKeep, down_bias, down_weight) -> None:
     mlp = adapter.mlp(layer)
-    if isinstance(mlp, NoMLP):
+    if not adapter.has_mlp(layer):
         raise ValueError("this layer's MLP block was removed: nothing to keep")
     ch = torch.tensor(keep.channels, dtype=torch.long)
     mlp.gate_proj = _rows(mlp.gate_proj, ch)

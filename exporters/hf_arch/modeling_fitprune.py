@@ -140,9 +140,10 @@ class FitPruneAttention(nn.Module):
 class FitPruneNoAttention(nn.Module):
     """A layer without attention: adds nothing, caches a placeholder so the cached length stays right."""
 
-    def __init__(self, layer_idx: int):
+    def __init__(self, config: FitPruneConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
 
     def forward(self, hidden_states, past_key_values=None, **kwargs):
         if past_key_values is not None:
@@ -150,6 +151,15 @@ class FitPruneNoAttention(nn.Module):
             placeholder = hidden_states.new_zeros(b, 1, t, 1)
             past_key_values.update(placeholder, placeholder, self.layer_idx)
         return torch.zeros_like(hidden_states), None
+
+
+class FitPruneNoMLP(nn.Module):
+    """A layer without an MLP block: adds nothing."""
+
+    intermediate_size = 0
+
+    def forward(self, x):
+        return torch.zeros_like(x)
 
 
 class FitPruneMLP(nn.Module):
@@ -176,10 +186,12 @@ class FitPruneDecoderLayer(nn.Module):
             self.self_attn = FitPruneAttention(config, layer_idx)
             self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         else:
-            self.self_attn = FitPruneNoAttention(layer_idx)
+            self.self_attn = FitPruneNoAttention(config, layer_idx)
         if self.has_mlp:
             self.mlp = FitPruneMLP(config, layer_idx)
             self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        else:
+            self.mlp = FitPruneNoMLP()
 
     def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None,
                 use_cache=False, position_embeddings=None, **kwargs):
