@@ -133,3 +133,16 @@ def test_structure_searched_refuses_out_of_core(tmp_path, tiny_model_dir):
     p = run_cli(str(tiny_model_dir), "--ratio", "0.3", "--structure", "searched", "--out-of-core", "on",
                 "--out", str(out))
     assert_clean_failure(p, out, "--structure searched scores many pruned models")
+
+
+def test_structure_searched_and_search_together_are_refused(tmp_path, tiny_model_dir):
+    """--search (the metric mixture) with --structure searched (the allocation): two searches, one run."""
+    out = tmp_path / "o"
+    p = run_cli(str(tiny_model_dir), "--structure", "searched", "--search", "--out", str(out))
+    assert_clean_failure(p, out, "two different searches")
+
+
+def test_search_generations_below_one_is_refused(tmp_path, tiny_model_dir):
+    out = tmp_path / "o"
+    p = run_cli(str(tiny_model_dir), "--structure", "searched", "--search-generations", "0", "--out", str(out))
+    assert_clean_failure(p, out, "--search-generations must be at least 1")
