@@ -12,10 +12,10 @@ import torch
 
 from . import outofcore
 from .config import RunConfig
-from .data import load_texts
+from .data import domain_windows, load_texts
 from .errors import UserError
 from .evaluate.lm_eval import Tasks
-from .evaluate.perplexity import finite, finite_scores, perplexity
+from .evaluate.perplexity import domain_perplexities, finite, finite_scores, perplexity
 from .model import adapter_for
 from .model.loading import load
 from .output import atomic_dir
@@ -45,7 +45,8 @@ def prepare(cfg: RunConfig, stages: Stages | None = None) -> Prepared:
     with stages.timed("data"):
         texts = load_texts(cfg.calib, loaded.tokenizer, loaded.model, cfg.nsamples, cfg.seqlen, cfg.eval_samples,
                            cfg.seed)
-    return Prepared(loaded, adapter, texts)
+        domains = domain_windows(loaded.tokenizer, cfg.seqlen, cfg.domain_windows) if cfg.domain_windows else []
+    return Prepared(loaded, adapter, texts, domains)
 
 
 def run(cfg: RunConfig, console=None) -> Report:
@@ -80,10 +81,11 @@ def run(cfg: RunConfig, console=None) -> Report:
     before = prep.adapter.count_params(model)
     with Tasks(prep.texts.heldout_text, cfg.checks, vllm=cfg.lm_eval_backend == "vllm",
                n_cloze=cfg.eval_items) as tasks:
-        ppl_dense = evaluate_model("dense", model, tok, prep, tasks, cfg, stages, say)
+        ppl_dense, domains_dense = evaluate_model("dense", model, tok, prep, tasks, cfg, stages, say)
         result = prune_stage(prep, spec, cfg, stages, console)
-        ppl_pruned = evaluate_model("pruned", model, tok, prep, tasks, cfg, stages, say)
-        report = build_report(cfg, profile.name, prep, spec, result, before, ppl_dense, ppl_pruned)
+        ppl_pruned, domains_pruned = evaluate_model("pruned", model, tok, prep, tasks, cfg, stages, say)
+        report = build_report(cfg, profile.name, prep, spec, result, before, ppl_dense, ppl_pruned,
+                              cross_domain=(domains_dense, domains_pruned))
         write_output(report, out, prep, profile, plan, tasks, cfg, stages, say)
     return report
 
@@ -102,11 +104,17 @@ def quantizable(cfg: RunConfig, spec: PruneSpec, say) -> PruneSpec:
 
 
 def evaluate_model(which: str, model, tok, prep: Prepared, tasks: Tasks, cfg: RunConfig, stages: Stages,
-                   say) -> float:
-    """Held-out perplexity (stage perplexity_WHICH) and the lm-eval tasks (stage lm_eval) of the model in memory."""
+                   say) -> tuple[float, dict | None]:
+    """In-domain held-out perplexity and cross-domain perplexity (stage perplexity_WHICH) and the
+    lm-eval tasks (stage lm_eval) of the model in memory: (held-out perplexity, cross-domain figures or None)."""
     with stages.timed(f"perplexity_{which}"):
         ppl = finite(perplexity(model, prep.heldout), f"{which} held-out perplexity")
-    say(f"{which} held-out perplexity: {ppl:.3f}")
+        cross = domain_perplexities(model, prep.domains) if prep.domains else None
+    say(f"{which} held-out perplexity (in-domain): {ppl:.3f}")
+    if cross:
+        finite(cross["geomean"], f"{which} cross-domain perplexity")
+        each = ", ".join(f"{k} {v:.2f}" for k, v in cross["domains"].items())
+        say(f"{which} cross-domain perplexity: {cross['geomean']:.3f} (geometric mean; {each})")
     with stages.timed("lm_eval"):
         tasks.score(which, model, tok, cfg.device, say=say)
     finite_scores(getattr(tasks, which, None), f"{which} model's lm-eval score")

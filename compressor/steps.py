@@ -7,7 +7,7 @@ from __future__ import annotations
 import platform
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,7 +21,7 @@ from .model.loading import LoadedModel
 from .output import check_out_dir
 from .prune import COMPENSATION, IMPORTANCE
 from .prune.driver import PruneResult, PruneSpec, resolve_structure
-from .report.schema import Export, LayerWidths, Memory, Method, Params, Perplexity, Report
+from .report.schema import CrossDomain, Export, LayerWidths, Memory, Method, Params, Perplexity, Report
 
 
 class Stages:
@@ -49,6 +49,7 @@ class Prepared:
     loaded: LoadedModel
     adapter: Adapter
     texts: Texts
+    domains: list = field(default_factory=list)  # data.Domain: evaluation text of other domains
 
     # the windows under the names the benchmarks and tests use
     @property
@@ -126,8 +127,10 @@ def layer_progress(console, layers: int):
 
 
 def build_report(cfg: RunConfig, profile_name: str, prep: Prepared, spec: PruneSpec, result: PruneResult,
-                 before: dict, ppl_dense: float, ppl_pruned: float, after: dict | None = None) -> Report:
-    """The report of a run; `after` (parameter counts of the pruned model) defaults to the model in memory."""
+                 before: dict, ppl_dense: float, ppl_pruned: float, after: dict | None = None,
+                 cross_domain: tuple[dict | None, dict | None] = (None, None)) -> Report:
+    """The report of a run; `after` (parameter counts of the pruned model) defaults to the model in memory;
+    `cross_domain`: `domain_perplexities` of the dense and the pruned model (None: not measured)."""
     model = prep.loaded.model
     after = after or prep.adapter.count_params(model)
     return Report(
@@ -145,12 +148,24 @@ def build_report(cfg: RunConfig, profile_name: str, prep: Prepared, spec: PruneS
         perplexity=Perplexity(dense=round(ppl_dense, 4), pruned=round(ppl_pruned, 4),
                               relative_increase=round(ppl_pruned / ppl_dense - 1, 4), text=HELDOUT,
                               windows=int(prep.heldout.shape[0]), seqlen=int(prep.heldout.shape[1]), measured=True,
-                              device=cfg.device),
+                              device=cfg.device, cross_domain=_cross_domain(prep, *cross_domain)),
         memory=Memory(**result.memory, what="peak host RSS during the pruning step (calibration, scoring, pruning, "
                                             "compensation), and peak device memory on CUDA"),
         host={"machine": platform.machine(), "processor": platform.processor() or platform.machine(),
               "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
     )
+
+
+def _cross_domain(prep: Prepared, dense: dict | None, pruned: dict | None) -> CrossDomain | None:
+    if not dense or not pruned:
+        return None
+    described = {d.name: d for d in prep.domains}
+    return CrossDomain(
+        dense=round(dense["geomean"], 4), pruned=round(pruned["geomean"], 4),
+        relative_increase=round(pruned["geomean"] / dense["geomean"] - 1, 4),
+        domains={k: {"dense": round(v, 4), "pruned": round(pruned["domains"][k], 4),
+                     "description": described[k].description} for k, v in dense["domains"].items()},
+        windows=int(prep.domains[0].windows.shape[0]), seqlen=int(prep.domains[0].windows.shape[1]))
 
 
 def finish_report(report: Report, folder: Path, res, dtype, source: str, profile, plan, tasks: Tasks,

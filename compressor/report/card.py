@@ -7,10 +7,18 @@ from pathlib import Path
 from .schema import Report
 
 
+def _cross_domain_row(ppl: dict) -> str:
+    cd = ppl.get("cross_domain")
+    if not cd:
+        return ""
+    return (f"| cross-domain perplexity (geometric mean over {', '.join(cd['domains'])}; not the calibration "
+            f"text's domain) | {cd['dense']:.3f} | {cd['pruned']:.3f} |\n")
+
+
 def model_card(report: Report) -> str:
     r = report.as_dict()
     m, p, ppl = r["method"], r["params"], r["perplexity"]
-    ppl_label = f"held-out perplexity ({ppl['windows']} x {ppl['seqlen']} tokens, {ppl['device']})"
+    ppl_label = f"held-out perplexity, in-domain ({ppl['windows']} x {ppl['seqlen']} tokens, {ppl['device']})"
     b = r.get("budget")
     verdict = f"- Budget of profile `{r['profile']}`: {b['verdict']} (report.md).\n" if b and b.get("verdict") else ""
     return f"""---
@@ -30,7 +38,7 @@ tags: [fitprune, structured-pruning]
 | | dense | pruned |
 |---|---|---|
 | {ppl_label} | {ppl['dense']:.3f} | {ppl['pruned']:.3f} |
-
+{_cross_domain_row(ppl)}
 Per-layer widths (query heads / KV heads / MLP channels): {r['widths']['q_heads']} / {r['widths']['kv_heads']} /
 {r['widths']['intermediate']}.
 

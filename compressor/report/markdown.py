@@ -99,8 +99,15 @@ def markdown(report: Report | dict) -> str:
     acc = r.get("accuracy") or {}
     ppl = r["perplexity"]
     lines += ["## Accuracy (measured)", "", "| | dense | pruned | device |", "|---|---|---|---|",
-              f"| held-out perplexity ({ppl['windows']} x {ppl['seqlen']} tokens) | {ppl['dense']:.3f} | "
-              f"{ppl['pruned']:.3f} | {ppl['device']} |"]
+              f"| held-out perplexity, in-domain ({ppl['windows']} x {ppl['seqlen']} tokens of the calibration text's "
+              f"stream) | {ppl['dense']:.3f} | {ppl['pruned']:.3f} | {ppl['device']} |"]
+    cd = ppl.get("cross_domain")
+    if cd:
+        lines += [f"| **cross-domain perplexity** (geometric mean of {len(cd['domains'])} domains unlike the "
+                  f"calibration text, {cd['windows']} x {cd['seqlen']} tokens each) | {cd['dense']:.3f} | "
+                  f"{cd['pruned']:.3f} | {ppl['device']} |"]
+        lines += [f"| &nbsp;&nbsp;{name}: {d['description']} | {d['dense']:.3f} | {d['pruned']:.3f} | |"
+                  for name, d in cd["domains"].items()]
     le = acc.get("lm_eval")
     if le and le.get("pruned"):
         d, q = le["dense"], le["pruned"]
