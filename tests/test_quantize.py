@@ -181,25 +181,47 @@ def test_compress_quantize_writes_a_quantized_uniform_export(tmp_path, tiny_mode
     assert "quantize" in report["seconds"]
 
 
+def _heldout_perplexity(llm, windows) -> float:
+    """exp(mean negative log-likelihood) of `windows` as vLLM scores them (prompt logprobs)."""
+    import math
+
+    from vllm import SamplingParams, TokensPrompt
+
+    params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0, detokenize=False)
+    outs = llm.generate([TokensPrompt(prompt_token_ids=w) for w in windows], params, use_tqdm=False)
+    nll = [-step[w[i]].logprob for w, o in zip(windows, outs, strict=True)
+           for i, step in enumerate(o.prompt_logprobs) if i > 0]
+    return math.exp(sum(nll) / len(nll))
+
+
 @pytest.mark.slow
 @pytest.mark.integration
 def test_vllm_cpu_serves_a_quantized_smollm2_export(tmp_path, smollm2_dir):
-    """Stock vLLM CPU loads the W8A8 checkpoint and decodes greedily as the bf16 model does: the
-    first tokens of each prompt match (round-to-nearest int8 may flip a near-tie later on)."""
+    """Stock vLLM CPU loads the W8A8 checkpoint and serves it close to the bf16 model: held-out
+    perplexity within 10% (measured here: 13.33 -> 13.74, +3%), and greedy decoding starts with the same
+    tokens (round-to-nearest int8 flips near-ties later on: first divergences measured at tokens 5, 12
+    and 10 of these prompts, so the first 4 must match)."""
     pytest.importorskip("vllm")
     import shutil
 
+    from transformers import AutoTokenizer
+
+    from compressor.data import contiguous_chunks, load_source
     from exporters.quantize import quantize_export
     from runtimes.vllm_runtime import VllmRuntime
 
     path = tmp_path / "q"
     shutil.copytree(smollm2_dir, path)
     quantize_export(path, "w8a8-int8")
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    windows = [w.tolist() for w in contiguous_chunks(load_source("builtin", tok).region("test"), 256, 8)]
     prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
-    tokens = {}
+    tokens, ppl = {}, {}
     for name, where in (("dense", smollm2_dir), ("w8a8", path)):
         with VllmRuntime(where, dtype="bfloat16") as rt:
             tokens[name] = [g.token_ids for g in rt.generate([rt.encode(p) for p in prompts], 16)]
+            ppl[name] = _heldout_perplexity(rt.llm, windows)
+    assert ppl["w8a8"] < 1.10 * ppl["dense"], ppl
     for dense, quant in zip(tokens["dense"], tokens["w8a8"], strict=True):
         assert len(quant) == 16
         assert quant[:4] == dense[:4]
