@@ -7,7 +7,7 @@ from ..registry import Registry
 _I = "compressor.prune.importance"
 _C = "compressor.prune.compensation"
 
-# `auto`: the winner of benchmarks/quality.py on SmolLM2-135M (see README, "Quality")
+# `auto`: the winner of benchmarks/grid.py on SmolLM2-135M (see README, "Quality")
 IMPORTANCE = Registry("importance metric", {
     "flap": f"{_I}:flap",
     "wanda-sp": f"{_I}:wanda_sp",

@@ -139,7 +139,7 @@ class PruneSpec:
     # Without it a Gram-matrix compensation keeps every layer's Gram matrices from pass 1 in memory
     # (fine for small models; pass greedy=True to bound memory to one layer's). On SmolLM2 the
     # one-pass flap + lsq+bias was slightly better than greedy at ridge 0.01 (16.54 vs 16.64; rerun with
-    # `benchmarks/quality.py --metrics flap --compensations lsq+bias --greedy flap:lsq+bias --ridge 0.01`).
+    # `benchmarks/grid.py --metrics flap --compensations lsq+bias --greedy flap:lsq+bias --ridge 0.01`).
     greedy: bool | None = None
 
 

@@ -1,4 +1,4 @@
-"""Held-out perplexity of every metric x compensation on the embedded SmolLM2-135M.
+"""The metric x compensation grid: held-out perplexity of every metric x compensation on the embedded SmolLM2-135M.
 
 One calibration pass over the dense model collects everything every metric reads (means,
 variances, Gram matrices, activation samples) and the Taylor gradients are computed once; each
@@ -7,8 +7,8 @@ statistics ("one-pass" rows). Greedy rows (`--greedy`) re-run the layer-wise eng
 model's activations, as the CLI does for sequential metrics and least-squares compensations.
 Held-out text = the last 20% of the builtin token stream, never used for calibration or search.
 
-    python benchmarks/quality.py                        # full grid at 20% and 50%, + greedy rows
-    python benchmarks/quality.py --ratios 0.2 --metrics flap,output-approx --no-greedy
+    python benchmarks/grid.py                        # full grid at 20% and 50%, + greedy rows
+    python benchmarks/grid.py --ratios 0.2 --metrics flap,output-approx --no-greedy
 """
 
 from __future__ import annotations
