@@ -361,7 +361,7 @@ def prune_searched(model, adapter: Adapter, calib: torch.Tensor, validation: tor
     if comp.needs_reference:
         raise UserError(f"--structure searched builds every candidate from one calibration pass; the compensation "
                         f"'{comp.name}' needs a greedy pass with the dense model alongside (use lsq+bias or bias).")
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     extras = None
     if metric.precompute is not None:
         extras = metric.precompute(model, adapter, calib[: spec.grad_samples], device=compute.device)
@@ -407,7 +407,8 @@ def prune_searched(model, adapter: Adapter, calib: torch.Tensor, validation: tor
         "attention_removed": [i for i, k in enumerate(keeps) if not k.q_heads],
         "mlp_removed": [i for i, k in enumerate(keeps) if not k.channels],
         "candidates_built": built, "window_evaluations": fitness.evaluations,
-        "setup_s": round(setup_s, 1), "seconds": round(seconds, 1)}}
+        "setup_s": round(setup_s, 1), "seconds": round(seconds, 1),
+        "cpu_seconds": round(time.process_time() - cpu0, 1)}}  # wall time on a shared machine says little
     n = notes["search"]
     say(f"search: KL {start_kl:.5f} -> {best_kl:.5f} in {seconds:.0f} s; attention removed in layers "
         f"{n['attention_removed'] or 'none'}, MLP removed in layers {n['mlp_removed'] or 'none'}")
