@@ -97,7 +97,13 @@ class Fitness:
     @torch.no_grad()
     def window_kl(self, model, i: int) -> float:
         """Mean over the window's tokens of the coarsened KL(dense || pruned)."""
-        lq = self._log_probs(model, self.windows[i])
+        return self.kl_of(i, model(input_ids=self.windows[i][None].to(next(model.parameters()).device),
+                                   use_cache=False).logits[0, :-1])
+
+    @torch.no_grad()
+    def kl_of(self, i: int, logits: torch.Tensor) -> float:
+        """The same from the pruned model's logits for window i (all but its last token)."""
+        lq = torch.log_softmax(logits.float(), -1).cpu()
         self.evaluations += 1
         lp, ix, rest_p = self.top_lp[i], self.top_ix[i], self.rest_lp[i]
         lq_top = lq.gather(-1, ix)
@@ -109,6 +115,47 @@ class Fitness:
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
     """log(1 - exp(x)) for x <= 0, floored so a top-k holding all the mass stays finite."""
     return torch.log((-torch.expm1(x.clamp(max=0.0))).clamp_min(1e-12))
+
+
+class Runner:
+    """Forward passes that start at a given decoder layer from the inputs the parent had there: a
+    child differs from its parent in a few blocks, so the layers before the first of them need not
+    run again (about a quarter of the decoder's work on average)."""
+
+    def __init__(self, model, adapter: Adapter):
+        self.model, self.layers = model, adapter.layers(model)
+        self.norm, self.head = adapter.decoder(model).norm, model.lm_head
+        self.kwargs: dict | None = None  # the layers' keyword arguments (masks, rotary): one window length
+
+    @torch.no_grad()
+    def full(self, window: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(logits, every layer's input) of the model as it is."""
+        inputs: list[torch.Tensor] = []
+
+        def hook(_mod, args, kwargs):
+            inputs.append(args[0] if args else kwargs["hidden_states"])
+            if self.kwargs is None:
+                self.kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+
+        handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in self.layers]
+        try:
+            device = next(self.model.parameters()).device
+            logits = self.model(input_ids=window[None].to(device), use_cache=False).logits[0, :-1]
+        finally:
+            for h in handles:
+                h.remove()
+        return logits, inputs
+
+    @torch.no_grad()
+    def partial(self, start: int, prefix: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The same, running only layers `start`.. from `prefix[start]` (the layers before are unchanged)."""
+        inputs = list(prefix[:start])
+        h = prefix[start]
+        for layer in self.layers[start:]:
+            inputs.append(h)
+            out = layer(h, **self.kwargs)
+            h = out[0] if isinstance(out, tuple) else out
+        return self.head(self.norm(h))[0, :-1], inputs
 
 
 class Blocks:
@@ -142,7 +189,7 @@ class Blocks:
             self.attn_removed.append([full_attn if st is REMOVED else removed_weights(s, h, st) for st in states])
             self.mlp_removed.append([3 * h * (s.intermediate_size - w) for w in widths])
             self.total += layer_params(s, h)
-        self._cache: OrderedDict[tuple, nn.Module] = OrderedDict()
+        self._cache: OrderedDict[tuple, tuple[nn.Module, nn.Module]] = OrderedDict()  # (layer, kind, level)
         self._cached_bytes = 0
         self.built = 0  # halves built (compensation + surgery)
 
@@ -234,15 +281,30 @@ class Evolution:
         self.blocks, self.fitness, self.s, self.lo, self.hi, self.say = blocks, fitness, settings, lo, hi, say
         self.rng = random.Random(settings.seed)
         self._kl: dict[tuple, list[float]] = {}  # genotype -> per-window KL measured so far
+        self.runner = Runner(blocks.model, blocks.adapter)
+        self.parent: tuple | None = None
+        self._inputs: dict[tuple, dict[int, list[torch.Tensor]]] = {}  # genotype -> window -> layer inputs
 
     def kl(self, geno, n_windows: int) -> float:
         key = tuple(geno)
         done = self._kl.setdefault(key, [])
         if len(done) < n_windows:
             self.blocks.apply(geno)
+            parent = self._inputs.get(self.parent, {}) if self.parent is not None else {}
+            start = next((i for i, (a, b) in enumerate(zip(key, self.parent or (), strict=False)) if a != b), 0)
+            mine = self._inputs.setdefault(key, {})
             for w in range(len(done), n_windows):
-                done.append(self.fitness.window_kl(self.blocks.model, w))
+                if start > 0 and w in parent:
+                    logits, mine[w] = self.runner.partial(start, parent[w])
+                else:
+                    logits, mine[w] = self.runner.full(self.fitness.windows[w])
+                done.append(self.fitness.kl_of(w, logits))
         return sum(done[:n_windows]) / n_windows
+
+    def _keep_inputs(self, *genos) -> None:
+        """Forget the layer inputs of every genotype but these (memory: one per window and layer)."""
+        keep = {tuple(g) for g in genos}
+        self._inputs = {k: v for k, v in self._inputs.items() if k in keep}
 
     # ---- mutation --------------------------------------------------------------------------------
     def _moves(self, geno, direction: int, exclude: tuple | None, removed: int, bound: int | None):
@@ -295,6 +357,7 @@ class Evolution:
         t0 = time.perf_counter()
         parent = list(start)
         best = self.kl(parent, s.windows)
+        self.parent = tuple(parent)
         start_kl = best
         trajectory = [self._point(0, best, parent, t0)]
         self.say(f"search: generation 0 (the global allocation): KL {best:.5f}, removed "
@@ -309,10 +372,13 @@ class Evolution:
                     children.append(child)
             if children:
                 first = sorted(children, key=lambda c: self.kl(c, s.first_windows))[: s.survivors]
+                self._keep_inputs(parent, *first)
                 child = min(first, key=lambda c: self.kl(c, s.windows))
                 kl = self.kl(child, s.windows)
                 if kl < best:
                     parent, best = child, kl
+                    self.parent = tuple(parent)
+                self._keep_inputs(parent)
             trajectory.append(self._point(gen, best, parent, t0))
             p = trajectory[-1]
             self.say(f"search: generation {gen}/{s.generations}: best KL {best:.5f} (start {start_kl:.5f}), "
