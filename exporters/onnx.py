@@ -194,7 +194,7 @@ def _manifest(config, generation_config, w, dtype_name: str, data_file: str | No
         "external_data_file": data_file,
         "dtype": dtype_name,
         "source_model_type": config.model_type if config.model_type != "fitprune" else config.base_model_type,
-        "uniform": w.uniform,
+        "uniform": w.uniform and not w.dropped_layers,  # every layer of the graph has the same widths
         "num_layers": n,
         "attention_layers": attn,  # the layers with a KV cache (0 heads: no attention block)
         "num_attention_heads": w.heads,
