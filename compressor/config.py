@@ -62,6 +62,7 @@ class RunConfig(BaseModel):
     trust_remote_code: bool = False
     search: bool = False
     trials: int = 20
+    search_generations: int = 12  # --structure searched: generations of the allocation search (prune/evolve.py)
     checks: bool = True  # after export: latency in the profile's runtime, lm-eval tasks, budget verdict
     lm_eval_backend: str = "hf"  # "vllm": also run the lm-eval tasks on the export as vLLM serves it
     # measure latency in this runtime instead of the profile's (a labelled proxy unless it is the profile's)
@@ -139,6 +140,14 @@ class RunConfig(BaseModel):
         return _one_of(v, OUT_OF_CORE if info.field_name == "out_of_core" else PASSES,
                        "--" + info.field_name.replace("_", "-"))
 
+    @field_validator("search")
+    @classmethod
+    def _one_search(cls, v: bool, info) -> bool:
+        if v and info.data.get("structure") == "searched":
+            raise ValueError("--search (the metric mixture) and --structure searched (the per-layer allocation) are "
+                             "two different searches; use one of them.")
+        return v
+
     # ---- numbers ---------------------------------------------------------------------------
     @field_validator("ratio")
     @classmethod
@@ -161,7 +170,8 @@ class RunConfig(BaseModel):
             raise ValueError(f"--domain-windows must be between 0 and 256, got {v}.")
         return v
 
-    @field_validator("round_to", "threads", "nsamples", "eval_samples", "batch_size", "trials", "seqlen")
+    @field_validator("round_to", "threads", "nsamples", "eval_samples", "batch_size", "trials", "seqlen",
+                     "search_generations")
     @classmethod
     def _at_least(cls, v: int | None, info) -> int | None:
         least = 2 if info.field_name == "seqlen" else 1  # None: the default (the profile's, torch's)

@@ -51,6 +51,9 @@ def choose(cfg: RunConfig, say) -> bool:
         if cfg.structure == "depth":
             raise UserError("--structure depth scores every block on the whole model in memory; it cannot run "
                             "out of core (use --out-of-core off).")
+        if cfg.structure == "searched":
+            raise UserError("--structure searched scores many pruned models on the whole model in memory; it cannot "
+                            "run out of core (use --out-of-core off).")
         if cfg.calib == "self":
             raise UserError("--calib self generates text with the whole model; it cannot run out of core.")
         say("out of core: asked for" if cfg.out_of_core == "on" else "out of core: resuming an interrupted run")
@@ -60,7 +63,7 @@ def choose(cfg: RunConfig, say) -> bool:
     need = 4 * checkpoint_params(path)
     free = available_bytes()
     if need > free // 2:
-        if cfg.structure == "depth":
+        if cfg.structure in ("depth", "searched"):
             raise UserError(f"--structure {cfg.structure} needs the whole model in memory, and the model in "
                             f"float32 ({need / 2**30:.1f} GiB) does not fit in half of the free memory "
                             f"({free / 2**30:.1f} GiB).")

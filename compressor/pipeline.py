@@ -133,6 +133,11 @@ def prune_stage(prep: Prepared, spec: PruneSpec, cfg: RunConfig, stages: Stages,
             from .prune.depth import prune_depth
 
             return prune_depth(model, adapter, prep.calib, spec, cfg.compute, say=console.print, blocks=cfg.blocks)
+        if spec.structure == "searched":
+            from .prune.evolve import prune_searched
+
+            return prune_searched(model, adapter, prep.calib, prep.validation, spec, cfg.compute, say=console.print,
+                                  progress=progress, generations=cfg.search_generations, seed=cfg.seed)
         return prune(model, adapter, prep.calib, spec, cfg.compute, progress=progress)
 
 

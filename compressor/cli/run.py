@@ -20,7 +20,7 @@ def run_cmd(
     ratio: float = typer.Option(None, "--ratio", "-r", help="Fraction of decoder weights to remove, in (0, 1); overrides the plan (default: the planner's choice for the profile)."),
     metric: str = typer.Option("auto", help="Importance metric: auto (the quality benchmark's winner), " + ", ".join(IMPORTANCE.names()) + "."),
     compensation: str = typer.Option("auto", help="Compensation: auto (the quality benchmark's winner), " + ", ".join(COMPENSATION.names()) + "."),
-    structure: str = typer.Option("auto", help="uniform (same widths in every layer), global (one threshold over all layers), depth (remove whole blocks, see --blocks), or auto (the metric's default)."),
+    structure: str = typer.Option("auto", help="uniform (same widths in every layer), global (one threshold over all layers), depth (remove whole blocks, see --blocks), searched (per-layer widths and removed blocks chosen by an evolutionary search against the dense model's outputs on validation text, starting from global), or auto (the metric's default)."),
     blocks: str = typer.Option("auto", "--blocks", help="With --structure depth: the blocks removed: layer (whole decoder layers), attention (attention blocks only), mlp (MLP blocks only), any (attention and MLP blocks separately), auto (any)."),
     attn_unit: str = typer.Option("auto", "--attn-unit", help="Attention pruning unit: kv (KV group with its query heads), query (query heads evenly from every KV group), auto (query for GQA, kv for MHA)."),
     round_to: int = typer.Option(None, "--round-to", help="Kept MLP widths round to a multiple of this (default: the profile's)."),
@@ -41,6 +41,7 @@ def run_cmd(
     lm_eval_backend: str = typer.Option("hf", "--lm-eval-backend", help="hf: lm-eval tasks on the in-memory model; vllm: also on the export as vLLM serves it (report: accuracy.lm_eval.pruned_vllm)."),
     search: bool = typer.Option(False, "--search", help="Bayesian search (Optuna) over the metric mixture, calibration subset and compensation, on validation text; overrides --metric/--compensation."),
     trials: int = typer.Option(20, "--trials", help="Trial budget for --search."),
+    search_generations: int = typer.Option(12, "--search-generations", help="With --structure searched: generations of the allocation search (each scores 8 candidates; about 20 s each for SmolLM2-135M on 1 CPU core)."),
     out_of_core: str = typer.Option("auto", "--out-of-core", help="on: weights stay in the checkpoint's safetensors files and one layer at a time is in memory, in the checkpoint's dtype (for models larger than RAM); off: the whole model in memory in float32; auto: on when the model in float32 would not fit in half of the free memory."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted out-of-core run on the same --out (same options) from its work directory."),
     passes: str = typer.Option("auto", "--passes", help="Out of core, with a least-squares compensation: one (keep every layer's Gram matrices from the scoring pass; memory grows with depth), two (recompute one layer's at a time in a second pass; memory flat in depth), auto (one when it fits in the free memory)."),
@@ -54,7 +55,7 @@ def run_cmd(
                    seqlen=seqlen, batch_size=batch_size, device=device, seed=seed, out=out,
                    export_dtype=export_dtype, threads=threads, trust_remote_code=trust_remote_code, checks=checks,
                    lm_eval_backend=lm_eval_backend, eval_items=eval_items, domain_windows=domain_windows, runtime=runtime, search=search, trials=trials,
-                   out_of_core=out_of_core, resume=resume, passes=passes, quantize=quantize)
+                   search_generations=search_generations, out_of_core=out_of_core, resume=resume, passes=passes, quantize=quantize)
     with signals_as_errors():
         from ..pipeline import run
 

@@ -29,7 +29,8 @@ COMPENSATION = Registry("compensation", {
     "fold": f"{_C}:fold",
 }, aliases={"auto": "lsq+bias"})
 
-STRUCTURES = ("global", "uniform", "depth")  # and "auto": the metric's default; depth: prune/depth.py
+STRUCTURES = ("global", "uniform", "depth", "searched")  # and "auto": the metric's default; depth: prune/depth.py;
+# searched: prune/evolve.py
 # --blocks: which blocks depth pruning removes (auto: prune/depth.py DEFAULT_BLOCKS, the measured best)
 DEPTH_BLOCKS = ("auto", "layer", "attention", "mlp", "any")
 ATTN_UNITS = ("auto", "kv", "query")
