@@ -13,9 +13,11 @@ from compressor.errors import UserError
 from compressor.model import adapter_for
 from compressor.prune.depth import (
     BlockScorer,
+    Unit,
     attention_params,
     mlp_params,
     prune_depth,
+    scoring_windows,
     skipped,
     units_of,
 )
@@ -159,6 +161,22 @@ def test_shortlist_rescoring_stays_close():
     assert len(res.notes["depth"]["removed"]) == 2  # 2 of 6 equal layers is the closest to 30%
 
 
+@pytest.mark.parametrize("shortlist", [0, 1])
+def test_every_recorded_score_is_measured_with_the_earlier_removals(shortlist):
+    """Lazy re-scoring never takes a block on an old score: each removal's KL is the damage of the
+    model with it and every earlier removal skipped (a stale score once let harmful blocks through)."""
+    m = _model(6)
+    ref = copy.deepcopy(m)
+    ad = adapter_for(ref)
+    removed = _prune(m, "any", 0.45, shortlist=shortlist).notes["depth"]["removed"]
+    assert len(removed) >= 4
+    sc = BlockScorer(ref, ad, scoring_windows(_calib(), 4), batch_size=4, stride=2)
+    for r in removed:
+        parts = ("attention", "mlp") if r["block"] == "layer" else (r["block"],)
+        sc.remove(Unit(r["layer"], parts, 0))
+        assert sc.current_kl() == pytest.approx(r["kl"], rel=1e-4, abs=1e-6)
+
+
 @pytest.mark.slow
 @pytest.mark.integration
 def test_compress_structure_depth_end_to_end(tiny_model_dir, tmp_path):
@@ -176,6 +194,7 @@ def test_compress_structure_depth_end_to_end(tiny_model_dir, tmp_path):
 
 @pytest.mark.integration
 def test_bad_blocks_is_one_sentence(tiny_model_dir, tmp_path):
+    """An unknown --blocks value, and --blocks without --structure depth."""
     out = tmp_path / "out"
     p = run_cli(str(tiny_model_dir), *FAST, "--structure", "depth", "--blocks", "heads", "--out", str(out))
     assert_clean_failure(p, out, "Unknown --blocks 'heads'")
@@ -185,6 +204,7 @@ def test_bad_blocks_is_one_sentence(tiny_model_dir, tmp_path):
 
 @pytest.mark.integration
 def test_depth_refused_out_of_core(tiny_model_dir, tmp_path):
+    """--structure depth with --out-of-core on (block scores need the whole model in memory)."""
     out = tmp_path / "out"
     p = run_cli(str(tiny_model_dir), *FAST, "--structure", "depth", "--out-of-core", "on", "--out", str(out))
     assert_clean_failure(p, out, "--structure depth scores every block on the whole model in memory")

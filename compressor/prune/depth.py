@@ -210,7 +210,9 @@ def choose_blocks(scorer: BlockScorer, units: list[Unit], target: int, total: in
                   say=print) -> list[Removal]:
     """Greedy iterative removal: each round (re-)score the candidates, remove the least damaging one
     that brings the removed weights closer to `target`, until none does. Each round re-scores all
-    candidates (`shortlist` 0) or the `shortlist` whose latest scores are lowest."""
+    candidates (`shortlist` 0), or lazily: the `shortlist` whose latest scores are lowest, again
+    until the lowest score is one measured this round (damage grows as blocks go, so an old score
+    is usually an underestimate; taking it unchecked picks blocks that are no longer harmless)."""
     left = list(units)
     latest: dict[Unit, float] = {}
     removed_params = 0
@@ -219,11 +221,17 @@ def choose_blocks(scorer: BlockScorer, units: list[Unit], target: int, total: in
         closer = [u for u in left if abs(removed_params + u.params - target) < abs(removed_params - target)]
         if not closer:
             break
-        unscored = [u for u in closer if u not in latest]
-        rescore = closer if shortlist <= 0 or unscored else sorted(closer, key=latest.__getitem__)[:shortlist]
-        for u in rescore:
-            latest[u] = scorer.score(u)
-        best = min(closer, key=lambda u: (latest[u], u.layer, u.parts))
+        fresh: set[Unit] = set()  # scored on the model as it is now
+        while True:
+            stale = [u for u in closer if u not in fresh]
+            if shortlist > 0 and all(u in latest for u in stale):
+                stale = sorted(stale, key=lambda u: (latest[u], u.layer, u.parts))[:shortlist]
+            for u in stale:
+                latest[u] = scorer.score(u)
+                fresh.add(u)
+            best = min(closer, key=lambda u: (latest[u], u.layer, u.parts))
+            if best in fresh:  # lazy greedy: a stale score (measured with fewer blocks removed) is
+                break  # no lower bound of today's, so the winner must be re-scored before it is taken
         scorer.remove(best)
         left.remove(best)
         # a unit overlapping the removed one (a whole layer vs its blocks) is gone with it
