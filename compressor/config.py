@@ -193,7 +193,18 @@ class RunConfig(BaseModel):
     @classmethod
     def _calib(cls, v: str) -> str:
         """A calibration file is checked now, not after the model has loaded (builtin, self and
-        hf:NAME are checked by the data stage)."""
+        hf:NAME are checked by the data stage). Several sources joined by `+` (data.MIX) are each
+        checked; a file whose whole name holds a `+` is one source."""
+        if "+" in v and not Path(v).expanduser().is_file():
+            parts = [p.strip() for p in v.split("+")]
+            if not all(parts):
+                raise ValueError(f"--calib '{v}' has an empty part; join sources with '+', e.g. builtin+self.")
+            repeated = sorted({p for p in parts if parts.count(p) > 1})
+            if repeated:
+                raise ValueError(f"--calib '{v}' names {repeated[0]} twice; each source is one equal share.")
+            for part in parts:
+                cls._calib(part)
+            return v
         if v in ("builtin", "self") or v.startswith("hf:"):
             return v
         if not v.strip():

@@ -10,7 +10,14 @@ is held out.
   * `hf:NAME[:CONFIG[:SPLIT]]`, a Hugging Face dataset (needs the hub and the `datasets` package);
   * `self`: text the model generates itself from its BOS token (sampled, seeded).
 
-N samples of L tokens are drawn as seeded random windows of the calibration token stream.
+Several sources are mixed by joining them with `+` (`builtin+self`, `builtin+notes.txt+hf:NAME`);
+each contributes an equal share of the N calibration windows (the first N mod k sources one more),
+and the windows are interleaved source by source so any prefix of them is mixed too. `builtin`'s
+share comes from its calibration region only. A file whose own name holds a `+` is taken whole when
+it exists.
+
+N samples of L tokens are drawn as seeded random windows of each source's calibration token stream
+(`self`'s text, generated for the run, is cut into consecutive windows, none repeated).
 
 Evaluation text of other domains, never calibrated on by `builtin` (`domain_windows`): Python
 source code, licence texts, Debian package changelogs and the prose of standard-library docstrings
@@ -164,17 +171,65 @@ class Texts:
     validation: torch.Tensor  # token stream for searches: neither calibration nor held-out
 
 
+MIX = "+"  # joins the sources of a mixed --calib; not in a source name, and in practice in no path
+
+
+def calib_parts(calib: str) -> list[str]:
+    """The sources `calib` names: one, or several joined by `+` (a file that exists under the whole
+    name, `+` and all, is one source). An empty or repeated part is refused with one sentence."""
+    if MIX not in calib or Path(calib).expanduser().is_file():
+        return [calib]
+    parts = [p.strip() for p in calib.split(MIX)]
+    if any(not p for p in parts):
+        raise UserError(f"--calib '{calib}' has an empty part; join sources with '{MIX}', "
+                        f"e.g. builtin{MIX}self.")
+    repeated = sorted({p for p in parts if parts.count(p) > 1})
+    if repeated:
+        raise UserError(f"--calib '{calib}' names {repeated[0]} twice; each source is one equal share.")
+    return parts
+
+
+def shares(n: int, k: int) -> list[int]:
+    """N windows split over k sources as evenly as possible (the first N mod k get one more)."""
+    return [n // k + (i < n % k) for i in range(k)]
+
+
+def interleave(blocks: list[torch.Tensor]) -> torch.Tensor:
+    """Rows of each block taken in turn (a0, b0, a1, b1, ..., then the longer blocks' rest), so any
+    prefix of the calibration windows (a search's subset, a metric's gradient samples) is mixed too."""
+    rows = [b[i] for i in range(max(b.shape[0] for b in blocks)) for b in blocks if i < b.shape[0]]
+    return torch.stack(rows)
+
+
+def calib_windows(calib: str, tokenizer, model, nsamples: int, seqlen: int, seed: int,
+                  builtin: TextSource | None = None) -> torch.Tensor:
+    """The [nsamples, seqlen] calibration windows of `calib` (one source or a `+` mix of several)."""
+    parts = calib_parts(calib)
+    if len(parts) > 1 and nsamples < len(parts):
+        raise UserError(f"--calib mixes {len(parts)} sources but --nsamples is {nsamples}; each source needs at "
+                        "least one window.")
+    blocks = []
+    for spec, n in zip(parts, shares(nsamples, len(parts)), strict=True):
+        if spec == "builtin":
+            src = builtin or load_source("builtin", tokenizer)
+        else:
+            src = load_source(spec, tokenizer, model=model, n_tokens=n * seqlen, seed=seed)
+        what = "calibration" if len(parts) == 1 else f"calibration ('{spec}')"
+        if spec == "self" and n >= 1 and seqlen >= 2:
+            # generated for exactly these windows: consecutive, so no token is calibrated on twice
+            blocks.append(contiguous_chunks(src.ids, seqlen, n))
+        else:
+            blocks.append(sample_windows(src.region("calibration"), n, seqlen, seed, what))
+    return blocks[0] if len(blocks) == 1 else interleave(blocks)
+
+
 def load_texts(calib: str, tokenizer, model, nsamples: int, seqlen: int, eval_samples: int, seed: int) -> Texts:
     """Calibration windows from `calib`; held-out and validation text from the builtin text's own
     regions (whatever `calib` is, so figures stay comparable across calibration sources)."""
     builtin = load_source("builtin", tokenizer)
     test = builtin.region("test")
     heldout = contiguous_chunks(test, seqlen, eval_samples)
-    if calib == "builtin":
-        src = builtin
-    else:
-        src = load_source(calib, tokenizer, model=model, n_tokens=nsamples * seqlen, seed=seed)
-    windows = sample_windows(src.region("calibration"), nsamples, seqlen, seed)
+    windows = calib_windows(calib, tokenizer, model, nsamples, seqlen, seed, builtin)
     return Texts(windows, heldout, tokenizer.decode(test.tolist()), builtin.region("validation"))
 
 

@@ -24,7 +24,7 @@ def run_cmd(
     blocks: str = typer.Option("auto", "--blocks", help="With --structure depth: the blocks removed: layer (whole decoder layers), attention (attention blocks only), mlp (MLP blocks only), any (attention and MLP blocks separately), auto (any)."),
     attn_unit: str = typer.Option("auto", "--attn-unit", help="Attention pruning unit: kv (KV group with its query heads), query (query heads evenly from every KV group), auto (query for GQA, kv for MHA)."),
     round_to: int = typer.Option(None, "--round-to", help="Kept MLP widths round to a multiple of this (default: the profile's)."),
-    calib: str = typer.Option("builtin", help="Calibration text: builtin, a .txt/.jsonl file, hf:NAME[:CONFIG[:SPLIT]], or self."),
+    calib: str = typer.Option("builtin", help="Calibration text: builtin, a .txt/.jsonl file, hf:NAME[:CONFIG[:SPLIT]], or self; several joined by '+' (builtin+self, builtin+notes.txt) are mixed, each an equal share of --nsamples."),
     nsamples: int = typer.Option(128, help="Number of calibration windows."),
     seqlen: int = typer.Option(512, help="Tokens per calibration window (also the perplexity window)."),
     batch_size: int = typer.Option(8, "--batch-size", help="Calibration batch size."),

@@ -77,7 +77,7 @@ def bias_compensation(adapter: Adapter, layer: nn.Module, keep: LayerKeep, stats
 
 
 # relative to the mean diagonal of the kept channels' Gram matrix. Chosen on SmolLM2 (flap, 30%) with
-#   python benchmarks/quality.py --nsamples 8 --seqlen 128 --ratios 0.3 --metrics flap \
+#   python benchmarks/grid.py --nsamples 8 --seqlen 128 --ratios 0.3 --metrics flap \
 #       --compensations bias,lsq+bias --no-greedy --other-structure "" --ridge R
 # with 8 x 128 tokens (fewer than down_proj's 1536 inputs) 0.01 over-fits (held-out ppl 53.8, bias alone 47.4)
 # and 0.1 does not (36.9); at 32 x 512 tokens the two tie (15.58 / 15.57 at 20%).
@@ -86,7 +86,8 @@ RIDGE = 1e-1
 
 def least_squares(w: torch.Tensor, gram: torch.Tensor, mean: torch.Tensor, n: int, kept: torch.Tensor,
                   intercept: bool, ridge: float | None = None, cross: torch.Tensor | None = None,
-                  ref_sum: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                  ref_sum: torch.Tensor | None = None,
+                  per_channel: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Re-fit the second layer on the kept inputs: argmin ||W R - W' X_K - b||^2 + lam ||W' - P||^2.
 
     X is d x n (tokens as columns); R is the input the target is computed from: X itself (then
@@ -99,7 +100,8 @@ def least_squares(w: torch.Tensor, gram: torch.Tensor, mean: torch.Tensor, n: in
     towards P = W[:, K], the kept columns as they are, not towards zero. With few calibration tokens
     (fewer than channels, where the Gram matrix is singular) the fit then stays at the original
     weights plus the intercept -- FLAP's bias compensation -- instead of over-fitting; with many it
-    is the plain least-squares solution. Returns (W', b or None).
+    is the plain least-squares solution. With `per_channel` each kept input channel j gets its own
+    lam_j = ridge x G_jj (scale-free: a loud channel is held as firmly as a quiet one). Returns (W', b or None).
     """
     # Memory matters here (for an 8B model's down_proj, G is 14336^2 float64 = 1.6 GB): the system
     # matrix is built once, in place, with the intercept row and the ridge on its diagonal.
@@ -110,7 +112,11 @@ def least_squares(w: torch.Tensor, gram: torch.Tensor, mean: torch.Tensor, n: in
     size = nk + 1 if intercept else nk
     a = torch.empty(size, size, dtype=torch.float64, device=g.device)
     a[:nk, :nk] = g[k[:, None], k]
-    lam = (RIDGE if ridge is None else ridge) * float(a[:nk, :nk].diagonal().mean().clamp_min(1e-12))
+    r = RIDGE if ridge is None else ridge
+    if per_channel:
+        lam = r * a[:nk, :nk].diagonal().clamp_min(1e-12)
+    else:
+        lam = r * float(a[:nk, :nk].diagonal().mean().clamp_min(1e-12))
     cross = g if cross is None else cross.double()
     rhs = torch.empty(w.shape[0], size, dtype=torch.float64, device=g.device)
     for c in range(0, nk, 2048):  # W R X_K^T, a block of columns at a time (no full copy of G[:, K])
@@ -143,13 +149,20 @@ def least_squares(w: torch.Tensor, gram: torch.Tensor, mean: torch.Tensor, n: in
 
 
 def _lsq(adapter: Adapter, layer: nn.Module, keep: LayerKeep, stats: LayerStats, intercept: bool,
-         towards_dense: bool = False) -> Fix:
+         towards_dense: bool = False, ridge: float | None = None, per_channel: bool = False,
+         refit: tuple[str, ...] = ("o", "down")) -> Fix:
+    """The re-fit of o_proj / down_proj; the projections not in `refit` get FLAP's bias instead."""
     shape = adapter.shape(layer)
     kept_attn = head_channels(keep.q_heads, shape.head_dim)
     kept_mlp = torch.tensor(keep.channels, dtype=torch.long)
     fix = Fix()
+    if set(refit) != {"o", "down"}:
+        base = bias_compensation(adapter, layer, keep, stats)
+        fix.o_bias, fix.down_bias = base.o_bias, base.down_bias
     for kind, lin, kept, st in (("o", adapter.attention(layer).o_proj, kept_attn, stats.attn),
                                 ("down", adapter.mlp(layer).down_proj, kept_mlp, stats.mlp)):
+        if kind not in refit:
+            continue
         ref = {}
         if towards_dense:
             if st.cross is None:
@@ -159,10 +172,29 @@ def _lsq(adapter: Adapter, layer: nn.Module, keep: LayerKeep, stats: LayerStats,
         # from an earlier pass)
         dev = st.gram.device
         new_w, b = least_squares(lin.weight.data.to(dev), st.gram, st.mean.to(dev), st.n, kept.to(dev), intercept,
-                                 **{k: v.to(dev) for k, v in ref.items()})
+                                 ridge=ridge, per_channel=per_channel, **{k: v.to(dev) for k, v in ref.items()})
         setattr(fix, f"{kind}_weight", new_w)
         setattr(fix, f"{kind}_bias", b)
     return fix
+
+
+def shrunk(adapter: Adapter, layer: nn.Module, keep: LayerKeep, stats: LayerStats, t: float,
+           ridge: float | None = None) -> Fix:
+    """t x the least-squares re-fit (with intercept) + (1 - t) x FLAP's bias compensation, weights and
+    biases alike: the re-fit shrunk towards the solution that learns nothing from the calibration
+    text but its mean."""
+    fit = _lsq(adapter, layer, keep, stats, intercept=True, ridge=ridge)
+    base = bias_compensation(adapter, layer, keep, stats)
+    kept_attn, kept_mlp = (head_channels(keep.q_heads, adapter.shape(layer).head_dim),
+                           torch.tensor(keep.channels, dtype=torch.long))
+    o = adapter.attention(layer).o_proj.weight.data.double()[:, kept_attn]
+    down = adapter.mlp(layer).down_proj.weight.data.double()[:, kept_mlp]
+
+    def mix(a, b):
+        return t * a.to(b.device, torch.float64) + (1 - t) * b.double()
+
+    return Fix(o_bias=mix(fit.o_bias, base.o_bias), down_bias=mix(fit.down_bias, base.down_bias),
+               o_weight=mix(fit.o_weight, o), down_weight=mix(fit.down_weight, down))
 
 
 @compensation("lsq", adds_bias=False, needs_gram=True,
