@@ -21,7 +21,7 @@ def run_cmd(
     metric: str = typer.Option("auto", help="Importance metric: auto (the quality benchmark's winner), " + ", ".join(IMPORTANCE.names()) + "."),
     compensation: str = typer.Option("auto", help="Compensation: auto (the quality benchmark's winner), " + ", ".join(COMPENSATION.names()) + "."),
     structure: str = typer.Option("auto", help="uniform (same widths in every layer), global (one threshold over all layers), depth (remove whole blocks, see --blocks), searched (per-layer widths and removed blocks chosen by an evolutionary search against the dense model's outputs on validation text, starting from global), or auto (the metric's default)."),
-    blocks: str = typer.Option("auto", "--blocks", help="With --structure depth: the blocks removed: layer (whole decoder layers), attention (attention blocks only), mlp (MLP blocks only), any (attention and MLP blocks separately), auto (any)."),
+    blocks: str = typer.Option("auto", "--blocks", help="With --structure depth: the blocks removed: layer (whole decoder layers), attention (attention blocks only), mlp (MLP blocks only), any (attention and MLP blocks separately), auto (layer)."),
     attn_unit: str = typer.Option("auto", "--attn-unit", help="Attention pruning unit: kv (KV group with its query heads), query (query heads evenly from every KV group), auto (query for GQA, kv for MHA)."),
     round_to: int = typer.Option(None, "--round-to", help="Kept MLP widths round to a multiple of this (default: the profile's)."),
     calib: str = typer.Option("builtin", help="Calibration text: builtin, a .txt/.jsonl file, hf:NAME[:CONFIG[:SPLIT]], or self; several joined by '+' (builtin+self, builtin+notes.txt) are mixed, each an equal share of --nsamples."),
