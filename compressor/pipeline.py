@@ -118,7 +118,7 @@ def evaluate_model(which: str, model, tok, prep: Prepared, tasks: Tasks, cfg: Ru
     with stages.timed("lm_eval"):
         tasks.score(which, model, tok, cfg.device, say=say)
     finite_scores(getattr(tasks, which, None), f"{which} model's lm-eval score")
-    return ppl
+    return ppl, cross
 
 
 def prune_stage(prep: Prepared, spec: PruneSpec, cfg: RunConfig, stages: Stages, console) -> PruneResult:
