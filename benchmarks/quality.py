@@ -12,7 +12,7 @@ and the searches. Each pruned model is scored by
   * with --vllm: TTFT and TPOT of its bf16 export in vLLM CPU (stock vLLM for the original
     architecture, fitprune's plugin for per-layer exports), medians of --runs requests.
 
-    python benchmarks/quality.py                                  # 20% and 50%, every method
+    python benchmarks/quality.py                                    # 20% and 50%, every method
     python benchmarks/quality.py --ratios 0.2 --vllm --json q.json  # with measured vLLM latency
 """
 
@@ -32,8 +32,8 @@ import torch
 # defaults resolve to (RunConfig()), so the table says what a user gets.
 METHODS = {
     "flap-bias": ("FLAP + bias (the FLAP paper's method)", "flap", "bias", "global", {}),
-    "previous-default": ("previous default: flap + lsq+bias, ridge 0.1, global", "flap", "lsq+bias", "global",
-                         {"ridge": 0.1}),
+    "flap-lsq": ("flap + lsq+bias (ridge 0.1), global: the default of issue 11's release", "flap", "lsq+bias",
+                 "global", {"ridge": 0.1}),
     "default": ("the default (compress with no method options)", None, None, None, {}),
     "searched-width": ("searched allocation, widths only", "flap", "auto", "searched", {"depth": False}),
     "depth": ("depth only (blocks removed, prune/depth.py)", "flap", "auto", "depth", {}),
