@@ -62,7 +62,7 @@ class RunConfig(BaseModel):
     trust_remote_code: bool = False
     search: bool = False
     trials: int = 20
-    search_generations: int = 12  # --structure searched: generations of the allocation search (prune/evolve.py)
+    search_generations: int = 30  # --structure searched: generations of the allocation search (prune/evolve.py)
     checks: bool = True  # after export: latency in the profile's runtime, lm-eval tasks, budget verdict
     lm_eval_backend: str = "hf"  # "vllm": also run the lm-eval tasks on the export as vLLM serves it
     # measure latency in this runtime instead of the profile's (a labelled proxy unless it is the profile's)

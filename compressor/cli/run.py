@@ -41,7 +41,7 @@ def run_cmd(
     lm_eval_backend: str = typer.Option("hf", "--lm-eval-backend", help="hf: lm-eval tasks on the in-memory model; vllm: also on the export as vLLM serves it (report: accuracy.lm_eval.pruned_vllm)."),
     search: bool = typer.Option(False, "--search", help="Bayesian search (Optuna) over the metric mixture, calibration subset and compensation, on validation text; overrides --metric/--compensation."),
     trials: int = typer.Option(20, "--trials", help="Trial budget for --search."),
-    search_generations: int = typer.Option(12, "--search-generations", help="With --structure searched: generations of the allocation search (each scores 8 candidates; about 20 s each for SmolLM2-135M on 1 CPU core)."),
+    search_generations: int = typer.Option(30, "--search-generations", help="With --structure searched: generations of the allocation search (each scores 8 candidates; about 20 s each for SmolLM2-135M on 1 CPU core)."),
     out_of_core: str = typer.Option("auto", "--out-of-core", help="on: weights stay in the checkpoint's safetensors files and one layer at a time is in memory, in the checkpoint's dtype (for models larger than RAM); off: the whole model in memory in float32; auto: on when the model in float32 would not fit in half of the free memory."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted out-of-core run on the same --out (same options) from its work directory."),
     passes: str = typer.Option("auto", "--passes", help="Out of core, with a least-squares compensation: one (keep every layer's Gram matrices from the scoring pass; memory grows with depth), two (recompute one layer's at a time in a second pass; memory flat in depth), auto (one when it fits in the free memory)."),
