@@ -19,7 +19,6 @@ and the searches. Each pruned model is scored by
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import tempfile
@@ -32,8 +31,8 @@ import torch
 # defaults resolve to (RunConfig()), so the table says what a user gets.
 METHODS = {
     "flap-bias": ("FLAP + bias (the FLAP paper's method)", "flap", "bias", "global", {}),
-    "flap-lsq": ("flap + lsq+bias (ridge 0.1), global: the default of issue 11's release", "flap", "lsq+bias",
-                 "global", {"ridge": 0.1}),
+    "flap-lsq": ("flap + lsq+bias, global (the default's method, named explicitly)", "flap", "lsq+bias",
+                 "global", {}),
     "default": ("the default (compress with no method options)", None, None, None, {}),
     "searched-width": ("searched allocation, widths only", "flap", "auto", "searched", {"depth": False}),
     "depth": ("depth only (blocks removed, prune/depth.py)", "flap", "auto", "depth", {}),
@@ -56,19 +55,6 @@ class Row:
     vllm: dict | None = None
 
 
-@contextlib.contextmanager
-def ridge(value):
-    from compressor.prune import compensation
-
-    old = compensation.RIDGE
-    if value is not None:
-        compensation.RIDGE = value
-    try:
-        yield
-    finally:
-        compensation.RIDGE = old
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ratios", default="0.2,0.5")
@@ -85,7 +71,6 @@ def main() -> None:
     args = ap.parse_args()
 
     from compressor.config import RunConfig
-    from compressor.data import domain_windows
     from compressor.evaluate.perplexity import domain_perplexities, perplexity
     from compressor.pipeline import prepare
     from compressor.prune import IMPORTANCE
@@ -102,7 +87,7 @@ def main() -> None:
                      domain_windows=args.domain_windows)
     prep = prepare(opts)
     model, adapter, tok = prep.loaded.model, prep.adapter, prep.loaded.tokenizer
-    domains = domain_windows(tok, args.seqlen, args.domain_windows)
+    domains = prep.domains  # the cross-domain windows prepare() cut for --domain-windows
     t0 = time.perf_counter()
     dense_heldout = perplexity(model, prep.heldout)
     dense_cross = domain_perplexities(model, domains)
@@ -123,25 +108,24 @@ def main() -> None:
         pruned = copy.deepcopy(model)
         t = time.perf_counter()
         notes = ""
-        with ridge(extra.get("ridge")):
-            if spec.structure == "searched":
-                from compressor.prune.evolve import prune_searched
+        if spec.structure == "searched":
+            from compressor.prune.evolve import prune_searched
 
-                over = {"depth": extra.get("depth", True)}
-                if args.generations is not None:
-                    over["generations"] = args.generations
-                res = prune_searched(pruned, adapter, prep.calib, prep.validation, spec, opts.compute,
-                                     say=lambda *_: None, dense_stats=stats, **over)
-                s = res.notes["search"]
-                notes = (f"KL {s['start_kl']:.4f} -> {s['kl']:.4f}; attention removed {s['attention_removed']}, "
-                         f"MLP removed {s['mlp_removed']}")
-            elif spec.structure == "depth":
-                from compressor.prune.depth import prune_depth
+            over = {"depth": extra.get("depth", True)}
+            if args.generations is not None:
+                over["generations"] = args.generations
+            res = prune_searched(pruned, adapter, prep.calib, prep.validation, spec, opts.compute,
+                                 say=lambda *_: None, dense_stats=stats, **over)
+            s = res.notes["search"]
+            notes = (f"KL {s['start_kl']:.4f} -> {s['kl']:.4f}; attention removed {s['attention_removed']}, "
+                     f"MLP removed {s['mlp_removed']}")
+        elif spec.structure == "depth":
+            from compressor.prune.depth import prune_depth
 
-                res = prune_depth(pruned, adapter, prep.calib, spec, opts.compute, say=lambda *_: None)
-                notes = ", ".join(f"{b['block']} {b['layer']}" for b in res.notes["depth"]["removed"])[:200]
-            else:
-                res = prune(pruned, adapter, prep.calib, spec, opts.compute, dense_stats=[copy.copy(s) for s in stats])
+            res = prune_depth(pruned, adapter, prep.calib, spec, opts.compute, say=lambda *_: None)
+            notes = ", ".join(f"{b['block']} {b['layer']}" for b in res.notes["depth"]["removed"])[:200]
+        else:
+            res = prune(pruned, adapter, prep.calib, spec, opts.compute, dense_stats=[copy.copy(s) for s in stats])
         prune_s = time.perf_counter() - t
         removed = 1 - adapter.count_params(pruned)["decoder"] / dense_decoder
         cross = domain_perplexities(pruned, domains)

@@ -260,9 +260,8 @@ def docstring_paragraphs(min_words: int = 24) -> list[str]:
     expression (parsing the modules took seconds on a loaded 2-core host; this takes well under one);
     the few that are not docstrings (usage texts) are prose of the same kind."""
     import inspect
-    import sysconfig
 
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    stdlib = _stdlib()
     out: list[str] = []
     for rel in DOCSTRING_FILES:
         try:
