@@ -26,6 +26,26 @@ from .schema import Efficiency, Profile
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 GIB = 2**30
 
+# Bytes per decoder weight of each weight format (exporters/quantize.py's schemes and the kernel
+# table's dense names): the stored weight plus its scales where a group of input channels shares
+# one scale (scales are stored in the dense dtype). Per-output-channel scales add one scale per
+# row of thousands of weights and are left out. None: the profile's dense dtype.
+_FORMAT_BYTES = {"w8a8-int8": (1.0, None), "fp8": (1.0, None), "w8a16": (1.0, 128), "w4a16": (0.5, 128),
+                 "bf16": (2.0, None), "fp16": (2.0, None), "fp32": (4.0, None)}
+
+
+def weight_bytes(fmt: str, dtype_bytes: float) -> float:
+    """Bytes one decoder weight takes in format `fmt` ("none": the dense dtype, `dtype_bytes`).
+    Embeddings and the LM head are not quantized (exporters.quantize leaves lm_head dense), so
+    callers price only decoder weights with this."""
+    if fmt == "none":
+        return float(dtype_bytes)
+    try:
+        size, group = _FORMAT_BYTES[fmt]
+    except KeyError:
+        raise ValueError(f"unknown weight format '{fmt}' (known: none, {', '.join(_FORMAT_BYTES)})") from None
+    return size + (dtype_bytes / group if group else 0.0)
+
 
 @dataclass(frozen=True)
 class Arch:
@@ -168,9 +188,17 @@ class CostModel:
 
     # ---- memory ------------------------------------------------------------------------------
 
-    def memory(self, arch: Arch) -> Memory:
+    def weights_read_bytes(self, arch: Arch, fmt: str = "none") -> float:
+        """Bytes of weights a decode step reads: the decoder in `fmt`, the LM head in the dense dtype."""
+        return arch.decoder_params * weight_bytes(fmt, self.dtype_bytes) + arch.lm_head_params * self.dtype_bytes
+
+    def memory(self, arch: Arch, fmt: str = "none") -> Memory:
+        """Memory of the deployment; the decoder's weights in weight format `fmt` (embeddings, LM
+        head and KV cache stay in the profile's dtype)."""
         p, w = self.profile, self.profile.workload
-        weights = arch.total_params * self.dtype_bytes / GIB
+        stored = arch.decoder_params * weight_bytes(fmt, self.dtype_bytes) + arch.embedding_params * (
+            1 if arch.tied_embeddings else 2) * self.dtype_bytes
+        weights = stored / GIB
         kv = arch.kv_bytes_per_token(self.dtype_bytes) * w.max_context * w.concurrency / GIB
         overhead = p.runtime_overhead_gib * p.device.count
         available = p.device.memory_gib * p.device.count * (1 - p.budget.memory_headroom)
@@ -190,31 +218,31 @@ class CostModel:
         attn = sum(4 * q * arch.head_dim * tokens * tokens / 2 for q in arch.q_heads)
         return batch * (2 * arch.decoder_params * tokens + attn + 2 * arch.lm_head_params)
 
-    def prefill_s(self, arch: Arch, tokens: int, batch: int = 1) -> float:
+    def prefill_s(self, arch: Arch, tokens: int, batch: int = 1, fmt: str = "none") -> float:
+        """`fmt` changes the bytes read, not the FLOPs: the datasheet's peak is the dense dtype's."""
         d, e = self.profile.device, self.efficiency
         compute = self.prefill_flops(arch, tokens, batch) / (d.peak_tflops * 1e12 * e.compute * d.count)
-        memory = arch.params_read_per_token * self.dtype_bytes / (d.bandwidth_gbs * 1e9 * e.bandwidth * d.count)
+        memory = self.weights_read_bytes(arch, fmt) / (d.bandwidth_gbs * 1e9 * e.bandwidth * d.count)
         return max(compute, memory) + self._overhead_s(arch, prefill=True)
 
-    def decode_step_s(self, arch: Arch, context: int, batch: int = 1) -> float:
+    def decode_step_s(self, arch: Arch, context: int, batch: int = 1, fmt: str = "none") -> float:
         d, e = self.profile.device, self.efficiency
-        read = arch.params_read_per_token * self.dtype_bytes + batch * context * arch.kv_bytes_per_token(
-            self.dtype_bytes)
+        read = self.weights_read_bytes(arch, fmt) + batch * context * arch.kv_bytes_per_token(self.dtype_bytes)
         memory = read / (d.bandwidth_gbs * 1e9 * e.bandwidth * d.count)
         flops = batch * (2 * arch.params_read_per_token + sum(4 * q * arch.head_dim * context for q in arch.q_heads))
         compute = flops / (d.peak_tflops * 1e12 * e.compute * d.count)
         return max(memory, compute) + self._overhead_s(arch, prefill=False)
 
-    def predict(self, arch: Arch) -> Prediction:
+    def predict(self, arch: Arch, fmt: str = "none") -> Prediction:
         w = self.profile.workload
         context = w.prompt_tokens + w.output_tokens // 2
-        ttft = self.prefill_s(arch, w.prompt_tokens)
-        tpot = self.decode_step_s(arch, context)
+        ttft = self.prefill_s(arch, w.prompt_tokens, fmt=fmt)
+        tpot = self.decode_step_s(arch, context, fmt=fmt)
         c = w.concurrency
-        total = self.prefill_s(arch, w.prompt_tokens, batch=c) + (w.output_tokens - 1) * self.decode_step_s(
-            arch, context, batch=c)
+        total = self.prefill_s(arch, w.prompt_tokens, batch=c, fmt=fmt) + (w.output_tokens - 1) * self.decode_step_s(
+            arch, context, batch=c, fmt=fmt)
         throughput = c * w.output_tokens / total
-        return Prediction(self.memory(arch), ttft, tpot, throughput, self.efficiency_source)
+        return Prediction(self.memory(arch, fmt), ttft, tpot, throughput, self.efficiency_source)
 
     def violations(self, pred: Prediction) -> list[Violation]:
         b = self.profile.budget

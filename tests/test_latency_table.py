@@ -1,0 +1,238 @@
+"""The measured latency table (compressor/budget/latency_table.py): the exact three-point fit per
+format, its fallback on noise, the cache, the datasheet fallback, memory per weight format, and a
+real table measured in torch on a tiny random Llama."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from compressor.budget.latency_table import (
+    DATASHEET_SOURCE,
+    LatencyTable,
+    TablePoint,
+    architectures,
+    cache_path,
+    datasheet_table,
+    format_problem,
+    load_table,
+    measure_table,
+    table_key,
+)
+from compressor.errors import UserError
+from profiles import load_profile
+from profiles.costmodel import GIB, Arch, CostModel, weight_bytes
+
+SMOLLM2_CONFIG = {"model_type": "llama", "hidden_size": 576, "vocab_size": 49152, "num_hidden_layers": 30,
+                  "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64, "intermediate_size": 1536,
+                  "tie_word_embeddings": True}
+LLAMA_8B_CONFIG = {"model_type": "llama", "hidden_size": 4096, "vocab_size": 128256, "num_hidden_layers": 32,
+                   "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "intermediate_size": 14336,
+                   "tie_word_embeddings": False}
+
+
+def _profile(base: str, **changes):
+    from profiles.schema import Profile
+
+    d = load_profile(base).model_dump()
+    for key, value in changes.items():
+        section, _, sub = key.partition("__")
+        if sub:
+            d[section][sub] = value
+        else:
+            d[section] = value
+    return Profile.model_validate(d)
+
+
+def _synthetic_table(a: float, b: float, c: float, fmt: str = "none", **override) -> tuple[LatencyTable, dict]:
+    """Points on the line a + b x layers + c x params at SmolLM2's three architectures; `override`
+    replaces a point's TPOT (to inject noise)."""
+    dense = Arch.from_config(SMOLLM2_CONFIG)
+    archs = dict(architectures(dense, fmt, 64))
+    points = []
+    for name, arch in archs.items():
+        t = a + b * arch.layers + c * arch.decoder_params
+        points.append(TablePoint(name, fmt, arch.layers, arch.decoder_params, 10 * t, override.get(name, t), {}))
+    return LatencyTable({"test": True}, points, "synthetic", True), archs
+
+
+def test_the_three_points_are_solved_exactly_and_interpolated_linearly():
+    a, b, c = 3e-3, 1.5e-4, 2.5e-11  # 3 ms fixed, 0.15 ms per layer, 25 ps per weight
+    table, archs = _synthetic_table(a, b, c)
+    assert table.formats() == ["none"] and not table.fit_notes
+    for arch in archs.values():  # through every measured point
+        ttft, tpot = table.predict(arch)
+        line = a + b * arch.layers + c * arch.decoder_params
+        assert tpot == pytest.approx(line, rel=1e-9) and ttft == pytest.approx(10 * line, rel=1e-9)
+    co = table.coefficients("none")["tpot"]
+    assert (co["a_s"], co["b_s_per_layer"], co["c_s_per_param"]) == pytest.approx((a, b, c), rel=1e-9)
+    # between them: 24 layers (6 dropped as no-op layers) at 80% MLP width
+    dense = archs["full"]
+    keep = [True] * 24 + [False] * 6
+    pruned = Arch(dense.hidden, dense.vocab, dense.head_dim, tuple(9 if k else 0 for k in keep),
+                  tuple(3 if k else 0 for k in keep), tuple(1216 if k else 0 for k in keep), True)
+    params = 24 * (576 * 64 * (2 * 9 + 2 * 3) + 3 * 576 * 1216)
+    assert pruned.decoder_params == params
+    assert table.predict(pruned)[1] == pytest.approx(a + b * 24 + c * params, rel=1e-9)
+    # depth and width at the same weights differ by the per-layer cost of the dropped layers
+    same_weights_by_width = Arch(dense.hidden, dense.vocab, dense.head_dim, (9,) * 30, (3,) * 30, (1536,) * 30, True)
+    assert table.predict(same_weights_by_width)[1] - table.predict(archs["shallow"])[1] > 14 * b
+    with pytest.raises(ValueError, match="no w8a8-int8 points"):
+        table.predict(dense, "w8a8-int8")
+
+
+def test_a_negative_per_layer_cost_falls_back_to_zero_through_full_and_narrow():
+    a, b, c = 3e-3, 1.5e-4, 2.5e-11
+    _, archs = _synthetic_table(a, b, c)
+    full_tpot = a + b * 30 + c * archs["full"].decoder_params
+    # shallow measured slower than full less half its weights' cost: b would be negative
+    table, _ = _synthetic_table(a, b, c, shallow=full_tpot)
+    co = table.coefficients("none")
+    assert co["tpot"]["b_s_per_layer"] == 0.0
+    assert co["tpot"]["c_s_per_param"] == pytest.approx(c, rel=1e-9)
+    assert any("negative per-layer overhead" in n for n in co["notes"])
+    assert table.predict(archs["full"])[1] == pytest.approx(full_tpot, rel=1e-12)
+    assert table.predict(archs["narrow"])[1] == pytest.approx(a + b * 30 + c * archs["narrow"].decoder_params)
+    # TTFT was not noisy: still the exact three-point solve
+    assert co["ttft"]["b_s_per_layer"] == pytest.approx(10 * b, rel=1e-9)
+    # narrow slower than full: no per-weight cost, the layer cost from full against shallow
+    table, _ = _synthetic_table(a, b, c, narrow=full_tpot * 1.01)
+    co = table.coefficients("none")["tpot"]
+    assert co["c_s_per_param"] == 0.0 and co["b_s_per_layer"] > 0
+    assert any("not below the full one's" in n for n in table.fit_notes)
+    for arch in archs.values():
+        assert table.predict(arch)[1] > 0
+
+
+def test_the_narrow_architecture_respects_the_formats_group_size():
+    dense = Arch.from_config(SMOLLM2_CONFIG)
+    narrow = dict(architectures(dense, "none", 64))["narrow"]
+    assert (narrow.q_heads[0], narrow.kv_heads[0], narrow.intermediate[0], narrow.layers) == (1, 1, 64, 30)
+    archs = dict(architectures(Arch.from_config(LLAMA_8B_CONFIG), "w4a16", 64))
+    n = archs["narrow"]
+    assert n.intermediate[0] == 128 and n.q_heads[0] * n.head_dim == 128 and n.layers == 32
+    assert archs["shallow"].layers == 16 and archs["shallow"].intermediate[0] == 14336
+    assert "576" in format_problem(SMOLLM2_CONFIG, "w4a16")
+    assert format_problem(SMOLLM2_CONFIG, "w8a8-int8") is None
+    with pytest.raises(UserError, match="not a weight format"):
+        format_problem(SMOLLM2_CONFIG, "int3")
+
+
+def test_the_cache_round_trips_and_ignores_corrupt_or_foreign_files(tmp_path, monkeypatch):
+    from compressor.budget.latency_table import _write_cache
+
+    monkeypatch.setenv("FITPRUNE_CACHE_DIR", str(tmp_path))
+    prof, dev = _profile("cpu-2core"), "cpu: test (2 threads)"
+    key = table_key(prof, SMOLLM2_CONFIG, "vllm", dev)
+    path = cache_path(key)
+    assert path.parent == tmp_path / "latency"
+    synthetic, _ = _synthetic_table(3e-3, 1.5e-4, 2.5e-11)
+    warned = []
+    assert load_table(prof, SMOLLM2_CONFIG, "vllm", dev, warn=warned.append) is None
+    _write_cache(LatencyTable(key, synthetic.points, "measured in vllm on test", True, path), path)
+    assert not list(path.parent.glob(".*tmp*"))  # the temporary file was renamed into place
+    back = load_table(prof, SMOLLM2_CONFIG, "vllm", dev, warn=warned.append)
+    assert back is not None and back.points == synthetic.points and back.path == path and back.measured
+    assert back.coefficients("none") == synthetic.coefficients("none") and not warned
+    # another workload, shape, runtime or device is another file
+    other = [table_key(_profile("cpu-2core", workload__output_tokens=64), SMOLLM2_CONFIG, "vllm", dev),
+             table_key(prof, {**SMOLLM2_CONFIG, "num_hidden_layers": 24}, "vllm", dev),
+             table_key(prof, SMOLLM2_CONFIG, "torch", dev),
+             table_key(prof, SMOLLM2_CONFIG, "vllm", "cpu: test (1 thread)")]
+    assert len({cache_path(k) for k in other} | {path}) == 5
+    # a file at this key's path that holds another key (say, copied by hand) is not trusted
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps({**data, "key": other[0]}))
+    assert load_table(prof, SMOLLM2_CONFIG, "vllm", dev, warn=warned.append) is None
+    assert "is ignored" in warned[-1] and "key" in warned[-1]
+    # corrupt files: truncated JSON, a latency that is not a latency, an inconsistent point
+    bad_point = dict(data["points"][0], tpot_s=-1.0)
+    narrow_shallower = [dict(p, layers=15) if p["name"] == "narrow" else p for p in data["points"]]
+    for text in (path.read_text()[:50], json.dumps({**data, "points": [bad_point]}),
+                 json.dumps({**data, "points": narrow_shallower}), "\xff\xfe"):
+        path.write_text(text)
+        n = len(warned)
+        assert load_table(prof, SMOLLM2_CONFIG, "vllm", dev, warn=warned.append) is None
+        assert len(warned) == n + 1 and warned[-1].startswith("warning: ") and "\n" not in warned[-1]
+
+
+def test_the_datasheet_table_prices_formats_by_their_bytes_on_a_bandwidth_bound_gpu():
+    prof = load_profile("a10g-24gb")
+    table = datasheet_table(prof, LLAMA_8B_CONFIG, ["none", "w8a8-int8", "w4a16"])
+    assert not table.measured and table.source == DATASHEET_SOURCE and table.path is None
+    assert table.formats() == ["none", "w8a8-int8", "w4a16"]
+    dense = Arch.from_config(LLAMA_8B_CONFIG)
+    tpot = {f: table.predict(dense, f)[1] for f in table.formats()}
+    assert tpot["none"] > 1.6 * tpot["w8a8-int8"] and tpot["w8a8-int8"] > 1.4 * tpot["w4a16"]
+    # the dense prediction is the roofline's own at the measured architectures
+    cost = CostModel(prof)
+    w = prof.workload
+    assert tpot["none"] == pytest.approx(cost.decode_step_s(dense, w.prompt_tokens + w.output_tokens // 2), rel=1e-9)
+    # a format whose group does not divide the model's widths is left out, with a note
+    small = datasheet_table(prof, SMOLLM2_CONFIG, ["none", "w4a16"])
+    assert small.formats() == ["none"] and "576" in small.notes[0]
+
+
+def test_memory_prices_decoder_weights_in_their_format_and_the_rest_dense():
+    prof = load_profile("a10g-24gb")
+    cost = CostModel(prof)
+    dense = Arch.from_config(LLAMA_8B_CONFIG)
+    dec, emb = dense.decoder_params, 2 * dense.embedding_params  # untied: embeddings and LM head
+    assert cost.memory(dense).weights_gib == pytest.approx(dense.total_params * 2 / GIB)
+    assert cost.memory(dense, "none") == cost.memory(dense)
+    assert cost.memory(dense, "w8a8-int8").weights_gib == pytest.approx((dec * 1 + emb * 2) / GIB)
+    assert cost.memory(dense, "fp8").weights_gib == pytest.approx((dec * 1 + emb * 2) / GIB)
+    assert cost.memory(dense, "w4a16").weights_gib == pytest.approx((dec * (0.5 + 2 / 128) + emb * 2) / GIB)
+    assert weight_bytes("bf16", 2) == 2 and weight_bytes("fp32", 2) == 4 and weight_bytes("none", 4) == 4
+    assert cost.memory(dense, "w8a8-int8").kv_cache_gib == cost.memory(dense).kv_cache_gib
+    with pytest.raises(ValueError, match="unknown weight format"):
+        weight_bytes("int3", 2)
+
+
+def test_measure_table_refuses_formats_before_measuring(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("FITPRUNE_CACHE_DIR", str(tmp_path))
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    prof = _profile("cpu-2core")
+    said = []
+    with pytest.raises(UserError, match="w8a16 kernel"):
+        measure_table(prof, config, tiny_model_dir, "torch", ["none", "w8a16"], say=said.append)
+    with pytest.raises(UserError, match="not a weight format"):
+        measure_table(prof, config, tiny_model_dir, "torch", ["int3"], say=said.append)
+    with pytest.raises(UserError, match="tokenizer"):
+        measure_table(prof, config, tmp_path, "torch", ["none"], say=said.append)
+    assert not said and not (tmp_path / "latency").exists()
+
+
+def test_a_real_table_measured_in_torch_is_cached_and_labelled_with_the_runtime_used(tiny_model_dir, tmp_path,
+                                                                                     monkeypatch):
+    """cpu-2core names vLLM; measured here in torch (as budget/device.measurement_runtime falls
+    back), the table must say torch in its key and source."""
+    monkeypatch.setenv("FITPRUNE_CACHE_DIR", str(tmp_path))
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    prof = _profile("cpu-2core", round_to=16, workload__prompt_tokens=16, workload__output_tokens=8)
+    said = []
+    table = measure_table(prof, config, tiny_model_dir, "torch", ["none"], runs=2, say=said.append)
+    assert [line.split(" architecture")[0] for line in said] == [
+        "latency table: measuring the full", "latency table: measuring the narrow",
+        "latency table: measuring the shallow"]
+    assert table.measured and table.formats() == ["none"] and len(table.points) == 3
+    assert table.key["runtime"] == "torch" and table.source.startswith("measured in torch on cpu")
+    assert "not the profile's runtime, vllm" in table.source and any("torch" in n for n in table.notes)
+    for p in table.points:
+        assert math.isfinite(p.tpot_s) and p.tpot_s > 0 and p.ttft_s > 0
+        assert p.measurement["runtime"] == "torch" and p.measurement["output_tokens"] == 8
+    by_name = {p.name: p for p in table.points}
+    assert by_name["shallow"].layers == 1 and by_name["narrow"].decoder_params < by_name["full"].decoder_params
+    assert isinstance(table.path, Path) and table.path.is_file() and table.path.parent == tmp_path / "latency"
+    ttft, tpot = table.predict(Arch.from_config(config))
+    assert ttft == pytest.approx(by_name["full"].ttft_s) and tpot == pytest.approx(by_name["full"].tpot_s)
+    # the second call measures nothing and returns the same points
+    said.clear()
+    again = measure_table(prof, config, tiny_model_dir, "torch", ["none"], runs=2, say=said.append)
+    assert not said and again.points == table.points and again.path == table.path
+    # refresh measures again; no temporary files are left in the cache folder
+    fresh = measure_table(prof, config, tiny_model_dir, "torch", ["none"], runs=2, say=said.append, refresh=True)
+    assert len(said) == 3 and len(fresh.points) == 3 and list(table.path.parent.iterdir()) == [table.path]
