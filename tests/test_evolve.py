@@ -123,9 +123,40 @@ def test_structure_searched_end_to_end(tmp_path, tiny_model_dir):
     method = report["method"]
     assert method["structure"] == "searched"
     traj = method["search"]["trajectory"]
-    assert len(traj) == 4 and traj[-1]["kl"] <= traj[0]["kl"]
     assert 0.2 < report["params"]["achieved_ratio_decoder"] < 0.4
-    assert "search: generation 3/3" in p.stderr.replace("\n", " ") + p.stdout
+    # the tiny random model's outputs hardly change whatever is pruned (KL ~3e-7 at the start), so
+    # the search stops at once, saying why; the search itself is tested on a model with signal above
+    assert len(traj) == 1 and traj[0]["kl"] < 1e-6
+    assert "indistinguishable from the dense model" in p.stderr.replace("\n", " ")
+
+
+def test_auto_structure_is_the_search_in_memory_and_global_when_asked(tmp_path, tiny_model_dir):
+    """`--structure auto` (the default) runs the allocation search for an in-memory run of a small
+    model, and says so; an explicit --structure global is left alone."""
+    base = ["--nsamples", "4", "--seqlen", "32", "--round-to", "8", "--ratio", "0.3", "--no-checks",
+            "--domain-windows", "0"]
+    p = run_cli(str(tiny_model_dir), *base, "--out", str(tmp_path / "a"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "structure searched (auto" in p.stderr.replace("\n", " ")
+    assert json.loads((tmp_path / "a" / "report.json").read_text())["method"]["structure"] == "searched"
+    p = run_cli(str(tiny_model_dir), *base, "--structure", "global", "--out", str(tmp_path / "g"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.loads((tmp_path / "g" / "report.json").read_text())["method"]["structure"] == "global"
+
+
+def test_auto_structure_keeps_global_for_a_large_model_on_a_cpu():
+    from compressor.config import RunConfig
+    from compressor.prune.driver import PruneSpec
+    from compressor.steps import SEARCH_CPU_MAX_PARAMS, auto_structure
+
+    said = []
+    spec = PruneSpec(metric="flap", compensation="lsq+bias", structure="global")
+    big = auto_structure(RunConfig(), spec, SEARCH_CPU_MAX_PARAMS + 1, said.append)
+    small = auto_structure(RunConfig(), spec, SEARCH_CPU_MAX_PARAMS, said.append)
+    assert (big.structure, small.structure) == ("global", "searched")
+    assert "too long" in said[0]
+    explicit = auto_structure(RunConfig(structure="global"), spec, 1000, said.append)
+    assert explicit.structure == "global"
 
 
 def test_structure_searched_refuses_out_of_core(tmp_path, tiny_model_dir):

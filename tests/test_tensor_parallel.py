@@ -290,6 +290,7 @@ def tp_exports(tmp_path_factory, smollm2_dir):
     for profile, tp in (("2xl4-48gb", 2), ("4xa10g-96gb", 4)):
         d = root / profile
         p = run_cli("run", "--profile", profile, "--ratio", "0.2", "--no-checks", "--nsamples", "8", "--seqlen", "128",
+                    "--structure", "global",  # per-layer widths, without the minutes of the allocation search
                     "--out", str(d), str(smollm2_dir))
         assert p.returncode == 0, p.stderr[-3000:]
         assert f"split for tensor parallel {tp}" in p.stderr.replace("\n", " ")

@@ -50,6 +50,9 @@ from .tensor_parallel import attention_states, removed_weights
 from .widths import layer_params, resolve_attn_unit, round_channels
 
 REMOVED = None  # the attention "state" of a removed attention block
+# A start this close to the dense model leaves the fitness nothing to tell children apart by (a
+# random toy model's outputs are near uniform whatever is pruned); SmolLM2 at 20% starts at ~0.27.
+NEGLIGIBLE_KL = 1e-6
 HALVES = {"attn": ("input_layernorm", "self_attn"), "mlp": ("post_attention_layernorm", "mlp")}
 
 
@@ -368,6 +371,10 @@ class Evolution:
         trajectory = [self._point(0, best, parent, t0)]
         self.say(f"search: generation 0 (the global allocation): KL {best:.5f}, removed "
                  f"{trajectory[0]['removed']:.2%}")
+        if best < NEGLIGIBLE_KL:
+            self.say(f"search: the start is indistinguishable from the dense model (KL {best:.1e} < "
+                     f"{NEGLIGIBLE_KL:.0e}); nothing to search")
+            return parent, trajectory
         for gen in range(1, s.generations + 1):
             children: list = []
             tries = 0
@@ -399,10 +406,13 @@ class Evolution:
 
 def budget_window(blocks: Blocks, ratio: float, start_removed: int) -> tuple[int, int]:
     """[lo, hi] removed weights a candidate may have: the target ratio within half the largest MLP
-    step, widened to hold the start (the `global` allocation overshoots by rounding)."""
+    step, but never more than 1% of the decoder weights either side (on a toy model one MLP step is
+    a third of the layer, and the search would drift to removing far less than asked), widened to
+    hold the start (the `global` allocation overshoots by rounding)."""
     target = ratio * blocks.total
     step = max(max(b - a for a, b in zip(t, t[1:], strict=False)) if len(t) > 1 else 0 for t in blocks.mlp_removed)
-    lo, hi = int(target - step / 2), int(target + step / 2)
+    half = min(step / 2, 0.01 * blocks.total)
+    lo, hi = int(target - half), int(target + half)
     return min(lo, start_removed), max(hi, start_removed)
 
 
