@@ -62,6 +62,7 @@ class RunConfig(BaseModel):
     trust_remote_code: bool = False
     search: bool = False
     trials: int = 20
+    levers: bool = False  # without --ratio: plan over width, depth and weight format (budget/frontier.py)
     search_generations: int = 30  # --structure searched: generations of the allocation search (prune/evolve.py)
     checks: bool = True  # after export: latency in the profile's runtime, lm-eval tasks, budget verdict
     lm_eval_backend: str = "hf"  # "vllm": also run the lm-eval tasks on the export as vLLM serves it

@@ -26,6 +26,7 @@ from .steps import (
     Prepared,
     Stages,
     announce,
+    auto_structure,
     build_report,
     choose_ratio,
     finish_report,
@@ -72,9 +73,14 @@ def run(cfg: RunConfig, console=None) -> Report:
             raise UserError("--quantize is not applied to out-of-core runs yet; quantize the export "
                             "afterwards or run in memory (--out-of-core off).")
         return outofcore.run_out_of_core(cfg, profile, round_to, stages, console)
+    if cfg.levers:
+        refuse_levers(cfg)
     prep = prepare(cfg, stages)
+    if cfg.levers:
+        return run_levers(cfg, profile, round_to, prep, stages, console)
     plan, ratio = choose_ratio(cfg, profile, round_to, stages, say)
-    spec = quantizable(cfg, prune_spec(cfg, ratio, round_to, tensor_parallel_size(profile)), say)
+    spec = prune_spec(cfg, ratio, round_to, tensor_parallel_size(profile))
+    spec = quantizable(cfg, auto_structure(cfg, spec, prep.adapter.count_params(prep.loaded.model)["total"], say), say)
     out = output_dir(cfg, spec)
     announce(cfg, profile, spec, plan, out, say)
     model, tok = prep.loaded.model, prep.loaded.tokenizer
@@ -88,6 +94,71 @@ def run(cfg: RunConfig, console=None) -> Report:
                               cross_domain=(domains_dense, domains_pruned))
         write_output(report, out, prep, profile, plan, tasks, cfg, stages, say)
     return report
+
+
+def refuse_levers(cfg: RunConfig) -> None:
+    """--levers chooses the ratio, structure and format itself."""
+    for given, name in ((cfg.ratio is not None, "--ratio"), (cfg.quantize != "none", "--quantize"),
+                        (cfg.structure != "auto", "--structure"), (cfg.search, "--search")):
+        if given:
+            raise UserError(f"--levers chooses the width, the layers dropped and the weight format itself; drop "
+                            f"{name}.")
+
+
+def run_levers(cfg: RunConfig, profile, round_to: int, prep: Prepared, stages: Stages, console) -> Report:
+    """The main job with every lever: price the frontier (budget/frontier.py), measure each
+    candidate's KL on the weights (prune/planned.py), prune to the least-KL one that meets the budget,
+    export it in its weight format, and measure it like any other run."""
+    from .budget.frontier import lever_plan
+    from .budget.planner import InfeasibleBudget, NothingToPrune
+    from .prune.planned import PlanQuality, estimate
+
+    say = console.print
+    with stages.timed("plan"):
+        frontier, _ = lever_plan(profile, cfg.model, attn_unit=cfg.attn_unit, round_to=round_to, say=say)
+    for n in frontier.notes:
+        say(f"plan note: {n}")
+    if not frontier.feasible:
+        raise InfeasibleBudget(frontier.notes[-1] + " Pass --ratio to prune anyway.")
+    if any(c.removed == 0 and c.fmt == "none" for c in frontier.candidates):
+        raise NothingToPrune(f"The dense model already meets every budget line of profile '{profile.name}' (predicted "
+                             f"from {frontier.latency_source}); nothing to prune, so nothing was written.")
+    spec = replace(prune_spec(cfg, 0.0, round_to, tensor_parallel_size(profile)), structure="uniform")
+    model, tok = prep.loaded.model, prep.loaded.tokenizer
+    before = prep.adapter.count_params(model)
+    with Tasks(prep.texts.heldout_text, cfg.checks, vllm=cfg.lm_eval_backend == "vllm",
+               n_cloze=cfg.eval_items) as tasks:
+        ppl_dense, domains_dense = evaluate_model("dense", model, tok, prep, tasks, cfg, stages, say)
+        with stages.timed("pruning_step"):
+            quality = PlanQuality(model, prep.adapter, prep.calib, prep.validation, spec, cfg.compute, say=say)
+            estimate(quality, frontier, say=say)
+            chosen = frontier.choose()
+            say(f"[bold]plan[/]: {chosen.levers}, {chosen.removed:.1%} of decoder weights removed, predicted TPOT "
+                f"{chosen.prediction.tpot_s * 1e3:.2f} ms, TTFT {chosen.prediction.ttft_s * 1e3:.1f} ms "
+                f"({frontier.rule}; latency {frontier.latency_source})")
+            result = quality.prune(chosen.width, chosen.dropped)
+            result.notes["levers"] = {"chosen": chosen.levers, "format": chosen.fmt, "rule": frontier.rule}
+        spec = replace(spec, ratio=round(chosen.removed, 4))
+        cfg = cfg.model_copy(update={"quantize": chosen.fmt})
+        out = output_dir(cfg, spec)
+        ppl_pruned, domains_pruned = evaluate_model("pruned", model, tok, prep, tasks, cfg, stages, say)
+        report = build_report(cfg, profile.name, prep, spec, result, before, ppl_dense, ppl_pruned,
+                              cross_domain=(domains_dense, domains_pruned))
+        write_output(report, out, prep, profile, LeverPlan(frontier), tasks, cfg, stages, say)
+    return report
+
+
+class LeverPlan:
+    """The lever frontier where the report and the checks expect a plan: it has no fitted cost model
+    (`cost_fit`), so the checks measure the dense model themselves."""
+
+    cost_fit = None
+
+    def __init__(self, frontier):
+        self.frontier = frontier
+
+    def as_dict(self) -> dict:
+        return {"ratio_source": "--levers", "predicted": True, **self.frontier.as_dict()}
 
 
 def quantizable(cfg: RunConfig, spec: PruneSpec, say) -> PruneSpec:

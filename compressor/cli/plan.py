@@ -69,6 +69,10 @@ def plan_cmd(
     round_to: int = typer.Option(None, "--round-to", help="MLP width multiple (default: the profile's)."),
     runs: int = typer.Option(3, help="Timed runs per cost-model fitting measurement (medians)."),
     json_out: Path = typer.Option(None, "--json", help="Also write the plan as JSON to this file."),
+    levers: bool = typer.Option(True, "--levers/--width-only", help="Also search every lever (width, whole "
+                                "layers dropped, the weight formats the device has kernels for) and print the "
+                                "frontier; the choice is the mix that removes the fewest weights (the main job "
+                                "chooses by measured KL)."),
 ):
     from profiles import load_profile
 
@@ -102,11 +106,42 @@ def plan_cmd(
               highlight=False)
     for n in plan.notes:
         out.print(f"note: {n}", highlight=False)
+    frontier = None
+    if levers:
+        from ..budget.frontier import lever_plan
+
+        frontier, _ = lever_plan(prof, model, measure=calibrate, attn_unit=attn_unit, round_to=round_to, runs=runs,
+                                 say=lambda s: err.print(s, highlight=False))
+        frontier.choose()
+        Console(width=max(out.width, 120)).print(frontier_table(frontier, f"every lever for {prof.name}: per weight format and number of layers "
+                                           "dropped, the least width pruning that meets every budget line"))
+        out.print(f"latency: {frontier.latency_source}", highlight=False)
+        for n in frontier.notes:
+            out.print(f"note: {n}", highlight=False)
+        for fmt, why in frontier.skipped_formats.items():
+            out.print(f"note: {fmt} is not a lever for this model: {why}", highlight=False)
     if json_out:
-        _write_json(json_out, plan.as_dict())
+        _write_json(json_out, {**plan.as_dict(), "levers": frontier.as_dict() if frontier else None})
+    if frontier is not None and frontier.chosen is not None:
+        out.print(f"[bold]choice[/]: {frontier.chosen.levers} ({frontier.rule}); width only: "
+                  + (f"ratio {plan.chosen.ratio:.2f}" if plan.feasible else "infeasible"), highlight=False)
+        return
     if not plan.feasible:
         raise InfeasibleBudget(plan.infeasible_sentence())
     out.print(f"[bold]choice[/]: ratio {plan.chosen.ratio:.2f} "
               + ("(the dense model meets every budget line)" if plan.chosen.ratio == 0 else
                  "(the smallest ratio that meets every budget line)"))
+
+
+def frontier_table(frontier, title: str) -> Table:
+    t = Table(title=title)
+    t.add_column("levers", no_wrap=True)
+    for c in ("decoder removed", "memory GiB", "TTFT ms", "TPOT ms", "throughput tok/s", "KL", ""):
+        t.add_column(c, justify="right", no_wrap=True)
+    for c in frontier.candidates:
+        p = c.prediction
+        t.add_row(c.levers, f"{c.removed:.1%}", f"{p.memory.total_gib:.2f}", f"{p.ttft_s * 1e3:.1f}",
+                  f"{p.tpot_s * 1e3:.2f}", f"{p.throughput_tok_s:.1f}", "-" if c.kl is None else f"{c.kl:.4f}",
+                  "[bold green]chosen[/]" if c is frontier.chosen else "")
+    return t
 

@@ -45,7 +45,8 @@ def run_cmd(
     out_of_core: str = typer.Option("auto", "--out-of-core", help="on: weights stay in the checkpoint's safetensors files and one layer at a time is in memory, in the checkpoint's dtype (for models larger than RAM); off: the whole model in memory in float32; auto: on when the model in float32 would not fit in half of the free memory."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted out-of-core run on the same --out (same options) from its work directory."),
     passes: str = typer.Option("auto", "--passes", help="Out of core, with a least-squares compensation: one (keep every layer's Gram matrices from the scoring pass; memory grows with depth), two (recompute one layer's at a time in a second pass; memory flat in depth), auto (one when it fits in the free memory)."),
-    quantize: str = typer.Option("none", "--quantize", help="After pruning, quantize the export with compressed-tensors (round-to-nearest) into a checkpoint vLLM serves: none, w8a8-int8 (int8 weights and activations), w4a16, w8a16 (int4/int8 weights in groups of 128 input channels) or fp8; refused where the profile's device has no kernel for it (profiles/data/kernels.yaml). Uniform widths only for now."),
+    levers: bool = typer.Option(False, "--levers", help="Without --ratio: plan with every lever (uniform width, whole layers dropped, the weight formats the profile's device has kernels for), priced by the latency table measured in the profile's runtime (or the datasheet), choose the mix that meets every budget line with the least KL to the dense model on validation text, and execute it."),
+    quantize: str = typer.Option("none", "--quantize", help="After pruning, quantize the export with compressed-tensors (round-to-nearest) into a checkpoint vLLM serves: none, w8a8-int8 (int8 weights and activations), w4a16, w8a16 (int4/int8 weights in groups of 128 input channels) or fp8; refused where the profile's device has no kernel for it (profiles/data/kernels.yaml). Uniform and per-layer exports alike (fitprune's vLLM plugin serves the per-layer ones quantized)."),
 ):
     from ..config import RunConfig
     from ..output import signals_as_errors
@@ -55,7 +56,8 @@ def run_cmd(
                    seqlen=seqlen, batch_size=batch_size, device=device, seed=seed, out=out,
                    export_dtype=export_dtype, threads=threads, trust_remote_code=trust_remote_code, checks=checks,
                    lm_eval_backend=lm_eval_backend, eval_items=eval_items, domain_windows=domain_windows, runtime=runtime, search=search, trials=trials,
-                   search_generations=search_generations, out_of_core=out_of_core, resume=resume, passes=passes, quantize=quantize)
+                   search_generations=search_generations, out_of_core=out_of_core, resume=resume, passes=passes, quantize=quantize,
+                   levers=levers)
     with signals_as_errors():
         from ..pipeline import run
 

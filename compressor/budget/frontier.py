@@ -1,0 +1,238 @@
+"""The plan as a search over every lever: width, depth and weight format (issue 12).
+
+A candidate is (width, dropped, format):
+- `dropped` whole decoder layers removed (depth; which ones is chosen later on the weights, by the
+  damage removing them does: `prune.planned`), never layer 0 and at most half the layers;
+- `width`: the fraction of the kept layers' weights removed by uniform width pruning (the
+  allocation's own widths: whole attention units, MLP channels rounded to the profile's multiple);
+- `format`: the dense dtype ("none") or a quantized weight format the profile's device has a kernel
+  for (`profiles.kernels`) and whose group size divides the model's widths (`exporters.quantize`).
+
+Every candidate is priced by the latency table (`budget.latency_table`: measured in the profile's
+runtime on its device and cached, or the roofline from the datasheet, labelled so) for TTFT and
+TPOT, and by the cost model for memory (weights in the format, KV cache, overhead) and throughput.
+For each (format, dropped) the frontier keeps the least width that meets every budget line: more
+width pruning on top of a plan that already fits only loses quality. The choice among the frontier
+is the one with the least predicted quality loss: the KL divergence to the dense model measured on
+validation text (`prune.planned.PlanQuality`) when the weights are at hand, else (a config-only
+`compress plan`) the fewest decoder weights removed, the format breaking ties, and the report says
+which rule chose.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from profiles import Profile
+from profiles.costmodel import Arch, CostModel, Prediction, Violation
+
+from .planner import GRID, arch_at_ratio
+
+
+@dataclass
+class Candidate:
+    width: float  # fraction of the kept layers' weights removed by width pruning
+    dropped: int  # whole decoder layers removed
+    fmt: str  # "none" (the profile's dtype) or a quantized weight format
+    arch: Arch
+    prediction: Prediction
+    violations: list[Violation]
+    removed: float  # fraction of the dense decoder's weights removed, width and depth together
+    kl: float | None = None  # predicted quality loss: KL(dense || candidate) on validation text
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations
+
+    @property
+    def levers(self) -> str:
+        parts = []
+        if self.dropped:
+            parts.append(f"drop {self.dropped} layers")
+        if self.width:
+            parts.append(f"width -{self.width:.0%}")
+        if self.fmt != "none":
+            parts.append(self.fmt)
+        return " + ".join(parts) or "dense"
+
+    def as_dict(self) -> dict:
+        return {"levers": self.levers, "width": self.width, "dropped_layers": self.dropped, "format": self.fmt,
+                "decoder_removed": round(self.removed, 4), "params": self.arch.total_params,
+                **self.prediction.as_dict(), "meets_budget": self.ok, "kl": self.kl,
+                "violations": [v.sentence() for v in self.violations]}
+
+
+@dataclass
+class Frontier:
+    profile: str
+    latency_source: str  # where TTFT/TPOT come from: a measured table or the datasheet roofline
+    candidates: list[Candidate]  # per (format, dropped): the least width meeting the budget
+    formats: list[str]
+    skipped_formats: dict[str, str] = field(default_factory=dict)  # format -> why it is not a lever here
+    chosen: Candidate | None = None
+    rule: str = ""  # how `chosen` was chosen
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def feasible(self) -> bool:
+        return bool(self.candidates)
+
+    def choose(self) -> Candidate | None:
+        """The least KL where every candidate has one; else the fewest weights removed (format order
+        breaks ties: the dense dtype first), then the lowest predicted TPOT."""
+        if not self.candidates:
+            self.chosen, self.rule = None, "no candidate meets the budget"
+            return None
+        order = {f: i for i, f in enumerate(self.formats)}
+        if all(c.kl is not None for c in self.candidates):
+            self.chosen = min(self.candidates, key=lambda c: (c.kl, c.removed, c.prediction.tpot_s))
+            self.rule = "least KL to the dense model on validation text (measured on the weights)"
+        else:
+            self.chosen = min(self.candidates, key=lambda c: (round(c.removed, 4), order[c.fmt], c.prediction.tpot_s))
+            self.rule = ("fewest decoder weights removed (the weights were not read, so quality was not estimated; "
+                         "run the main job to choose by measured KL)")
+        return self.chosen
+
+    def as_dict(self) -> dict:
+        return {"profile": self.profile, "latency_source": self.latency_source, "formats": self.formats,
+                "skipped_formats": self.skipped_formats, "rule": self.rule, "notes": self.notes,
+                "chosen": self.chosen.as_dict() if self.chosen else None,
+                "frontier": [c.as_dict() for c in self.candidates]}
+
+
+def shallower(arch: Arch, dropped: int) -> Arch:
+    """`arch` with its last `dropped` layers gone: with uniform widths, which layers go does not change
+    the cost, only how many."""
+    n = arch.layers - dropped
+    return replace(arch, q_heads=arch.q_heads[:n], kv_heads=arch.kv_heads[:n], intermediate=arch.intermediate[:n])
+
+
+def predict(cost: CostModel, table, arch: Arch, fmt: str) -> Prediction:
+    """TTFT and TPOT from the latency table; memory from the cost model in `fmt`; throughput from the
+    roofline, scaled by how far the table's batch-1 decode step is from the roofline's."""
+    roof = cost.predict(arch, fmt)
+    ttft, tpot = table.predict(arch, fmt)
+    throughput = roof.throughput_tok_s * roof.tpot_s / tpot if tpot > 0 else roof.throughput_tok_s
+    return Prediction(roof.memory, ttft, tpot, throughput, table.source)
+
+
+def format_problem(fmt: str, arch: Arch) -> str | None:
+    """Why `fmt` cannot hold this model's widths (a group size not dividing an input width), or None."""
+    if fmt == "none":
+        return None
+    from exporters.quantize import SCHEMES
+
+    group = getattr(SCHEMES[fmt], "group_size", None)
+    if not group:
+        return None
+    widths = {"hidden size": arch.hidden, "attention output": arch.q_heads[0] * arch.head_dim,
+              "MLP width": arch.intermediate[0]}
+    bad = [f"{k} {v}" for k, v in widths.items() if v % group]
+    return f"its groups of {group} input channels do not divide the {', '.join(bad)}" if bad else None
+
+
+def search(profile: Profile, arch: Arch, table, cost: CostModel, formats: list[str], attn_unit: str = "auto",
+           round_to: int | None = None, grid: tuple[float, ...] = GRID, max_dropped: int | None = None) -> Frontier:
+    """Every (format, dropped) pair's least grid width that meets the budget (see the module doc)."""
+    rt = round_to or profile.round_to
+    max_dropped = arch.layers // 2 if max_dropped is None else max_dropped
+    frontier = Frontier(profile.name, table.source, [], [])
+    for fmt in formats:
+        why = format_problem(fmt, replace(arch, q_heads=(0,) * arch.layers, intermediate=(0,) * arch.layers))
+        if why:  # the hidden size itself: no width pruning can help
+            frontier.skipped_formats[fmt] = why
+            continue
+        frontier.formats.append(fmt)
+        for dropped in range(max_dropped + 1):
+            base = shallower(arch, dropped)
+            for width in grid:
+                a = arch_at_ratio(base, width, attn_unit, rt)
+                if format_problem(fmt, a):
+                    continue  # these widths are not multiples of the format's group
+                pred = predict(cost, table, a, fmt)
+                v = cost.violations(pred)
+                if not v:
+                    removed = 1 - a.decoder_params / arch.decoder_params
+                    frontier.candidates.append(Candidate(width, dropped, fmt, a, pred, v, removed))
+                    break
+            if frontier.candidates and frontier.candidates[-1].fmt == fmt and frontier.candidates[-1].width == 0 \
+                    and frontier.candidates[-1].dropped == dropped:
+                break  # dropping more layers on top of a plan that fits only loses quality
+    return frontier
+
+
+def closest_miss(profile: Profile, arch: Arch, table, cost: CostModel, formats: list[str], attn_unit: str = "auto",
+                 round_to: int | None = None) -> str:
+    """The sentence for an infeasible budget: the most pruned candidate of the fastest format and what it misses."""
+    rt = round_to or profile.round_to
+    worst = None
+    for fmt in formats:
+        if format_problem(fmt, arch):
+            continue
+        a = arch_at_ratio(shallower(arch, arch.layers // 2), GRID[-1], attn_unit, rt)
+        pred = predict(cost, table, a, fmt)
+        v = cost.violations(pred)
+        excess = max((x.excess for x in v), default=1.0)
+        if worst is None or excess < worst[0]:
+            worst = (excess, fmt, v)
+    if worst is None or not worst[2]:
+        return f"The budget of profile '{profile.name}' is infeasible."
+    return (f"The budget of profile '{profile.name}' is infeasible: even with half the layers dropped, "
+            f"{GRID[-1]:.0%} of the rest removed by width and {worst[1]} weights, the predicted "
+            + "; ".join(x.sentence() for x in worst[2]) + ".")
+
+
+def lever_formats(profile: Profile) -> list[str]:
+    """The weight formats the plan may choose on this profile: the dense dtype and every quantized
+    format its device has a kernel for (`profiles/data/kernels.yaml`)."""
+    from exporters.quantize import SCHEMES
+    from profiles.kernels import runnable
+
+    return ["none"] + [f for f in runnable(profile) if f in SCHEMES]
+
+
+def latency_table_for(profile: Profile, config: dict, model_dir, formats: list[str], measure: bool | None,
+                      runs: int = 3, say=print) -> tuple[object, list[str]]:
+    """The latency table the plan prices with, and notes: measured in the profile's runtime where the
+    device is this machine (cached per device, runtime, workload and model shape; `measure` False
+    skips it, True insists), else the roofline from the datasheet, labelled so."""
+    from .device import device_present, measurement_runtime
+    from .fitting import CalibrationFailed
+    from .latency_table import datasheet_table, measure_table
+
+    notes: list[str] = []
+    want = device_present(profile) if measure is None else measure
+    if want and model_dir is not None:
+        runtime, note = measurement_runtime(profile)
+        if note:
+            notes.append(note)
+        try:
+            return measure_table(profile, config, model_dir, runtime, formats, runs=runs, say=say), notes
+        except CalibrationFailed as exc:
+            if measure:
+                raise
+            notes.append(f"the latency table could not be measured here ({str(exc).rstrip('.')}); "
+                         "latency predicted from the datasheet")
+    elif measure is None:
+        notes.append(f"the profile's device ({profile.device.name}) is not present here: latency predicted from "
+                     "the datasheet")
+    return datasheet_table(profile, config, formats), notes
+
+
+def lever_plan(profile: Profile, model: str | None, measure: bool | None = None, attn_unit: str = "auto",
+               round_to: int | None = None, runs: int = 3, formats: list[str] | None = None,
+               say=print) -> tuple[Frontier, dict]:
+    """Read the model's config, price every lever mix and return the frontier (not yet chosen: the
+    caller chooses, by KL when it holds the weights) and the config."""
+    from ..model.loading import read_config
+    from .fitting import arch_of
+
+    config, model_dir = read_config(model)
+    arch = arch_of(config)
+    formats = formats or lever_formats(profile)
+    table, notes = latency_table_for(profile, config, model_dir, formats, measure, runs, say)
+    frontier = search(profile, arch, table, CostModel(profile), formats, attn_unit, round_to)
+    frontier.notes = notes + list(getattr(table, "notes", []))
+    if not frontier.feasible:
+        frontier.notes.append(closest_miss(profile, arch, table, CostModel(profile), formats, attn_unit, round_to))
+    return frontier, config
