@@ -162,16 +162,21 @@ class LeverPlan:
 
 
 def quantizable(cfg: RunConfig, spec: PruneSpec, say) -> PruneSpec:
-    """With --quantize, the pruned widths must be uniform (the per-layer format's vLLM plugin does not
-    build quantized layers yet): --structure auto becomes uniform, saying so; global is refused."""
-    if cfg.quantize == "none" or spec.structure == "uniform":
+    """With --quantize every structure quantizes (uniform exports in the family's own architecture,
+    per-layer ones in fitprune's, whose vLLM plugin builds its layers with vLLM's quantization
+    config). A group-wise scheme (one scale per group of input channels) needs every pruned MLP
+    width to be a multiple of its group, so the MLP widths round to one, saying so."""
+    from math import lcm
+
+    from exporters.quantize import SCHEMES
+
+    scheme = SCHEMES.get(cfg.quantize)
+    if scheme is None or scheme.group_size is None or spec.round_to % scheme.group_size == 0:
         return spec
-    if cfg.structure != "auto":
-        raise UserError(f"--quantize {cfg.quantize} applies to uniform exports only for now, and --structure "
-                        f"{cfg.structure} gives per-layer widths; use --structure uniform.")
-    say(f"structure [cyan]uniform[/] instead of the metric's {spec.structure}: --quantize applies to uniform "
-        "exports only for now")
-    return replace(spec, structure="uniform")
+    round_to = lcm(spec.round_to, scheme.group_size)
+    say(f"MLP widths round to [cyan]{round_to}[/] instead of {spec.round_to}: --quantize {cfg.quantize} scales "
+        f"groups of {scheme.group_size} input channels")
+    return replace(spec, round_to=round_to)
 
 
 def evaluate_model(which: str, model, tok, prep: Prepared, tasks: Tasks, cfg: RunConfig, stages: Stages,

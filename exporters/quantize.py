@@ -15,8 +15,11 @@ the min-max observer's formula), compresses the weights into the scheme's storag
 (`ModelCompressor.compress_model`: int8, packed int4 or fp8 plus scales) and writes its
 `quantization_config` into config.json (`update_config`), which vLLM reads.
 
-Uniform exports only: the per-layer (fitprune) format would need vLLM's quantization config in
-the plugin's layers, which is not done yet.
+Uniform and per-layer exports alike: a per-layer (fitprune format) export loads as fitprune's
+own transformers architecture, whose every Linear has its layer's widths, so the same scheme
+applies to it (a block removed by depth pruning has no Linear to quantize). vLLM's own Llama
+serves a uniform result; fitprune's vLLM plugin builds its layers from vLLM's Llama layers with
+vLLM's quantization config, so it serves a per-layer result.
 """
 
 from __future__ import annotations
@@ -76,16 +79,18 @@ def refuse_for_profile(scheme: str, profile) -> None:
 
 def refuse_for_widths(scheme: str, widths: dict[str, int]) -> None:
     """Refuse a group-wise scheme when an input width of a quantized matrix is not a multiple of
-    its group size (`widths`: a matrix's description -> its number of input channels)."""
+    its group size (`widths`: a matrix's description -> its number of input channels). A per-layer
+    export is checked on every layer's own widths, so the sentence names the first matrix that fails."""
     s = SCHEMES.get(scheme)
     if s is None or s.group_size is None:
         return
     bad = {k: v for k, v in widths.items() if v % s.group_size}
     if bad:
         name, width = next(iter(bad.items()))
+        more = f", as do {len(bad) - 1} other matrices" if len(bad) > 1 else ""
         raise UserError(f"--quantize {scheme} scales groups of {s.group_size} input channels, and the {name} has "
-                        f"{width} ({width} % {s.group_size} = {width % s.group_size}); use w8a8-int8, or --round-to "
-                        f"{s.group_size} where the pruned widths are the cause.")
+                        f"{width} ({width} % {s.group_size} = {width % s.group_size}){more}; use w8a8-int8 (a scale "
+                        f"per output channel), or prune to widths that are multiples of {s.group_size}.")
 
 
 def config_widths(config) -> dict[str, int]:
@@ -107,7 +112,7 @@ def model_widths(model) -> dict[str, int]:
 
 
 def quantize_export(folder: Path, scheme: str) -> dict:
-    """Quantize the uniform export in `folder` in place; returns what the report records."""
+    """Quantize the export in `folder` (uniform or per-layer) in place; returns what the report records."""
     import torch
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import (
@@ -118,13 +123,12 @@ def quantize_export(folder: Path, scheme: str) -> dict:
     )
     from transformers import AutoModelForCausalLM
 
+    import exporters.hf_arch  # noqa: F401  (registers the per-layer format with the Auto classes)
+
     s = SCHEMES[scheme]
     folder = Path(folder)
-    config = json.loads((folder / "config.json").read_text())
-    if "fitprune" in str(config.get("model_type", "")) or any("Fitprune" in a for a in config.get("architectures", [])):
-        raise UserError(f"--quantize {scheme} applies to uniform exports only for now; this export has per-layer "
-                        "widths (the fitprune format), whose vLLM plugin does not build quantized layers yet.")
-    # from disk, as vLLM will read it: the saved dtype, tied weights as saved
+    # from disk, as vLLM will read it: the saved dtype, tied weights as saved; a per-layer export
+    # loads as fitprune's own architecture, whose Linear layers have each layer's widths
     model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto")
     refuse_for_widths(scheme, model_widths(model))
     qconfig = QuantizationConfig(config_groups={"group_0": preset_name_to_scheme(s.preset, ["Linear"])},

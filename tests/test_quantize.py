@@ -1,6 +1,7 @@
 """Quantization after pruning (exporters/quantize.py) and the table of kernels it consults
 (profiles/kernels.py): which formats a profile's device runs, the compressed-tensors checkpoint a
-uniform export becomes, and the one-sentence refusals of `compress --quantize`."""
+uniform or per-layer export becomes, that vLLM serves it (stock vLLM the uniform one, fitprune's
+plugin the per-layer one), and the one-sentence refusals of `compress --quantize`."""
 
 from __future__ import annotations
 
@@ -141,6 +142,94 @@ def test_a_group_wise_scheme_refuses_widths_its_group_does_not_divide(tmp_path):
     assert "quantization_config" not in json.loads((path / "config.json").read_text())
 
 
+def _per_layer_export(path: Path) -> tuple[Path, dict]:
+    """A per-layer (fitprune format) export whose layers differ in every width: q/kv heads, MLP
+    channels, a layer without attention and one without an MLP (depth pruning's zeros). Every input
+    width is a multiple of 128, so the group-wise schemes apply too."""
+    from exporters.hf_arch import FitPruneConfig, FitPruneForCausalLM
+
+    cfg = FitPruneConfig(vocab_size=128, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                         num_attention_heads=2, num_key_value_heads=2, head_dim=64,
+                         layer_num_attention_heads=[2, 2, 0, 2], layer_num_key_value_heads=[2, 1, 0, 1],
+                         layer_intermediate_size=[384, 128, 256, 0], max_position_embeddings=256,
+                         bos_token_id=0, eos_token_id=1)
+    cfg.architectures = ["FitPruneForCausalLM"]
+    torch.manual_seed(0)
+    model = FitPruneForCausalLM(cfg).eval()
+    model.save_pretrained(path)
+    return path, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("scheme", ["w8a8-int8", "w4a16"])
+def test_a_per_layer_export_quantizes_every_layer_at_its_own_widths(tmp_path, scheme):
+    from compressed_tensors.compressors.pack_quantized import unpack_from_int32
+
+    from exporters.quantize import quantize_export
+    from exporters.vllm_plugin import check_checkpoint
+
+    path, dense = _per_layer_export(tmp_path / "m")
+    info = quantize_export(path, scheme)
+    config = json.loads((path / "config.json").read_text())
+    assert config["architectures"] == ["FitPruneForCausalLM"] and config["model_type"] == "fitprune"
+    assert config["layer_intermediate_size"] == [384, 128, 256, 0]  # the per-layer widths are kept
+    qc = config["quantization_config"]
+    assert qc["format"] == info["format"] == {"w8a8-int8": "int-quantized", "w4a16": "pack-quantized"}[scheme]
+    assert qc["config_groups"]["group_0"]["targets"] == ["Linear"] and qc["ignore"] == ["lm_head"]
+    t = _tensors(path)
+    quantized = sorted(k.rpartition(".")[0] for k in t if k.endswith(".weight_scale"))
+    # every Linear of every layer, none of a removed block, not the head
+    assert quantized == sorted(k.rpartition(".")[0] for k in dense if k.endswith("_proj.weight")), quantized
+    assert not any(k.startswith(("model.layers.2.self_attn", "model.layers.3.mlp")) for k in t)
+    for name in ("model.layers.0.mlp.down_proj", "model.layers.1.self_attn.k_proj", "model.layers.2.mlp.down_proj"):
+        original, scale = dense[f"{name}.weight"], t[f"{name}.weight_scale"].float()
+        if scheme == "w8a8-int8":
+            q = t[f"{name}.weight"].float()
+            assert scale.shape == (original.shape[0], 1)
+        else:  # eight int4 values per int32, a scale per 128 input channels
+            packed = t[f"{name}.weight_packed"]
+            assert packed.dtype == torch.int32 and packed.shape == (original.shape[0], original.shape[1] // 8)
+            assert scale.shape == (original.shape[0], original.shape[1] // 128)
+            q = unpack_from_int32(packed, 4, original.shape).float()
+            scale = scale.repeat_interleave(128, dim=1)
+        assert ((q * scale - original).abs() <= scale / 2 + 1e-6).all()  # round to nearest
+    assert t["lm_head.weight"].dtype == torch.float32
+    check_checkpoint(path)  # vLLM's plugin accepts it: packed weights stand for the weights the config implies
+
+
+def test_transformers_runs_the_quantized_per_layer_export(tmp_path):
+    """The reference the vLLM test compares with: transformers loads the compressed checkpoint
+    (compressed-tensors decompresses the weights and quantizes activations per token as it runs),
+    close to the dense model and not equal to it."""
+    from transformers import AutoModelForCausalLM
+
+    from exporters.quantize import quantize_export
+
+    path, _ = _per_layer_export(tmp_path / "m")
+    x = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        dense = AutoModelForCausalLM.from_pretrained(path)(x).logits
+        quantize_export(path, "w8a8-int8")
+        quant = AutoModelForCausalLM.from_pretrained(path)(x).logits
+    err = ((quant - dense).norm() / dense.norm()).item()
+    assert 1e-4 < err < 0.05, err
+
+
+def test_a_group_wise_scheme_names_the_per_layer_matrix_its_group_does_not_divide(tmp_path):
+    from exporters.hf_arch import FitPruneConfig, FitPruneForCausalLM
+    from exporters.quantize import quantize_export
+
+    cfg = FitPruneConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                         layer_num_attention_heads=[4, 2], layer_num_key_value_heads=[2, 1],
+                         layer_intermediate_size=[256, 192])
+    cfg.architectures = ["FitPruneForCausalLM"]
+    FitPruneForCausalLM(cfg).save_pretrained(tmp_path)
+    with pytest.raises(UserError, match=r"the matrix model\.layers\.1\.self_attn\.o_proj has 64 \(64 % 128 = 64\), "
+                                        r"as do 1 other matrices; use w8a8-int8"):
+        quantize_export(tmp_path, "w4a16")
+    assert "quantization_config" not in json.loads((tmp_path / "config.json").read_text())
+
+
 # ---- the CLI --------------------------------------------------------------------------------
 
 FAST = ("--profile", "cpu-2core", "--nsamples", "4", "--seqlen", "32", "--round-to", "8", "--ratio", "0.3",
@@ -159,18 +248,29 @@ def test_refusals(tmp_path, tiny_model_dir, scheme, match):
     assert_clean_failure(p, out, match)
 
 
-def test_per_layer_widths_are_refused_for_now(tmp_path, tiny_model_dir):
+def test_compress_quantize_writes_a_quantized_per_layer_export(tmp_path, tiny_model_dir):
     out = tmp_path / "o"
-    p = run_cli(str(tiny_model_dir), *FAST, "--structure", "global", "--quantize", "w8a8-int8", "--out", str(out))
-    assert_clean_failure(p, out, "applies to uniform exports only for now")
+    p = run_cli(str(tiny_model_dir), *FAST, "--ratio", "0.5", "--structure", "global", "--quantize", "w8a8-int8",
+                "--no-checks", "--out", str(out))
+    assert p.returncode == 0, p.stderr[-3000:]
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["FitPruneForCausalLM"]
+    assert len(set(config["layer_num_attention_heads"])) > 1  # per-layer widths (measured: 4 and 2 heads)
+    assert config["quantization_config"]["format"] == "int-quantized"
+    t = _tensors(out)
+    for i, (heads, width) in enumerate(zip(config["layer_num_attention_heads"], config["layer_intermediate_size"],
+                                           strict=True)):
+        o, down = t[f"model.layers.{i}.self_attn.o_proj.weight"], t[f"model.layers.{i}.mlp.down_proj.weight"]
+        assert o.shape == (config["hidden_size"], heads * config["head_dim"]) and o.dtype == torch.int8
+        assert down.shape == (config["hidden_size"], width) and down.dtype == torch.int8
+    assert "compressed-tensors w8a8-int8" in json.loads((out / "report.json").read_text())["export"]["format"]
 
 
 def test_compress_quantize_writes_a_quantized_uniform_export(tmp_path, tiny_model_dir):
     out = tmp_path / "o"
-    # the flap metric's default structure is global: with --quantize, auto becomes uniform
-    p = run_cli(str(tiny_model_dir), *FAST, "--quantize", "w8a8-int8", "--no-checks", "--out", str(out))
+    p = run_cli(str(tiny_model_dir), *FAST, "--structure", "uniform", "--quantize", "w8a8-int8", "--no-checks",
+                "--out", str(out))
     assert p.returncode == 0, p.stderr[-3000:]
-    assert "structure uniform instead of the metric's global" in p.stderr.replace("\n", " ")
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"]
     assert config["quantization_config"]["format"] == "int-quantized"

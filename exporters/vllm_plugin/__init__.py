@@ -7,6 +7,9 @@ no vLLM model code (the model class is registered by name and imported lazily by
 
 `check_checkpoint` verifies, without vLLM, that an export's weights hold every tensor its config
 implies, biases included: vLLM reads a missing bias of a fused projection as uninitialized memory.
+A quantized export (compressed-tensors, exporters/quantize.py) stores some weights under other
+names: a packed int4/int8 weight is `*.weight_packed` (with its `weight_scale` and `weight_shape`),
+which stands for the `*.weight` the config implies.
 """
 
 from __future__ import annotations
@@ -41,6 +44,15 @@ def _checkpoint_keys(path: Path) -> set[str]:
     return keys
 
 
+# compressed-tensors' name of a packed weight (pack-quantized: w4a16, w8a16) -> the dense name it replaces
+PACKED_SUFFIX, WEIGHT_SUFFIX = ".weight_packed", ".weight"
+
+
+def stored_as(keys) -> set[str]:
+    """The tensor names a checkpoint holds, with each packed weight counted as the weight it stores."""
+    return {k[: -len(PACKED_SUFFIX)] + WEIGHT_SUFFIX if k.endswith(PACKED_SUFFIX) else k for k in keys}
+
+
 def expected_keys(config: dict) -> set[str]:
     """Names of the tensors a checkpoint with this config must hold (the family adapter knows)."""
     from compressor.model import adapter_for_config
@@ -55,7 +67,7 @@ def check_checkpoint(path: str | Path) -> None:
         config = json.loads((path / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise ValueError(f"{path} has no readable config.json ({exc}).") from exc
-    missing = sorted(expected_keys(config) - _checkpoint_keys(path))
+    missing = sorted(expected_keys(config) - stored_as(_checkpoint_keys(path)))
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise ValueError(f"The checkpoint in {path} lacks tensors its config implies: "

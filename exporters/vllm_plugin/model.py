@@ -23,10 +23,10 @@ import torch
 from torch import nn
 from vllm.config import VllmConfig
 from vllm.model_executor.layers.layernorm import RMSNorm
-from vllm.model_executor.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM
+from vllm.model_executor.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM, LlamaMLP
 from vllm.model_executor.models.utils import extract_layer_index
 
-from . import expected_keys
+from . import expected_keys, stored_as
 
 
 class LayerConfig:
@@ -62,28 +62,43 @@ class QKNormLlamaAttention(LlamaAttention):
         return out
 
 
-class _NoBlock(nn.Module):
-    """Stands in for a removed block while vLLM's Llama layer is built (it registers nothing)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__()
-
-
 class FitPruneDecoderLayer(LlamaDecoderLayer):
+    """vLLM's Llama decoder layer with this layer's widths, and only the blocks it has.
+
+    Built as `LlamaDecoderLayer.__init__` (vllm/model_executor/models/llama.py) builds its blocks:
+    the same classes, the same `prefix` names (`model.layers.N.self_attn.qkv_proj`, `.mlp.down_proj`,
+    ...) and vLLM's `quant_config`, so a compressed-tensors export quantizes every per-layer width as
+    vLLM's own Llama quantizes a uniform one (its `targets` / `ignore` match those names) and loads
+    its scales and packed weights through each parameter's own weight loader. Not through
+    `super().__init__`: that would build an MLP (and an attention) for a layer without one, and a
+    placeholder width cannot satisfy every quantized kernel (vLLM CPU's int4 kernel takes only
+    output widths that are multiples of 32).
+    """
+
     def __init__(self, vllm_config: VllmConfig, prefix: str = "", **_: Any) -> None:
+        nn.Module.__init__(self)
         config = vllm_config.model_config.hf_config
         layer = LayerConfig(config, extract_layer_index(prefix))
-        attn = QKNormLlamaAttention if getattr(config, "qk_norm", False) else LlamaAttention
-        if not layer.has_attention:
-            attn = _NoBlock  # no vLLM Attention is created, so no KV cache is allocated
-        if not layer.has_mlp:
-            layer.intermediate_size = 1  # a throw-away 1-channel MLP, deleted below
-        super().__init__(vllm_config=vllm_config, prefix=prefix, config=layer, attn_layer_type=attn)
+        quant_config = self.get_quant_config(vllm_config)
+        self.hidden_size = config.hidden_size
         self.has_attention, self.has_mlp = layer.has_attention, layer.has_mlp
-        if not self.has_attention:
-            self.self_attn = self.input_layernorm = None
-        if not self.has_mlp:
-            self.mlp = self.post_attention_layernorm = None
+        self.self_attn = self.input_layernorm = self.mlp = self.post_attention_layernorm = None
+        if layer.has_attention:  # else no vLLM Attention is created, so no KV cache is allocated
+            attn = QKNormLlamaAttention if getattr(config, "qk_norm", False) else LlamaAttention
+            bias = bool(getattr(config, "attention_bias", False))
+            self.self_attn = attn(
+                config=layer, hidden_size=self.hidden_size, num_heads=layer.num_attention_heads,
+                num_kv_heads=layer.num_key_value_heads,
+                max_position_embeddings=getattr(config, "max_position_embeddings", 8192), quant_config=quant_config,
+                bias=bias, bias_o_proj=bias, cache_config=vllm_config.cache_config, prefix=f"{prefix}.self_attn",
+            )
+            self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        if layer.has_mlp:
+            self.mlp = LlamaMLP(
+                hidden_size=self.hidden_size, intermediate_size=layer.intermediate_size, hidden_act=config.hidden_act,
+                quant_config=quant_config, bias=bool(getattr(config, "mlp_bias", False)), prefix=f"{prefix}.mlp",
+            )
+            self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor,
                 residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,7 +139,7 @@ class FitPruneForCausalLM(LlamaForCausalLM):
         loaded = super().load_weights(tracked())
         # vLLM fuses q/k/v and gate/up: one shard present marks the fused tensor loaded, so a
         # missing bias shard would pass its own check and be read as uninitialized memory.
-        missing = sorted(expected_keys(self.config.to_dict()) - seen)
+        missing = sorted(expected_keys(self.config.to_dict()) - stored_as(seen))
         if missing:
             raise ValueError(f"The checkpoint lacks tensors its config implies: {', '.join(missing[:5])}.")
         return loaded
