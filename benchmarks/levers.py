@@ -1,0 +1,188 @@
+"""Every lever against single levers, at three TPOT budgets, measured in vLLM CPU (issue 12).
+
+On SmolLM2-135M with the cpu-2core profile (vLLM CPU, bf16, batch 1):
+1. measure the dense model's TPOT in vLLM; the budgets are 0.8x, 0.65x and 0.5x of it;
+2. the latency table of this machine (`budget/latency_table.py`, cached; `--refresh` re-measures);
+3. for each budget, the frontier (`budget/frontier.py`) and every candidate's KL to the dense model on
+   validation text (`prune/planned.py`); the planner's choice is the least-KL candidate. The single
+   levers are the least aggressive candidate of one lever that is predicted to meet the budget:
+   width only (the dense dtype, no layer dropped), depth only (whole layers, full widths) and
+   quantization only (a weight format, nothing pruned); a lever that cannot meet the budget by the
+   prediction is printed as such;
+4. every distinct plan is pruned from the dense model, exported (bf16, then quantized with
+   compressed-tensors where its format says), and measured: TTFT and TPOT in vLLM CPU (medians of
+   `--runs` streamed requests), the export's size on disk, and cross-domain perplexity (4 domains
+   unlike the calibration text; quantized models through compressed-tensors' own fake quantization
+   in torch, so the figure is the quantized weights' and activations' one).
+
+    python benchmarks/levers.py --threads 2              # ~30 min on a quiet 2-core machine
+    python benchmarks/levers.py --budgets 0.8 --refresh  # one budget, re-measure the latency table
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+
+def measure_export(model, tok, fmt: str, runs: int, profile) -> dict:
+    """TTFT/TPOT in vLLM CPU of the bf16 export (quantized to `fmt` first unless "none"), and its size."""
+    from exporters import export_hf
+    from runtimes.base import get_runtime
+
+    w = profile.workload
+    with tempfile.TemporaryDirectory() as d:
+        export_hf(model, tok, d, dtype=torch.bfloat16)
+        if fmt != "none":
+            from exporters.quantize import quantize_export
+
+            quantize_export(Path(d), fmt)
+        size = sum(f.stat().st_size for f in Path(d).glob("*.safetensors"))
+        try:
+            with get_runtime("vllm")(d, dtype="bfloat16", threads=profile.device.threads) as rt:
+                m = rt.measure(prompt_tokens=w.prompt_tokens, output_tokens=w.output_tokens, concurrency=1,
+                               runs=runs, warmup=1)
+        except Exception as exc:  # noqa: BLE001  (one plan that fails must not end the table)
+            return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}", "weights_gib": size / 2**30}
+    return {"ttft_ms": m.ttft_s * 1e3, "tpot_ms": m.tpot_s * 1e3, "weights_gib": size / 2**30}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--budgets", default="0.8,0.65,0.5", help="TPOT budgets as fractions of the dense TPOT")
+    ap.add_argument("--nsamples", type=int, default=32)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--domain-windows", type=int, default=4)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--formats", default=None, help="weight formats (default: the profile's runnable ones)")
+    ap.add_argument("--refresh", action="store_true", help="re-measure the latency table")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+
+    from compressor.budget.frontier import Candidate, lever_formats, predict, search
+    from compressor.budget.latency_table import measure_table
+    from compressor.config import RunConfig
+    from compressor.evaluate.perplexity import domain_perplexities
+    from compressor.model.loading import embedded_model_dir
+    from compressor.pipeline import prepare
+    from compressor.prune.driver import prune_model
+    from compressor.prune.planned import PlanQuality, fake_quantized
+    from compressor.steps import prune_spec
+    from profiles import load_profile
+    from profiles.costmodel import CostModel
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    say = print
+    profile = load_profile("cpu-2core")
+    model_dir = embedded_model_dir()
+    config = json.loads((model_dir / "config.json").read_text())
+    formats = args.formats.split(",") if args.formats else lever_formats(profile)
+    table = measure_table(profile, config, model_dir, "vllm", formats, runs=args.runs, say=say, refresh=args.refresh)
+    for fmt in table.formats():
+        say(f"latency table {fmt}: {table.coefficients(fmt)}")
+
+    opts = RunConfig(nsamples=args.nsamples, seqlen=args.seqlen, domain_windows=args.domain_windows)
+    prep = prepare(opts)
+    model, adapter, tok = prep.loaded.model, prep.adapter, prep.loaded.tokenizer
+    from compressor.budget.fitting import arch_of
+
+    arch = arch_of(config)
+    cost = CostModel(profile)
+    dense_meas = measure_export(model, tok, "none", args.runs, profile)
+    dense_cross = domain_perplexities(model, prep.domains)["geomean"]
+    dense_pred = predict(cost, table, arch, "none")
+    say(f"dense: vLLM TPOT {dense_meas['tpot_ms']:.2f} ms (predicted {dense_pred.tpot_s * 1e3:.2f}), TTFT "
+        f"{dense_meas['ttft_ms']:.1f} ms (predicted {dense_pred.ttft_s * 1e3:.1f}); cross-domain {dense_cross:.3f}")
+
+    spec = prune_spec(opts, 0.0, profile.round_to)
+    quality = PlanQuality(model, adapter, prep.calib, prep.validation, spec, opts.compute, say=say)
+    measured: dict[tuple, dict] = {}
+
+    def run_plan(c: Candidate) -> dict:
+        key = (round(c.width, 4), c.dropped, c.fmt)
+        if key in measured:
+            return measured[key]
+        geno = quality.genotype(c.width, c.dropped)
+        keeps = [quality.blocks.keep(i, a, m) for i, (a, m) in enumerate(geno)]
+        quality.blocks.restore()
+        pruned = copy.deepcopy(model)
+        if c.width or c.dropped:
+            prune_model(pruned, adapter, keeps, quality.scored, quality.comp)
+        judged = pruned if c.fmt == "none" else fake_quantized(pruned, c.fmt)
+        cross = domain_perplexities(judged, prep.domains)["geomean"]
+        del judged
+        m = measure_export(pruned, tok, c.fmt, args.runs, profile)
+        measured[key] = {**m, "cross": cross, "kl": c.kl, "removed": c.removed,
+                         "pred_tpot_ms": c.prediction.tpot_s * 1e3, "pred_ttft_ms": c.prediction.ttft_s * 1e3,
+                         "pred_memory_gib": c.prediction.memory.total_gib}
+        say(f"  measured {c.levers}: {fmt_row(measured[key])}")
+        return measured[key]
+
+    rows = []
+    for f in [float(x) for x in args.budgets.split(",")]:
+        budget_ms = f * dense_meas["tpot_ms"]
+        prof = profile.model_copy(update={"budget": profile.budget.model_copy(update={"tpot_ms": budget_ms})})
+        frontier = search(prof, arch, table, CostModel(prof), formats)
+        for c in frontier.candidates:
+            c.kl = quality.kl(c.width, c.dropped, c.fmt)
+        frontier.choose()
+        say(f"budget {f:.2f}x dense = {budget_ms:.2f} ms: {len(frontier.candidates)} frontier candidates")
+        singles = {
+            "width only": next((c for c in frontier.candidates if c.fmt == "none" and c.dropped == 0), None),
+            "depth only": next((c for c in frontier.candidates if c.fmt == "none" and c.width == 0), None),
+            "quantization only": min((c for c in frontier.candidates if c.fmt != "none" and c.width == 0
+                                      and c.dropped == 0), key=lambda c: c.kl, default=None),
+            "planner": frontier.chosen,
+        }
+        for name, c in singles.items():
+            if c is None:
+                # the lever alone, as far as it goes: what it would need and whether it is predicted to fit
+                rows.append({"budget": f, "budget_ms": budget_ms, "plan": name, "levers": None})
+                say(f"  {name}: no plan of this lever alone is predicted to meet {budget_ms:.2f} ms")
+                continue
+            m = run_plan(c)
+            rows.append({"budget": f, "budget_ms": budget_ms, "plan": name, "levers": c.levers, **m,
+                         "meets": "tpot_ms" in m and m["tpot_ms"] <= budget_ms})
+    print_table(rows, dense_meas, dense_cross)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"dense": {**dense_meas, "cross": dense_cross}, "rows": rows,
+                                               "table": table.as_dict()}, indent=2))
+
+
+def fmt_row(m: dict) -> str:
+    if "error" in m:
+        return f"vLLM failed: {m['error']}"
+    return (f"TPOT {m['tpot_ms']:.2f} ms (predicted {m['pred_tpot_ms']:.2f}), TTFT {m['ttft_ms']:.1f} ms "
+            f"(predicted {m['pred_ttft_ms']:.1f}), weights {m['weights_gib'] * 1024:.0f} MiB, cross-domain "
+            f"{m['cross']:.2f}, KL {m['kl']:.4f}")
+
+
+def print_table(rows: list[dict], dense: dict, dense_cross: float) -> None:
+    print(f"\ndense: TPOT {dense['tpot_ms']:.2f} ms, TTFT {dense['ttft_ms']:.1f} ms, weights "
+          f"{dense['weights_gib'] * 1024:.0f} MiB, cross-domain {dense_cross:.2f}\n")
+    print("| budget | plan | levers | TPOT ms (pred.) | TTFT ms (pred.) | weights MiB | cross-domain | KL | meets |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if r["levers"] is None:
+            print(f"| {r['budget']:.2f}x ({r['budget_ms']:.2f} ms) | {r['plan']} | predicted not to fit | | | | | | |")
+        elif "error" in r:
+            print(f"| {r['budget']:.2f}x | {r['plan']} | {r['levers']} | failed: {r['error']} | | | | | |")
+        else:
+            print(f"| {r['budget']:.2f}x ({r['budget_ms']:.2f} ms) | {r['plan']} | {r['levers']} | "
+                  f"{r['tpot_ms']:.2f} ({r['pred_tpot_ms']:.2f}) | {r['ttft_ms']:.1f} ({r['pred_ttft_ms']:.1f}) | "
+                  f"{r['weights_gib'] * 1024:.0f} | {r['cross']:.2f} | {r['kl']:.4f} | "
+                  f"{'yes' if r['meets'] else 'no'} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,191 @@
+"""Every lever (issue 12): the frontier over (width, layers dropped, weight format) priced by a
+latency table (budget/frontier.py), the KL of its candidates on the weights and the pruning to one
+(prune/planned.py), `compress plan`'s frontier and `compress --levers` end to end."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import yaml
+
+from compressor.budget.frontier import format_problem, search, shallower
+from compressor.budget.latency_table import LatencyTable, TablePoint
+from compressor.model import adapter_for
+from compressor.prune.driver import Compute, PruneSpec
+from compressor.prune.planned import PlanQuality, fake_quantized
+from profiles import load_profile
+from profiles.costmodel import Arch, CostModel
+from tests.conftest import assert_clean_failure, run_cli, tiny_model
+
+SMOLLM2 = Arch(576, 49152, 64, (9,) * 30, (3,) * 30, (1536,) * 30, True)
+
+
+def _table(arch: Arch, per_layer_ms: float, per_mweight_ms: dict[str, float]) -> LatencyTable:
+    """A measured-looking table: TPOT = 2 ms + per_layer_ms x layers + per_mweight_ms[fmt] x decoder
+    weights / 1e6, exactly (three points per format, as measure_table writes them)."""
+    points = []
+    for fmt, c in per_mweight_ms.items():
+        for name, a in (("full", arch), ("narrow", Arch(arch.hidden, arch.vocab, arch.head_dim, (1,) * arch.layers,
+                                                         (1,) * arch.layers, (64,) * arch.layers)),
+                        ("shallow", shallower(arch, arch.layers // 2))):
+            ms = 2 + per_layer_ms * a.layers + c * a.decoder_params / 1e6
+            points.append(TablePoint(name, fmt, a.layers, a.decoder_params, 3 * ms / 1e3, ms / 1e3, {}))
+    return LatencyTable({"test": True}, points, "measured in a test", True, None, [])
+
+
+def test_the_table_interpolates_what_it_was_given():
+    t = _table(SMOLLM2, 0.2, {"none": 0.05, "w8a8-int8": 0.03})
+    a = shallower(SMOLLM2, 6)
+    assert t.predict(a, "none")[1] == pytest.approx((2 + 0.2 * 24 + 0.05 * a.decoder_params / 1e6) / 1e3, rel=1e-6)
+    assert t.predict(a, "w8a8-int8")[1] < t.predict(a, "none")[1]
+
+
+def test_frontier_keeps_the_least_width_per_format_and_depth_and_every_candidate_fits():
+    prof = load_profile("cpu-2core")
+    table = _table(SMOLLM2, 0.2, {"none": 0.05, "w8a8-int8": 0.03})
+    dense_ms = table.predict(SMOLLM2, "none")[1] * 1e3
+    prof = prof.model_copy(update={"budget": prof.budget.model_copy(update={"tpot_ms": 0.7 * dense_ms})})
+    f = search(prof, SMOLLM2, table, CostModel(prof), ["none", "w8a8-int8", "w4a16"])
+    assert f.candidates and all(c.ok and c.prediction.tpot_s * 1e3 <= 0.7 * dense_ms for c in f.candidates)
+    assert "w4a16" in f.skipped_formats and "576" in f.skipped_formats["w4a16"]  # groups of 128 vs hidden 576
+    seen = {(c.fmt, c.dropped) for c in f.candidates}
+    assert len(seen) == len(f.candidates)  # one per (format, depth)
+    for c in f.candidates:  # the least width: one grid step less would miss the budget
+        if c.width > 0:
+            less = search(prof, SMOLLM2, table, CostModel(prof), [c.fmt],
+                          grid=(round(c.width - 0.05, 2),), max_dropped=c.dropped)
+            assert all(x.dropped != c.dropped for x in less.candidates)
+    # dropping more layers once width 0 fits is never a frontier point
+    for fmt in ("none", "w8a8-int8"):
+        zero = [c.dropped for c in f.candidates if c.fmt == fmt and c.width == 0]
+        assert len(zero) <= 1 and all(c.dropped <= min(zero) for c in f.candidates if c.fmt == fmt) if zero else True
+
+
+def test_choice_is_least_kl_with_weights_and_fewest_removed_without():
+    prof = load_profile("cpu-2core")
+    table = _table(SMOLLM2, 0.2, {"none": 0.05, "w8a8-int8": 0.03})
+    dense_ms = table.predict(SMOLLM2, "none")[1] * 1e3
+    prof = prof.model_copy(update={"budget": prof.budget.model_copy(update={"tpot_ms": 0.8 * dense_ms})})
+    f = search(prof, SMOLLM2, table, CostModel(prof), ["none", "w8a8-int8"])
+    f.choose()
+    assert f.chosen.removed == min(c.removed for c in f.candidates) and "fewest" in f.rule
+    for i, c in enumerate(f.candidates):
+        c.kl = 1.0 + i
+    f.candidates[-1].kl = 0.01
+    assert f.choose() is f.candidates[-1] and "least KL" in f.rule
+
+
+def test_format_problem_names_the_width_a_group_does_not_divide():
+    assert format_problem("w8a8-int8", SMOLLM2) is None
+    assert "576" in format_problem("w4a16", SMOLLM2)
+    ok = Arch(1024, 1000, 128, (8,), (2,), (2048,))
+    assert format_problem("w4a16", ok) is None
+
+
+# ---- on the weights -------------------------------------------------------------------------------
+
+def _setup(layers: int = 4):
+    model = tiny_model("llama-gqa", layers=layers)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8)  # peaked next-token distributions: KL differences well above rounding
+    gen = torch.Generator().manual_seed(0)
+    calib = torch.randint(0, 128, (8, 32), generator=gen)
+    val = torch.randint(0, 128, (2000,), generator=gen)
+    spec = PruneSpec(metric="flap", compensation="lsq+bias", ratio=0.0, round_to=8, structure="uniform")
+    return model, adapter_for(model), calib, val, spec
+
+
+def test_plan_quality_orders_candidates_and_prunes_to_one():
+    torch.set_num_threads(1)
+    model, adapter, calib, val, spec = _setup()
+    dense = copy.deepcopy(model)
+    q = PlanQuality(model, adapter, calib, val, spec, Compute(batch_size=4), say=lambda *_: None, windows=4,
+                    window_len=64)
+    assert q.kl(0.0, 0, "none") == pytest.approx(0.0, abs=1e-6)  # the dense model itself
+    assert q.kl(0.0, 0, "w8a8-int8") > 1e-7  # quantization costs something
+    one, two = q.kl(0.0, 1), q.kl(0.0, 2)
+    assert 0 < one < two  # nested drop order: two layers hurt more than the first alone
+    assert q.kl(0.3, 0) > q.kl(0.1, 0) > 0
+    order = q.drop_order(2)
+    assert 0 not in order and len(set(order)) == 2
+    expected = q.kl(0.1, 1)
+    res = q.prune(0.1, 1)
+    layers = adapter.layers(model)
+    gone = order[0]
+    assert type(layers[gone].self_attn).__name__ == "NoAttention" and type(layers[gone].mlp).__name__ == "NoMLP"
+    # what was measured is what was made: the pruned model's KL equals the candidate's
+    from compressor.prune.evolve import Fitness, validation_windows
+
+    fit = Fitness(validation_windows(val, 4, 64))
+    fit.cache_dense(dense, 128)
+    kl = sum(fit.window_kl(model, i) for i in range(4)) / 4
+    assert kl == pytest.approx(expected, rel=1e-4, abs=1e-6)
+    assert res.structure == "planned" and res.notes["plan"]["dropped_layers"] == [gone]
+
+
+def test_fake_quantization_changes_outputs_a_little():
+    model = tiny_model("llama-gqa", layers=2).eval()
+    x = torch.randint(0, model.config.vocab_size, (1, 16))
+    with torch.no_grad():
+        a = model(input_ids=x).logits
+        b = fake_quantized(model, "w8a8-int8")(input_ids=x).logits
+        again = model(input_ids=x).logits
+    assert 0 < (a - b).abs().max() < 0.05 * a.abs().max()
+    assert torch.equal(a, again)  # the copy is quantized, not the model
+
+
+# ---- the commands -----------------------------------------------------------------------------------
+
+def test_plan_command_prints_the_frontier_and_picks_a_mix(tmp_path):
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+           "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8, "num_hidden_layers": 32,
+           "vocab_size": 128256, "head_dim": 128, "tie_word_embeddings": False}
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    p = run_cli("plan", "--profile", "a10g-24gb", str(tmp_path / "m"), "--no-fit", "--json", str(tmp_path / "p.json"))
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "every lever for a10g-24gb" in p.stdout and "choice:" in p.stdout
+    plan = json.loads((tmp_path / "p.json").read_text())["levers"]
+    assert plan["latency_source"].startswith("predicted from datasheet")
+    assert {c["format"] for c in plan["frontier"]} >= {"none", "w8a8-int8"}
+    assert plan["chosen"]["meets_budget"] and plan["chosen"]["levers"] in {c["levers"] for c in plan["frontier"]}
+
+
+def test_levers_refuses_what_it_chooses_itself(tmp_path, tiny_model_dir):
+    out = tmp_path / "o"
+    p = run_cli(str(tiny_model_dir), "--levers", "--ratio", "0.2", "--out", str(out))
+    assert_clean_failure(p, out, "--levers chooses the width, the layers dropped and the weight format itself")
+
+
+@pytest.mark.slow
+def test_levers_end_to_end_on_a_profile_that_is_not_here(tmp_path, tiny_model_dir):
+    """A GPU profile (datasheet latency) whose TPOT the dense tiny model misses: the run measures the
+    frontier's KLs, prunes to the least-KL plan and records the frontier in its report."""
+    from compressor.budget.fitting import arch_of
+    from compressor.budget.frontier import predict
+    from compressor.budget.latency_table import datasheet_table
+    from compressor.model.loading import read_config
+    from profiles.schema import Profile
+
+    base = load_profile("a10g-24gb").model_dump(exclude={"efficiency"})
+    base.update(name="tiny-gpu", runtime="torch", dtype="float32", round_to=8)
+    base["workload"].update(max_context=64, concurrency=2, prompt_tokens=16, output_tokens=4)
+    base["budget"] = {"memory_headroom": 0.1, "ttft_ms": None, "tpot_ms": None, "min_throughput_tok_s": None}
+    config = read_config(str(tiny_model_dir))[0]
+    prof = Profile.model_validate(base)
+    dense = predict(CostModel(prof), datasheet_table(prof, config, ["none"]), arch_of(config), "none")
+    base["budget"]["tpot_ms"] = dense.tpot_s * 1e3 * 0.999  # the dense model just misses it
+    path = tmp_path / "tiny-gpu.yaml"
+    path.write_text(yaml.safe_dump(base))
+    out = tmp_path / "o"
+    p = run_cli(str(tiny_model_dir), "--profile", str(path), "--levers", "--nsamples", "4", "--seqlen", "32",
+                "--no-checks", "--domain-windows", "0", "--out", str(out))
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads((out / "report.json").read_text())
+    assert r["plan"]["ratio_source"] == "--levers" and r["plan"]["chosen"]["meets_budget"]
+    assert all(c["kl"] is not None for c in r["plan"]["frontier"]) and "least KL" in r["plan"]["rule"]
+    assert r["method"]["structure"] == "planned" and r["method"]["levers"]["chosen"] == r["plan"]["chosen"]["levers"]
+    assert r["params"]["achieved_ratio_decoder"] == pytest.approx(r["plan"]["chosen"]["decoder_removed"], abs=0.02)
