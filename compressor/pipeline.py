@@ -156,6 +156,7 @@ class LeverPlan:
 
     def __init__(self, frontier):
         self.frontier = frontier
+        self.prediction = frontier.chosen.prediction  # the checks compare the measured export with this
 
     def as_dict(self) -> dict:
         return {"ratio_source": "--levers", "predicted": True, **self.frontier.as_dict()}

@@ -43,8 +43,10 @@ def _does_not_fit(export_dir: Path) -> str | None:
     return None
 
 
-def predicted(cost: CostModel, arch: Arch, device: str) -> dict:
-    p = cost.predict(arch)
+def predicted(cost: CostModel, arch: Arch, device: str, prediction=None) -> dict:
+    """The cost model's prediction for `arch`, or `prediction` where a plan priced it already (the lever
+    plan's latency table, in its weight format)."""
+    p = prediction or cost.predict(arch)
     return {"ttft_s": p.ttft_s, "tpot_s": p.tpot_s, "throughput_tok_s": p.throughput_tok_s,
             "memory_gib": p.memory.total_gib, "memory": p.as_dict()["memory"], "kind": "predicted",
             "runtime": cost.profile.runtime,
@@ -89,7 +91,8 @@ def latency(export_dir: Path, profile: Profile, plan, dense_arch: Arch, pruned_a
            "profile_device": profile.device.name, "profile_runtime": profile.runtime,
            "workload": profile.workload.model_dump(),
            "measured": {}, "predicted": {"dense": predicted(cost, dense_arch, target),
-                                         "pruned": predicted(cost, pruned_arch, target)}}
+                                         "pruned": predicted(cost, pruned_arch, target,
+                                                             getattr(plan, "prediction", None))}}
     too_big = _does_not_fit(export_dir)
     if too_big:
         res["measured"]["skipped"] = too_big
