@@ -75,7 +75,7 @@ def main() -> None:
     from compressor.pipeline import prepare
     from compressor.prune import IMPORTANCE
     from compressor.prune.driver import collect_stats, prune
-    from compressor.steps import prune_spec
+    from compressor.steps import auto_structure, prune_spec
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -105,6 +105,8 @@ def main() -> None:
         label, metric, comp, structure, extra = METHODS[name]
         cfg = opts if metric is None else RunConfig(metric=metric, compensation=comp, structure=structure)
         spec = prune_spec(cfg, ratio, 64)
+        if metric is None:  # what the main job makes of --structure auto for this model (steps.auto_structure)
+            spec = auto_structure(cfg, spec, adapter.count_params(model)["total"], say=lambda *_: None)
         pruned = copy.deepcopy(model)
         t = time.perf_counter()
         notes = ""
