@@ -265,3 +265,34 @@ def test_a_real_table_measured_in_torch_is_cached_and_labelled_with_the_runtime_
     # refresh measures again; no temporary files are left in the cache folder
     fresh = measure_table(prof, config, tiny_model_dir, "torch", ["none"], runs=2, say=said.append, refresh=True)
     assert len(said) >= 3 and len(fresh.points) == 3 and list(table.path.parent.iterdir()) == [table.path]
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_a_w8a8_table_measured_in_vllm_cpu(tmp_path, smollm2_dir, monkeypatch):
+    """The profile's own runtime and a quantized format: three int8 checkpoints (compressed-tensors)
+    of a small random Llama served by vLLM CPU (a head size its CPU attention has)."""
+    pytest.importorskip("vllm")
+    from transformers import AutoTokenizer
+
+    from tests.conftest import tiny_config
+
+    monkeypatch.setenv("FITPRUNE_CACHE_DIR", str(tmp_path / "cache"))
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    model_dir = tmp_path / "model"
+    tiny_config("llama-gqa", vocab_size=len(tok), layers=2, hidden_size=128, num_attention_heads=2,
+                num_key_value_heads=1, head_dim=64, intermediate_size=256).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    prof = _profile("cpu-2core", workload__prompt_tokens=16, workload__output_tokens=8)
+    said = []
+    table = measure_table(prof, config, model_dir, "vllm", ["w8a8-int8"], runs=2, say=said.append)
+    assert table.formats() == ["w8a8-int8"] and table.key["runtime"] == "vllm"
+    assert table.source.startswith("measured in vllm on cpu") and "not the profile's" not in table.source
+    assert {p.name for p in table.points} == {"full", "narrow", "shallow"}
+    for p in table.points:
+        assert p.measurement["runtime"] == "vllm" and p.tpot_s > 0 and p.ttft_s > 0
+    assert sum("measuring the" in line and "w8a8-int8" in line for line in said) >= 3
+    said.clear()
+    assert measure_table(prof, config, model_dir, "vllm", ["w8a8-int8"], runs=2, say=said.append).points == table.points
+    assert not said
