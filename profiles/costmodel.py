@@ -13,6 +13,10 @@ TTFT = one prefill of the prompt at batch 1; TPOT = one decode step at batch 1 (
 half the output); throughput = concurrency x output tokens / (prefill of all prompts + the rest
 of the decode steps at batch = concurrency), the way `runtimes.base.Runtime.measure` times it.
 
+A weight format (`fmt`, default "none" = the profile's dtype; else exporters.quantize's schemes)
+changes the decoder's bytes per weight (`weight_bytes`) in memory and in the bytes a step reads;
+embeddings, the LM head and the KV cache stay in the profile's dtype, and FLOPs do not change.
+
 The efficiency factors come from the profile (`efficiency:`), or from a measured dense run on the
 device (see `compressor.budget.fitting.fit_cost_model`). This module knows architectures, not weights.
 """
