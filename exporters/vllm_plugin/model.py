@@ -7,6 +7,11 @@ the biases of q/k/v/o and gate/up/down as in vLLM's Llama; `qk_norm` adds Qwen3'
 RMSNorm on queries and keys. vLLM sizes the KV cache per attention layer, so layers with
 different KV head counts need nothing else. Imported lazily by vLLM (see `register`).
 
+Quantized exports (compressed-tensors, `compress --quantize`): every Linear is built with vLLM's
+`quant_config` and the prefix vLLM's Llama gives it, and weights load through vLLM's Llama
+`load_weights` (q/k/v and gate/up stacked into qkv_proj and gate_up_proj, each scale and packed
+weight through its parameter's own loader), so the per-layer widths quantize as a uniform model does.
+
 Depth: a layer with 0 heads has no attention module at all, so vLLM registers no attention
 layer for it and gives it no KV cache; a layer with 0 MLP channels has no MLP. vLLM's layers
 pass (pending output, residual) pairs and fuse the residual add into the next norm; a layer
