@@ -95,8 +95,9 @@ SEARCH_CPU_MAX_PARAMS = 400_000_000
 def auto_structure(cfg: RunConfig, spec: PruneSpec, n_params: int, say) -> PruneSpec:
     """`--structure auto` with the metric's default global allocation becomes `searched` for an
     in-memory run on a GPU, or on a CPU for a model of at most SEARCH_CPU_MAX_PARAMS parameters, and
-    says so. Left alone: an explicit --structure, --search (its own search), and --quantize while the
-    quantized formats need uniform widths (pipeline.quantizable)."""
+    says so. Left alone: an explicit --structure and --search (its own search). With --quantize the
+    searched widths quantize too (per-layer exports; `pipeline.quantizable` rounds them to a
+    group-wise scheme's group)."""
     if cfg.structure != "auto" or spec.structure != "global" or cfg.search:
         return spec
     on_gpu = not cfg.device.startswith("cpu")
