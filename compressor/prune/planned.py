@@ -86,15 +86,24 @@ class PlanQuality:
         self.setup_s = time.perf_counter() - t0
 
     # ---- which layers go --------------------------------------------------------------------------
+    def _dense(self) -> None:
+        """Put the dense modules back in every layer, keeping the cache of pruned halves."""
+        for layer, dense in zip(self.blocks.layers, self.blocks.dense, strict=True):
+            Blocks._set(layer, dense)
+
     def drop_order(self, n: int) -> list[int]:
-        """The first `n` layers of the iterative (SLEB) removal order, computed on the dense model."""
+        """The first `n` layers of the iterative (SLEB) removal order, computed once on the dense
+        model for at least half the layers (the frontier's deepest candidate), so that every
+        candidate drops a prefix of one order."""
         if n <= len(self.order):
             return self.order[:n]
+        self._dense()  # scored on the dense model, not on the last candidate swapped in
         layers = self.adapter.layers(self.model)
         shapes = [self.adapter.shape(layer) for layer in layers]
         hidden = self.model.config.hidden_size
         units = [u for u in units_of(shapes, hidden, "layer") if u.layer > 0]
         total = sum(u.params for u in units_of(shapes, hidden, "layer"))
+        n = min(max(n, len(layers) // 2), len(units))
         target = sum(sorted(u.params for u in units)[:n])
         scorer = BlockScorer(self.model, self.adapter, scoring_windows(self.calib, 4, 256), self.compute.device,
                              self.compute.batch_size, 8)
@@ -133,8 +142,7 @@ class PlanQuality:
         if width or dropped:
             self.blocks.apply(self.genotype(width, dropped))
         else:
-            for layer, dense in zip(self.blocks.layers, self.blocks.dense, strict=True):
-                Blocks._set(layer, dense)  # the dense weights themselves, as `prune` leaves them (cache kept)
+            self._dense()  # the dense weights themselves, as `prune` leaves them
         model = self.model if fmt == "none" else fake_quantized(self.model, fmt)
         kls = [self.fitness.window_kl(model, i) for i in range(len(self.fitness.windows))]
         del model
