@@ -64,11 +64,12 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--formats", default=None, help="weight formats (default: the profile's runnable ones)")
     ap.add_argument("--refresh", action="store_true", help="re-measure the latency table")
+    ap.add_argument("--no-anchor", action="store_true", help="predict from the random-weight table alone")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
-    from compressor.budget.frontier import Candidate, lever_formats, predict, search
+    from compressor.budget.frontier import AnchoredTable, Candidate, lever_formats, predict, search
     from compressor.budget.latency_table import measure_table
     from compressor.config import RunConfig
     from compressor.evaluate.perplexity import domain_perplexities
@@ -101,8 +102,11 @@ def main() -> None:
     dense_meas = measure_export(model, tok, "none", args.runs, profile)
     dense_cross = domain_perplexities(model, prep.domains)["geomean"]
     dense_pred = predict(cost, table, arch, "none")
-    say(f"dense: vLLM TPOT {dense_meas['tpot_ms']:.2f} ms (predicted {dense_pred.tpot_s * 1e3:.2f}), TTFT "
-        f"{dense_meas['ttft_ms']:.1f} ms (predicted {dense_pred.ttft_s * 1e3:.1f}); cross-domain {dense_cross:.3f}")
+    say(f"dense: vLLM TPOT {dense_meas['tpot_ms']:.2f} ms (table {dense_pred.tpot_s * 1e3:.2f}), TTFT "
+        f"{dense_meas['ttft_ms']:.1f} ms (table {dense_pred.ttft_s * 1e3:.1f}); cross-domain {dense_cross:.3f}")
+    if not args.no_anchor:  # the planner's predictions, anchored on the real dense export (AnchoredTable)
+        table = AnchoredTable.on(table, arch, dense_meas["ttft_ms"] / 1e3, dense_meas["tpot_ms"] / 1e3)
+        say(f"latency: {table.source}")
 
     spec = prune_spec(opts, 0.0, profile.round_to)
     quality = PlanQuality(model, adapter, prep.calib, prep.validation, spec, opts.compute, say=say)

@@ -5,6 +5,7 @@ output directory atomically."""
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -114,8 +115,27 @@ def run_levers(cfg: RunConfig, profile, round_to: int, prep: Prepared, stages: S
     from .prune.planned import PlanQuality, estimate
 
     say = console.print
+    def measure_dense(runtime: str) -> tuple[float, float]:
+        """The dense model in memory, exported in the profile's dtype and measured at batch 1."""
+        from exporters import export_hf
+
+        from . import tempdirs
+        from .budget.device import measure_batch1, open_runtime
+
+        tmp = tempdirs.make("fitprune-dense-")
+        try:
+            export_hf(prep.loaded.model, prep.loaded.tokenizer, tmp, dtype=getattr(torch, profile.dtype))
+            threads = profile.device.threads if profile.device.kind == "cpu" else None
+            w = profile.workload
+            with open_runtime(runtime, tmp, profile.dtype, threads) as rt:
+                m = measure_batch1(rt, w.prompt_tokens, w.output_tokens, 5)
+            return m.ttft_s, m.tpot_s
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
     with stages.timed("plan"):
-        frontier, _ = lever_plan(profile, cfg.model, attn_unit=cfg.attn_unit, round_to=round_to, say=say)
+        frontier, _ = lever_plan(profile, cfg.model, attn_unit=cfg.attn_unit, round_to=round_to, say=say,
+                                 measure_dense=measure_dense)
     for n in frontier.notes:
         say(f"plan note: {n}")
     if not frontier.feasible:

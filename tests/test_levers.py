@@ -189,3 +189,33 @@ def test_levers_end_to_end_on_a_profile_that_is_not_here(tmp_path, tiny_model_di
     assert all(c["kl"] is not None for c in r["plan"]["frontier"]) and "least KL" in r["plan"]["rule"]
     assert r["method"]["structure"] == "planned" and r["method"]["levers"]["chosen"] == r["plan"]["chosen"]["levers"]
     assert r["params"]["achieved_ratio_decoder"] == pytest.approx(r["plan"]["chosen"]["decoder_removed"], abs=0.02)
+
+
+@pytest.mark.slow
+def test_levers_on_this_machine_measure_the_table_and_anchor_it_on_the_dense_export(tmp_path, tiny_model_dir):
+    """A CPU profile (this machine) in torch: the run measures the latency table (cached under
+    FITPRUNE_CACHE_DIR), measures the real dense export and anchors the table on it; a TPOT budget no
+    plan can meet ends in one sentence, exit 3, nothing written."""
+    import os
+
+    base = load_profile("cpu-2core").model_dump(exclude={"efficiency"})
+    base.update(name="tiny-cpu", runtime="torch", dtype="float32", round_to=8)
+    base["workload"].update(max_context=64, concurrency=2, prompt_tokens=16, output_tokens=4)
+    base["budget"] = {"memory_headroom": 0.1, "ttft_ms": None, "tpot_ms": 0.001, "min_throughput_tok_s": None}
+    path = tmp_path / "tiny-cpu.yaml"
+    path.write_text(yaml.safe_dump(base))
+    out = tmp_path / "o"
+    env_before = os.environ.get("FITPRUNE_CACHE_DIR")
+    os.environ["FITPRUNE_CACHE_DIR"] = str(tmp_path / "cache")
+    try:
+        p = run_cli(str(tiny_model_dir), "--profile", str(path), "--levers", "--nsamples", "4", "--seqlen", "32",
+                    "--no-checks", "--domain-windows", "0", "--out", str(out))
+    finally:
+        if env_before is None:
+            os.environ.pop("FITPRUNE_CACHE_DIR")
+        else:
+            os.environ["FITPRUNE_CACHE_DIR"] = env_before
+    assert_clean_failure(p, out, "infeasible", code=3)
+    text = p.stderr.replace("\n", " ")
+    assert "the dense export measured in torch" in text and "shift by" in text
+    assert list((tmp_path / "cache").rglob("*.json"))  # the table was measured and cached
