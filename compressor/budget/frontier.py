@@ -136,6 +136,10 @@ class AnchoredTable:
         ttft, tpot = self.table.predict(arch, fmt)
         return ttft + self.ttft_shift_s, tpot + self.tpot_shift_s
 
+    def as_dict(self) -> dict:
+        return {**self.table.as_dict(), "source": self.source,
+                "anchor": {"ttft_shift_s": self.ttft_shift_s, "tpot_shift_s": self.tpot_shift_s}}
+
 
 def shallower(arch: Arch, dropped: int) -> Arch:
     """`arch` with its last `dropped` layers gone: with uniform widths, which layers go does not change
