@@ -103,8 +103,8 @@ class PlanQuality:
         hidden = self.model.config.hidden_size
         units = [u for u in units_of(shapes, hidden, "layer") if u.layer > 0]
         total = sum(u.params for u in units_of(shapes, hidden, "layer"))
-        n = min(max(n, len(layers) // 2), len(units))
-        target = sum(sorted(u.params for u in units)[:n])
+        deepest = min(max(n, len(layers) // 2), len(units))
+        target = sum(sorted(u.params for u in units)[:deepest])
         scorer = BlockScorer(self.model, self.adapter, scoring_windows(self.calib, 4, 256), self.compute.device,
                              self.compute.batch_size, 8)
         removals = choose_blocks(scorer, units, target, total, shortlist=4, say=lambda *_: None)
