@@ -113,14 +113,7 @@ def model_widths(model) -> dict[str, int]:
 
 def quantize_export(folder: Path, scheme: str) -> dict:
     """Quantize the export in `folder` (uniform or per-layer) in place; returns what the report records."""
-    import torch
     from compressed_tensors.compressors import ModelCompressor
-    from compressed_tensors.quantization import (
-        QuantizationConfig,
-        QuantizationStatus,
-        apply_quantization_config,
-        preset_name_to_scheme,
-    )
     from transformers import AutoModelForCausalLM
 
     import exporters.hf_arch  # noqa: F401  (registers the per-layer format with the Auto classes)
@@ -131,13 +124,7 @@ def quantize_export(folder: Path, scheme: str) -> dict:
     # loads as fitprune's own architecture, whose Linear layers have each layer's widths
     model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto")
     refuse_for_widths(scheme, model_widths(model))
-    qconfig = QuantizationConfig(config_groups={"group_0": preset_name_to_scheme(s.preset, ["Linear"])},
-                                 ignore=list(IGNORE), quantization_status=QuantizationStatus.INITIALIZED)
-    apply_quantization_config(model, qconfig)
-    with torch.no_grad():
-        for module in model.modules():
-            if getattr(module, "quantization_scheme", None) is not None:
-                _weight_qparams(module)
+    apply_scheme(model, scheme)
     compressor = ModelCompressor.from_pretrained_model(model)
     compressor.compress_model(model)
     for old in folder.glob("*.safetensors*"):
@@ -147,6 +134,27 @@ def quantize_export(folder: Path, scheme: str) -> dict:
     qc = json.loads((folder / "config.json").read_text())["quantization_config"]
     return {"scheme": scheme, "library": "compressed-tensors", "method": "round-to-nearest (min-max scales)",
             "format": qc.get("format"), "what": s.what, "ignored": list(IGNORE)}
+
+
+def apply_scheme(model, scheme: str) -> None:
+    """Attach `scheme` to every Linear of `model` but the LM head, with round-to-nearest weight scales,
+    through compressed-tensors' own lifecycle. The model then runs the scheme as the library simulates
+    it (the lever planner's quality estimate) and can be compressed for export (`quantize_export`)."""
+    import torch
+    from compressed_tensors.quantization import (
+        QuantizationConfig,
+        QuantizationStatus,
+        apply_quantization_config,
+        preset_name_to_scheme,
+    )
+
+    qconfig = QuantizationConfig(config_groups={"group_0": preset_name_to_scheme(SCHEMES[scheme].preset, ["Linear"])},
+                                 ignore=list(IGNORE), quantization_status=QuantizationStatus.INITIALIZED)
+    apply_quantization_config(model, qconfig)
+    with torch.no_grad():
+        for module in model.modules():
+            if getattr(module, "quantization_scheme", None) is not None:
+                _weight_qparams(module)
 
 
 def _weight_qparams(module) -> None:

@@ -36,24 +36,11 @@ from .widths import uniform_shapes
 def fake_quantized(model, fmt: str):
     """A copy of `model` whose Linear layers (not the LM head) run `fmt` as compressed-tensors
     simulates it: weights rounded to the scheme's grid with round-to-nearest scales, activations
-    quantized per token where the scheme quantizes them."""
-    from compressed_tensors.quantization import (
-        QuantizationConfig,
-        QuantizationStatus,
-        apply_quantization_config,
-        preset_name_to_scheme,
-    )
-
-    from exporters.quantize import IGNORE, SCHEMES, _weight_qparams
+    quantized per token where the scheme quantizes them (`exporters.quantize.apply_scheme`)."""
+    from exporters.quantize import apply_scheme
 
     q = copy.deepcopy(model)
-    qconfig = QuantizationConfig(config_groups={"group_0": preset_name_to_scheme(SCHEMES[fmt].preset, ["Linear"])},
-                                 ignore=list(IGNORE), quantization_status=QuantizationStatus.INITIALIZED)
-    apply_quantization_config(q, qconfig)
-    with torch.no_grad():
-        for module in q.modules():
-            if getattr(module, "quantization_scheme", None) is not None:
-                _weight_qparams(module)
+    apply_scheme(q, fmt)
     return q
 
 
