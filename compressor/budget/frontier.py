@@ -102,13 +102,13 @@ class Frontier:
 
 @dataclass
 class AnchoredTable:
-    """A latency table shifted to agree with one real measurement of the dense model's export.
+    """A latency table shifted to agree with one real measurement of the dense model's export, taken
+    just before planning: the same absolute shift for every architecture and format.
 
-    The table is measured on random-weight checkpoints. On vLLM CPU their TPOT came out ~2.7 ms
-    above the real SmolLM2 export of the same shape, twice, on a host where the table's own
-    architectures differ by a few ms. That looks like a fixed per-token cost outside the model
-    (random weights generate random tokens, which are dearer to stream and detokenize), so the
-    shift is absolute and the same for every architecture and format."""
+    What it corrects is measured, not explained: on vLLM CPU the shift was -2.97 ms TPOT in one
+    `benchmarks/levers.py` run and +2.05 ms in the next (the real dense export measured 13.03 and
+    18.05 ms), so it mostly tracks how fast this shared host is at the moment. It does not make
+    the table's per-format slopes right (docs/benchmarks.md: predictions still missed by 7-55%)."""
 
     table: object
     ttft_shift_s: float
@@ -185,21 +185,25 @@ def search(profile: Profile, arch: Arch, table, cost: CostModel, formats: list[s
             continue
         frontier.formats.append(fmt)
         for dropped in range(max_dropped + 1):
-            base = shallower(arch, dropped)
-            for width in grid:
-                a = arch_at_ratio(base, width, attn_unit, rt)
-                if format_problem(fmt, a):
-                    continue  # these widths are not multiples of the format's group
-                pred = predict(cost, table, a, fmt)
-                v = cost.violations(pred)
-                if not v:
-                    removed = 1 - a.decoder_params / arch.decoder_params
-                    frontier.candidates.append(Candidate(width, dropped, fmt, a, pred, v, removed))
-                    break
-            if frontier.candidates and frontier.candidates[-1].fmt == fmt and frontier.candidates[-1].width == 0 \
-                    and frontier.candidates[-1].dropped == dropped:
-                break  # dropping more layers on top of a plan that fits only loses quality
+            found = least_width(arch, shallower(arch, dropped), dropped, fmt, table, cost, attn_unit, rt, grid)
+            if found:
+                frontier.candidates.append(found)
+                if found.width == 0:
+                    break  # dropping more layers on top of a plan that fits only loses quality
     return frontier
+
+
+def least_width(dense: Arch, base: Arch, dropped: int, fmt: str, table, cost: CostModel, attn_unit: str,
+                round_to: int, grid: tuple[float, ...]) -> Candidate | None:
+    """The least width of `grid` whose widths `fmt` can hold and which meets every budget line."""
+    for width in grid:
+        a = arch_at_ratio(base, width, attn_unit, round_to)
+        if format_problem(fmt, a):
+            continue  # these widths are not multiples of the format's group
+        pred = predict(cost, table, a, fmt)
+        if not cost.violations(pred):
+            return Candidate(width, dropped, fmt, a, pred, [], 1 - a.decoder_params / dense.decoder_params)
+    return None
 
 
 def closest_miss(profile: Profile, arch: Arch, table, cost: CostModel, formats: list[str], attn_unit: str = "auto",

@@ -119,7 +119,8 @@ def plan_cmd(
         for n in frontier.notes:
             out.print(f"note: {n}", highlight=False)
         for fmt, why in frontier.skipped_formats.items():
-            out.print(f"note: {fmt} is not a lever for this model: {why}", highlight=False)
+            if not any(n.startswith(f"{fmt} not ") for n in frontier.notes):  # the table said it already
+                out.print(f"note: {fmt} is not a lever for this model: {why}", highlight=False)
     if json_out:
         _write_json(json_out, {**plan.as_dict(), "levers": frontier.as_dict() if frontier else None})
     if frontier is not None and frontier.chosen is not None:
