@@ -106,8 +106,11 @@ class VllmRuntime(Runtime):
                  max_model_len: int = 1024, max_num_seqs: int = 16) -> None:
         super().__init__(path, dtype, threads)
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        if threads:
-            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{threads - 1}" if threads > 1 else "0"
+        # vLLM reads its CPU thread binding from the environment when the engine starts; it is set for
+        # that start only, so that it does not leak into later engines of this process (a TP=2 engine
+        # refuses a one-range binding)
+        self.bind = (f"0-{threads - 1}" if threads > 1 else "0") if threads else \
+            os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto")
         config = json.loads((self.path / "config.json").read_text())
         if config.get("model_type") == "fitprune":
             from importlib.metadata import entry_points
@@ -123,8 +126,17 @@ class VllmRuntime(Runtime):
 
         max_model_len = min(max_model_len, int(config.get("max_position_embeddings") or max_model_len))
 
-        self.llm = LLM(model=str(self.path), dtype=dtype, max_model_len=max_model_len, seed=0,
-                       max_num_seqs=max_num_seqs, enable_prefix_caching=False, trust_remote_code=False)
+        previous = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
+        if threads:
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = self.bind
+        try:
+            self.llm = LLM(model=str(self.path), dtype=dtype, max_model_len=max_model_len, seed=0,
+                           max_num_seqs=max_num_seqs, enable_prefix_caching=False, trust_remote_code=False)
+        finally:
+            if previous is None:
+                os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
+            else:
+                os.environ["VLLM_CPU_OMP_THREADS_BIND"] = previous
         self._stream_ids = itertools.count()
 
     @classmethod
@@ -140,8 +152,7 @@ class VllmRuntime(Runtime):
 
         if torch.cuda.is_available():
             return f"cuda: {torch.cuda.get_device_name()}"
-        bind = os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto")
-        return cpu_device(self.threads) + ("" if bind == "auto" else f" bound {bind}")
+        return cpu_device(self.threads) + ("" if self.bind == "auto" else f" bound {self.bind}")
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, ignore_eos: bool = False,
                  logprobs: int = 0) -> list[Generation]:

@@ -68,11 +68,13 @@ def test_exports_of_the_real_model_reload_with_the_same_logits(calibrated, tmp_p
 
 def test_main_command_on_the_embedded_model(tmp_path):
     out = tmp_path / "smol"
+    # the README's main command, smaller: 3 generations of the allocation search (the default structure
+    # for this model on a CPU) instead of 30, which would add about 5 minutes
     p = run_cli("--profile", "cpu-2core", "--ratio", "0.2", "--no-checks", "--nsamples", "16", "--seqlen", "128",
-                "--out", str(out))
+                "--search-generations", "3", "--out", str(out))
     assert p.returncode == 0, p.stderr[-3000:]
     r = json.loads((out / "report.json").read_text())
     assert 0.17 < r["params"]["achieved_ratio_decoder"] < 0.23
     assert r["perplexity"]["pruned"] > r["perplexity"]["dense"] > 1
-    assert r["export"]["format"] == "fitprune"
-    assert "calibrate + score" in p.stderr and "30/30 layers" in p.stderr
+    assert r["export"]["format"] == "fitprune" and r["method"]["structure"] == "searched"
+    assert "structure searched (auto" in p.stderr and "generation 3/3" in p.stderr and "30/30 layers" in p.stderr

@@ -320,7 +320,7 @@ def test_tp_profiles_prune_smollm2_with_widths_vllm_accepts(tp_exports, tmp_path
 VLLM_TP_SCRIPT = r"""
 import json, os, sys
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # one NUMA node here: vLLM's auto-binding refuses TP>1
+os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"  # one NUMA node here: vLLM's auto-binding refuses TP>1
 os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
 if __name__ == "__main__":
     from vllm import LLM, SamplingParams

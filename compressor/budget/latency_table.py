@@ -229,8 +229,8 @@ def _runtime_version(runtime: str) -> str:
 
 def host_device(profile: Profile, runtime: str) -> str:
     """The device this host measures on, named as the runtimes name it (Measurement.device) less
-    vLLM's " bound 0-1": VllmRuntime sets that binding itself from the thread count (and into this
-    process's environment), so it would make the key differ before and after the first vLLM run."""
+    vLLM's " bound 0-1": VllmRuntime sets that binding itself from the thread count, so the key would
+    differ between a profile's first measurement and a later one that names it."""
     from runtimes.base import cpu_device
 
     if profile.device.kind == "cpu":
