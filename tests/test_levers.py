@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from compressor.budget.frontier import format_problem, search, shallower
-from compressor.budget.latency_table import LatencyTable, TablePoint
+from compressor.budget.latency_table import LatencyTable, TablePoint, architectures
 from compressor.model import adapter_for
 from compressor.prune.driver import Compute, PruneSpec
 from compressor.prune.planned import PlanQuality, fake_quantized
@@ -25,12 +25,10 @@ SMOLLM2 = Arch(576, 49152, 64, (9,) * 30, (3,) * 30, (1536,) * 30, True)
 
 def _table(arch: Arch, per_layer_ms: float, per_mweight_ms: dict[str, float]) -> LatencyTable:
     """A measured-looking table: TPOT = 2 ms + per_layer_ms x layers + per_mweight_ms[fmt] x decoder
-    weights / 1e6, exactly (three points per format, as measure_table writes them)."""
+    weights / 1e6, exactly (at the architectures measure_table measures)."""
     points = []
     for fmt, c in per_mweight_ms.items():
-        for name, a in (("full", arch), ("narrow", Arch(arch.hidden, arch.vocab, arch.head_dim, (1,) * arch.layers,
-                                                         (1,) * arch.layers, (64,) * arch.layers)),
-                        ("shallow", shallower(arch, arch.layers // 2))):
+        for name, a in architectures(arch, fmt, 64):
             ms = 2 + per_layer_ms * a.layers + c * a.decoder_params / 1e6
             points.append(TablePoint(name, fmt, a.layers, a.decoder_params, 3 * ms / 1e3, ms / 1e3, {}))
     return LatencyTable({"test": True}, points, "measured in a test", True, None, [])
@@ -41,6 +39,21 @@ def test_the_table_interpolates_what_it_was_given():
     a = shallower(SMOLLM2, 6)
     assert t.predict(a, "none")[1] == pytest.approx((2 + 0.2 * 24 + 0.05 * a.decoder_params / 1e6) / 1e3, rel=1e-6)
     assert t.predict(a, "w8a8-int8")[1] < t.predict(a, "none")[1]
+
+
+def test_the_anchor_scales_every_prediction_by_the_dense_exports_measured_factor():
+    """A host 30% slower than when the table was measured: every architecture and format 30% slower."""
+    from compressor.budget.frontier import AnchoredTable
+
+    t = _table(SMOLLM2, 0.2, {"none": 0.05, "w8a8-int8": 0.03})
+    ttft, tpot = t.predict(SMOLLM2, "none")
+    anchored = AnchoredTable.on(t, SMOLLM2, 1.1 * ttft, 1.3 * tpot)
+    assert anchored.predict(SMOLLM2, "none") == pytest.approx((1.1 * ttft, 1.3 * tpot))
+    a = shallower(SMOLLM2, 6)
+    for fmt in ("none", "w8a8-int8"):
+        assert anchored.predict(a, fmt)[1] == pytest.approx(1.3 * t.predict(a, fmt)[1])
+        assert anchored.predict(a, fmt)[0] == pytest.approx(1.1 * t.predict(a, fmt)[0])
+    assert "TPOT x1.300" in anchored.source and anchored.as_dict()["anchor"]["tpot_scale"] == pytest.approx(1.3)
 
 
 def test_frontier_keeps_the_least_width_per_format_and_depth_and_every_candidate_fits():
@@ -217,5 +230,5 @@ def test_levers_on_this_machine_measure_the_table_and_anchor_it_on_the_dense_exp
             os.environ["FITPRUNE_CACHE_DIR"] = env_before
     assert_clean_failure(p, out, "infeasible", code=3)
     text = p.stderr.replace("\n", " ")
-    assert "the dense export measured in torch" in text and "shift by" in text
+    assert "the dense export measured in torch" in text and "scaled by" in text
     assert list((tmp_path / "cache").rglob("*.json"))  # the table was measured and cached

@@ -78,20 +78,47 @@ def measurement_runtime(profile: Profile) -> tuple[str, str | None]:
         return "torch", f"the profile's runtime '{profile.runtime}' is not available here ({why}); measured in torch"
 
 
+def _batch1(rt, prompt_tokens: int, output_tokens: int, pairs: list[tuple[float, float]], extra: dict | None = None):
+    """A batch-1 Measurement from per-run (TTFT, TPOT) pairs: medians and the runs themselves."""
+    import statistics
+
+    from runtimes.base import Measurement
+
+    ttfts, tpots = [a for a, _ in pairs], [b for _, b in pairs]
+    tpot = statistics.median(tpots)
+    return Measurement(runtime=rt.name, device=rt.device, dtype=rt.dtype, prompt_tokens=prompt_tokens,
+                       output_tokens=output_tokens, concurrency=1, ttft_s=statistics.median(ttfts), tpot_s=tpot,
+                       throughput_tok_s=1 / tpot, runs=len(pairs), warmup=1, ttft_runs_s=tuple(ttfts),
+                       tpot_runs_s=tuple(tpots),
+                       extra={"throughput": "batch 1 (1 / TPOT); the workload's concurrency was not measured",
+                              **(extra or {})})
+
+
 def measure_batch1(rt, prompt_tokens: int, output_tokens: int, runs: int):
     """TTFT and TPOT at batch 1 (what the fit needs; throughput is predicted from them): medians
     and per-run values of `runs` streamed requests after one untimed one, timed as `Runtime.measure`
     times them (TTFT and TPOT of each run from the per-token arrival times of one request)."""
-    import statistics
-
-    from runtimes.base import Measurement, benchmark_prompt
+    from runtimes.base import benchmark_prompt
 
     prompt = benchmark_prompt(rt.tokenizer, prompt_tokens)
     rt.stream(prompt, output_tokens)  # warm-up
-    ttfts, tpots = rt.latency(prompt, output_tokens, runs)
-    tpot = statistics.median(tpots)
-    return Measurement(runtime=rt.name, device=rt.device, dtype=rt.dtype, prompt_tokens=prompt_tokens,
-                       output_tokens=output_tokens, concurrency=1, ttft_s=statistics.median(ttfts), tpot_s=tpot,
-                       throughput_tok_s=1 / tpot, runs=runs, warmup=1, ttft_runs_s=tuple(ttfts),
-                       tpot_runs_s=tuple(tpots),
-                       extra={"throughput": "batch 1 (1 / TPOT); the workload's concurrency was not measured"})
+    return _batch1(rt, prompt_tokens, output_tokens, [rt.timed_request(prompt, output_tokens) for _ in range(runs)])
+
+
+def measure_paired(reference, rt, prompt_tokens: int, output_tokens: int, runs: int):
+    """`measure_batch1` of two loaded models in turn, request by request (reference, rt, reference,
+    rt, ...), so that a host whose speed swings during the measurement (this shared VM's did by 40%
+    between runs) moves both alike: the ratio of the two medians is what the comparison should
+    rest on. -> (reference's Measurement, rt's Measurement). Both use the reference's tokenizer."""
+    from runtimes.base import benchmark_prompt
+
+    prompt = benchmark_prompt(reference.tokenizer, prompt_tokens)
+    reference.stream(prompt, output_tokens)  # warm-up, both
+    rt.stream(prompt, output_tokens)
+    ref_runs, runs_ = [], []
+    for _ in range(runs):
+        ref_runs.append(reference.timed_request(prompt, output_tokens))
+        runs_.append(rt.timed_request(prompt, output_tokens))
+    paired = {"paired": "measured request by request in turn with the other model"}
+    return (_batch1(reference, prompt_tokens, output_tokens, ref_runs, paired),
+            _batch1(rt, prompt_tokens, output_tokens, runs_, paired))

