@@ -193,7 +193,7 @@ def run_out_of_core(cfg: RunConfig, profile, round_to: int, stages, console):
     say = console.print
     lazy, prep = prepare_lazy(cfg, stages)
     plan, ratio = steps.choose_ratio(cfg, profile, round_to, stages, say)
-    spec = steps.prune_spec(cfg, ratio, round_to, tensor_parallel_size(profile))
+    spec = steps.quantizable(cfg, steps.prune_spec(cfg, ratio, round_to, tensor_parallel_size(profile)), say)
     out = steps.output_dir(cfg, spec)
     steps.announce(cfg, profile, spec, plan, out, say)
     dtype = lazy.dtype if cfg.export_dtype == "auto" else getattr(torch, cfg.export_dtype)
@@ -261,6 +261,7 @@ def _run(cfg, profile, plan, spec, lazy, prep, work, dtype, stages, console, out
             after = adapter_for(pruned.model).count_params(pruned.model)
         say(f"pruned held-out perplexity: {ppl_pruned:.3f} (layer by layer, read back from the written shards)")
         report = steps.build_report(cfg, profile.name, prep, spec, result, before, ppl_dense, ppl_pruned, after)
+        steps.quantize(work.export_dir, res, cfg, stages, say)  # after the layer-wise perplexity, before the checks
         steps.finish_report(report, work.export_dir, res, dtype, prep.loaded.source, profile, plan, tasks, cfg,
                                stages, say)
     import os

@@ -34,6 +34,8 @@ from .steps import (
     layer_progress,
     output_dir,
     prune_spec,
+    quantizable,
+    quantize,
 )
 
 
@@ -70,9 +72,6 @@ def run(cfg: RunConfig, console=None) -> Report:
 
         refuse_for_profile(cfg.quantize, profile)  # a format the device has no kernel for, before any work
     if outofcore.choose(cfg, say):
-        if cfg.quantize != "none":
-            raise UserError("--quantize is not applied to out-of-core runs yet; quantize the export "
-                            "afterwards or run in memory (--out-of-core off).")
         return outofcore.run_out_of_core(cfg, profile, round_to, stages, console)
     if cfg.levers:
         refuse_levers(cfg)
@@ -182,24 +181,6 @@ class LeverPlan:
         return {"ratio_source": "--levers", "predicted": True, **self.frontier.as_dict()}
 
 
-def quantizable(cfg: RunConfig, spec: PruneSpec, say) -> PruneSpec:
-    """With --quantize every structure quantizes (uniform exports in the family's own architecture,
-    per-layer ones in fitprune's, whose vLLM plugin builds its layers with vLLM's quantization
-    config). A group-wise scheme (one scale per group of input channels) needs every pruned MLP
-    width to be a multiple of its group, so the MLP widths round to one, saying so."""
-    from math import lcm
-
-    from exporters.quantize import SCHEMES
-
-    scheme = SCHEMES.get(cfg.quantize)
-    if scheme is None or scheme.group_size is None or spec.round_to % scheme.group_size == 0:
-        return spec
-    round_to = lcm(spec.round_to, scheme.group_size)
-    say(f"MLP widths round to [cyan]{round_to}[/] instead of {spec.round_to}: --quantize {cfg.quantize} scales "
-        f"groups of {scheme.group_size} input channels")
-    return replace(spec, round_to=round_to)
-
-
 def evaluate_model(which: str, model, tok, prep: Prepared, tasks: Tasks, cfg: RunConfig, stages: Stages,
                    say) -> tuple[float, dict | None]:
     """In-domain held-out perplexity and cross-domain perplexity (stage perplexity_WHICH) and the
@@ -249,13 +230,7 @@ def write_output(report: Report, out: Path, prep: Prepared, profile, plan, tasks
     with atomic_dir(out) as tmp:
         with stages.timed("export"):
             res = export_hf(model, tok, tmp, dtype=dtype)
-        if cfg.quantize != "none":  # before the checks: latency and accuracy are the quantized model's
-            from exporters.quantize import quantize_export
-
-            with stages.timed("quantize"):
-                q = quantize_export(tmp, cfg.quantize)
-            res.format = f"{res.format} + compressed-tensors {q['scheme']} ({q['format']})"
-            say(f"quantized the export: {q['scheme']} ({q['what']}), {q['method']}, with {q['library']}")
+        quantize(tmp, res, cfg, stages, say)  # before the checks: latency and accuracy are the quantized model's
         finish_report(report, tmp, res, dtype, prep.loaded.source, profile, plan, tasks, cfg, stages, say)
     report.output = str(out)
 

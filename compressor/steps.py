@@ -96,7 +96,7 @@ def auto_structure(cfg: RunConfig, spec: PruneSpec, n_params: int, say) -> Prune
     """`--structure auto` with the metric's default global allocation becomes `searched` for an
     in-memory run on a GPU, or on a CPU for a model of at most SEARCH_CPU_MAX_PARAMS parameters, and
     says so. Left alone: an explicit --structure and --search (its own search). With --quantize the
-    searched widths quantize too (per-layer exports; `pipeline.quantizable` rounds them to a
+    searched widths quantize too (per-layer exports; `quantizable` rounds them to a
     group-wise scheme's group)."""
     if cfg.structure != "auto" or spec.structure != "global" or cfg.search:
         return spec
@@ -108,6 +108,24 @@ def auto_structure(cfg: RunConfig, spec: PruneSpec, n_params: int, say) -> Prune
     say(f"structure [cyan]searched[/] (auto: the allocation search generalises best in benchmarks/quality.py; "
         f"{cfg.search_generations} generations; --structure global is the one-pass allocation)")
     return replace(spec, structure="searched")
+
+
+def quantizable(cfg: RunConfig, spec: PruneSpec, say) -> PruneSpec:
+    """With --quantize every structure quantizes (uniform exports in the family's own architecture,
+    per-layer ones in fitprune's, whose vLLM plugin builds its layers with vLLM's quantization
+    config). A group-wise scheme (one scale per group of input channels) needs every pruned MLP
+    width to be a multiple of its group, so the MLP widths round to one, saying so."""
+    from math import lcm
+
+    from exporters.quantize import SCHEMES
+
+    scheme = SCHEMES.get(cfg.quantize)
+    if scheme is None or scheme.group_size is None or spec.round_to % scheme.group_size == 0:
+        return spec
+    round_to = lcm(spec.round_to, scheme.group_size)
+    say(f"MLP widths round to [cyan]{round_to}[/] instead of {spec.round_to}: --quantize {cfg.quantize} scales "
+        f"groups of {scheme.group_size} input channels")
+    return replace(spec, round_to=round_to)
 
 
 def output_dir(cfg: RunConfig, spec: PruneSpec) -> Path:
@@ -192,6 +210,21 @@ def _cross_domain(prep: Prepared, dense: dict | None, pruned: dict | None) -> Cr
         domains={k: {"dense": round(v, 4), "pruned": round(pruned["domains"][k], 4),
                      "description": described[k].description} for k, v in dense["domains"].items()},
         windows=int(prep.domains[0].windows.shape[0]), seqlen=int(prep.domains[0].windows.shape[1]))
+
+
+def quantize(folder: Path, res, cfg: RunConfig, stages: Stages, say) -> None:
+    """--quantize: the export in `folder` becomes a compressed-tensors checkpoint (stage "quantize"),
+    one decoder layer in memory at a time, so out-of-core runs quantize too; `res` (the export's
+    ExportResult) then names the scheme and the new weight files."""
+    if cfg.quantize == "none":
+        return
+    from exporters.quantize import quantize_export
+
+    with stages.timed("quantize"):
+        q = quantize_export(folder, cfg.quantize)
+    res.format = f"{res.format} + compressed-tensors {q['scheme']} ({q['format']})"
+    res.files = [*(f for f in res.files if not f.endswith((".safetensors", ".safetensors.index.json"))), *q["files"]]
+    say(f"quantized the export: {q['scheme']} ({q['what']}), {q['method']}, with {q['library']}")
 
 
 def finish_report(report: Report, folder: Path, res, dtype, source: str, profile, plan, tasks: Tasks,

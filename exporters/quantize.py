@@ -13,7 +13,9 @@ Nothing here rounds or packs a weight by hand: the library attaches the scheme t
 (`apply_quantization_config`), computes the scales from each weight's range (`calculate_qparams`,
 the min-max observer's formula), compresses the weights into the scheme's storage format
 (`ModelCompressor.compress_model`: int8, packed int4 or fp8 plus scales) and writes its
-`quantization_config` into config.json (`update_config`), which vLLM reads.
+`quantization_config` into config.json (`update_config`), which vLLM reads. `quantize_export` does
+this one decoder layer at a time (`quantize_stream.py`), so an export larger than memory quantizes
+too, into the same tensors as with the whole model in memory (`quantize_in_memory`).
 
 Uniform and per-layer exports alike: a per-layer (fitprune format) export loads as fitprune's
 own transformers architecture, whose every Linear has its layer's widths, so the same scheme
@@ -112,13 +114,29 @@ def model_widths(model) -> dict[str, int]:
 
 
 def quantize_export(folder: Path, scheme: str) -> dict:
-    """Quantize the export in `folder` (uniform or per-layer) in place; returns what the report records."""
+    """Quantize the export in `folder` (uniform or per-layer) in place; returns what the report records.
+
+    Always one decoder layer in memory at a time (`quantize_stream`): it writes the tensors the model
+    in memory gives (`quantize_in_memory`: tensor for tensor, config.json equal), in about the same
+    time, in the memory of a layer instead of the model's, so out-of-core runs quantize too."""
+    from .quantize_stream import quantize_streaming
+
+    def prepare(model) -> None:  # the skeleton on the meta device: refused first, as in memory
+        refuse_for_widths(scheme, model_widths(model))
+        attach_scheme(model, scheme)
+
+    return _summary(folder, scheme, quantize_streaming(Path(folder), prepare, weight_qparams))
+
+
+def quantize_in_memory(folder: Path, scheme: str) -> dict:
+    """`quantize_export` with the whole model in memory: the library's documented lifecycle
+    (from_pretrained, compress_model, save_pretrained, update_config), kept as the reference the
+    streamed result is tested against (tests/test_quantize_stream.py)."""
     from compressed_tensors.compressors import ModelCompressor
     from transformers import AutoModelForCausalLM
 
     import exporters.hf_arch  # noqa: F401  (registers the per-layer format with the Auto classes)
 
-    s = SCHEMES[scheme]
     folder = Path(folder)
     # from disk, as vLLM will read it: the saved dtype, tied weights as saved; a per-layer export
     # loads as fitprune's own architecture, whose Linear layers have each layer's widths
@@ -131,9 +149,14 @@ def quantize_export(folder: Path, scheme: str) -> dict:
         old.unlink()  # the dense shards; save_pretrained writes the compressed ones
     model.save_pretrained(folder)
     compressor.update_config(str(folder))
-    qc = json.loads((folder / "config.json").read_text())["quantization_config"]
+    return _summary(folder, scheme, sorted(p.name for p in folder.glob("*.safetensors*")))
+
+
+def _summary(folder: Path, scheme: str, files: list[str]) -> dict:
+    """What the report records of a quantized export (and its new weight files)."""
+    qc = json.loads((Path(folder) / "config.json").read_text())["quantization_config"]
     return {"scheme": scheme, "library": "compressed-tensors", "method": "round-to-nearest (min-max scales)",
-            "format": qc.get("format"), "what": s.what, "ignored": list(IGNORE)}
+            "format": qc.get("format"), "what": SCHEMES[scheme].what, "ignored": list(IGNORE), "files": files}
 
 
 def apply_scheme(model, scheme: str) -> None:
@@ -141,6 +164,17 @@ def apply_scheme(model, scheme: str) -> None:
     through compressed-tensors' own lifecycle. The model then runs the scheme as the library simulates
     it (the lever planner's quality estimate) and can be compressed for export (`quantize_export`)."""
     import torch
+
+    attach_scheme(model, scheme)
+    with torch.no_grad():
+        for module in model.modules():
+            if getattr(module, "quantization_scheme", None) is not None:
+                weight_qparams(module)
+
+
+def attach_scheme(model, scheme: str) -> None:
+    """The library attaches `scheme` to every Linear but the LM head (scales and zero points still
+    unset): on a model in memory, or on a skeleton on the meta device (`quantize_stream`)."""
     from compressed_tensors.quantization import (
         QuantizationConfig,
         QuantizationStatus,
@@ -151,13 +185,9 @@ def apply_scheme(model, scheme: str) -> None:
     qconfig = QuantizationConfig(config_groups={"group_0": preset_name_to_scheme(SCHEMES[scheme].preset, ["Linear"])},
                                  ignore=list(IGNORE), quantization_status=QuantizationStatus.INITIALIZED)
     apply_quantization_config(model, qconfig)
-    with torch.no_grad():
-        for module in model.modules():
-            if getattr(module, "quantization_scheme", None) is not None:
-                _weight_qparams(module)
 
 
-def _weight_qparams(module) -> None:
+def weight_qparams(module) -> None:
     """Scales (and zero points) of one Linear's weight from its range, by the library's formula,
     reduced over the scheme's strategy: each output channel, or each group of input channels."""
     from compressed_tensors.quantization import QuantizationStrategy

@@ -66,7 +66,11 @@ def _real_buffers(model: nn.Module, config) -> None:
 class LazyModel:
     """A causal LM whose weights are read from its safetensors files one module at a time."""
 
-    def __init__(self, path: Path | str, dtype: torch.dtype | None = None, trust_remote_code: bool = False):
+    def __init__(self, path: Path | str, dtype: torch.dtype | None = None, trust_remote_code: bool = False,
+                 own_export: bool = False):
+        """`own_export`: `path` is an export this tool wrote, read as it is: its per-layer format marks a
+        removed block with 0 heads or channels, which the check of an input model's config refuses, and
+        its weights were checked finite before they were written (the check costs a pass over them)."""
         from transformers import AutoConfig, AutoModelForCausalLM
 
         from ..memory import return_freed_memory_to_the_os
@@ -76,7 +80,8 @@ class LazyModel:
         return_freed_memory_to_the_os()
         self.path = Path(path)
         _register_fitprune()
-        read_config_file(self.path)  # the size keys, before transformers fills them with a 7B default
+        if not own_export:
+            read_config_file(self.path)  # the size keys, before transformers fills them with a 7B default
         try:
             self.config = AutoConfig.from_pretrained(self.path, trust_remote_code=trust_remote_code)
         except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -95,6 +100,7 @@ class LazyModel:
         _real_buffers(self.model, self.config)
         self.model.eval()
         self.tied = bool(getattr(self.config, "tie_word_embeddings", False))
+        self.check_finite = not own_export
 
     # ---- reading tensors ---------------------------------------------------------------------
     def has(self, name: str) -> bool:
@@ -122,7 +128,7 @@ class LazyModel:
             with open(file, "rb") as fh:
                 for name in group:
                     t = _read(fh, base, table[name], file)
-                    if t.is_floating_point() and not _finite(t):
+                    if self.check_finite and t.is_floating_point() and not _finite(t):
                         raise UserError(f"The checkpoint {self.path} has non-finite values (NaN or inf) in '{name}'.")
                     out[name] = t.to(device=device, dtype=dtype or self.dtype)
                     del t
