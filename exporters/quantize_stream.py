@@ -29,6 +29,7 @@ all are complete: a full disk or an unreadable shard leaves the export as it was
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Callable
@@ -51,11 +52,13 @@ def quantize_streaming(folder: Path, prepare: Callable[[nn.Module], None], qpara
     from compressor.output import _disk_full
 
     folder = Path(folder)
+    if "quantization_config" in _config(folder):
+        raise UserError(f"The export {folder} is quantized already (its config.json has a quantization_config).")
     work = folder / WORK
     shutil.rmtree(work, ignore_errors=True)  # left by a killed run
     try:
         work.mkdir()
-        compressor, files = _quantize_into(folder, work, prepare, qparams, shard_bytes)
+        files = _quantize_into(folder, work, prepare, qparams, shard_bytes)
         _replace_shards(folder, work)
     except UserError:
         raise
@@ -67,13 +70,12 @@ def quantize_streaming(folder: Path, prepare: Callable[[nn.Module], None], qpara
         raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    compressor.update_config(str(folder))
     return files
 
 
 def _quantize_into(folder: Path, work: Path, prepare, qparams, shard_bytes: int | None):
     """Write the quantized shards and config.json of the export in `folder` into `work`; returns the
-    library's ModelCompressor (its `quantization_config` is what config.json gets) and the weight files."""
+    weight files."""
     from compressed_tensors.compressors import ModelCompressor, compress_module
     from compressed_tensors.quantization import QuantizationStatus
 
@@ -100,8 +102,9 @@ def _quantize_into(folder: Path, work: Path, prepare, qparams, shard_bytes: int 
                 compress_module(module, compressor.force_compression_format)
         writer.add({f"{prefix}.{k}": v.contiguous() for k, v in layer.state_dict().items()})
         _release(layer)
-    rest = [k for k in sorted(lazy.files) if not k.startswith("model.layers.")
-            and not (k == "lm_head.weight" and lazy.tied)]  # save_pretrained leaves a tied head out too
+    # what save_pretrained writes outside the layers: the model's own tensors (a tied head is left out)
+    keep = set(model.state_dict()) - ({"lm_head.weight"} if lazy.tied else set())
+    rest = [k for k in sorted(lazy.files) if not k.startswith("model.layers.") and k in keep]
     small = [k for k in rest if "embed" not in k and not k.startswith("lm_head")]
     for group in [small, *[[k] for k in rest if k not in small]]:  # the large ones one at a time
         writer.add(lazy.read(group))
@@ -111,7 +114,8 @@ def _quantize_into(folder: Path, work: Path, prepare, qparams, shard_bytes: int 
     model.config.architectures = [type(model).__name__]
     model.config.save_pretrained(work)
     compressor.quantization_config.quantization_status = QuantizationStatus.COMPRESSED  # as compress_model sets it
-    return compressor, files
+    compressor.update_config(str(work))  # the library writes quantization_config, still in the work folder
+    return files
 
 
 def _materialize(lazy, layer: nn.Module, prefix: str) -> None:
@@ -140,11 +144,20 @@ def _release(layer: nn.Module) -> None:
 
 
 def _replace_shards(folder: Path, work: Path) -> None:
-    """The dense shards (and their index) go, the quantized ones come in from `work`."""
+    """The quantized files come in from `work` (each rename replaces a file of the same name at once),
+    then the dense shards (and index) they did not replace go."""
     from compressor.model.safetensors_files import weight_files
 
     old = set(weight_files(folder).values()) | {"model.safetensors.index.json"}
-    for name in old:
+    new = {f.name for f in work.iterdir()}
+    for name in sorted(new):
+        os.replace(work / name, folder / name)
+    for name in old - new:
         (folder / name).unlink(missing_ok=True)
-    for f in sorted(work.iterdir()):
-        os.replace(f, folder / f.name)
+
+
+def _config(folder: Path) -> dict:
+    try:
+        return json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"The export {folder} has no readable config.json ({exc}).") from exc

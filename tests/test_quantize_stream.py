@@ -107,6 +107,17 @@ def test_an_unreadable_shard_is_one_sentence_and_changes_nothing(tmp_path):
     assert _snapshot(path) == before
 
 
+def test_an_export_quantized_already_is_refused(tmp_path):
+    from exporters.quantize import quantize_export
+
+    path = _uniform(tmp_path / "m")
+    quantize_export(path, "w8a8-int8")
+    before = _snapshot(path)
+    with pytest.raises(UserError, match="is quantized already"):
+        quantize_export(path, "fp8")
+    assert _snapshot(path) == before
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A real 2 MiB tmpfs: writes beyond it fail with ENOSPC (root and mount(2) needed)."""
