@@ -72,6 +72,20 @@ def test_streamed_checkpoint_equals_the_in_memory_one(tmp_path, export, scheme):
     assert not (got / ".fitprune-quantize").exists()
 
 
+@pytest.mark.slow
+def test_a_per_layer_export_of_the_cli_streams_to_the_in_memory_checkpoint(tmp_path, tiny_model_dir):
+    """What `compress --structure global` writes (fitprune's format, its modeling file and auto_map in
+    the config) quantizes to the same checkpoint both ways."""
+    src = tmp_path / "global"
+    p = run_cli(str(tiny_model_dir), "--profile", "cpu-2core", "--nsamples", "4", "--seqlen", "32", "--round-to", "8",
+                "--ratio", "0.5", "--domain-windows", "0", "--structure", "global", "--no-checks", "--out", str(src))
+    assert p.returncode == 0, p.stderr[-3000:]
+    config = json.loads((src / "config.json").read_text())
+    assert config["architectures"] == ["FitPruneForCausalLM"] and len(set(config["layer_num_attention_heads"])) > 1
+    ref, got = _both(src, tmp_path, "w8a8-int8")
+    _assert_same_checkpoint(ref, got)
+
+
 def test_transformers_loads_the_streamed_checkpoint_as_the_in_memory_one(tmp_path):
     """transformers (compressed-tensors decompressing the weights, quantizing activations per token)
     runs the streamed checkpoint to the same logits as the in-memory one, close to the dense model."""
