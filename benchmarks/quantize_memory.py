@@ -17,6 +17,7 @@ interpreter, and reports:
     python benchmarks/quantize_memory.py                                  # 8 layers of Llama-3.1-8B, W8A8
     python benchmarks/quantize_memory.py --limit-gib 3                    # ... under 3 GiB (the model is 5.6 GB)
     python benchmarks/quantize_memory.py --shape tiny --layers 4 --modes stream,memory   # a quick check
+    python benchmarks/quantize_memory.py --checkpoint ~/.cache/fitprune/models/SmolLM2-135M-Instruct --repeat 3
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -112,6 +114,12 @@ def run_child(how: str, path: Path | None, scheme: str, limit_bytes: int | None)
         group.close()
 
 
+@dataclass(frozen=True)
+class Checkpoint:
+    path: Path
+    total_bytes: int
+
+
 def folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.glob("*.safetensors"))
 
@@ -119,6 +127,7 @@ def folder_bytes(path: Path) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dir", default="/tmp/fitprune-quantize-bench", help="where the checkpoint and copies go")
+    ap.add_argument("--checkpoint", default=None, help="quantize copies of this checkpoint instead of a random one")
     ap.add_argument("--shape", default="llama-3.1-8b")
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--scheme", default="w8a8-int8")
@@ -130,11 +139,16 @@ def main() -> None:
 
     root = Path(args.dir)
     root.mkdir(parents=True, exist_ok=True)
-    kw = shape_kwargs(args.shape, args.layers)
-    t = time.perf_counter()
-    w = write_checkpoint(root / f"{args.shape}-{args.layers}L", fsync=False, shard_bytes=2 * GIB, **kw)
-    print(f"checkpoint: {w.path} ({w.total_bytes / 1e9:.2f} GB, {w.shards} shards, "
-          f"{'reused' if w.reused else f'written in {time.perf_counter() - t:.0f} s'})", flush=True)
+    if args.checkpoint:
+        w = Checkpoint(Path(args.checkpoint), folder_bytes(Path(args.checkpoint)))
+        args.shape, args.layers = w.path.name, None
+    else:
+        t = time.perf_counter()
+        w = write_checkpoint(root / f"{args.shape}-{args.layers}L", fsync=False, shard_bytes=2 * GIB,
+                             **shape_kwargs(args.shape, args.layers))
+        print(f"random checkpoint: {w.path} ({w.shards} shards, "
+              f"{'reused' if w.reused else f'written in {time.perf_counter() - t:.0f} s'})", flush=True)
+    print(f"checkpoint: {w.path} ({w.total_bytes / 1e9:.2f} GB)", flush=True)
     limit = int(args.limit_gib * GIB) if args.limit_gib else None
     base = run_child("baseline", None, args.scheme, None)
     print(f"baseline (imports only): peak RSS {base['peak_rss_mib']:.0f} MiB", flush=True)
