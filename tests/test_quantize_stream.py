@@ -10,6 +10,7 @@ the plugin)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -188,8 +189,7 @@ def measure(how: str, path: Path | None = None) -> dict:
     fresh interpreter, or of the same imports alone (`baseline`). The child reports its own
     RUSAGE_SELF peak: RUSAGE_CHILDREN in the parent keeps the largest child's peak of the whole session."""
     p = subprocess.run([sys.executable, "-c", MEASURE, how, str(path or "")], capture_output=True, text=True,
-                       cwd=ROOT, timeout=900, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin",
-                                                   "OMP_NUM_THREADS": "2"})
+                       cwd=ROOT, timeout=900, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert p.returncode == 0, p.stderr[-3000:]
     return json.loads(next(ln for ln in p.stdout.splitlines() if ln.startswith("RESULT "))[7:])
 
