@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from profiles import Profile
 from profiles.costmodel import Arch, CostModel, Prediction, Violation
 
-from .planner import GRID, arch_at_ratio
+from .planner import GRID, arch_at_ratio, shallower
 
 
 @dataclass
@@ -141,13 +141,6 @@ class AnchoredTable:
     def as_dict(self) -> dict:
         return {**self.table.as_dict(), "source": self.source,
                 "anchor": {"ttft_scale": self.ttft_scale, "tpot_scale": self.tpot_scale}}
-
-
-def shallower(arch: Arch, dropped: int) -> Arch:
-    """`arch` with its last `dropped` layers gone: with uniform widths, which layers go does not change
-    the cost, only how many."""
-    n = arch.layers - dropped
-    return replace(arch, q_heads=arch.q_heads[:n], kv_heads=arch.kv_heads[:n], intermediate=arch.intermediate[:n])
 
 
 def predict(cost: CostModel, table, arch: Arch, fmt: str) -> Prediction:

@@ -392,7 +392,7 @@ def architectures(dense: Arch, fmt: str, round_to: int) -> list[tuple[str, Arch]
     """The architectures measured for `fmt` (the module doc's POINTS): the full model, two widths
     and two depths of it and both together; a point the model's size or the format's group size
     cannot give, or that would repeat another, is left out."""
-    from .frontier import shallower
+    from .planner import shallower
 
     g = _group(fmt)
     drop_quarter, drop_half = dense.layers // 4, dense.layers // 2

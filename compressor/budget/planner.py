@@ -19,7 +19,7 @@ measurements, so that the plan predicts this device rather than a datasheet.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from profiles import Profile
 from profiles.costmodel import Arch, CostModel, Prediction, Violation
@@ -59,6 +59,13 @@ def arch_at_ratio(arch: Arch, ratio: float, attn_unit: str = "auto", round_to: i
     after = uniform_shapes(shapes, arch.hidden, ratio, attn_unit, round_to, tp)
     return Arch(arch.hidden, arch.vocab, arch.head_dim, tuple(s.num_heads for s in after),
                 tuple(s.num_kv_heads for s in after), tuple(s.intermediate_size for s in after), arch.tied_embeddings)
+
+
+def shallower(arch: Arch, dropped: int) -> Arch:
+    """`arch` with its last `dropped` layers gone: with uniform widths, which layers go does not change
+    the cost, only how many."""
+    n = arch.layers - dropped
+    return replace(arch, q_heads=arch.q_heads[:n], kv_heads=arch.kv_heads[:n], intermediate=arch.intermediate[:n])
 
 
 @dataclass
