@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -146,3 +147,19 @@ def _record_failure(p) -> None:
              "args": [str(a) for a in args], "error": " ".join(sentence), "exit": p.returncode}
     with open(os.environ[RELIABILITY_LOG], "a", encoding="utf-8") as f:
         f.write(json.dumps(entry) + "\n")
+
+
+@contextlib.contextmanager
+def small_tmpfs(parent: Path, size: str):
+    """A real tmpfs of `size` (e.g. "1m") under `parent`: writes beyond it fail with ENOSPC, as on a
+    full disk. Skips the test where it cannot be mounted (root and mount(2) needed)."""
+    mnt = parent / "small"
+    mnt.mkdir()
+    p = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], capture_output=True,
+                       text=True)
+    if p.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({p.stderr.strip()}); the full-disk tests need root")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)

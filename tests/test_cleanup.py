@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from compressor import tempdirs
-from tests.conftest import ROOT, assert_clean_failure
+from tests.conftest import ROOT, assert_clean_failure, small_tmpfs
 
 FAST = ["--nsamples", "4", "--seqlen", "32", "--round-to", "8", "--ratio", "0.3"]
 
@@ -132,16 +132,9 @@ def test_a_sigkilled_run_leaves_directories_the_next_run_removes(tmp_path, tiny_
 
 @pytest.fixture
 def full_disk(tmp_path):
-    """A real 1 MiB tmpfs: writes beyond it fail with ENOSPC (root and mount(2) needed)."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if p.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({p.stderr.strip()}); needs root")
-    try:
+    """A real 1 MiB tmpfs (conftest.small_tmpfs)."""
+    with small_tmpfs(tmp_path, "1m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", str(mnt)], check=False)
 
 
 def test_a_user_error_with_checks_on_leaves_no_temporary_directory(tmp_path, full_disk, tiny_model_dir):

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, run_cli, tiny_model
-from test_quantize import _per_layer_export, _tensors
 
 from compressor.errors import UserError
+from tests.conftest import ROOT, run_cli, small_tmpfs, tiny_model
+from tests.test_quantize import _per_layer_export, _tensors
 
 WIDE = dict(hidden_size=128, intermediate_size=256, head_dim=32, num_attention_heads=4, num_key_value_heads=2)
 
@@ -138,16 +138,9 @@ def test_an_export_quantized_already_is_refused(tmp_path):
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A real 2 MiB tmpfs: writes beyond it fail with ENOSPC (root and mount(2) needed)."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if p.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({p.stderr.strip()}); needs root")
-    try:
+    """A real 2 MiB tmpfs (conftest.small_tmpfs)."""
+    with small_tmpfs(tmp_path, "2m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", str(mnt)], check=False)
 
 
 def test_a_full_disk_is_one_sentence_and_leaves_the_dense_export(tmp_path, small_disk):

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, run_cli, run_python
+from tests.conftest import ROOT, run_cli, run_python, small_tmpfs
 from tests.conftest import assert_clean_failure as _clean_failure
 
 FAST = ["--nsamples", "4", "--seqlen", "32", "--round-to", "8", "--ratio", "0.3", "--no-checks"]
@@ -138,16 +138,9 @@ def test_output_is_written_to_a_temporary_sibling_and_renamed(tmp_path, tiny_mod
 
 @pytest.fixture
 def tiny_fs(tmp_path):
-    """A real 1 MiB tmpfs: writes beyond it fail with ENOSPC (root and mount(2) needed)."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if p.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({p.stderr.strip()}); the disk-full rows need root")
-    try:
+    """A real 1 MiB tmpfs (conftest.small_tmpfs)."""
+    with small_tmpfs(tmp_path, "1m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", str(mnt)], check=False)
 
 
 def test_disk_full_during_export(tiny_fs, tiny_model_dir):
