@@ -312,3 +312,22 @@ def test_a_w8a8_table_measured_in_vllm_cpu(tmp_path, smollm2_dir, monkeypatch):
     said.clear()
     assert measure_table(prof, config, model_dir, "vllm", ["w8a8-int8"], runs=2, say=said.append).points == table.points
     assert not said
+
+
+def test_off_cpu_each_point_is_measured_alone_after_the_reference(tiny_model_dir, tmp_path, monkeypatch):
+    """A GPU profile's table measures one engine at a time (two may not fit on the device): every
+    point is compared with the reference measured alone first, and the table says so. Run here in
+    torch on the CPU, which is what this path does wherever the profile's device is not a CPU."""
+    monkeypatch.setenv("FITPRUNE_CACHE_DIR", str(tmp_path))
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    prof = _profile("a10g-24gb", runtime="torch", dtype="float32", round_to=16, workload__prompt_tokens=16,
+                    workload__output_tokens=8)
+    said = []
+    table = measure_table(prof, config, tiny_model_dir, "torch", ["none"], runs=2, say=said.append, retries=0)
+    assert "alone after the reference" in said[0]
+    assert any("measured alone after the reference" in n for n in table.notes)
+    full = next(p for p in table.points if p.name == "full")
+    for p in table.points:
+        if p.name != "full":
+            assert p.measurement["how"] == "alone, after the reference"
+            assert p.measurement["reference_alongside"]["tpot_s"] == pytest.approx(full.tpot_s)  # the one reference

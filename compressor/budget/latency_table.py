@@ -478,28 +478,24 @@ def _measure_points(todo: list[tuple[str, str, Arch]], config: dict, model_dir: 
         + ("request by request in turn with" if paired else "alone after")
         + " the reference (the full architecture in the dense dtype)")
     results = []  # (name, fmt, arch, reference Measurement, Measurement)
+
+    def measure_other(name: str, fmt: str, arch: Arch, measure) -> None:
+        path = work / f"{name}-{fmt}"
+        what = _describe(name, fmt, arch)
+        _write_point(name, fmt, config, arch, model_dir, profile, path)
+        say(f"latency table: {what}")
+        with _opened(runtime, path, profile, what) as rt:
+            results.append((name, fmt, arch, *measure(rt)))
+        shutil.rmtree(path, ignore_errors=True)
+
     try:
         _write_point(*REFERENCE, config, dense, model_dir, profile, ref_path)
         with _opened(runtime, ref_path, profile, "the reference (the full architecture)") as ref:
             alone = measure_batch1(ref, w.prompt_tokens, w.output_tokens, runs)
-            for name, fmt, arch in others if paired else []:
-                path = work / f"{name}-{fmt}"
-                what = _describe(name, fmt, arch)
-                _write_point(name, fmt, config, arch, model_dir, profile, path)
-                say(f"latency table: {what}")
-                with _opened(runtime, path, profile, what) as rt:
-                    r, m = measure_paired(ref, rt, w.prompt_tokens, w.output_tokens, runs)
-                shutil.rmtree(path, ignore_errors=True)
-                results.append((name, fmt, arch, r, m))
-        for name, fmt, arch in [] if paired else others:  # a GPU may not hold two engines of the model
-            path = work / f"{name}-{fmt}"
-            what = _describe(name, fmt, arch)
-            _write_point(name, fmt, config, arch, model_dir, profile, path)
-            say(f"latency table: {what}")
-            with _opened(runtime, path, profile, what) as rt:
-                m = measure_batch1(rt, w.prompt_tokens, w.output_tokens, runs)
-            shutil.rmtree(path, ignore_errors=True)
-            results.append((name, fmt, arch, alone, m))
+            for item in others if paired else []:
+                measure_other(*item, lambda rt: measure_paired(ref, rt, w.prompt_tokens, w.output_tokens, runs))
+        for item in [] if paired else others:  # a GPU may not hold two engines of the model: after the reference
+            measure_other(*item, lambda rt: (alone, measure_batch1(rt, w.prompt_tokens, w.output_tokens, runs)))
     finally:
         shutil.rmtree(ref_path, ignore_errors=True)
     for m in [alone] + [m for *_, m in results]:
