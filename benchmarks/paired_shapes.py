@@ -1,0 +1,80 @@
+"""Checkpoints measured request by request in turn with a reference in vLLM CPU (issue 12).
+
+Two questions the lever benchmark raised, answered by `compressor.budget.device.measure_paired`
+(reference, candidate, reference, candidate, ... so that the host's swings move both alike):
+
+- `--real`: does a random-weight checkpoint time like the real model of its shape? The real
+  SmolLM2-135M-Instruct (bf16) against its random twin (`budget.fitting._write_random_model`, what
+  the latency table measures). Measured 2026-11-30: 18.21 against 17.58 ms TPOT (4% apart), and with
+  this script 19.22 against 19.48 ms (x0.987).
+- `--shape LAYERS_DROPPED:WIDTH:FORMAT` (repeatable): random-weight SmolLM2 shapes as the lever
+  planner builds them (`planner.shallower` then `planner.arch_at_ratio`), against the random dense
+  reference. Measured 2026-11-30: `14:0.35:w8a8-int8` (the 0.7x plan that measured 0.96-0.98x of
+  dense as a real pruned export) 0.496x, and 0.705x in a second run (5 requests); `14:0.35:none`
+  0.521x, `15:0.5:w8a8-int8` 0.552x. The runs differ by more than the pairing removes on this host;
+  both are far from 0.96-0.98x.
+
+    python benchmarks/paired_shapes.py --real
+    python benchmarks/paired_shapes.py --shape 14:0.35:w8a8-int8 --shape 14:0.35:none --runs 9
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--real", action="store_true", help="the real model against its random-weight twin")
+    ap.add_argument("--shape", action="append", default=[], help="LAYERS_DROPPED:WIDTH:FORMAT (repeatable)")
+    ap.add_argument("--runs", type=int, default=9, help="requests per model, in turn")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from compressor.budget.device import measure_paired
+    from compressor.budget.fitting import _write_random_model, arch_of
+    from compressor.budget.planner import arch_at_ratio, shallower
+    from compressor.model.loading import embedded_model_dir
+    from exporters.quantize import quantize_export
+    from runtimes.base import load_runtime
+
+    src = embedded_model_dir()
+    config = json.loads((src / "config.json").read_text())
+    dense = arch_of(config)
+    with tempfile.TemporaryDirectory() as work:
+        work = Path(work)
+        _write_random_model(config, dense, src, "bfloat16", work / "random")
+        candidates = {}
+        if args.real:
+            AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).save_pretrained(work / "real")
+            AutoTokenizer.from_pretrained(src).save_pretrained(work / "real")
+            candidates["real SmolLM2 (bf16)"] = work / "real"
+        for spec in args.shape:
+            dropped, width, fmt = spec.split(":")
+            arch = arch_at_ratio(shallower(dense, int(dropped)), float(width), "auto", 64)
+            path = work / spec.replace(":", "_")
+            _write_random_model(config, arch, src, "bfloat16", path)
+            if fmt != "none":
+                quantize_export(path, fmt)
+            candidates[f"{spec} ({arch.layers} layers, {arch.q_heads[0]} q / {arch.kv_heads[0]} KV heads, "
+                       f"MLP {arch.intermediate[0]}, {fmt})"] = path
+        with load_runtime("vllm", work / "random", dtype="bfloat16", threads=args.threads) as ref:
+            for name, path in candidates.items():
+                with load_runtime("vllm", path, dtype="bfloat16", threads=args.threads) as rt:
+                    r, m = measure_paired(ref, rt, 128, 32, args.runs)
+                print(f"{name}: TPOT {m.tpot_s * 1e3:.2f} ms against the random dense reference's "
+                      f"{r.tpot_s * 1e3:.2f} ms in turn (x{m.tpot_s / r.tpot_s:.3f}); TTFT x{m.ttft_s / r.ttft_s:.3f}",
+                      flush=True)
+
+
+if __name__ == "__main__":
+    main()
