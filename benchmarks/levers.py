@@ -4,7 +4,9 @@ On SmolLM2-135M with the cpu-2core profile (vLLM CPU, bf16, batch 1):
 1. measure the dense model's TPOT in vLLM; the budgets are 0.9x, 0.8x, 0.7x and 0.5x of it (`--budgets`);
 2. the latency table of this machine (`budget/latency_table.py`, cached; `--refresh` re-measures);
 3. for each budget, the frontier (`budget/frontier.py`) and every candidate's KL to the dense model on
-   validation text (`prune/planned.py`); the planner's choice is the least-KL candidate. The single
+   validation text (`prune/planned.py`); the planner's choice is the least-KL candidate that still
+   meets the budget when measured at its exact shape (random weights, its widths, depth, biases and
+   format, in turn with the table's reference: `frontier.ExactCheck`; `--no-check`: the fit alone). The single
    levers are the least aggressive candidate of one lever that is predicted to meet the budget:
    width only (the dense dtype, no layer dropped), depth only (whole layers, full widths) and
    quantization only (a weight format, nothing pruned); a lever that cannot meet the budget by the
@@ -86,12 +88,14 @@ def main() -> None:
     ap.add_argument("--formats", default=None, help="weight formats (default: the profile's runnable ones)")
     ap.add_argument("--refresh", action="store_true", help="re-measure the latency table")
     ap.add_argument("--no-anchor", action="store_true", help="predict from the random-weight table alone")
+    ap.add_argument("--no-check", action="store_true",
+                    help="choose by the table's fit alone (no exact-shape measurement of the best candidates)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
     from compressor.budget.device import measure_batch1
-    from compressor.budget.frontier import AnchoredTable, Candidate, lever_formats, predict, search
+    from compressor.budget.frontier import AnchoredTable, Candidate, exact_check, lever_formats, predict, search
     from compressor.budget.latency_table import measure_table
     from compressor.config import RunConfig
     from compressor.evaluate.perplexity import domain_perplexities
@@ -123,7 +127,6 @@ def main() -> None:
     arch = arch_of(config)
     cost = CostModel(profile)
     dense_cross = domain_perplexities(model, prep.domains)["geomean"]
-    raw_table = table
     dense_pred = predict(cost, table, arch, "none")
     with tempfile.TemporaryDirectory() as dense_dir:
         export_plan(model, tok, "none", Path(dense_dir))
@@ -156,9 +159,11 @@ def main() -> None:
             cross = domain_perplexities(judged, prep.domains)["geomean"]
             del judged
             got = measure_beside(dense_dir, pruned, tok, c.fmt, args.runs, profile)
-            # the predicted TPOT over the dense one's, whatever the table's scale
-            ratio = raw_table.predict(c.arch, c.fmt)[1] / raw_table.predict(arch, "none")[1]
+            # the predicted TPOT over the dense one's, whatever the table's scale (exact points included)
+            raw = table.table if isinstance(table, AnchoredTable) else table
+            ratio = raw.predict(c.arch, c.fmt)[1] / raw.predict(arch, "none")[1]
             measured[key] = {**got, "cross": cross, "kl": c.kl, "removed": c.removed, "pred_ratio": ratio,
+                             "latency_from": "exact shape" if c.exact else "fit",
                              "pred_tpot_ms": c.prediction.tpot_s * 1e3, "pred_ttft_ms": c.prediction.ttft_s * 1e3,
                              "pred_memory_gib": c.prediction.memory.total_gib}
             if "tpot_ms" in got:
@@ -171,10 +176,14 @@ def main() -> None:
         for f in [float(x) for x in args.budgets.split(",")]:
             budget_ms = f * dense_meas["tpot_ms"]
             prof = profile.model_copy(update={"budget": profile.budget.model_copy(update={"tpot_ms": budget_ms})})
-            frontier = search(prof, arch, table, CostModel(prof), formats)
+            frontier = search(prof, arch, table, CostModel(prof), formats, biases=quality.comp.adds_bias)
             for c in frontier.candidates:
                 c.kl = quality.kl(c.width, c.dropped, c.fmt)
+            if not args.no_check:  # measure the best candidates at their exact shapes before choosing
+                frontier.checker = exact_check(table, prof, config, model_dir, CostModel(prof), args.runs, say)
             frontier.choose()
+            if frontier.chosen is None and frontier.notes:
+                say(f"  planner: {frontier.notes[-1]}")
             say(f"budget {f:.2f}x dense = {budget_ms:.2f} ms: {len(frontier.candidates)} frontier candidates")
             singles = {
                 "width only": next((c for c in frontier.candidates if c.fmt == "none" and c.dropped == 0), None),
@@ -210,8 +219,8 @@ def fmt_row(m: dict) -> str:
 def print_table(rows: list[dict], dense: dict, dense_cross: float) -> None:
     print(f"\ndense (measured alone at the start): TPOT {dense['tpot_ms']:.2f} ms, TTFT {dense['ttft_ms']:.1f} ms, "
           f"weights {dense['weights_gib'] * 1024:.0f} MiB, cross-domain {dense_cross:.2f}\n")
-    print("| budget | plan | levers | TPOT ms (dense beside) | x dense: measured (predicted) | prediction error | "
-          "predicted at planning ms | TTFT ms (pred.) | weights MiB | cross-domain | KL | meets |")
+    print("| budget | plan | levers | TPOT ms (dense beside) | x dense: measured (predicted, from) | "
+          "prediction error | predicted at planning ms | TTFT ms (pred.) | weights MiB | cross-domain | KL | meets |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         head = f"| {r['budget']:.2f}x ({r['budget_ms']:.2f} ms) | {r['plan']} |"
@@ -222,7 +231,8 @@ def print_table(rows: list[dict], dense: dict, dense_cross: float) -> None:
         else:
             err = r["pred_ratio"] / r["ratio_measured"] - 1
             print(f"{head} {r['levers']} | {r['tpot_ms']:.2f} ({r['dense_tpot_ms']:.2f}) | "
-                  f"{r['ratio_measured']:.3f} ({r['pred_ratio']:.3f}) | {err:+.1%} | {r['pred_tpot_ms']:.2f} | "
+                  f"{r['ratio_measured']:.3f} ({r['pred_ratio']:.3f}, {r['latency_from']}) | {err:+.1%} | "
+                  f"{r['pred_tpot_ms']:.2f} | "
                   f"{r['ttft_ms']:.1f} ({r['pred_ttft_ms']:.1f}) | {r['weights_gib'] * 1024:.0f} | {r['cross']:.2f} | "
                   f"{r['kl']:.4f} | {'yes' if r['meets'] else 'no'} |")
 

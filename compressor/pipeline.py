@@ -134,7 +134,7 @@ def run_levers(cfg: RunConfig, profile, round_to: int, prep: Prepared, stages: S
 
     with stages.timed("plan"):
         frontier, _ = lever_plan(profile, cfg.model, attn_unit=cfg.attn_unit, round_to=round_to, say=say,
-                                 measure_dense=measure_dense)
+                                 measure_dense=measure_dense, compensation=cfg.compensation)
     for n in frontier.notes:
         say(f"plan note: {n}")
     if not frontier.feasible:
@@ -152,6 +152,9 @@ def run_levers(cfg: RunConfig, profile, round_to: int, prep: Prepared, stages: S
             quality = PlanQuality(model, prep.adapter, prep.calib, prep.validation, spec, cfg.compute, say=say)
             estimate(quality, frontier, say=say)
             chosen = frontier.choose()
+            if chosen is None:  # the best candidates missed the budget when measured at their exact shapes
+                quality.close()
+                raise InfeasibleBudget(frontier.notes[-1] + " Pass --ratio to prune anyway.")
             say(f"[bold]plan[/]: {chosen.levers}, {chosen.removed:.1%} of decoder weights removed, predicted TPOT "
                 f"{chosen.prediction.tpot_s * 1e3:.2f} ms, TTFT {chosen.prediction.ttft_s * 1e3:.1f} ms "
                 f"({frontier.rule}; latency {frontier.latency_source})")

@@ -331,3 +331,68 @@ def test_off_cpu_each_point_is_measured_alone_after_the_reference(tiny_model_dir
         if p.name != "full":
             assert p.measurement["how"] == "alone, after the reference"
             assert p.measurement["reference_alongside"]["tpot_s"] == pytest.approx(full.tpot_s)  # the one reference
+
+
+def test_exact_points_are_used_for_their_shape_only_and_left_out_of_the_fit():
+    """A kernel that is slow at one shape (vLLM CPU's int8 kernel with biases at MLP width 960):
+    the exact point of that shape and format overrides the fit there, and nowhere else."""
+    from dataclasses import replace
+
+    from compressor.budget.latency_table import EXACT, exact_shape
+    from compressor.budget.planner import arch_at_ratio, shallower
+
+    a, b, c = 3e-3, 1.5e-4, 2.5e-11
+    table, archs = _synthetic_table(a, b, c)
+    cand = replace(arch_at_ratio(shallower(archs["full"], 14), 0.35, "auto", 64), biased=True)
+    shape = exact_shape(cand)
+    assert shape == {"layers": 16, "q_heads": 6, "kv_heads": 3, "intermediate": 960, "biased": True}
+    fitted = table.predict(cand)
+    slow = TablePoint(EXACT, "none", 16, cand.decoder_params, 0.5, 0.02, {}, shape)
+    with_exact = LatencyTable(table.key, [*table.points, slow], table.source, True)
+    assert with_exact.predict(cand) == (0.5, 0.02)
+    assert with_exact.predict(replace(cand, biased=False)) == pytest.approx(fitted)  # another shape: the fit
+    assert with_exact.predict(archs["w25"]) == pytest.approx(table.predict(archs["w25"]))
+    assert with_exact.coefficients("none") == table.coefficients("none")  # not fitted
+    # a dropped layer written as a no-op layer is the same shape
+    noop = replace(cand, q_heads=(*cand.q_heads, 0), kv_heads=(*cand.kv_heads, 0), intermediate=(*cand.intermediate, 0))
+    assert exact_shape(noop) == shape and with_exact.predict(noop) == (0.5, 0.02)
+    # per-layer widths have no exact shape; an exact point must carry its shape
+    assert exact_shape(replace(cand, intermediate=(960,) * 15 + (1024,))) is None
+    assert TablePoint.from_dict(slow.as_dict()) == slow
+    with pytest.raises(ValueError, match="shape"):
+        TablePoint.from_dict({**slow.as_dict(), "shape": None})
+
+
+def test_an_exact_shape_is_measured_against_the_reference_and_cached(tiny_model_dir, tmp_path, monkeypatch):
+    """`measure_exact` in torch on a tiny model: the candidate's shape (fewer layers, narrower, with
+    the bias switches on) is written with random weights, measured in turn with the reference,
+    stored on the table's scale, cached, and not measured twice."""
+    from dataclasses import replace
+
+    from compressor.budget.fitting import _write_random_model
+    from compressor.budget.latency_table import EXACT, measure_exact
+    from compressor.budget.planner import arch_at_ratio, shallower
+
+    monkeypatch.setenv("FITPRUNE_CACHE_DIR", str(tmp_path))
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    prof = _profile("cpu-2core", round_to=8, workload__prompt_tokens=16, workload__output_tokens=8)
+    table = measure_table(prof, config, tiny_model_dir, "torch", ["none"], runs=2, say=lambda *_: None)
+    dense = Arch.from_config(config)
+    cand = replace(arch_at_ratio(shallower(dense, 1), 0.25, "auto", 8), biased=True)
+    # what is measured: the family's own config with its bias switches on
+    _write_random_model(config, cand, tiny_model_dir, "float32", tmp_path / "w")
+    written = json.loads((tmp_path / "w" / "config.json").read_text())
+    assert written["attention_bias"] and written["mlp_bias"] and written["num_hidden_layers"] == cand.layers
+    said = []
+    out = measure_exact(table, prof, config, tiny_model_dir, [(cand, "none"), (cand, "none")], runs=2, say=said.append)
+    exact = [p for p in out.points if p.name == EXACT]
+    assert len(exact) == 1 and exact[0].shape["biased"] and exact[0].layers == cand.layers
+    ref = next(p for p in out.points if p.name == "full")
+    ratio = exact[0].measurement["ratio_to_reference"]["tpot"]
+    assert exact[0].tpot_s == pytest.approx(ratio * ref.tpot_s)  # on the table's scale
+    assert out.predict(cand) == (exact[0].ttft_s, exact[0].tpot_s)
+    assert load_table(prof, config, "torch", table.key["device"]).exact(cand, "none") == exact[0]  # cached
+    said.clear()
+    assert measure_exact(out, prof, config, tiny_model_dir, [(cand, "none")], runs=2, say=said.append) is out
+    assert not said
+    assert list(out.path.parent.iterdir()) == [out.path]  # no temporary files left

@@ -91,6 +91,59 @@ def test_choice_is_least_kl_with_weights_and_fewest_removed_without():
     assert f.choose() is f.candidates[-1] and "least KL" in f.rule
 
 
+def test_width_candidates_are_priced_with_the_biases_their_compensation_writes():
+    prof = load_profile("cpu-2core")
+    table = _table(SMOLLM2, 0.2, {"none": 0.05, "w8a8-int8": 0.03})
+    dense_ms = table.predict(SMOLLM2, "none")[1] * 1e3
+    prof = prof.model_copy(update={"budget": prof.budget.model_copy(update={"tpot_ms": 0.8 * dense_ms})})
+    plain = search(prof, SMOLLM2, table, CostModel(prof), ["none", "w8a8-int8"])
+    biased = search(prof, SMOLLM2, table, CostModel(prof), ["none", "w8a8-int8"], biases=True)
+    assert not any(c.arch.biased for c in plain.candidates)
+    assert any(c.width for c in biased.candidates) and any(not c.width for c in biased.candidates)
+    assert all(c.arch.biased == (c.width > 0) for c in biased.candidates)  # depth and format alone add no bias
+
+
+def _checked_frontier(measured_ms: dict[str, float]):
+    """A frontier whose candidates all have a KL, and a checker that re-prices a candidate at the TPOT
+    `measured_ms` gives its levers (as `ExactCheck` does with a measurement) and records the order."""
+    from dataclasses import replace as dc_replace
+
+    prof = load_profile("cpu-2core")
+    table = _table(SMOLLM2, 0.2, {"none": 0.05, "w8a8-int8": 0.03})
+    budget = 0.8 * table.predict(SMOLLM2, "none")[1] * 1e3
+    prof = prof.model_copy(update={"budget": prof.budget.model_copy(update={"tpot_ms": budget})})
+    cost = CostModel(prof)
+    f = search(prof, SMOLLM2, table, cost, ["none", "w8a8-int8"], biases=True)
+    for i, c in enumerate(f.candidates):
+        c.kl = 1.0 + i
+    order = []
+
+    def check(c):
+        order.append(c.levers)
+        ms = measured_ms.get(c.levers, c.prediction.tpot_s * 1e3)
+        c.prediction = dc_replace(c.prediction, tpot_s=ms / 1e3)
+        c.violations, c.exact = cost.violations(c.prediction), True
+        return c.ok
+
+    f.checker = check
+    return f, budget, order
+
+
+def test_the_best_candidate_that_misses_at_its_exact_shape_gives_way_to_the_next():
+    f, budget, order = _checked_frontier({})
+    first, second, third = f.candidates[:3]
+    f, budget, order = _checked_frontier({first.levers: 2 * budget})
+    chosen = f.choose()
+    assert order == [first.levers, second.levers] and chosen.levers == second.levers
+    assert chosen.exact and chosen.ok and "exact shape" in f.rule and "the 1 before it" in f.rule
+    missed = next(c for c in f.candidates if c.levers == first.levers)
+    assert missed.exact and not missed.ok and missed.as_dict()["latency_from"] == "its exact shape, measured"
+    # every checked candidate misses: nothing is chosen, and the note names them and what they missed
+    f, budget, order = _checked_frontier({c.levers: 2 * budget for c in f.candidates})
+    assert f.choose() is None and len(order) == f.max_checks == 3
+    assert f.rule.startswith("none") and "infeasible as measured" in f.notes[-1] and first.levers in f.notes[-1]
+
+
 def test_format_problem_names_the_width_a_group_does_not_divide():
     assert format_problem("w8a8-int8", SMOLLM2) is None
     assert "576" in format_problem("w4a16", SMOLLM2)

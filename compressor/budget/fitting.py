@@ -35,7 +35,8 @@ def skeleton(arch: Arch, round_to: int) -> Arch:
 
 
 def _write_random_model(config: dict, arch: Arch, tokenizer_dir: Path, dtype: str, out: Path) -> None:
-    """A checkpoint with `arch`'s (uniform) widths and random weights, in the family's own config."""
+    """A checkpoint with `arch`'s (uniform) widths and random weights, in the family's own config
+    (with the bias switches on when `arch.biased`, as a bias compensation's export has them)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -46,7 +47,7 @@ def _write_random_model(config: dict, arch: Arch, tokenizer_dir: Path, dtype: st
     if not uniform:
         raise ValueError("cost-model fitting measures uniform widths only")
     w = Widths([arch.q_heads[0]] * arch.layers, [arch.kv_heads[0]] * arch.layers, [arch.intermediate[0]] * arch.layers,
-               arch.head_dim)
+               arch.head_dim, o_bias=arch.biased, down_bias=arch.biased)
     native = base_adapter(config).native_config(config, w)
     if native is None:
         raise ValueError(f"the family '{config.get('model_type')}' cannot express the widths {w}")

@@ -39,6 +39,7 @@ class Candidate:
     violations: list[Violation]
     removed: float  # fraction of the dense decoder's weights removed, width and depth together
     kl: float | None = None  # predicted quality loss: KL(dense || candidate) on validation text
+    exact: bool = False  # its latency is its own shape's measurement (`ExactCheck`), not the table's fit
 
     @property
     def ok(self) -> bool:
@@ -59,6 +60,7 @@ class Candidate:
         return {"levers": self.levers, "width": self.width, "dropped_layers": self.dropped, "format": self.fmt,
                 "decoder_removed": round(self.removed, 4), "params": self.arch.total_params,
                 **self.prediction.as_dict(), "meets_budget": self.ok, "kl": self.kl,
+                "latency_from": "its exact shape, measured" if self.exact else "the table's fit",
                 "violations": [v.sentence() for v in self.violations]}
 
 
@@ -72,6 +74,9 @@ class Frontier:
     chosen: Candidate | None = None
     rule: str = ""  # how `chosen` was chosen
     notes: list[str] = field(default_factory=list)
+    # measures a candidate at its exact shape before it is chosen (`ExactCheck`); None: the fit decides
+    checker: object = field(default=None, repr=False, compare=False)
+    max_checks: int = 3
 
     @property
     def feasible(self) -> bool:
@@ -79,19 +84,38 @@ class Frontier:
 
     def choose(self) -> Candidate | None:
         """The least KL where every candidate has one; else the fewest weights removed (format order
-        breaks ties: the dense dtype first), then the lowest predicted TPOT."""
+        breaks ties: the dense dtype first), then the lowest predicted TPOT. With a `checker`, the
+        best candidates are measured at their exact shapes in that order, up to `max_checks` of
+        them, and the first that still meets the budget is chosen; when none does, nothing is."""
         if not self.candidates:
             self.chosen, self.rule = None, "no candidate meets the budget"
             return None
         order = {f: i for i, f in enumerate(self.formats)}
         if all(c.kl is not None for c in self.candidates):
-            self.chosen = min(self.candidates, key=lambda c: (c.kl, c.removed, c.prediction.tpot_s))
+            ranked = sorted(self.candidates, key=lambda c: (c.kl, c.removed, c.prediction.tpot_s))
             self.rule = "least KL to the dense model on validation text (measured on the weights)"
         else:
-            self.chosen = min(self.candidates, key=lambda c: (round(c.removed, 4), order[c.fmt], c.prediction.tpot_s))
+            ranked = sorted(self.candidates, key=lambda c: (round(c.removed, 4), order[c.fmt], c.prediction.tpot_s))
             self.rule = ("fewest decoder weights removed (the weights were not read, so quality was not estimated; "
                          "run the main job to choose by measured KL)")
-        return self.chosen
+        if self.checker is None:
+            self.chosen = ranked[0]
+            return self.chosen
+        self.chosen = None
+        for i, c in enumerate(ranked[: self.max_checks]):
+            if self.checker(c):
+                self.chosen = c
+                self.rule += "; measured at its exact shape before pruning, it meets the budget"
+                if i:
+                    self.rule += f" (the {i} before it by that rule did not, at theirs)"
+                return c
+        n = min(self.max_checks, len(ranked))
+        self.rule = f"none: the best {n} by that rule, measured at their exact shapes, missed the budget"
+        self.notes.append(f"The budget of profile '{self.profile}' is infeasible as measured: the table's fit "
+                          f"predicted it met, but the best {n} candidates measured at their exact shapes missed it ("
+                          + "; ".join(f"{c.levers}: " + ", ".join(v.sentence() for v in c.violations)
+                                      for c in ranked[:n]) + ").")
+        return None
 
     def as_dict(self) -> dict:
         return {"profile": self.profile, "latency_source": self.latency_source, "formats": self.formats,
@@ -143,6 +167,52 @@ class AnchoredTable:
                 "anchor": {"ttft_scale": self.ttft_scale, "tpot_scale": self.tpot_scale}}
 
 
+class ExactCheck:
+    """Measures a candidate at its exact shape before it is chosen (`latency_table.measure_exact`:
+    random weights, its widths, depth, biases and format, in turn with the table's reference) and
+    re-prices it with that point. `table` is the table the frontier was priced with (anchored or
+    not); `base` the measured table under it, which gains the exact points (and its cache)."""
+
+    def __init__(self, table, profile: Profile, config: dict, model_dir, cost: CostModel, runs: int = 3, say=print):
+        self.table, self.profile, self.config, self.model_dir = table, profile, config, model_dir
+        self.cost, self.runs, self.say = cost, runs, say
+
+    @property
+    def base(self):
+        return self.table.table if isinstance(self.table, AnchoredTable) else self.table
+
+    def _set_base(self, base) -> None:
+        if isinstance(self.table, AnchoredTable):
+            self.table.table = base
+        else:
+            self.table = base
+
+    def __call__(self, c: Candidate) -> bool:
+        from .latency_table import exact_shape, measure_exact
+
+        if exact_shape(c.arch) is None:  # per-layer widths: the fit is all there is
+            return c.ok
+        before = c.prediction.tpot_s
+        self.say(f"plan: measuring {c.levers} at its exact shape (TPOT predicted by the fit: {before * 1e3:.2f} ms)")
+        self._set_base(measure_exact(self.base, self.profile, self.config, self.model_dir, [(c.arch, c.fmt)],
+                                     self.runs, self.say))
+        c.prediction = predict(self.cost, self.table, c.arch, c.fmt)
+        c.violations, c.exact = self.cost.violations(c.prediction), True
+        self.say(f"plan: {c.levers} measured {c.prediction.tpot_s * 1e3:.2f} ms TPOT at its exact shape "
+                 f"({c.prediction.tpot_s / before - 1:+.1%} against the fit): "
+                 + ("meets the budget" if c.ok else "; ".join(v.sentence() for v in c.violations)))
+        return c.ok
+
+
+def exact_check(table, profile: Profile, config: dict, model_dir, cost: CostModel, runs: int = 3,
+                say=print) -> ExactCheck | None:
+    """An `ExactCheck` where the table was measured here (and so can gain points); None otherwise."""
+    base = table.table if isinstance(table, AnchoredTable) else table
+    if model_dir is None or not getattr(base, "measured", False) or getattr(base, "path", None) is None:
+        return None
+    return ExactCheck(table, profile, config, model_dir, cost, runs, say)
+
+
 def predict(cost: CostModel, table, arch: Arch, fmt: str) -> Prediction:
     """TTFT and TPOT from the latency table; memory from the cost model in `fmt`; throughput from the
     roofline, scaled by how far the table's batch-1 decode step is from the roofline's."""
@@ -168,8 +238,11 @@ def format_problem(fmt: str, arch: Arch) -> str | None:
 
 
 def search(profile: Profile, arch: Arch, table, cost: CostModel, formats: list[str], attn_unit: str = "auto",
-           round_to: int | None = None, grid: tuple[float, ...] = GRID, max_dropped: int | None = None) -> Frontier:
-    """Every (format, dropped) pair's least grid width that meets the budget (see the module doc)."""
+           round_to: int | None = None, grid: tuple[float, ...] = GRID, max_dropped: int | None = None,
+           biases: bool = False) -> Frontier:
+    """Every (format, dropped) pair's least grid width that meets the budget (see the module doc).
+    `biases`: width pruning's compensation adds biases (`Compensation.adds_bias`), so a candidate
+    with a width removed is priced as an export with the config's bias switches on."""
     rt = round_to or profile.round_to
     max_dropped = arch.layers // 2 if max_dropped is None else max_dropped
     frontier = Frontier(profile.name, table.source, [], [])
@@ -180,7 +253,7 @@ def search(profile: Profile, arch: Arch, table, cost: CostModel, formats: list[s
             continue
         frontier.formats.append(fmt)
         for dropped in range(max_dropped + 1):
-            found = least_width(arch, shallower(arch, dropped), dropped, fmt, table, cost, attn_unit, rt, grid)
+            found = least_width(arch, shallower(arch, dropped), dropped, fmt, table, cost, attn_unit, rt, grid, biases)
             if found:
                 frontier.candidates.append(found)
                 if found.width == 0:
@@ -189,10 +262,12 @@ def search(profile: Profile, arch: Arch, table, cost: CostModel, formats: list[s
 
 
 def least_width(dense: Arch, base: Arch, dropped: int, fmt: str, table, cost: CostModel, attn_unit: str,
-                round_to: int, grid: tuple[float, ...]) -> Candidate | None:
+                round_to: int, grid: tuple[float, ...], biases: bool = False) -> Candidate | None:
     """The least width of `grid` whose widths `fmt` can hold and which meets every budget line."""
     for width in grid:
         a = arch_at_ratio(base, width, attn_unit, round_to)
+        if width and biases:
+            a = replace(a, biased=True)
         if format_problem(fmt, a):
             continue  # these widths are not multiples of the format's group
         pred = predict(cost, table, a, fmt)
@@ -261,12 +336,15 @@ def latency_table_for(profile: Profile, config: dict, model_dir, formats: list[s
 
 def lever_plan(profile: Profile, model: str | None, measure: bool | None = None, attn_unit: str = "auto",
                round_to: int | None = None, runs: int = 3, formats: list[str] | None = None,
-               say=print, measure_dense=None) -> tuple[Frontier, dict]:
+               say=print, measure_dense=None, compensation: str = "auto") -> tuple[Frontier, dict]:
     """Read the model's config, price every lever mix and return the frontier (not yet chosen: the
     caller chooses, by KL when it holds the weights) and the config. `measure_dense(runtime)`, given
     by a caller that holds the weights, measures the real dense export in that runtime ->
-    (TTFT s, TPOT s), and a measured table is anchored on it (`AnchoredTable`)."""
+    (TTFT s, TPOT s), and a measured table is anchored on it (`AnchoredTable`). `compensation`: the
+    width pruning's (does it add biases?). With a table measured here the frontier measures its
+    best candidates at their exact shapes when it chooses (`ExactCheck`)."""
     from ..model.loading import read_config
+    from ..prune import COMPENSATION
     from .fitting import arch_of
 
     config, model_dir = read_config(model)
@@ -279,8 +357,10 @@ def lever_plan(profile: Profile, model: str | None, measure: bool | None = None,
         table = AnchoredTable.on(table, arch, ttft, tpot)
         say(f"plan: the dense export measured in {runtime}: TPOT {tpot * 1e3:.2f} ms, TTFT {ttft * 1e3:.1f} ms; "
             f"the table's predictions are scaled by x{table.tpot_scale:.3f} (TPOT) / x{table.ttft_scale:.3f} (TTFT)")
-    frontier = search(profile, arch, table, CostModel(profile), formats, attn_unit, round_to)
+    biases = COMPENSATION.get(compensation).adds_bias
+    frontier = search(profile, arch, table, CostModel(profile), formats, attn_unit, round_to, biases=biases)
     frontier.notes = notes + list(getattr(table, "notes", []))
+    frontier.checker = exact_check(table, profile, config, model_dir, CostModel(profile), runs, say)
     if not frontier.feasible:
         frontier.notes.append(closest_miss(profile, arch, table, CostModel(profile), formats, attn_unit, round_to))
     return frontier, config

