@@ -4,9 +4,10 @@ On SmolLM2-135M with the cpu-2core profile (vLLM CPU, bf16, batch 1):
 1. measure the dense model's TPOT in vLLM; the budgets are 0.9x, 0.8x, 0.7x and 0.5x of it (`--budgets`);
 2. the latency table of this machine (`budget/latency_table.py`, cached; `--refresh` re-measures);
 3. for each budget, the frontier (`budget/frontier.py`) and every candidate's KL to the dense model on
-   validation text (`prune/planned.py`); the planner's choice is the least-KL candidate that still
-   meets the budget when measured at its exact shape (random weights, its widths, depth, biases and
-   format, in turn with the table's reference: `frontier.ExactCheck`; `--no-check`: the fit alone). The single
+   text the dense model generated itself (`prune/planned.py`; `--kl-text validation`: the validation
+   split); the planner's choice is the least-KL candidate that still meets the budget when measured
+   at its exact shape (random weights, its widths, depth, biases and format, in turn with the
+   table's reference: `frontier.ExactCheck`; `--no-check`: the fit alone). The single
    levers are the least aggressive candidate of one lever that is predicted to meet the budget:
    width only (the dense dtype, no layer dropped), depth only (whole layers, full widths) and
    quantization only (a weight format, nothing pruned); a lever that cannot meet the budget by the
@@ -88,6 +89,8 @@ def main() -> None:
     ap.add_argument("--formats", default=None, help="weight formats (default: the profile's runnable ones)")
     ap.add_argument("--refresh", action="store_true", help="re-measure the latency table")
     ap.add_argument("--no-anchor", action="store_true", help="predict from the random-weight table alone")
+    ap.add_argument("--kl-text", default="self", help="what the candidates' KL is measured on: self (text the "
+                    "dense model generates, what `compress --levers` uses) or validation")
     ap.add_argument("--no-check", action="store_true",
                     help="choose by the table's fit alone (no exact-shape measurement of the best candidates)")
     ap.add_argument("--threads", type=int, default=None)
@@ -102,7 +105,7 @@ def main() -> None:
     from compressor.model.loading import embedded_model_dir
     from compressor.pipeline import prepare
     from compressor.prune.driver import prune_model
-    from compressor.prune.planned import PlanQuality, fake_quantized
+    from compressor.prune.planned import PlanQuality, fake_quantized, kl_text
     from compressor.steps import prune_spec
     from profiles import load_profile
     from profiles.costmodel import CostModel
@@ -142,7 +145,9 @@ def main() -> None:
             say(f"latency: {table.source}")
 
         spec = prune_spec(opts, 0.0, profile.round_to)
-        quality = PlanQuality(model, adapter, prep.calib, prep.validation, spec, opts.compute, say=say)
+        kl_ids = kl_text(args.kl_text, model, tok, prep.validation, 8 * 256, opts.seed)
+        quality = PlanQuality(model, adapter, prep.calib, prep.validation, spec, opts.compute, say=say,
+                              kl_ids=kl_ids, kl_on=f"{args.kl_text} text")
         measured: dict[tuple, dict] = {}
 
         def run_plan(c: Candidate) -> dict:

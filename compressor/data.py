@@ -97,9 +97,10 @@ def self_generated_ids(model, tokenizer, n_tokens: int, seed: int, chunk: int = 
         start = torch.full((batch, 1), bos, dtype=torch.long)
         # vary the first real token so the sequences differ
         first = torch.randint(0, model.config.vocab_size, (batch, 1), generator=gen)
-        ids = model.generate(torch.cat([start, first], 1), do_sample=True, top_p=0.95, temperature=1.0,
+        prompt = torch.cat([start, first], 1).to(next(model.parameters()).device)
+        ids = model.generate(prompt, do_sample=True, top_p=0.95, temperature=1.0,
                              max_new_tokens=chunk, min_new_tokens=chunk, pad_token_id=bos)
-        out.append(ids[:, 1:].reshape(-1))
+        out.append(ids[:, 1:].reshape(-1).cpu())
         total += out[-1].numel()
     return torch.cat(out)[:n_tokens]
 

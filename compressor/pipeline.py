@@ -111,7 +111,7 @@ def run_levers(cfg: RunConfig, profile, round_to: int, prep: Prepared, stages: S
     export it in its weight format, and measure it like any other run."""
     from .budget.frontier import lever_plan
     from .budget.planner import InfeasibleBudget, NothingToPrune
-    from .prune.planned import PlanQuality, estimate
+    from .prune.planned import PlanQuality, estimate, kl_text
 
     say = console.print
     def measure_dense(runtime: str) -> tuple[float, float]:
@@ -149,7 +149,9 @@ def run_levers(cfg: RunConfig, profile, round_to: int, prep: Prepared, stages: S
                n_cloze=cfg.eval_items) as tasks:
         ppl_dense, domains_dense = evaluate_model("dense", model, tok, prep, tasks, cfg, stages, say)
         with stages.timed("pruning_step"):
-            quality = PlanQuality(model, prep.adapter, prep.calib, prep.validation, spec, cfg.compute, say=say)
+            kl_ids = kl_text("self", model, tok, prep.validation, 8 * 256, cfg.seed)
+            quality = PlanQuality(model, prep.adapter, prep.calib, prep.validation, spec, cfg.compute, say=say,
+                                  kl_ids=kl_ids, kl_on="text the dense model generated itself")
             estimate(quality, frontier, say=say)
             chosen = frontier.choose()
             if chosen is None:  # the best candidates missed the budget when measured at their exact shapes

@@ -192,6 +192,29 @@ def test_plan_quality_orders_candidates_and_prunes_to_one():
     assert res.structure == "planned" and res.notes["plan"]["dropped_layers"] == [gone]
 
 
+def test_the_kl_is_measured_on_text_the_dense_model_generates_itself():
+    """`kl_text("self")`: seeded samples of the dense model (the same twice), cut into the KL windows;
+    "validation" is the validation split; anything else is refused in one sentence."""
+    from types import SimpleNamespace
+
+    from compressor.errors import UserError
+    from compressor.prune.planned import kl_text
+
+    torch.set_num_threads(1)
+    model, adapter, calib, val, spec = _setup(layers=2)
+    tok = SimpleNamespace(bos_token_id=1, eos_token_id=2)
+    ids = kl_text("self", model, tok, val, 300, seed=0)
+    assert ids.shape == (300,) and ids.dtype == torch.long and int(ids.max()) < model.config.vocab_size
+    assert torch.equal(ids, kl_text("self", model, tok, val, 300, seed=0))
+    assert kl_text("validation", model, tok, val, 300, seed=0) is val
+    with pytest.raises(UserError, match="not a text"):
+        kl_text("held-out", model, tok, val, 300, seed=0)
+    q = PlanQuality(model, adapter, calib, val, spec, Compute(batch_size=4), say=lambda *_: None, windows=2,
+                    window_len=128, kl_ids=ids, kl_on="text the dense model generated itself")
+    assert torch.equal(q.fitness.windows[0], ids[:128]) and q.kl_on == "text the dense model generated itself"
+    assert q.kl(0.0, 1) > 0
+
+
 def test_fake_quantization_changes_outputs_a_little():
     model = tiny_model("llama-gqa", layers=2).eval()
     x = torch.randint(0, model.config.vocab_size, (1, 16))

@@ -14,7 +14,7 @@ TPOT, and by the cost model for memory (weights in the format, KV cache, overhea
 For each (format, dropped) the frontier keeps the least width that meets every budget line: more
 width pruning on top of a plan that already fits only loses quality. The choice among the frontier
 is the one with the least predicted quality loss: the KL divergence to the dense model measured on
-validation text (`prune.planned.PlanQuality`) when the weights are at hand, else (a config-only
+text the model generates itself (`prune.planned.PlanQuality`) when the weights are at hand, else (a config-only
 `compress plan`) the fewest decoder weights removed, the format breaking ties, and the report says
 which rule chose.
 """
@@ -38,7 +38,7 @@ class Candidate:
     prediction: Prediction
     violations: list[Violation]
     removed: float  # fraction of the dense decoder's weights removed, width and depth together
-    kl: float | None = None  # predicted quality loss: KL(dense || candidate) on validation text
+    kl: float | None = None  # predicted quality loss: KL(dense || candidate) on `Frontier.kl_on`
     exact: bool = False  # its latency is its own shape's measurement (`ExactCheck`), not the table's fit
 
     @property
@@ -75,6 +75,7 @@ class Frontier:
     rule: str = ""  # how `chosen` was chosen
     notes: list[str] = field(default_factory=list)
     # measures a candidate at its exact shape before it is chosen (`ExactCheck`); None: the fit decides
+    kl_on: str = "validation text"  # what the candidates' KL was measured on (`prune.planned.kl_text`)
     checker: object = field(default=None, repr=False, compare=False)
     max_checks: int = 3
 
@@ -93,7 +94,7 @@ class Frontier:
         order = {f: i for i, f in enumerate(self.formats)}
         if all(c.kl is not None for c in self.candidates):
             ranked = sorted(self.candidates, key=lambda c: (c.kl, c.removed, c.prediction.tpot_s))
-            self.rule = "least KL to the dense model on validation text (measured on the weights)"
+            self.rule = f"least KL to the dense model on {self.kl_on} (measured on the weights)"
         else:
             ranked = sorted(self.candidates, key=lambda c: (round(c.removed, 4), order[c.fmt], c.prediction.tpot_s))
             self.rule = ("fewest decoder weights removed (the weights were not read, so quality was not estimated; "
@@ -119,6 +120,7 @@ class Frontier:
 
     def as_dict(self) -> dict:
         return {"profile": self.profile, "latency_source": self.latency_source, "formats": self.formats,
+                "kl_on": self.kl_on,
                 "skipped_formats": self.skipped_formats, "rule": self.rule, "notes": self.notes,
                 "chosen": self.chosen.as_dict() if self.chosen else None,
                 "frontier": [c.as_dict() for c in self.candidates]}
