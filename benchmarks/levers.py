@@ -187,9 +187,9 @@ def main() -> None:
             if not args.no_check:  # measure the best candidates at their exact shapes before choosing
                 frontier.checker = exact_check(table, prof, config, model_dir, CostModel(prof), args.runs, say)
             frontier.choose()
-            if frontier.chosen is None and frontier.notes:
-                say(f"  planner: {frontier.notes[-1]}")
             say(f"budget {f:.2f}x dense = {budget_ms:.2f} ms: {len(frontier.candidates)} frontier candidates")
+            if frontier.chosen is None and frontier.candidates:
+                say(f"  planner: {frontier.notes[-1]}")
             singles = {
                 "width only": next((c for c in frontier.candidates if c.fmt == "none" and c.dropped == 0), None),
                 "depth only": next((c for c in frontier.candidates if c.fmt == "none" and c.width == 0), None),
@@ -199,9 +199,13 @@ def main() -> None:
             }
             for name, c in singles.items():
                 if c is None:
-                    # the lever alone, as far as it goes: what it would need and whether it is predicted to fit
-                    rows.append({"budget": f, "budget_ms": budget_ms, "plan": name, "levers": None})
-                    say(f"  {name}: no plan of this lever alone is predicted to meet {budget_ms:.2f} ms")
+                    why = "predicted not to fit"
+                    if name == "planner" and frontier.candidates:
+                        why = f"none: its best {min(frontier.max_checks, len(frontier.candidates))} candidates " \
+                              "missed the budget measured at their exact shapes"
+                    rows.append({"budget": f, "budget_ms": budget_ms, "plan": name, "levers": None, "why": why})
+                    if why == "predicted not to fit":
+                        say(f"  {name}: no plan of this lever alone is predicted to meet {budget_ms:.2f} ms")
                     continue
                 got = run_plan(c)
                 rows.append({"budget": f, "budget_ms": budget_ms, "plan": name, "levers": c.levers, **got,
@@ -230,7 +234,7 @@ def print_table(rows: list[dict], dense: dict, dense_cross: float) -> None:
     for r in rows:
         head = f"| {r['budget']:.2f}x ({r['budget_ms']:.2f} ms) | {r['plan']} |"
         if r["levers"] is None:
-            print(f"{head} predicted not to fit | | | | | | | | | |")
+            print(f"{head} {r.get('why', 'predicted not to fit')} | | | | | | | | | |")
         elif "error" in r:
             print(f"{head} {r['levers']} | failed: {r['error']} | | | | | | | | |")
         else:

@@ -77,11 +77,17 @@ def test_frontier_keeps_the_least_width_per_format_and_depth_and_every_candidate
         assert len(zero) <= 1 and all(c.dropped <= min(zero) for c in f.candidates if c.fmt == fmt) if zero else True
 
 
-def test_choice_is_least_kl_with_weights_and_fewest_removed_without():
+def _budgeted(fraction: float):
+    """cpu-2core with a TPOT budget of `fraction` of the dense model's on `_table`'s line -> (profile,
+    table, budget ms)."""
     prof = load_profile("cpu-2core")
     table = _table(SMOLLM2, 0.2, {"none": 0.05, "w8a8-int8": 0.03})
-    dense_ms = table.predict(SMOLLM2, "none")[1] * 1e3
-    prof = prof.model_copy(update={"budget": prof.budget.model_copy(update={"tpot_ms": 0.8 * dense_ms})})
+    budget = fraction * table.predict(SMOLLM2, "none")[1] * 1e3
+    return prof.model_copy(update={"budget": prof.budget.model_copy(update={"tpot_ms": budget})}), table, budget
+
+
+def test_choice_is_least_kl_with_weights_and_fewest_removed_without():
+    prof, table, _ = _budgeted(0.8)
     f = search(prof, SMOLLM2, table, CostModel(prof), ["none", "w8a8-int8"])
     f.choose()
     assert f.chosen.removed == min(c.removed for c in f.candidates) and "fewest" in f.rule
@@ -92,10 +98,7 @@ def test_choice_is_least_kl_with_weights_and_fewest_removed_without():
 
 
 def test_width_candidates_are_priced_with_the_biases_their_compensation_writes():
-    prof = load_profile("cpu-2core")
-    table = _table(SMOLLM2, 0.2, {"none": 0.05, "w8a8-int8": 0.03})
-    dense_ms = table.predict(SMOLLM2, "none")[1] * 1e3
-    prof = prof.model_copy(update={"budget": prof.budget.model_copy(update={"tpot_ms": 0.8 * dense_ms})})
+    prof, table, _ = _budgeted(0.8)
     plain = search(prof, SMOLLM2, table, CostModel(prof), ["none", "w8a8-int8"])
     biased = search(prof, SMOLLM2, table, CostModel(prof), ["none", "w8a8-int8"], biases=True)
     assert not any(c.arch.biased for c in plain.candidates)
@@ -108,10 +111,7 @@ def _checked_frontier(measured_ms: dict[str, float]):
     `measured_ms` gives its levers (as `ExactCheck` does with a measurement) and records the order."""
     from dataclasses import replace as dc_replace
 
-    prof = load_profile("cpu-2core")
-    table = _table(SMOLLM2, 0.2, {"none": 0.05, "w8a8-int8": 0.03})
-    budget = 0.8 * table.predict(SMOLLM2, "none")[1] * 1e3
-    prof = prof.model_copy(update={"budget": prof.budget.model_copy(update={"tpot_ms": budget})})
+    prof, table, budget = _budgeted(0.8)
     cost = CostModel(prof)
     f = search(prof, SMOLLM2, table, cost, ["none", "w8a8-int8"], biases=True)
     for i, c in enumerate(f.candidates):
