@@ -349,13 +349,24 @@ def test_exact_points_are_used_for_their_shape_only_and_left_out_of_the_fit():
     fitted = table.predict(cand)
     slow = TablePoint(EXACT, "none", 16, cand.decoder_params, 0.5, 0.02, {}, shape)
     with_exact = LatencyTable(table.key, [*table.points, slow], table.source, True)
-    assert with_exact.predict(cand) == (0.5, 0.02)
+    assert with_exact.predict(cand) == pytest.approx((0.5, 0.02))  # the reference is on the line: as stored
     assert with_exact.predict(replace(cand, biased=False)) == pytest.approx(fitted)  # another shape: the fit
     assert with_exact.predict(archs["w25"]) == pytest.approx(table.predict(archs["w25"]))
     assert with_exact.coefficients("none") == table.coefficients("none")  # not fitted
     # a dropped layer written as a no-op layer is the same shape
     noop = replace(cand, q_heads=(*cand.q_heads, 0), kv_heads=(*cand.kv_heads, 0), intermediate=(*cand.intermediate, 0))
-    assert exact_shape(noop) == shape and with_exact.predict(noop) == (0.5, 0.02)
+    assert exact_shape(noop) == shape and with_exact.predict(noop) == pytest.approx((0.5, 0.02))
+    # a reference measured above the line (noise the fit averages out): the exact point, stored as its
+    # ratio x the reference's measurement, is priced as that ratio x the fit's reference, the basis of
+    # every other prediction and of the planner's anchor
+    full = archs["full"]
+    on_line = a + b * full.layers + c * full.decoder_params
+    noisy, _ = _synthetic_table(a, b, c, full=1.1 * on_line)
+    ref_fit = noisy.predict(full)[1]
+    assert ref_fit != pytest.approx(1.1 * on_line)
+    ratio = 0.02 / (1.1 * on_line)
+    priced = LatencyTable(noisy.key, [*noisy.points, slow], noisy.source, True).predict(cand)[1]
+    assert priced == pytest.approx(ratio * ref_fit)
     # per-layer widths have no exact shape; an exact point must carry its shape
     assert exact_shape(replace(cand, intermediate=(960,) * 15 + (1024,))) is None
     assert TablePoint.from_dict(slow.as_dict()) == slow
@@ -390,7 +401,9 @@ def test_an_exact_shape_is_measured_against_the_reference_and_cached(tiny_model_
     ref = next(p for p in out.points if p.name == "full")
     ratio = exact[0].measurement["ratio_to_reference"]["tpot"]
     assert exact[0].tpot_s == pytest.approx(ratio * ref.tpot_s)  # on the table's scale
-    assert out.predict(cand) == (exact[0].ttft_s, exact[0].tpot_s)
+    fit_ref = LatencyTable(table.key, [p for p in out.points if p.name != EXACT], table.source, True).predict(dense)
+    assert out.predict(cand) == pytest.approx((exact[0].measurement["ratio_to_reference"]["ttft"] * fit_ref[0],
+                                               ratio * fit_ref[1]))  # its ratio x the fit's reference
     assert load_table(prof, config, "torch", table.key["device"]).exact(cand, "none") == exact[0]  # cached
     said.clear()
     assert measure_exact(out, prof, config, tiny_model_dir, [(cand, "none")], runs=2, say=said.append) is out

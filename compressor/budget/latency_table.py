@@ -40,7 +40,9 @@ with biases (what a bias compensation exports) ran SmolLM2 cut to 16 layers with
 0.63x (random weights, in turn with the reference). No line through six points predicts that. So
 a plan's candidate can be measured at its own shape before it is chosen (`measure_exact`): an
 "exact" point, stored on the reference's scale like the others and cached with them, which
-`predict` uses for that shape and format instead of the fit (it is left out of the fit).
+`predict` uses for that shape and format instead of the fit (it is left out of the fit), as its
+ratio to the reference times the fit's prediction for the reference, the basis every other
+prediction and the planner's anchor share.
 
 The table is cached as JSON per device + runtime (and its version) + dtype + workload + model
 shape, one file per key; a point already cached is not measured again, so adding a format
@@ -248,10 +250,23 @@ class LatencyTable:
         its exact point where one was measured, else the format's fit."""
         exact = self.exact(arch, fmt)
         if exact is not None:
-            return exact.ttft_s, exact.tpot_s
+            return self._on_fit_scale(exact)
         ttft, tpot = self._fit(fmt)
         layers, params = active_layers(arch), arch.decoder_params
         return ttft.at(layers, params), tpot.at(layers, params)
+
+    def _on_fit_scale(self, p: TablePoint) -> tuple[float, float]:
+        """An exact point's (TTFT, TPOT) on the fit's scale: its ratio to the reference times the
+        fit's prediction for the reference. Stored, it is its ratio times the reference's own
+        measurement, which the fit does not pass through (SmolLM2 here: 18.36 ms measured, 17.04 ms
+        fitted); the anchor and every other shape are priced from the fit, so an exact point left
+        on the other scale read 8% slow against them."""
+        ref = next((q for q in self.points if (q.name, q.format) == REFERENCE), None)
+        if ref is None or FORMATS_NONE not in self._fits:
+            return p.ttft_s, p.tpot_s
+        ttft, tpot = self._fits[FORMATS_NONE]
+        return (p.ttft_s * ttft.at(ref.layers, ref.decoder_params) / ref.ttft_s,
+                p.tpot_s * tpot.at(ref.layers, ref.decoder_params) / ref.tpot_s)
 
     def coefficients(self, fmt: str) -> dict:
         """The fitted per-format model, for printing: a (s), b (s per layer), c (s per decoder weight)."""
