@@ -408,4 +408,20 @@ def test_an_exact_shape_is_measured_against_the_reference_and_cached(tiny_model_
     said.clear()
     assert measure_exact(out, prof, config, tiny_model_dir, [(cand, "none")], runs=2, say=said.append) is out
     assert not said
+    # the planner's check (frontier.ExactCheck), anchored as `compress --levers` anchors: a new shape is
+    # measured and re-priced; a shape measured before is priced from the cache and said so
+    from compressor.budget.frontier import AnchoredTable, Candidate, ExactCheck, predict
+
+    cost = CostModel(prof)
+    anchored = AnchoredTable.on(out, dense, *out.predict(dense, "none"))
+    other = replace(arch_at_ratio(shallower(dense, 1), 0.5, "auto", 8), biased=True)
+    check = ExactCheck(anchored, prof, config, tiny_model_dir, cost, runs=2, say=said.append)
+    for arch, measured in ((other, True), (cand, False)):
+        c = Candidate(0.5, 1, "none", arch, predict(cost, anchored, arch, "none"), [], 0.5)
+        said.clear()
+        assert check(c) == c.ok and c.exact
+        assert any("measuring" in line for line in said) == measured
+        assert ("measured at its exact shape before" in said[-1]) != measured
+        assert c.prediction.tpot_s == pytest.approx(anchored.predict(arch, "none")[1])
+    assert anchored.table.exact(other, "none") is not None  # the anchored table gained the point
     assert list(out.path.parent.iterdir()) == [out.path]  # no temporary files left

@@ -195,14 +195,18 @@ class ExactCheck:
         if exact_shape(c.arch) is None:  # per-layer widths: the fit is all there is
             return c.ok
         before = c.prediction.tpot_s
-        self.say(f"plan: measuring {c.levers} at its exact shape (TPOT predicted by the fit: {before * 1e3:.2f} ms)")
-        self._set_base(measure_exact(self.base, self.profile, self.config, self.model_dir, [(c.arch, c.fmt)],
-                                     self.runs, self.say))
-        c.prediction = predict(self.cost, self.table, c.arch, c.fmt)
+        if self.base.exact(c.arch, c.fmt) is not None:  # measured earlier (cached): already its price
+            verdict = f"plan: {c.levers} was measured at its exact shape before: TPOT {before * 1e3:.2f} ms"
+        else:
+            self.say(f"plan: measuring {c.levers} at its exact shape (TPOT predicted by the fit: "
+                     f"{before * 1e3:.2f} ms)")
+            self._set_base(measure_exact(self.base, self.profile, self.config, self.model_dir, [(c.arch, c.fmt)],
+                                         self.runs, self.say))
+            c.prediction = predict(self.cost, self.table, c.arch, c.fmt)
+            verdict = (f"plan: {c.levers} measured {c.prediction.tpot_s * 1e3:.2f} ms TPOT at its exact shape "
+                       f"({c.prediction.tpot_s / before - 1:+.1%} against the fit)")
         c.violations, c.exact = self.cost.violations(c.prediction), True
-        self.say(f"plan: {c.levers} measured {c.prediction.tpot_s * 1e3:.2f} ms TPOT at its exact shape "
-                 f"({c.prediction.tpot_s / before - 1:+.1%} against the fit): "
-                 + ("meets the budget" if c.ok else "; ".join(v.sentence() for v in c.violations)))
+        self.say(f"{verdict}: " + ("meets the budget" if c.ok else "; ".join(v.sentence() for v in c.violations)))
         return c.ok
 
 
