@@ -74,8 +74,8 @@ class Frontier:
     chosen: Candidate | None = None
     rule: str = ""  # how `chosen` was chosen
     notes: list[str] = field(default_factory=list)
-    # measures a candidate at its exact shape before it is chosen (`ExactCheck`); None: the fit decides
     kl_on: str = "validation text"  # what the candidates' KL was measured on (`prune.planned.kl_text`)
+    # measures a candidate at its exact shape before it is chosen (`ExactCheck`); None: the fit decides
     checker: object = field(default=None, repr=False, compare=False)
     max_checks: int = 3
 
@@ -213,10 +213,10 @@ class ExactCheck:
 def exact_check(table, profile: Profile, config: dict, model_dir, cost: CostModel, runs: int = 3,
                 say=print) -> ExactCheck | None:
     """An `ExactCheck` where the table was measured here (and so can gain points); None otherwise."""
-    base = table.table if isinstance(table, AnchoredTable) else table
-    if model_dir is None or not getattr(base, "measured", False) or getattr(base, "path", None) is None:
+    check = ExactCheck(table, profile, config, model_dir, cost, runs, say)
+    if model_dir is None or not getattr(check.base, "measured", False) or getattr(check.base, "path", None) is None:
         return None
-    return ExactCheck(table, profile, config, model_dir, cost, runs, say)
+    return check
 
 
 def predict(cost: CostModel, table, arch: Arch, fmt: str) -> Prediction:

@@ -141,10 +141,15 @@ class Line:
         return self.a + self.b * layers + self.c * params
 
 
+def running_layers(arch: Arch) -> list[int]:
+    """Indices of the layers that still run: a layer counts when it has attention or an MLP (a
+    dropped layer is either absent from `arch` or has neither)."""
+    return [i for i, (q, m) in enumerate(zip(arch.q_heads, arch.intermediate, strict=True)) if q > 0 or m > 0]
+
+
 def active_layers(arch: Arch) -> int:
-    """Layers that still run: a layer counts when it has attention or an MLP (a dropped layer is
-    either absent from `arch` or has neither)."""
-    return sum(1 for q, m in zip(arch.q_heads, arch.intermediate, strict=True) if q > 0 or m > 0)
+    """How many layers still run (`running_layers`)."""
+    return len(running_layers(arch))
 
 
 def fitted_points(points: list[TablePoint], fmt: str) -> dict[str, TablePoint]:
@@ -155,7 +160,7 @@ def fitted_points(points: list[TablePoint], fmt: str) -> dict[str, TablePoint]:
 def exact_shape(arch: Arch) -> dict | None:
     """What an exact point is keyed by: the layers that run, their (uniform) widths and biases;
     None for per-layer widths, which the random-weight writer cannot build."""
-    kept = [i for i, (q, m) in enumerate(zip(arch.q_heads, arch.intermediate, strict=True)) if q > 0 or m > 0]
+    kept = running_layers(arch)
     widths = {(arch.q_heads[i], arch.kv_heads[i], arch.intermediate[i]) for i in kept}
     if len(widths) != 1:
         return None
