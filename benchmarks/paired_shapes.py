@@ -12,10 +12,14 @@ Two questions the lever benchmark raised, answered by `compressor.budget.device.
   bias switches on when `:bias` is added (what a bias compensation exports), against the random
   dense reference. Measured 2026-11-30, first without biases: `14:0.35:w8a8-int8` (the 0.7x plan
   that measured 0.96-0.98x of dense as a real pruned export) 0.496x, and 0.705x in a second run;
-  `14:0.35:none` 0.521x, `15:0.5:w8a8-int8` 0.552x. Then with them (9 requests each):
-  `14:0.35:w8a8-int8:bias` 0.954x against 0.711x without, and `8:0.3:w8a8-int8:bias` 0.633x. The
-  real export with its biases stripped measured 0.684x (with them 0.886x and 0.952x; in bf16 0.736x
-  with and 0.720x without). So vLLM CPU's int8 W8A8 kernel is slow with biases at some widths (MLP
+  `14:0.35:none` 0.521x, `15:0.5:w8a8-int8` 0.552x. Then with them (9 requests each). These
+  were measured by a one-off script that wrote the same shapes with random non-zero biases; this
+  script writes the zeros the model's initialisation gives, and with them (re-run while another job
+  loaded the host) measured 1.032x with biases against 0.718x without:
+  `14:0.35:w8a8-int8:bias` 0.954x against 0.711x without, and `8:0.3:w8a8-int8:bias` 0.633x. In a
+  one-off experiment not in the repository, the real export with its biases stripped measured
+  0.684x (with them 0.886x and 0.952x; in bf16 0.736x with and 0.720x without). So vLLM
+  CPU's int8 W8A8 kernel is slow with biases at some widths (MLP
   960 here), not at others (MLP 1024): what an exact-shape measurement of the candidate catches
   (`budget.frontier.ExactCheck`) and a fit through six points cannot.
 
