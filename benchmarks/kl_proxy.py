@@ -8,16 +8,17 @@ W8A8 through compressed-tensors' fake quantization), both KLs and the cross-doma
 domains unlike the calibration text), so the ranking each KL gives can be compared with the one the
 other domains give (Spearman's rho printed last).
 
-Measured 2026-11-30 (this 2-core CPU, torch fp32; ~12 min):
+Measured 2026-11-30 (this 2-core CPU, torch fp32; ~16 min while another job loaded the host):
 
     plan                             KL validation   KL self   cross-domain
     width -50%                       1.688           2.645     236.21
     drop 6                           0.894           0.800      42.23
-    drop 5 + w8a8                    0.722           0.663      37.11
+    drop 5 + w8a8                    0.721           0.663      37.11
     drop 12                          1.998           1.640     122.85
-    drop 8 + width -30% + w8a8       1.677           2.081     175.22
+    drop 8 + width -30% + w8a8       1.676           2.081     175.22
     drop 14 + width -35% + w8a8      2.498           2.871     496.26
-    drop 10 + width -5% + w8a8                       1.504      97.06
+    drop 10 + width -5% + w8a8       1.714           1.504      97.06
+    Spearman rho against cross-domain: validation +0.714, self +1.000
 
     python benchmarks/kl_proxy.py --threads 2
 """
