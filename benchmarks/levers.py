@@ -33,7 +33,6 @@ prediction at planning time, anchored on the dense export measured then, is prin
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import tempfile
@@ -104,7 +103,6 @@ def main() -> None:
     from compressor.evaluate.perplexity import domain_perplexities
     from compressor.model.loading import embedded_model_dir
     from compressor.pipeline import prepare
-    from compressor.prune.driver import prune_model
     from compressor.prune.planned import PlanQuality, fake_quantized, kl_text
     from compressor.steps import prune_spec
     from profiles import load_profile
@@ -151,15 +149,10 @@ def main() -> None:
         measured: dict[tuple, dict] = {}
 
         def run_plan(c: Candidate) -> dict:
-            key = (round(c.width, 4), c.dropped, c.fmt)
+            key = (round(c.width, 4), c.dropped, c.fmt, c.bias_free)
             if key in measured:
                 return measured[key]
-            geno = quality.genotype(c.width, c.dropped)
-            keeps = [quality.blocks.keep(i, a, m) for i, (a, m) in enumerate(geno)]
-            quality.blocks.restore()
-            pruned = copy.deepcopy(model)
-            if c.width or c.dropped:
-                prune_model(pruned, adapter, keeps, quality.scored, quality.comp)
+            pruned = quality.pruned_copy(c.width, c.dropped, c.bias_free)
             judged = pruned if c.fmt == "none" else fake_quantized(pruned, c.fmt)
             cross = domain_perplexities(judged, prep.domains)["geomean"]
             del judged
@@ -181,11 +174,13 @@ def main() -> None:
         for f in [float(x) for x in args.budgets.split(",")]:
             budget_ms = f * dense_meas["tpot_ms"]
             prof = profile.model_copy(update={"budget": profile.budget.model_copy(update={"tpot_ms": budget_ms})})
-            frontier = search(prof, arch, table, CostModel(prof), formats, biases=quality.comp.adds_bias)
+            checker = None if args.no_check else exact_check(table, prof, config, model_dir, CostModel(prof),
+                                                             args.runs, say)
+            frontier = search(prof, arch, table, CostModel(prof), formats, biases=quality.comp.adds_bias,
+                              bias_free=checker is not None and quality.comp.bias_free is not None)
             for c in frontier.candidates:
-                c.kl = quality.kl(c.width, c.dropped, c.fmt)
-            if not args.no_check:  # measure the best candidates at their exact shapes before choosing
-                frontier.checker = exact_check(table, prof, config, model_dir, CostModel(prof), args.runs, say)
+                c.kl = quality.kl(c.width, c.dropped, c.fmt, c.bias_free)
+            frontier.checker = checker  # measures the best candidates at their exact shapes before choosing
             frontier.choose()
             say(f"budget {f:.2f}x dense = {budget_ms:.2f} ms: {len(frontier.candidates)} frontier candidates")
             if frontier.chosen is None and frontier.candidates:

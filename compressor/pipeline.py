@@ -160,9 +160,9 @@ def run_levers(cfg: RunConfig, profile, round_to: int, prep: Prepared, stages: S
             say(f"[bold]plan[/]: {chosen.levers}, {chosen.removed:.1%} of decoder weights removed, predicted TPOT "
                 f"{chosen.prediction.tpot_s * 1e3:.2f} ms, TTFT {chosen.prediction.ttft_s * 1e3:.1f} ms "
                 f"({frontier.rule}; latency {frontier.latency_source})")
-            result = quality.prune(chosen.width, chosen.dropped)
+            result = quality.prune(chosen.width, chosen.dropped, chosen.bias_free)
             result.notes["levers"] = {"chosen": chosen.levers, "format": chosen.fmt, "rule": frontier.rule}
-        spec = replace(spec, ratio=round(chosen.removed, 4))
+        spec = replace(spec, ratio=round(chosen.removed, 4), compensation=quality.compensation(chosen.bias_free).name)
         cfg = cfg.model_copy(update={"quantize": chosen.fmt})
         out = output_dir(cfg, spec)
         ppl_pruned, domains_pruned = evaluate_model("pruned", model, tok, prep, tasks, cfg, stages, say)

@@ -163,6 +163,7 @@ class Violation:
     predicted: float
     limit: float
     unit: str
+    headroom: float = 0.0  # the line's fraction kept in reserve (`Budget.latency_headroom`): limit = line x (1 - it)
 
     @property
     def excess(self) -> float:
@@ -175,7 +176,9 @@ class Violation:
         names = {"memory": "memory", "ttft": "time to first token", "tpot": "time per output token",
                  "throughput": "throughput"}
         rel = "below the minimum" if self.line == "throughput" else "over the limit"
-        return f"{names[self.line]} {self.predicted:.4g} {self.unit} is {rel} of {self.limit:.4g} {self.unit}"
+        reserve = (f" (the {self.limit / (1 - self.headroom):.4g} {self.unit} line less the profile's "
+                   f"{self.headroom:.0%} latency headroom)") if self.headroom else ""
+        return f"{names[self.line]} {self.predicted:.4g} {self.unit} is {rel} of {self.limit:.4g} {self.unit}{reserve}"
 
 
 @dataclass
@@ -258,10 +261,11 @@ class CostModel:
         out = []
         if not pred.memory.fits:
             out.append(Violation("memory", pred.memory.total_gib, pred.memory.available_gib, "GiB"))
-        if b.ttft_ms is not None and pred.ttft_s * 1e3 > b.ttft_ms:
-            out.append(Violation("ttft", pred.ttft_s * 1e3, b.ttft_ms, "ms"))
-        if b.tpot_ms is not None and pred.tpot_s * 1e3 > b.tpot_ms:
-            out.append(Violation("tpot", pred.tpot_s * 1e3, b.tpot_ms, "ms"))
+        keep = 1 - b.latency_headroom  # the plan's reserve on the latency lines
+        if b.ttft_ms is not None and pred.ttft_s * 1e3 > b.ttft_ms * keep:
+            out.append(Violation("ttft", pred.ttft_s * 1e3, b.ttft_ms * keep, "ms", b.latency_headroom))
+        if b.tpot_ms is not None and pred.tpot_s * 1e3 > b.tpot_ms * keep:
+            out.append(Violation("tpot", pred.tpot_s * 1e3, b.tpot_ms * keep, "ms", b.latency_headroom))
         if b.min_throughput_tok_s is not None and pred.throughput_tok_s < b.min_throughput_tok_s:
             out.append(Violation("throughput", pred.throughput_tok_s, b.min_throughput_tok_s, "tok/s"))
         return out

@@ -39,6 +39,10 @@ class Budget(_Strict):
     ttft_ms: float | None = Field(None, gt=0, description="time to first token target")
     tpot_ms: float | None = Field(None, gt=0, description="time per output token target (batch 1)")
     min_throughput_tok_s: float | None = Field(None, gt=0, description="output tokens/s at the workload's concurrency")
+    latency_headroom: float = Field(0.0, ge=0, lt=0.5, description=(
+        "fraction of the TTFT and TPOT lines the plan keeps in reserve: a candidate must be predicted (or "
+        "measured at its exact shape) within (1 - headroom) x each line, so that its export still meets the "
+        "line itself on a host whose speed swings between measurements"))
 
 
 class AccuracyFloor(_Strict):

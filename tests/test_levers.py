@@ -86,6 +86,26 @@ def _budgeted(fraction: float):
     return prof.model_copy(update={"budget": prof.budget.model_copy(update={"tpot_ms": budget})}), table, budget
 
 
+def test_the_latency_headroom_keeps_a_reserve_below_each_latency_line():
+    """`budget.latency_headroom`: a candidate predicted 5% under the TPOT line meets it with no
+    headroom and misses with 8% (the sentence says which line and reserve); the frontier's
+    candidates all land under the reduced line."""
+    from dataclasses import replace as dc_replace
+
+    prof, table, budget = _budgeted(0.8)
+    none = prof.model_copy(update={"budget": prof.budget.model_copy(update={"latency_headroom": 0.0})})
+    kept = prof.model_copy(update={"budget": prof.budget.model_copy(update={"latency_headroom": 0.08})})
+    pred = dc_replace(CostModel(none).predict(SMOLLM2, "none"), tpot_s=0.95 * budget / 1e3, ttft_s=0.1)
+    assert CostModel(none).violations(pred) == []
+    (v,) = CostModel(kept).violations(pred)
+    assert v.line == "tpot" and v.limit == pytest.approx(0.92 * budget)
+    assert f"{budget:.4g} ms line less the profile's 8% latency headroom" in v.sentence()
+    f = search(kept, SMOLLM2, table, CostModel(kept), ["none", "w8a8-int8"])
+    assert f.candidates and all(c.prediction.tpot_s * 1e3 <= 0.92 * budget for c in f.candidates)
+    loose = search(none, SMOLLM2, table, CostModel(none), ["none", "w8a8-int8"])
+    assert any(c.prediction.tpot_s * 1e3 > 0.92 * budget for c in loose.candidates)
+
+
 def test_choice_is_least_kl_with_weights_and_fewest_removed_without():
     prof, table, _ = _budgeted(0.8)
     f = search(prof, SMOLLM2, table, CostModel(prof), ["none", "w8a8-int8"])
@@ -106,14 +126,34 @@ def test_width_candidates_are_priced_with_the_biases_their_compensation_writes()
     assert all(c.arch.biased == (c.width > 0) for c in biased.candidates)  # depth and format alone add no bias
 
 
-def _checked_frontier(measured_ms: dict[str, float]):
+def test_a_bias_free_sibling_comes_with_each_biased_width_candidate_when_asked():
+    """`bias_free`: each width candidate whose compensation writes biases also comes without them
+    (same widths, no bias switches, "(no biases)"); depth- and format-only candidates have no sibling."""
+    prof, table, _ = _budgeted(0.8)
+    biased = search(prof, SMOLLM2, table, CostModel(prof), ["none", "w8a8-int8"], biases=True)
+    both = search(prof, SMOLLM2, table, CostModel(prof), ["none", "w8a8-int8"], biases=True, bias_free=True)
+    assert not any(c.bias_free for c in biased.candidates)
+    with_width = [c for c in biased.candidates if c.width]
+    siblings = [c for c in both.candidates if c.bias_free]
+    assert with_width and len(siblings) == len(with_width)
+    for c, s in zip(with_width, siblings, strict=True):
+        assert (s.width, s.dropped, s.fmt) == (c.width, c.dropped, c.fmt)
+        assert c.arch.biased and not s.arch.biased and s.ok
+        assert s.levers == c.levers.replace(f"width -{c.width:.0%}", f"width -{c.width:.0%} (no biases)")
+        assert s.as_dict()["biases"] is False and c.as_dict()["biases"] is True
+    # without biases to start from there is nothing to leave out
+    plain = search(prof, SMOLLM2, table, CostModel(prof), ["none", "w8a8-int8"], bias_free=True)
+    assert not any(c.bias_free for c in plain.candidates)
+
+
+def _checked_frontier(measured_ms: dict[str, float], bias_free: bool = False):
     """A frontier whose candidates all have a KL, and a checker that re-prices a candidate at the TPOT
     `measured_ms` gives its levers (as `ExactCheck` does with a measurement) and records the order."""
     from dataclasses import replace as dc_replace
 
     prof, table, budget = _budgeted(0.8)
     cost = CostModel(prof)
-    f = search(prof, SMOLLM2, table, cost, ["none", "w8a8-int8"], biases=True)
+    f = search(prof, SMOLLM2, table, cost, ["none", "w8a8-int8"], biases=True, bias_free=bias_free)
     for i, c in enumerate(f.candidates):
         c.kl = 1.0 + i
     order = []
@@ -140,8 +180,24 @@ def test_the_best_candidate_that_misses_at_its_exact_shape_gives_way_to_the_next
     assert missed.exact and not missed.ok and missed.as_dict()["latency_from"] == "its exact shape, measured"
     # every checked candidate misses: nothing is chosen, and the note names them and what they missed
     f, budget, order = _checked_frontier({c.levers: 2 * budget for c in f.candidates})
-    assert f.choose() is None and len(order) == f.max_checks == 3
+    assert f.choose() is None and len(order) == f.max_checks == 4
     assert f.rule.startswith("none") and "infeasible as measured" in f.notes[-1] and first.levers in f.notes[-1]
+
+
+def test_a_biased_candidate_slow_at_its_exact_shape_gives_way_to_its_sibling_without_biases():
+    """The W8A8 case measured here: the candidate with biases misses at its exact shape, the same
+    shape without them meets, and it is chosen ahead of candidates with a worse KL."""
+    f, budget, order = _checked_frontier({}, bias_free=True)
+    ranked = sorted(f.candidates, key=lambda c: c.kl)
+    best = next(c for c in ranked if c.width and not c.bias_free)
+    sibling = next(c for c in ranked if c.bias_free and (c.width, c.dropped, c.fmt) == (best.width, best.dropped,
+                                                                                         best.fmt))
+    f, budget, order = _checked_frontier({best.levers: 2 * budget}, bias_free=True)
+    for c in f.candidates:  # the sibling's KL is a little worse than its biased twin's, better than the rest
+        c.kl = 0.0 if c.levers == best.levers else 0.1 if c.levers == sibling.levers else c.kl
+    chosen = f.choose()
+    assert order == [best.levers, sibling.levers] and chosen.levers == sibling.levers
+    assert chosen.bias_free and not chosen.arch.biased and chosen.exact and chosen.ok
 
 
 def test_format_problem_names_the_width_a_group_does_not_divide():
@@ -190,6 +246,42 @@ def test_plan_quality_orders_candidates_and_prunes_to_one():
     kl = sum(fit.window_kl(model, i) for i in range(4)) / 4
     assert kl == pytest.approx(expected, rel=1e-4, abs=1e-6)
     assert res.structure == "planned" and res.notes["plan"]["dropped_layers"] == [gone]
+
+
+def test_a_bias_free_candidate_is_refitted_without_biases_and_pruned_as_measured():
+    """`bias_free`: the kept widths re-fitted by the compensation's sibling without biases (lsq for
+    lsq+bias): its own KL, an export with no biases, and `pruned_copy` leaves the model dense."""
+    from compressor.errors import UserError
+    from compressor.prune.evolve import Fitness, validation_windows
+
+    torch.set_num_threads(1)
+    model, adapter, calib, val, spec = _setup()
+    dense = copy.deepcopy(model)
+    q = PlanQuality(model, adapter, calib, val, spec, Compute(batch_size=4), say=lambda *_: None, windows=4,
+                    window_len=64)
+    assert q.compensation(True).name == "lsq" and not q.compensation(True).adds_bias
+    with_bias, without = q.kl(0.3, 1), q.kl(0.3, 1, bias_free=True)
+    assert without > 0 and without != pytest.approx(with_bias, rel=1e-6)
+    q._kl.clear()  # measured again after the sibling's ladder was built: the two do not disturb each other
+    assert q.kl(0.3, 1) == pytest.approx(with_bias, rel=1e-6) and q.kl(0.3, 1, bias_free=True) == pytest.approx(
+        without, rel=1e-6)
+    fit = Fitness(validation_windows(val, 4, 64))
+    fit.cache_dense(dense, 128)
+    copied = q.pruned_copy(0.3, 1, bias_free=True)
+    assert sum(fit.window_kl(copied, i) for i in range(4)) / 4 == pytest.approx(without, rel=1e-4, abs=1e-6)
+    assert sum(fit.window_kl(model, i) for i in range(4)) / 4 == pytest.approx(0.0, abs=1e-6)  # still dense
+    res = q.prune(0.3, 1, bias_free=True)
+    kept = [lyr for lyr in adapter.layers(model) if type(lyr.mlp).__name__ != "NoMLP"]
+    assert all(lyr.mlp.down_proj.bias is None and lyr.self_attn.o_proj.bias is None for lyr in kept)
+    assert res.notes["plan"]["compensation"] == "lsq"
+    assert sum(fit.window_kl(model, i) for i in range(4)) / 4 == pytest.approx(without, rel=1e-4, abs=1e-6)
+    # a compensation without a sibling refuses in one sentence
+    model, adapter, calib, val, spec = _setup(layers=2)
+    spec = PruneSpec(metric="flap", compensation="lsq", ratio=0.0, round_to=8, structure="uniform")
+    q = PlanQuality(model, adapter, calib, val, spec, Compute(batch_size=4), say=lambda *_: None, windows=2,
+                    window_len=64)
+    with pytest.raises(UserError, match="no variant without biases"):
+        q.kl(0.3, 0, bias_free=True)
 
 
 def test_the_kl_is_measured_on_text_the_dense_model_generates_itself():

@@ -1,6 +1,7 @@
 """The plan as a search over every lever: width, depth and weight format (issue 12).
 
-A candidate is (width, dropped, format):
+A candidate is (width, dropped, format), its width with or without the biases its compensation
+writes (`bias_free`, offered where exact shapes are measured: see `search`):
 - `dropped` whole decoder layers removed (depth; which ones is chosen later on the weights, by the
   damage removing them does: `prune.planned`), never layer 0 and at most half the layers;
 - `width`: the fraction of the kept layers' weights removed by uniform width pruning (the
@@ -40,6 +41,7 @@ class Candidate:
     removed: float  # fraction of the dense decoder's weights removed, width and depth together
     kl: float | None = None  # predicted quality loss: KL(dense || candidate) on `Frontier.kl_on`
     exact: bool = False  # its latency is its own shape's measurement (`ExactCheck`), not the table's fit
+    bias_free: bool = False  # its widths re-fitted without biases (`Compensation.bias_free`): no bias switches
 
     @property
     def ok(self) -> bool:
@@ -51,13 +53,14 @@ class Candidate:
         if self.dropped:
             parts.append(f"drop {self.dropped} layers")
         if self.width:
-            parts.append(f"width -{self.width:.0%}")
+            parts.append(f"width -{self.width:.0%}" + (" (no biases)" if self.bias_free else ""))
         if self.fmt != "none":
             parts.append(self.fmt)
         return " + ".join(parts) or "dense"
 
     def as_dict(self) -> dict:
         return {"levers": self.levers, "width": self.width, "dropped_layers": self.dropped, "format": self.fmt,
+                "biases": self.arch.biased,
                 "decoder_removed": round(self.removed, 4), "params": self.arch.total_params,
                 **self.prediction.as_dict(), "meets_budget": self.ok, "kl": self.kl,
                 "latency_from": "its exact shape, measured" if self.exact else "the table's fit",
@@ -77,7 +80,7 @@ class Frontier:
     kl_on: str = "validation text"  # what the candidates' KL was measured on (`prune.planned.kl_text`)
     # measures a candidate at its exact shape before it is chosen (`ExactCheck`); None: the fit decides
     checker: object = field(default=None, repr=False, compare=False)
-    max_checks: int = 3
+    max_checks: int = 4
 
     @property
     def feasible(self) -> bool:
@@ -245,10 +248,13 @@ def format_problem(fmt: str, arch: Arch) -> str | None:
 
 def search(profile: Profile, arch: Arch, table, cost: CostModel, formats: list[str], attn_unit: str = "auto",
            round_to: int | None = None, grid: tuple[float, ...] = GRID, max_dropped: int | None = None,
-           biases: bool = False) -> Frontier:
+           biases: bool = False, bias_free: bool = False) -> Frontier:
     """Every (format, dropped) pair's least grid width that meets the budget (see the module doc).
     `biases`: width pruning's compensation adds biases (`Compensation.adds_bias`), so a candidate
-    with a width removed is priced as an export with the config's bias switches on."""
+    with a width removed is priced as an export with the config's bias switches on. `bias_free`:
+    each such candidate also comes without them (its compensation's sibling without biases), for
+    kernels that are slower with biases than without: only a measurement of its exact shape tells
+    them apart (`ExactCheck`), so offer them where one will be made."""
     rt = round_to or profile.round_to
     max_dropped = arch.layers // 2 if max_dropped is None else max_dropped
     frontier = Frontier(profile.name, table.source, [], [])
@@ -259,9 +265,15 @@ def search(profile: Profile, arch: Arch, table, cost: CostModel, formats: list[s
             continue
         frontier.formats.append(fmt)
         for dropped in range(max_dropped + 1):
-            found = least_width(arch, shallower(arch, dropped), dropped, fmt, table, cost, attn_unit, rt, grid, biases)
+            base = shallower(arch, dropped)
+            found = least_width(arch, base, dropped, fmt, table, cost, attn_unit, rt, grid, biases)
             if found:
                 frontier.candidates.append(found)
+                if found.width and biases and bias_free:
+                    plain = least_width(arch, base, dropped, fmt, table, cost, attn_unit, rt, grid, False)
+                    if plain and plain.width:
+                        plain.bias_free = True
+                        frontier.candidates.append(plain)
                 if found.width == 0:
                     break  # dropping more layers on top of a plan that fits only loses quality
     return frontier
@@ -363,10 +375,12 @@ def lever_plan(profile: Profile, model: str | None, measure: bool | None = None,
         table = AnchoredTable.on(table, arch, ttft, tpot)
         say(f"plan: the dense export measured in {runtime}: TPOT {tpot * 1e3:.2f} ms, TTFT {ttft * 1e3:.1f} ms; "
             f"the table's predictions are scaled by x{table.tpot_scale:.3f} (TPOT) / x{table.ttft_scale:.3f} (TTFT)")
-    biases = COMPENSATION.get(compensation).adds_bias
-    frontier = search(profile, arch, table, CostModel(profile), formats, attn_unit, round_to, biases=biases)
+    comp = COMPENSATION.get(compensation)
+    checker = exact_check(table, profile, config, model_dir, CostModel(profile), runs, say)
+    frontier = search(profile, arch, table, CostModel(profile), formats, attn_unit, round_to, biases=comp.adds_bias,
+                      bias_free=checker is not None and comp.bias_free is not None)
     frontier.notes = notes + list(getattr(table, "notes", []))
-    frontier.checker = exact_check(table, profile, config, model_dir, CostModel(profile), runs, say)
+    frontier.checker = checker
     if not frontier.feasible:
         frontier.notes.append(closest_miss(profile, arch, table, CostModel(profile), formats, attn_unit, round_to))
     return frontier, config

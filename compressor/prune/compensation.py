@@ -32,16 +32,19 @@ class Compensation:
     needs_gram: bool = False  # reads stats.*.gram: computed layer by layer in a second pass
     needs_reference: bool = False  # reads stats.*.cross: a greedy pass with the dense model alongside
     help: str = ""
+    # the same method without the biases, for runtimes whose kernels are slow with them (the lever
+    # plan's "no biases" candidates, `prune.planned`); None: no such sibling
+    bias_free: str | None = None
 
     def __call__(self, adapter: Adapter, layer: nn.Module, keep: LayerKeep, stats: LayerStats) -> Fix:
         return self.fn(adapter, layer, keep, stats)
 
 
 def compensation(name: str, adds_bias: bool, needs_gram: bool = False, needs_reference: bool = False,
-                 help: str = ""):
+                 help: str = "", bias_free: str | None = None):
     """Turn a function into a `Compensation` called `name` (register it in `prune.COMPENSATION`)."""
     def wrap(fn) -> Compensation:
-        return Compensation(name, fn, adds_bias, needs_gram, needs_reference, help)
+        return Compensation(name, fn, adds_bias, needs_gram, needs_reference, help, bias_free)
 
     return wrap
 
@@ -65,7 +68,7 @@ def no_compensation(adapter, layer, keep, stats) -> Fix:
     return Fix()
 
 
-@compensation("bias", adds_bias=True,
+@compensation("bias", adds_bias=True, bias_free="none",
               help="FLAP bias compensation: the removed channels' mean contribution W[:, removed] @ mean(x[removed]) "
                    "becomes a bias of o_proj / down_proj.")
 def bias_compensation(adapter: Adapter, layer: nn.Module, keep: LayerKeep, stats: LayerStats) -> Fix:
@@ -204,7 +207,7 @@ def lsq(adapter, layer, keep, stats) -> Fix:
     return _lsq(adapter, layer, keep, stats, intercept=False)
 
 
-@compensation("lsq+bias", adds_bias=True, needs_gram=True,
+@compensation("lsq+bias", adds_bias=True, needs_gram=True, bias_free="lsq",
               help="Least-squares re-fit with an intercept: re-fitted o_proj / down_proj weights plus a bias.")
 def lsq_bias(adapter, layer, keep, stats) -> Fix:
     return _lsq(adapter, layer, keep, stats, intercept=True)

@@ -8,6 +8,11 @@ A candidate is (width, dropped layers, weight format). On the model in memory:
 - the width: uniform widths (`widths.uniform_shapes`) on the kept layers, whose kept units the
   metric chooses and whose halves the compensation re-fits, built and cached as the allocation
   search builds them (`evolve.Blocks`: one calibration pass, then module swaps);
+- "no biases" (`Candidate.bias_free`): the same widths re-fitted by the compensation's sibling
+  without biases (lsq for lsq+bias, `Compensation.bias_free`), on a second ladder of halves. Stock
+  Llama holds biases only with every projection's bias switched on, and vLLM CPU's int8 W8A8 kernel
+  was measured slower with them at some widths; such a candidate is offered only where its exact
+  shape will be measured (`budget.frontier.ExactCheck`), the one place the difference shows;
 - the format: the candidate's weights and activations quantized and dequantized by
   compressed-tensors itself (the scheme `exporters.quantize` exports, round-to-nearest scales)
   on a copy of the candidate model, so the KL includes what quantizing a pruned model costs
@@ -87,8 +92,8 @@ class PlanQuality:
         for i, st in enumerate(stats):
             st.extra.update(extras[i] if extras else {})
         self.scored = score(model, adapter, stats, metric)
-        self.blocks = Blocks(model, adapter, self.scored, self.comp, spec.attn_unit, spec.round_to,
-                             spec.tensor_parallel, True, 2 * 2**30)
+        self.blocks = self._new_blocks(self.comp)
+        self._bias_free: Blocks | None = None  # built on first use (`blocks_for`)
         self.kl_on = kl_on if kl_ids is not None else "validation text"
         self.fitness = Fitness(validation_windows(validation if kl_ids is None else kl_ids, windows, window_len))
         self.fitness.cache_dense(model, top_k)
@@ -97,9 +102,34 @@ class PlanQuality:
         self._kl: dict[tuple, float] = {}
         self.setup_s = time.perf_counter() - t0
 
+    def _new_blocks(self, comp) -> Blocks:
+        s = self.spec
+        return Blocks(self.model, self.adapter, self.scored, comp, s.attn_unit, s.round_to, s.tensor_parallel,
+                      True, 2 * 2**30)
+
+    def compensation(self, bias_free: bool = False):
+        """The compensation a candidate's kept widths are re-fitted with: the run's, or for a "no
+        biases" candidate its sibling without them (`Compensation.bias_free`)."""
+        if not bias_free:
+            return self.comp
+        if self.comp.bias_free is None:
+            raise UserError(f"The compensation '{self.comp.name}' has no variant without biases.")
+        return COMPENSATION.get(self.comp.bias_free)
+
+    def blocks_for(self, bias_free: bool = False) -> Blocks:
+        """The pruned halves of the run's compensation, or of its sibling without biases (built on the
+        dense modules, which both share)."""
+        if not bias_free:
+            return self.blocks
+        if self._bias_free is None:
+            comp = self.compensation(True)
+            self._dense()
+            self._bias_free = self._new_blocks(comp)
+        return self._bias_free
+
     # ---- which layers go --------------------------------------------------------------------------
     def _dense(self) -> None:
-        """Put the dense modules back in every layer, keeping the cache of pruned halves."""
+        """Put the dense modules back in every layer, keeping the caches of pruned halves."""
         for layer, dense in zip(self.blocks.layers, self.blocks.dense, strict=True):
             Blocks._set(layer, dense)
 
@@ -146,13 +176,14 @@ class PlanQuality:
         return geno
 
     @torch.no_grad()
-    def kl(self, width: float, dropped: int, fmt: str = "none") -> float:
-        """KL(dense || candidate) on the KL windows (`kl_on`)."""
-        key = (round(width, 4), dropped, fmt)
+    def kl(self, width: float, dropped: int, fmt: str = "none", bias_free: bool = False) -> float:
+        """KL(dense || candidate) on the KL windows (`kl_on`); `bias_free`: its widths re-fitted by the
+        compensation's sibling without biases."""
+        key = (round(width, 4), dropped, fmt, bias_free)
         if key in self._kl:
             return self._kl[key]
         if width or dropped:
-            self.blocks.apply(self.genotype(width, dropped))
+            self.blocks_for(bias_free).apply(self.genotype(width, dropped))
         else:
             self._dense()  # the dense weights themselves, as `prune` leaves them
         model = self.model if fmt == "none" else fake_quantized(self.model, fmt)
@@ -161,21 +192,37 @@ class PlanQuality:
         self._kl[key] = sum(kls) / len(kls)
         return self._kl[key]
 
-    def prune(self, width: float, dropped: int) -> PruneResult:
-        """Prune the model in place to the candidate (the format is applied by the exporter)."""
+    def _keeps(self, width: float, dropped: int):
+        """The candidate's keeps, with the dense modules back in the model."""
         geno = self.genotype(width, dropped)
         keeps = [self.blocks.keep(i, a, m) for i, (a, m) in enumerate(geno)]
-        self.blocks.restore()
+        self.close()
+        return keeps
+
+    def prune(self, width: float, dropped: int, bias_free: bool = False) -> PruneResult:
+        """Prune the model in place to the candidate (the format is applied by the exporter)."""
+        keeps = self._keeps(width, dropped)
+        comp = self.compensation(bias_free)
         if width or dropped:  # a format-only plan keeps the dense weights (no re-fit of full widths)
-            prune_model(self.model, self.adapter, keeps, self.scored, self.comp)
+            prune_model(self.model, self.adapter, keeps, self.scored, comp)
         notes = {"plan": {"width": width, "dropped_layers": sorted(self.drop_order(dropped)) if dropped else [],
-                          "drop_order": self.order, "candidates_scored": len(self._kl),
-                          "setup_s": round(self.setup_s, 1)}}
+                          "drop_order": self.order, "compensation": comp.name if width else None,
+                          "candidates_scored": len(self._kl), "setup_s": round(self.setup_s, 1)}}
         return PruneResult(keeps, self.memory, 1, "planned", notes)
 
+    def pruned_copy(self, width: float, dropped: int, bias_free: bool = False):
+        """A pruned copy of the model for the candidate; the model itself stays dense."""
+        keeps = self._keeps(width, dropped)
+        model = copy.deepcopy(self.model)
+        if width or dropped:
+            prune_model(model, self.adapter, keeps, self.scored, self.compensation(bias_free))
+        return model
+
     def close(self) -> None:
-        """Put the dense modules back (when the plan is not executed)."""
+        """Put the dense modules back and free the pruned halves (when the plan is not executed)."""
         self.blocks.restore()
+        if self._bias_free is not None:
+            self._bias_free.restore()
 
 
 def estimate(quality: PlanQuality, frontier, say=print) -> None:
@@ -183,7 +230,7 @@ def estimate(quality: PlanQuality, frontier, say=print) -> None:
     t0 = time.perf_counter()
     frontier.kl_on = quality.kl_on
     for c in frontier.candidates:
-        c.kl = quality.kl(c.width, c.dropped, c.fmt)
+        c.kl = quality.kl(c.width, c.dropped, c.fmt, c.bias_free)
         say(f"plan: {c.levers}: KL {c.kl:.4f} (predicted TPOT {c.prediction.tpot_s * 1e3:.2f} ms)")
     say(f"plan: {len(frontier.candidates)} candidates scored in {time.perf_counter() - t0:.0f} s")
 
