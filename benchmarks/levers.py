@@ -7,8 +7,10 @@ On SmolLM2-135M with the cpu-2core profile (vLLM CPU, bf16, batch 1):
    text the dense model generated itself (`prune/planned.py`; `--kl-text validation`: the validation
    split); the planner's choice is the least-KL candidate that still meets the budget when measured
    at its exact shape (random weights, its widths, depth, biases and format, in turn with the
-   table's reference: `frontier.ExactCheck`; `--no-check`: the fit alone). The single
-   levers are the least aggressive candidate of one lever that is predicted to meet the budget:
+   table's reference: `frontier.ExactCheck`; `--no-check`: the fit alone), with the profile's
+   latency headroom kept in reserve (cpu-2core: 5%). The single
+   levers are the least aggressive candidate of one lever that is predicted to meet the budget
+   itself (no headroom: their most favourable setting):
    width only (the dense dtype, no layer dropped), depth only (whole layers, full widths) and
    quantization only (a weight format, nothing pruned); a lever that cannot meet the budget by the
    prediction is printed as such;
@@ -185,10 +187,16 @@ def main() -> None:
             say(f"budget {f:.2f}x dense = {budget_ms:.2f} ms: {len(frontier.candidates)} frontier candidates")
             if frontier.chosen is None and frontier.candidates:
                 say(f"  planner: {frontier.notes[-1]}")
+            # the single levers at their most favourable: planned to the line itself, without the profile's
+            # latency headroom (the planner keeps it in reserve)
+            bare = prof.model_copy(update={"budget": prof.budget.model_copy(update={"latency_headroom": 0.0})})
+            alone = search(bare, arch, table, CostModel(bare), formats, biases=quality.comp.adds_bias).candidates
+            for c in alone:
+                c.kl = quality.kl(c.width, c.dropped, c.fmt)
             singles = {
-                "width only": next((c for c in frontier.candidates if c.fmt == "none" and c.dropped == 0), None),
-                "depth only": next((c for c in frontier.candidates if c.fmt == "none" and c.width == 0), None),
-                "quantization only": min((c for c in frontier.candidates if c.fmt != "none" and c.width == 0
+                "width only": next((c for c in alone if c.fmt == "none" and c.dropped == 0), None),
+                "depth only": next((c for c in alone if c.fmt == "none" and c.width == 0), None),
+                "quantization only": min((c for c in alone if c.fmt != "none" and c.width == 0
                                           and c.dropped == 0), key=lambda c: c.kl, default=None),
                 "planner": frontier.chosen,
             }

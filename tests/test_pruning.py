@@ -351,3 +351,30 @@ def test_obs_gives_a_predictable_channel_a_low_score():
     others = [c for c in range(64) if c not in dependent]
     assert s.mlp[dependent].max() < s.mlp[others].min()
     assert flap.mlp[dependent].max() > flap.mlp[others].min()  # variance alone does not see it
+
+
+@pytest.mark.parametrize("comp", ["lsq+bias", "bias", "lsq", "fold"])
+def test_a_half_that_keeps_every_unit_is_left_as_it_is(comp):
+    """Nothing removed, nothing compensated: a layer keeping all its MLP channels (attention pruned)
+    keeps its dense down_proj and gets no bias there, and one keeping everything is untouched; only
+    the cut half is re-fitted. (A bias is not free: stock Llama then switches on every projection's
+    bias, and vLLM CPU's int8 W8A8 kernel is slower with them.)"""
+    model = tiny_model("llama-gqa", layers=2)
+    adapter = adapter_for(model)
+    scored, _ = score_layers(model, adapter, _samples(), IMPORTANCE.get("flap"), Compute(batch_size=4),
+                             keep_gram=COMPENSATION.get(comp).needs_gram)
+    layers = adapter.layers(model)
+    s = adapter.shape(layers[0])
+    dense = [{k: v.clone() for k, v in lyr.state_dict().items()} for lyr in layers]
+    keep_heads = list(range(s.num_kv_heads - 1)), list(range((s.num_kv_heads - 1) * s.heads_per_kv))
+    keeps = [LayerKeep(keep_heads[1], keep_heads[0], list(range(s.intermediate_size))),  # attention cut only
+             LayerKeep(list(range(s.num_heads)), list(range(s.num_kv_heads)), list(range(s.intermediate_size)))]
+    prune_model(model, adapter, keeps, scored, COMPENSATION.get(comp))
+    first, second = layers
+    assert first.mlp.down_proj.bias is None
+    assert torch.equal(first.mlp.down_proj.weight, dense[0]["mlp.down_proj.weight"])
+    if COMPENSATION.get(comp).adds_bias:
+        assert first.self_attn.o_proj.bias is not None  # the cut half is compensated
+    for name, value in second.state_dict().items():
+        assert torch.equal(value, dense[1][name]), name
+    assert second.self_attn.o_proj.bias is None and second.mlp.down_proj.bias is None

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, replace
 from profiles import Profile
 from profiles.costmodel import Arch, CostModel, Prediction, Violation
 
-from .planner import GRID, arch_at_ratio, shallower
+from .planner import GRID, arch_at_ratio, headroom_notes, shallower
 
 
 @dataclass
@@ -379,7 +379,7 @@ def lever_plan(profile: Profile, model: str | None, measure: bool | None = None,
     checker = exact_check(table, profile, config, model_dir, CostModel(profile), runs, say)
     frontier = search(profile, arch, table, CostModel(profile), formats, attn_unit, round_to, biases=comp.adds_bias,
                       bias_free=checker is not None and comp.bias_free is not None)
-    frontier.notes = notes + list(getattr(table, "notes", []))
+    frontier.notes = notes + list(getattr(table, "notes", [])) + headroom_notes(profile)
     frontier.checker = checker
     if not frontier.feasible:
         frontier.notes.append(closest_miss(profile, arch, table, CostModel(profile), formats, attn_unit, round_to))

@@ -133,6 +133,15 @@ class Plan:
         }
 
 
+def headroom_notes(profile: Profile) -> list[str]:
+    """The plan's reserve on the latency lines, in words (none without one)."""
+    h = profile.budget.latency_headroom
+    if not h:
+        return []
+    return [f"planned with {h:.0%} of the TTFT and TPOT lines in reserve (the profile's latency_headroom): a "
+            "plan must be predicted within that much less; the measured export is judged against the lines themselves"]
+
+
 def tensor_parallel_notes(arch: Arch, tp: int, round_to: int) -> list[str]:
     """What the plan says about tensor parallel: the constraint, and whether the dense model meets it."""
     if tp <= 1:
@@ -162,7 +171,7 @@ def make_plan(profile: Profile, arch: Arch, cost: CostModel | None = None, grid:
     if plan.chosen is None:
         splittable = [row for row in rows if row.tp_problem is None] or rows
         plan.closest = min(splittable, key=lambda row: (row.worst_excess, row.ratio))
-    plan.notes = tensor_parallel_notes(arch, tp, rt)
+    plan.notes = tensor_parallel_notes(arch, tp, rt) + headroom_notes(profile)
     return plan
 
 

@@ -37,7 +37,21 @@ class Compensation:
     bias_free: str | None = None
 
     def __call__(self, adapter: Adapter, layer: nn.Module, keep: LayerKeep, stats: LayerStats) -> Fix:
-        return self.fn(adapter, layer, keep, stats)
+        """The fix for `layer` cut to `keep`. A half that keeps every unit is left as it is (no re-fit,
+        no bias) unless the method repairs the upstream error too (`needs_reference`): there is
+        nothing to compensate, and a bias there is not free. Stock Llama holds one only with every
+        projection's bias switched on, and vLLM CPU's int8 W8A8 kernel is slower with them: a
+        depth-only plan re-fitted everywhere measured 0.80x of dense where its shape without biases
+        measured 0.69-0.74x."""
+        fix = self.fn(adapter, layer, keep, stats)
+        if self.needs_reference:
+            return fix
+        shape = adapter.shape(layer)
+        if len(keep.q_heads) == shape.num_heads and len(keep.kv_heads) == shape.num_kv_heads:
+            fix.o_bias = fix.o_weight = None
+        if len(keep.channels) == shape.intermediate_size:
+            fix.down_bias = fix.down_weight = None
+        return fix
 
 
 def compensation(name: str, adds_bias: bool, needs_gram: bool = False, needs_reference: bool = False,

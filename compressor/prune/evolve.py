@@ -249,8 +249,8 @@ class Blocks:
             self._cached_bytes -= sum(_nbytes(mod) for mod in old)
 
     def _half(self, i: int, kind: str, level: int, other: int) -> tuple[nn.Module, nn.Module]:
-        # the dense level too is built (a least-squares re-fit of all channels is not exactly the
-        # dense weights): candidates are exactly what `prune_model` makes of their keeps
+        # the dense level too is built (through the same compensation call, which leaves a half that
+        # keeps every unit as it is): candidates are exactly what `prune_model` makes of their keeps
         key = (i, kind, level)
         if key not in self._cache:
             self._build(i, *((level, other) if kind == "attn" else (other, level)))
