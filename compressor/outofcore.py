@@ -104,11 +104,12 @@ class ExportSink(LayerSink):
         from .model import adapter_for_config
 
         files = self.lazy.files
-        shape = self.adapter.shape(self.adapter.layers(self.lazy.model)[0])
+        shapes = [self.adapter.shape(layer) for layer in self.adapter.layers(self.lazy.model)]
+        biases = [self.comp.biases(s, k) for s, k in zip(shapes, keeps, strict=True)]  # as the cuts will add them
         w = Widths(heads=[len(k.q_heads) for k in keeps], kv_heads=[len(k.kv_heads) for k in keeps],
-                   intermediate=[len(k.channels) for k in keeps], head_dim=shape.head_dim,
-                   o_bias=self.comp.adds_bias or any(k.endswith("o_proj.bias") for k in files),
-                   down_bias=self.comp.adds_bias or any(k.endswith("down_proj.bias") for k in files),
+                   intermediate=[len(k.channels) for k in keeps], head_dim=shapes[0].head_dim,
+                   o_bias=any(o for o, _ in biases) or any(k.endswith("o_proj.bias") for k in files),
+                   down_bias=any(d for _, d in biases) or any(k.endswith("down_proj.bias") for k in files),
                    qkv_bias=any(k.endswith("q_proj.bias") for k in files))
         cfg, fmt = target_config(self.lazy.config, w, self.dtype)
         self.target = (cfg, fmt)

@@ -41,17 +41,34 @@ class Compensation:
         no bias) unless the method repairs the upstream error too (`needs_reference`): there is
         nothing to compensate, and a bias there is not free. Stock Llama holds one only with every
         projection's bias switched on, and vLLM CPU's int8 W8A8 kernel is slower with them: a
-        depth-only plan re-fitted everywhere measured 0.80x of dense where its shape without biases
-        measured 0.69-0.74x."""
+        depth-only W8A8 plan exported with lsq+bias's (near-zero) biases on its full layers measured 0.80x
+        of dense twice, where its shape without them measured 0.69-0.74x."""
         fix = self.fn(adapter, layer, keep, stats)
         if self.needs_reference:
             return fix
-        shape = adapter.shape(layer)
-        if len(keep.q_heads) == shape.num_heads and len(keep.kv_heads) == shape.num_kv_heads:
+        attn_whole, mlp_whole = keeps_every_unit(adapter.shape(layer), keep)
+        if attn_whole:
             fix.o_bias = fix.o_weight = None
-        if len(keep.channels) == shape.intermediate_size:
+        if mlp_whole:
             fix.down_bias = fix.down_weight = None
         return fix
+
+    def biases(self, shape, keep: LayerKeep) -> tuple[bool, bool]:
+        """Whether the fix for a layer of `shape` cut to `keep` gives o_proj / down_proj a bias (what a
+        streaming export must know before the layers are cut, to set the config's bias switches)."""
+        if not self.adds_bias:
+            return False, False
+        attn_whole, mlp_whole = keeps_every_unit(shape, keep)
+        attn, mlp = bool(keep.q_heads), bool(keep.channels)  # a removed half has nothing to bias
+        if self.needs_reference:
+            return attn, mlp
+        return attn and not attn_whole, mlp and not mlp_whole
+
+
+def keeps_every_unit(shape, keep: LayerKeep) -> tuple[bool, bool]:
+    """(attention keeps every head, MLP keeps every channel) of a layer of `shape` cut to `keep`."""
+    return (len(keep.q_heads) == shape.num_heads and len(keep.kv_heads) == shape.num_kv_heads,
+            len(keep.channels) == shape.intermediate_size)
 
 
 def compensation(name: str, adds_bias: bool, needs_gram: bool = False, needs_reference: bool = False,
