@@ -266,7 +266,10 @@ def test_a_real_table_measured_in_torch_is_cached_and_labelled_with_the_runtime_
         assert p.measurement["runtime"] == "torch" and p.measurement["output_tokens"] == 8
         if p.name != "full" and "earlier_attempts" not in p.measurement:  # stored as its ratio x the reference's
             ratio = p.measurement["ratio_to_reference"]
-            assert p.tpot_s == pytest.approx(ratio["tpot"] * full.tpot_s) and p.measurement["how"].startswith("in turn")
+            assert p.tpot_s == pytest.approx(ratio["tpot"] * full.tpot_s)
+            # beside a reference engine loaded before it and one loaded after it (device.measure_chain)
+            assert [r["loaded_first"] for r in p.measurement["rounds"]] == ["reference", "other"]
+            assert ratio["tpot"] == pytest.approx(math.sqrt(math.prod(r["tpot_ratio"] for r in p.measurement["rounds"])))
     assert by_name["d50"].layers == 1 and by_name["w50"].decoder_params < full.decoder_params
     assert isinstance(table.path, Path) and table.path.is_file() and table.path.parent == tmp_path / "latency"
     ttft, tpot = table.predict(Arch.from_config(config))
@@ -425,3 +428,60 @@ def test_an_exact_shape_is_measured_against_the_reference_and_cached(tiny_model_
         assert c.prediction.tpot_s == pytest.approx(anchored.predict(arch, "none")[1])
     assert anchored.table.exact(other, "none") is not None  # the anchored table gained the point
     assert list(out.path.parent.iterdir()) == [out.path]  # no temporary files left
+
+
+def test_a_chain_measures_every_model_beside_a_reference_loaded_before_and_one_loaded_after():
+    """`device.measure_chain` on stand-in runtimes whose speed depends on which engine was loaded
+    first (what vLLM CPU showed): engines load reference, A, reference, B, reference (2N + 1), two
+    at a time; each model's ratio is the geometric mean of its two rounds, so a load-order effect
+    that favours the later engine by the same factor cancels."""
+    import contextlib
+
+    from compressor.budget.device import measure_chain
+    from runtimes.base import TokenTimes
+
+    events, loaded = [], []
+
+    class Fake:
+        name, device, dtype = "fake", "cpu", "bfloat16"
+
+        def __init__(self, label, tpot):
+            self.label, self.tpot, self.tokenizer = label, tpot, None
+
+        def stream(self, prompt, n):
+            return None
+
+        def timed_request(self, prompt, n):
+            events.append(("request", self.label))
+            # the engine loaded later of the two runs 10% faster
+            slow = 1.0 if loaded.index(self) == len(loaded) - 1 else 1.1
+            return 0.05 * slow, self.tpot * slow
+
+    def opener(label, tpot):
+        @contextlib.contextmanager
+        def open_():
+            rt = Fake(label, tpot)
+            events.append(("load", label))
+            loaded.append(rt)
+            try:
+                yield rt
+            finally:
+                loaded.remove(rt)
+                events.append(("close", label))
+        return open_
+
+    import runtimes.base as base
+
+    saved = base.benchmark_prompt
+    base.benchmark_prompt = lambda tok, n: [1] * n
+    try:
+        out = measure_chain(opener("ref", 0.02), [opener("A", 0.01), opener("B", 0.015)], 16, 8, runs=3)
+    finally:
+        base.benchmark_prompt = saved
+    assert [e for e in events if e[0] == "load"] == [("load", x) for x in ("ref", "A", "ref", "B", "ref")]
+    assert not loaded and sum(e[0] == "close" for e in events) == 5  # every engine closed
+    a, b = out
+    assert [r["loaded_first"] for r in a.rounds] == ["reference", "other"]
+    assert a.rounds[0]["tpot_ratio"] == pytest.approx(0.5 / 1.1) and a.rounds[1]["tpot_ratio"] == pytest.approx(0.55)
+    assert a.tpot_ratio == pytest.approx(0.5) and b.tpot_ratio == pytest.approx(0.75)  # the order cancels
+    assert a.reference.runs == 6 and a.other.runs == 6  # both rounds' requests, pooled

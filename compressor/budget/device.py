@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from profiles import Profile
@@ -122,3 +123,93 @@ def measure_paired(reference, rt, prompt_tokens: int, output_tokens: int, runs: 
     paired = {"paired": "measured request by request in turn with the other model"}
     return (_batch1(reference, prompt_tokens, output_tokens, ref_runs, paired),
             _batch1(rt, prompt_tokens, output_tokens, runs_, paired))
+
+
+@dataclass(frozen=True)
+class PairedRatio:
+    """A model's latency over a reference's, measured request by request in turn (`measure_paired`)
+    twice with fresh engines: beside the reference engine loaded just before it, then beside one
+    loaded just after it (`measure_chain`).
+
+    Why both orders: on vLLM CPU the order two engines were loaded in moves their ratio. A W8A8 shape
+    measured against the random dense reference gave 0.657, 0.712 and 0.701 with the reference
+    loaded first and 0.737, 0.730 and 0.743 with it loaded second (three rounds each, 9 requests per
+    model), and the dense model against itself 0.928-1.030: one engine pair is one draw of that
+    spread. The ratio here is the geometric mean of the two rounds' ratios (of their medians), so
+    the order's effect cancels to first order and the reference is two engine instances, not one.
+    `reference` and `other` pool both rounds' requests (their medians, for absolute figures);
+    `rounds` keeps each round's ratios."""
+
+    reference: object  # runtimes.base.Measurement over both rounds
+    other: object
+    ttft_ratio: float
+    tpot_ratio: float
+    rounds: tuple[dict, ...]
+
+    def as_dict(self) -> dict:
+        return {"rounds": list(self.rounds),
+                "how": "request by request in turn with the reference, in two rounds: beside the reference engine "
+                       "loaded before it and beside one loaded after it; the ratio is the geometric mean of the "
+                       "rounds' ratios"}
+
+
+def _pooled(ms: list):
+    """One Measurement over the requests of several (same runtime, model and workload)."""
+    import statistics
+
+    ttfts = [t for m in ms for t in m.ttft_runs_s]
+    tpots = [t for m in ms for t in m.tpot_runs_s]
+    tpot = statistics.median(tpots)
+    return replace(ms[0], ttft_s=statistics.median(ttfts), tpot_s=tpot, throughput_tok_s=1 / tpot, runs=len(tpots),
+                   warmup=len(ms), ttft_runs_s=tuple(ttfts), tpot_runs_s=tuple(tpots),
+                   extra={**ms[0].extra, "paired": f"measured request by request in turn with the other model, "
+                                                   f"in {len(ms)} rounds of fresh engines"})
+
+
+def measure_chain(open_reference, open_others: list, prompt_tokens: int, output_tokens: int,
+                  runs: int) -> list[PairedRatio]:
+    """Each of `open_others` measured against the reference in both load orders (`PairedRatio`),
+    with two engines loaded at a time in a chain: reference, first other, reference, second other,
+    reference, ... Each new engine is measured in turn (`measure_paired`, `runs` requests each)
+    with the one loaded just before it, and then the older of the two is closed. So every other
+    model meets a reference loaded before it and one loaded after it, and N models cost 2N + 1
+    engine loads. `open_reference` and each of `open_others`: callables returning a context
+    manager that yields a loaded runtime."""
+    import math
+
+    def opened(open_):
+        stack = contextlib.ExitStack()
+        try:
+            return stack, stack.enter_context(open_())
+        except BaseException:
+            stack.close()
+            raise
+
+    rounds: list[list] = [[] for _ in open_others]  # per other: (loaded first, reference M, other M)
+    live = []  # the (ExitStack, runtime) of the engines loaded now, oldest first
+    try:
+        live.append(opened(open_reference))
+        for i, open_other in enumerate(open_others):
+            live.append(opened(open_other))
+            ref, rt = live[0][1], live[1][1]
+            rounds[i].append(("reference", *measure_paired(ref, rt, prompt_tokens, output_tokens, runs)))
+            live.pop(0)[0].close()
+            live.append(opened(open_reference))
+            rt, ref = live[0][1], live[1][1]
+            rounds[i].append(("other", *measure_paired(ref, rt, prompt_tokens, output_tokens, runs)))
+            live.pop(0)[0].close()
+    finally:
+        for stack, _ in reversed(live):
+            stack.close()
+
+    out = []
+    for rs in rounds:
+        detail = tuple({"loaded_first": first, "ttft_ratio": m.ttft_s / r.ttft_s, "tpot_ratio": m.tpot_s / r.tpot_s,
+                        "reference_tpot_s": r.tpot_s, "tpot_s": m.tpot_s} for first, r, m in rs)
+
+        def geomean(key, detail=detail):
+            return math.exp(sum(math.log(d[key]) for d in detail) / len(detail))
+
+        out.append(PairedRatio(_pooled([r for _, r, _m in rs]), _pooled([m for *_, m in rs]),
+                               geomean("ttft_ratio"), geomean("tpot_ratio"), detail))
+    return out

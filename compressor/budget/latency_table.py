@@ -26,9 +26,14 @@ never slower): it is set to 0 and the rest refitted, and a note says so.
 
 **Measured against a reference, in turn.** This host's speed swung by 40% between two runs of the
 same benchmark, and by ~20% within one: points measured minutes apart are not comparable. So on a
-CPU every point is measured request by request in turn with one reference model kept loaded (the
-full architecture in the dense dtype), and stored as its ratio to the reference times the
-reference's own latency from the session that first measured it. Points added later (another
+CPU every point is measured request by request in turn with a reference model (the full
+architecture in the dense dtype), and stored as its ratio to the reference times the reference's own
+latency from the session that first measured it. The order two vLLM CPU engines were loaded in
+moves their ratio (a W8A8 shape measured 0.66-0.71x of the reference loaded before it, 0.73-0.74x of
+one loaded after it), so each point is measured twice, beside a reference engine loaded just before
+it and one loaded just after it, and its ratio is the geometric mean of the two
+(`device.measure_chain`: engines reference, point, reference, point, ..., two loaded at a time;
+version 2 of the table kept one reference loaded for every point). Points added later (another
 format) are therefore on the same scale, and a planner that measures the real dense export at
 planning time scales the whole table by one factor (`frontier.AnchoredTable`). On a GPU, where two
 engines of one model may not fit, each point is measured alone and compared with the reference
@@ -72,7 +77,7 @@ from ..errors import UserError
 from .fitting import CalibrationFailed, _first_line, _write_random_model, arch_of
 
 FORMATS_NONE = "none"  # the profile's dense dtype; other formats are exporters.quantize.SCHEMES keys
-TABLE_VERSION = 2  # version 1: three points measured one after the other, minutes apart
+TABLE_VERSION = 3  # 2: in turn with one reference engine kept loaded; 1: three points one after the other
 POINTS = ("full", "w25", "w50", "d25", "d50", "d50w50")
 EXACT = "exact"  # a candidate measured at its own shape (`measure_exact`), not one of POINTS
 REFERENCE = ("full", FORMATS_NONE)  # (name, format) of the model every other point is measured against
@@ -523,13 +528,15 @@ def _opened(runtime: str, path: Path, profile: Profile, what: str):
 def _measure_points(todo: list[tuple[str, str, Arch]], config: dict, model_dir: Path, profile: Profile,
                     runtime: str, work: Path, runs: int, say, scale: tuple[float, float] | None) -> list[TablePoint]:
     """Measure `todo` ((name, format, arch)) against the reference (the full architecture in the
-    dense dtype, loaded once): on a CPU request by request in turn with it, elsewhere one at a
-    time after it. A point is stored as its ratio to the reference times `scale`, the reference's
-    (TTFT, TPOT) from the session that first measured it, or None: this session's (the median of
-    every reference request), and then the reference itself is a point when `todo` names it."""
+    dense dtype): on a CPU request by request in turn with it, beside a reference engine loaded
+    before the point and one loaded after it (`device.measure_chain`: the load order moves the
+    ratio on vLLM CPU); elsewhere one at a time after it, measured alone once. A point is stored
+    as its ratio to the reference times `scale`, the reference's (TTFT, TPOT) from the session that
+    first measured it, or None: this session's (the median of every reference request), and then
+    the reference itself is a point when `todo` names it."""
     import statistics
 
-    from .device import measure_batch1, measure_paired
+    from .device import measure_batch1, measure_chain
 
     w = profile.workload
     paired = profile.device.kind == "cpu"
@@ -538,49 +545,63 @@ def _measure_points(todo: list[tuple[str, str, Arch]], config: dict, model_dir: 
     others = [t for t in todo if (t[0], t[1]) != REFERENCE]
     say(f"latency table: measuring {len(others)} architectures in {runtime} ({w.prompt_tokens} prompt + "
         f"{w.output_tokens} output tokens, batch 1), each "
-        + ("request by request in turn with" if paired else "alone after")
-        + " the reference (the full architecture in the dense dtype)")
-    results = []  # (name, fmt, arch, reference Measurement, Measurement)
+        + ("request by request in turn with the reference (the full architecture in the dense dtype), beside "
+           "a reference engine loaded before it and one loaded after it" if paired else
+           "alone after the reference (the full architecture in the dense dtype)"))
+    results = []  # (name, fmt, arch, reference Measurement, Measurement, (TTFT, TPOT) ratio, how)
 
-    def measure_other(name: str, fmt: str, arch: Arch, measure) -> None:
+    def open_reference():
+        return _opened(runtime, ref_path, profile, "the reference (the full architecture)")
+
+    @contextlib.contextmanager
+    def open_point(name: str, fmt: str, arch: Arch):  # written, loaded, and removed when closed
         path = work / f"{name}-{fmt}"
         what = _describe(name, fmt, arch)
         _write_point(name, fmt, config, arch, model_dir, profile, path)
         say(f"latency table: {what}")
-        with _opened(runtime, path, profile, what) as rt:
-            results.append((name, fmt, arch, *measure(rt)))
-        shutil.rmtree(path, ignore_errors=True)
+        try:
+            with _opened(runtime, path, profile, what) as rt:
+                yield rt
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
 
     try:
         _write_point(*REFERENCE, config, dense, model_dir, profile, ref_path)
-        with _opened(runtime, ref_path, profile, "the reference (the full architecture)") as ref:
-            alone = measure_batch1(ref, w.prompt_tokens, w.output_tokens, runs)
-            for item in others if paired else []:
-                measure_other(*item, lambda rt: measure_paired(ref, rt, w.prompt_tokens, w.output_tokens, runs))
+        alone = None
+        if paired:
+            chain = measure_chain(open_reference, [lambda t=t: open_point(*t) for t in others],
+                                  w.prompt_tokens, w.output_tokens, runs)
+            for (name, fmt, arch), pr in zip(others, chain, strict=True):
+                results.append((name, fmt, arch, pr.reference, pr.other, (pr.ttft_ratio, pr.tpot_ratio),
+                                pr.as_dict()))
+        if not paired or not others:
+            with open_reference() as ref:
+                alone = measure_batch1(ref, w.prompt_tokens, w.output_tokens, runs)
         for item in [] if paired else others:  # a GPU may not hold two engines of the model: after the reference
-            measure_other(*item, lambda rt: (alone, measure_batch1(rt, w.prompt_tokens, w.output_tokens, runs)))
+            with open_point(*item) as rt:
+                m = measure_batch1(rt, w.prompt_tokens, w.output_tokens, runs)
+            results.append((*item, alone, m, (m.ttft_s / alone.ttft_s, m.tpot_s / alone.tpot_s),
+                            {"how": "alone, after the reference"}))
     finally:
         shutil.rmtree(ref_path, ignore_errors=True)
-    for m in [alone] + [m for *_, m in results]:
+    ref_runs = ([alone] if alone is not None else []) + [r for *_, r, _m, _ratio, _how in results if r is not alone]
+    for m in ref_runs + [m for *_, m, _ratio, _how in results]:
         if m.runtime != runtime:  # never let one runtime's timing pass for another's
             raise CalibrationFailed(f"The latency table asked for {runtime} but {m.runtime} measured it.")
-    ref_runs = [alone] + [r for *_, r, _m in results if r is not alone]
     if scale is None:
         scale = (statistics.median(t for r in ref_runs for t in r.ttft_runs_s),
                  statistics.median(t for r in ref_runs for t in r.tpot_runs_s))
     out = []
     if REFERENCE in {(t[0], t[1]) for t in todo}:
         out.append(TablePoint(*REFERENCE, dense.layers, dense.decoder_params, scale[0], scale[1],
-                              {**alone.as_dict(), "reference": "the model every other point is measured against; "
-                               "its latency is the median of every reference request of the session",
+                              {**ref_runs[0].as_dict(), "reference": "the model every other point is measured "
+                               "against; its latency is the median of every reference request of the session",
                                "reference_requests": sum(r.runs for r in ref_runs)}))
-    for name, fmt, arch, r, m in results:
-        ratio = (m.ttft_s / r.ttft_s, m.tpot_s / r.tpot_s)
+    for name, fmt, arch, r, m, ratio, how in results:
         out.append(TablePoint(name, fmt, active_layers(arch), arch.decoder_params, ratio[0] * scale[0],
                               ratio[1] * scale[1],
                               {**m.as_dict(), "ratio_to_reference": {"ttft": ratio[0], "tpot": ratio[1]},
-                               "reference_alongside": {"ttft_s": r.ttft_s, "tpot_s": r.tpot_s},
-                               "how": "in turn with the reference" if paired else "alone, after the reference"},
+                               "reference_alongside": {"ttft_s": r.ttft_s, "tpot_s": r.tpot_s}, **how},
                               exact_shape(arch) if name == EXACT else None))
     return out
 
