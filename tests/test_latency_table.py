@@ -433,7 +433,7 @@ def test_an_exact_shape_is_measured_against_the_reference_and_cached(tiny_model_
     assert list(out.path.parent.iterdir()) == [out.path]  # no temporary files left
 
 
-def test_a_chain_measures_every_model_beside_a_reference_loaded_before_and_one_loaded_after():
+def test_a_chain_measures_every_model_beside_a_reference_loaded_before_and_one_loaded_after(monkeypatch):
     """`device.measure_chain` on stand-in runtimes whose speed depends on which engine was loaded
     first (what vLLM CPU showed): engines load reference, A, reference, B, reference (2N + 1), two
     at a time; each model's ratio is the geometric mean of its two rounds, so a load-order effect
@@ -472,14 +472,8 @@ def test_a_chain_measures_every_model_beside_a_reference_loaded_before_and_one_l
                 events.append(("close", label))
         return open_
 
-    import runtimes.base as base
-
-    saved = base.benchmark_prompt
-    base.benchmark_prompt = lambda tok, n: [1] * n
-    try:
-        out = measure_chain(opener("ref", 0.02), [opener("A", 0.01), opener("B", 0.015)], 16, 8, runs=3)
-    finally:
-        base.benchmark_prompt = saved
+    monkeypatch.setattr("runtimes.base.benchmark_prompt", lambda tok, n: [1] * n)
+    out = measure_chain(opener("ref", 0.02), [opener("A", 0.01), opener("B", 0.015)], 16, 8, runs=3)
     assert [e for e in events if e[0] == "load"] == [("load", x) for x in ("ref", "A", "ref", "B", "ref")]
     assert not loaded and sum(e[0] == "close" for e in events) == 5  # every engine closed
     a, b = out

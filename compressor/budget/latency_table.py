@@ -29,8 +29,9 @@ same benchmark, and by ~20% within one: points measured minutes apart are not co
 CPU every point is measured request by request in turn with a reference model (the full
 architecture in the dense dtype), and stored as its ratio to the reference times the reference's own
 latency from the session that first measured it. The order two vLLM CPU engines were loaded in
-moves their ratio (a W8A8 shape measured 0.66-0.71x of the reference loaded before it, 0.73-0.74x of
-one loaded after it), so each point is measured twice, beside a reference engine loaded just before
+moves their ratio (a point beside a reference loaded after it measured a median 4% slower, relative
+to it, than beside one loaded before it: `benchmarks/levers.py` prints each point's two rounds), so
+each point is measured twice, beside a reference engine loaded just before
 it and one loaded just after it, and its ratio is the geometric mean of the two
 (`device.measure_chain`: engines reference, point, reference, point, ..., two loaded at a time;
 version 2 of the table kept one reference loaded for every point). Points added later (another
