@@ -11,8 +11,9 @@ substitutions for what cannot run here:
   instead every requirement of every extra it names must already be installed here;
 - env: PROFILE is a copy of the workflow's profile with loose budget and accuracy limits (this
   2-core machine is shared with other jobs, so its latency is not the profile's quiet machine's),
-  COMPRESS_ARGS pins a ratio and a short calibration, and the missing baseline is the first run's
-  report (what the workflow's header says to commit on the first run);
+  PLAN_ARGS skips the lever search, COMPRESS_ARGS pins a ratio and a short calibration, and the
+  missing baseline is the first run's report (what the workflow's header says to commit on the first
+  run);
 - `actions/upload-artifact`: the files it uploads must exist.
 Every `run:` command runs unmodified under bash, as GitHub runs it (`bash -eo pipefail`).
 """
@@ -128,7 +129,12 @@ def test_the_example_workflow_runs_step_by_step(tmp_path):
     env = {**os.environ, **{k: str(v) for k, v in wf["env"].items()}, "COLUMNS": "200"}
     runtime = _profile_runtime(env["PROFILE"])
     env["PROFILE"] = str(_loose_profile(env["PROFILE"], tmp_path))
-    env["COMPRESS_ARGS"] = "--ratio 0.2 --nsamples 8 --seqlen 64 --eval-items 100"  # CI time: 100 cloze items
+    # CI time: 100 cloze items, and the one-pass allocation (the default allocation search's 30 generations
+    # took 6 min here; tests/test_evolve.py covers it)
+    env["COMPRESS_ARGS"] = "--ratio 0.2 --nsamples 8 --seqlen 64 --eval-items 100 --structure global"
+    # CI time: the pinned ratio does not use the plan's lever search, whose latency table loads 2N+1 vLLM
+    # engines (tests/test_latency_table.py and tests/test_levers.py measure it)
+    env["PLAN_ARGS"] = "--width-only"
     ran = []
     for step in job["steps"]:
         uses, name = step.get("uses", ""), step.get("name", step.get("uses"))

@@ -173,6 +173,13 @@ def test_the_cache_round_trips_and_ignores_corrupt_or_foreign_files(tmp_path, mo
     before = host_device(prof, "vllm")
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0-1")
     assert host_device(prof, "vllm") == before and before.startswith("cpu: ") and "(2 threads)" in before
+    # engines started with vLLM's CI switch (the tests' own, tests/conftest.py) are not the default engine:
+    # their device names it, so their table is another file; the torch runtime does not read it
+    monkeypatch.setenv("VLLM_CPU_CI_ENV", "0")
+    default = host_device(prof, "vllm")
+    monkeypatch.setenv("VLLM_CPU_CI_ENV", "1")
+    assert host_device(prof, "vllm") == default + " (VLLM_CPU_CI_ENV: not compiled by inductor)"
+    assert host_device(prof, "torch") == default
     # a file at this key's path that holds another key (say, copied by hand) is not trusted
     data = json.loads(path.read_text())
     path.write_text(json.dumps({**data, "key": other[0]}))

@@ -310,10 +310,15 @@ def _runtime_version(runtime: str) -> str:
 def host_device(profile: Profile, runtime: str) -> str:
     """The device this host measures on, named as the runtimes name it (Measurement.device) less
     vLLM's " bound 0-1": VllmRuntime sets that binding itself from the thread count, so the key would
-    differ between a profile's first measurement and a later one that names it."""
+    differ between a profile's first measurement and a later one that names it. A vLLM engine started
+    with VLLM_CPU_CI_ENV keeps that note (its timings are not the default engine's)."""
     from runtimes.base import cpu_device
 
     if profile.device.kind == "cpu":
+        if runtime == "vllm":
+            from runtimes.vllm_runtime import ci_env_note
+
+            return cpu_device(profile.device.threads) + ci_env_note()
         return cpu_device(profile.device.threads)
     import torch
 
