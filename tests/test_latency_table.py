@@ -437,6 +437,17 @@ def test_an_exact_shape_is_measured_against_the_reference_and_cached(tiny_model_
         assert ("measured at its exact shape before" in said[-1]) != measured
         assert c.prediction.tpot_s == pytest.approx(anchored.predict(arch, "none")[1])
     assert anchored.table.exact(other, "none") is not None  # the anchored table gained the point
+    # the full architecture (a plan of a weight format alone) is the table's own "full" point of its format:
+    # its exact point, measured with the table, is not measured again
+    c = Candidate(0.0, 0, "none", dense, predict(cost, anchored, dense, "none"), [], 0.0)
+    said.clear()
+    assert check(c) == c.ok and c.exact
+    assert not any("measuring" in line or "latency table:" in line for line in said), said
+    assert "is the latency table's full point" in said[-1]
+    full = next(p for p in out.points if (p.name, p.format) == ("full", "none"))
+    point = anchored.table.exact(dense, "none")
+    assert (point.ttft_s, point.tpot_s) == (full.ttft_s, full.tpot_s) and "exact_from" in point.measurement
+    assert load_table(prof, config, "torch", table.key["device"]).exact(dense, "none") == point  # cached
     assert list(out.path.parent.iterdir()) == [out.path]  # no temporary files left
 
 

@@ -193,6 +193,7 @@ class ExactCheck:
             self.table = base
 
     def __call__(self, c: Candidate) -> bool:
+        from .fitting import arch_of
         from .latency_table import exact_shape, measure_exact
 
         if exact_shape(c.arch) is None:  # per-layer widths: the fit is all there is
@@ -201,12 +202,17 @@ class ExactCheck:
         if self.base.exact(c.arch, c.fmt) is not None:  # measured earlier (cached): already its price
             verdict = f"plan: {c.levers} was measured at its exact shape before: TPOT {before * 1e3:.2f} ms"
         else:
-            self.say(f"plan: measuring {c.levers} at its exact shape (TPOT predicted by the fit: "
-                     f"{before * 1e3:.2f} ms)")
+            # the full architecture in another format is the table's own "full" point: priced, not measured again
+            full = exact_shape(c.arch) == exact_shape(arch_of(self.config))
+            if not full:
+                self.say(f"plan: measuring {c.levers} at its exact shape (TPOT predicted by the fit: "
+                         f"{before * 1e3:.2f} ms)")
             self._set_base(measure_exact(self.base, self.profile, self.config, self.model_dir, [(c.arch, c.fmt)],
                                          self.runs, self.say))
             c.prediction = predict(self.cost, self.table, c.arch, c.fmt)
-            verdict = (f"plan: {c.levers} measured {c.prediction.tpot_s * 1e3:.2f} ms TPOT at its exact shape "
+            point = self.base.exact(c.arch, c.fmt)
+            how = "is the latency table's full point" if point and "exact_from" in point.measurement else "measured"
+            verdict = (f"plan: {c.levers} {how}: {c.prediction.tpot_s * 1e3:.2f} ms TPOT at its exact shape "
                        f"({c.prediction.tpot_s / before - 1:+.1%} against the fit)")
         c.violations, c.exact = self.cost.violations(c.prediction), True
         self.say(f"{verdict}: " + ("meets the budget" if c.ok else "; ".join(v.sentence() for v in c.violations)))

@@ -738,31 +738,41 @@ def measure_exact(table: LatencyTable, profile: Profile, config: dict, model_dir
                   runs: int = 3, say=print) -> LatencyTable:
     """`table` (a measured one, cached) with an exact point for each (arch, format) of `candidates`
     that has none yet: its shape with random weights (`_write_random_model`: uniform widths, its
-    biases), measured against the reference as every point is and cached with the table."""
+    biases), measured against the reference as every point is and cached with the table. A candidate
+    of the full architecture (the dense model, only its weight format changed) is the table's "full"
+    point of that format, measured the same way with the table: that point is its exact point, not
+    measured again."""
     if not table.measured or table.path is None:
         raise ValueError("exact points are measured into a measured, cached latency table")
     dense = arch_of(config)
     ref = next((p for p in table.points if (p.name, p.format) == REFERENCE), None)
-    todo, seen = [], set()
+    todo, seen, reused = [], set(), []
     for arch, fmt in candidates:
         shape = exact_shape(arch)
         key = (fmt, json.dumps(shape, sort_keys=True))
         if shape is None or table.exact(arch, fmt) is not None or key in seen:
             continue
         seen.add(key)
+        full = fitted_points(table.points, fmt).get("full")
+        if full is not None and shape == exact_shape(dense):
+            reused.append(replace(full, name=EXACT, shape=shape, measurement={
+                **full.measurement, "exact_from": "the latency table's full point of this format (the same shape)"}))
+            continue
         n = shape["layers"]  # the layers that run, at their widths (a dropped layer is left out)
         todo.append((EXACT, fmt, replace(dense, q_heads=(shape["q_heads"],) * n, kv_heads=(shape["kv_heads"],) * n,
                                          intermediate=(shape["intermediate"],) * n, biased=shape["biased"])))
-    if not todo:
+    if not todo and not reused:
         return table
-    if ref is None:
-        todo.insert(0, (*REFERENCE, dense))
-    work = tempdirs.make("fitprune-latency-")
-    try:
-        new = _measure_points(todo, config, Path(model_dir), profile, table.key["runtime"], work, runs, say,
-                              (ref.ttft_s, ref.tpot_s) if ref else None)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    new = list(reused)
+    if todo:
+        if ref is None:
+            todo.insert(0, (*REFERENCE, dense))
+        work = tempdirs.make("fitprune-latency-")
+        try:
+            new += _measure_points(todo, config, Path(model_dir), profile, table.key["runtime"], work, runs, say,
+                                   (ref.ttft_s, ref.tpot_s) if ref else None)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
     out = LatencyTable(table.key, [*table.points, *new], table.source, True, table.path, list(table.notes))
     _write_cache(out, table.path)
     return out
