@@ -14,8 +14,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 # vLLM's own CPU CI switch: dynamo still traces every model (the plugin's included), but inductor does not
-# compile it and the warm-up run is skipped. vLLM's "init engine" step of a tiny model took 27 s here on the
-# first start of its shape and 8 s on a later one with the default, 3 s with this. Set before any engine starts;
+# compile it and the warm-up run is skipped. `python benchmarks/engine_start.py` here: a tiny model's first start
+# 49.9 s -> 30.0 s, a later start 28.1 s -> 20.7 s (docs/benchmarks.md). Set before any engine starts;
 # engines in subprocesses inherit it. Product runs keep vLLM's default, and the vLLM runtime names the switch
 # in its device string wherever it is set (measurements made with it say so).
 os.environ.setdefault("VLLM_CPU_CI_ENV", "1")
