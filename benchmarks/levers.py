@@ -8,7 +8,10 @@ On SmolLM2-135M with the cpu-2core profile (vLLM CPU, bf16, batch 1):
    split); the planner's choice is the least-KL candidate that still meets the budget when measured
    at its exact shape (random weights, its widths, depth, biases and format, in turn with the
    table's reference: `frontier.ExactCheck`; `--no-check`: the fit alone), with the profile's
-   latency headroom kept in reserve (cpu-2core: 5%). The single
+   latency headroom kept in reserve (cpu-2core: 5%); a best plan inside that reserve is kept only if
+   its export, measured in turn with the dense export beforehand, meets the line itself, else the
+   best plan that keeps the reserve is taken (`budget/confirm.py`, as `compress --levers` does; the
+   plan's row is then a second, separate measurement). The single
    levers are the least aggressive candidate of one lever that is predicted to meet the budget
    itself (no headroom: their most favourable setting):
    width only (the dense dtype, no layer dropped), depth only (whole layers, full widths) and
@@ -48,14 +51,9 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 def export_plan(model, tok, fmt: str, out: Path) -> float:
     """The bf16 export of `model` at `out`, quantized to `fmt` unless "none"; its weights' GiB."""
-    from exporters import export_hf
+    from compressor.budget.confirm import export_in_format
 
-    export_hf(model, tok, out, dtype=torch.bfloat16)
-    if fmt != "none":
-        from exporters.quantize import quantize_export
-
-        quantize_export(out, fmt)
-    return sum(f.stat().st_size for f in out.glob("*.safetensors")) / 2**30
+    return export_in_format(model, tok, out, "bfloat16", fmt)
 
 
 def measure_beside(dense_dir: str, model, tok, fmt: str, runs: int, profile) -> dict:
@@ -66,17 +64,12 @@ def measure_beside(dense_dir: str, model, tok, fmt: str, runs: int, profile) -> 
     rounds'. Fresh engines for each plan: a dense engine kept loaded and idle through minutes of KL
     computation measured 20.0, then 44.3 and 34.9 ms TPOT beside fresh plan engines (its
     TTFT 56 -> 174 ms) on this host, whose memory was reclaimed meanwhile (kswapd busy)."""
-    from compressor.budget.device import measure_chain
-    from runtimes.base import get_runtime
+    from compressor.budget.confirm import measure_beside as beside
 
-    w = profile.workload
-    vllm = get_runtime("vllm")
     with tempfile.TemporaryDirectory() as d:
         size = export_plan(model, tok, fmt, Path(d))
         try:
-            [pr] = measure_chain(lambda: vllm(dense_dir, dtype="bfloat16", threads=profile.device.threads),
-                                 [lambda: vllm(d, dtype="bfloat16", threads=profile.device.threads)],
-                                 w.prompt_tokens, w.output_tokens, runs)
+            pr = beside(Path(dense_dir), Path(d), profile, "vllm", runs)
         except Exception as exc:  # noqa: BLE001  (one plan that fails must not end the table)
             return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}", "weights_gib": size}
     m, dense = pr.other, pr.reference
@@ -103,6 +96,7 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
+    from compressor.budget.confirm import confirm_choice
     from compressor.budget.device import measure_batch1
     from compressor.budget.frontier import AnchoredTable, Candidate, exact_check, lever_formats, predict, search
     from compressor.budget.latency_table import measure_table
@@ -165,11 +159,14 @@ def main() -> None:
             cross = domain_perplexities(judged, prep.domains)["geomean"]
             del judged
             got = measure_beside(dense_dir, pruned, tok, c.fmt, args.runs, profile)
-            # the predicted TPOT over the dense one's, whatever the table's scale (exact points included)
+            # the predicted TPOT over the dense one's, whatever the table's scale (exact points included); a
+            # plan confirmed on its export: that measurement's ratio (a separate one from this row's)
             raw = table.table if isinstance(table, AnchoredTable) else table
             ratio = raw.predict(c.arch, c.fmt)[1] / raw.predict(arch, "none")[1]
+            if c.confirmed:
+                ratio = c.prediction.tpot_s / m.tpot_s
             measured[key] = {**got, "cross": cross, "kl": c.kl, "removed": c.removed, "pred_ratio": ratio,
-                             "latency_from": "exact shape" if c.exact else "fit",
+                             "latency_from": "its export" if c.confirmed else "exact shape" if c.exact else "fit",
                              "pred_tpot_ms": c.prediction.tpot_s * 1e3, "pred_ttft_ms": c.prediction.ttft_s * 1e3,
                              "pred_memory_gib": c.prediction.memory.total_gib}
             if "tpot_ms" in got:
@@ -184,11 +181,16 @@ def main() -> None:
             checker = None if args.no_check else exact_check(table, prof, config, model_dir, CostModel(prof),
                                                              args.runs, say)
             frontier = search(prof, arch, table, CostModel(prof), formats, biases=quality.comp.adds_bias,
-                              bias_free=checker is not None and quality.comp.bias_free is not None)
+                              bias_free=checker is not None and quality.comp.bias_free is not None,
+                              marginal=checker is not None)
             for c in frontier.candidates:
                 c.kl = quality.kl(c.width, c.dropped, c.fmt, c.bias_free)
             frontier.checker = checker  # measures the best candidates at their exact shapes before choosing
             frontier.choose()
+            if frontier.chosen is not None and frontier.chosen.marginal:  # as `compress --levers` does
+                confirm_choice(frontier, lambda c: quality.pruned_copy(c.width, c.dropped, c.bias_free), tok,
+                               Path(dense_dir), (m.ttft_s, m.tpot_s), prof, "vllm", args.runs, say)
+            say(f"  planner: {frontier.rule}")
             say(f"budget {f:.2f}x dense = {budget_ms:.2f} ms: {len(frontier.candidates)} frontier candidates")
             if frontier.chosen is None and frontier.candidates:
                 say(f"  planner: {frontier.notes[-1]}")

@@ -107,30 +107,41 @@ def refuse_levers(cfg: RunConfig) -> None:
 
 def run_levers(cfg: RunConfig, profile, round_to: int, prep: Prepared, stages: Stages, console) -> Report:
     """The main job with every lever: price the frontier (budget/frontier.py), measure each
-    candidate's KL on the weights (prune/planned.py), prune to the least-KL one that meets the budget,
-    export it in its weight format, and measure it like any other run."""
+    candidate's KL on the weights (prune/planned.py), prune to the least-KL one that meets the budget
+    (a choice inside the latency reserve only once its export, measured, meets the lines:
+    budget/confirm.py), export it in its weight format, and measure it like any other run."""
+    from . import tempdirs
+
+    dense_dir = tempdirs.make("fitprune-dense-")  # the dense export, measured at planning and beside a marginal plan
+    try:
+        return _run_levers(cfg, profile, round_to, prep, stages, console, dense_dir)
+    finally:
+        shutil.rmtree(dense_dir, ignore_errors=True)
+
+
+def _run_levers(cfg: RunConfig, profile, round_to: int, prep: Prepared, stages: Stages, console,
+                dense_dir: Path) -> Report:
+    from .budget.confirm import confirm_choice
     from .budget.frontier import lever_plan
     from .budget.planner import InfeasibleBudget, NothingToPrune
     from .prune.planned import PlanQuality, estimate, kl_text
 
     say = console.print
+    anchor: dict = {}  # the dense export's runtime and (TTFT s, TPOT s), measured at planning
+
     def measure_dense(runtime: str) -> tuple[float, float]:
         """The dense model in memory, exported in the profile's dtype and measured at batch 1."""
         from exporters import export_hf
 
-        from . import tempdirs
         from .budget.device import measure_batch1, open_runtime
 
-        tmp = tempdirs.make("fitprune-dense-")
-        try:
-            export_hf(prep.loaded.model, prep.loaded.tokenizer, tmp, dtype=getattr(torch, profile.dtype))
-            threads = profile.device.threads if profile.device.kind == "cpu" else None
-            w = profile.workload
-            with open_runtime(runtime, tmp, profile.dtype, threads) as rt:
-                m = measure_batch1(rt, w.prompt_tokens, w.output_tokens, 5)
-            return m.ttft_s, m.tpot_s
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        export_hf(prep.loaded.model, prep.loaded.tokenizer, dense_dir, dtype=getattr(torch, profile.dtype))
+        threads = profile.device.threads if profile.device.kind == "cpu" else None
+        w = profile.workload
+        with open_runtime(runtime, dense_dir, profile.dtype, threads) as rt:
+            m = measure_batch1(rt, w.prompt_tokens, w.output_tokens, 5)
+        anchor.update(runtime=runtime, latency=(m.ttft_s, m.tpot_s))
+        return m.ttft_s, m.tpot_s
 
     with stages.timed("plan"):
         frontier, _ = lever_plan(profile, cfg.model, attn_unit=cfg.attn_unit, round_to=round_to, say=say,
@@ -154,7 +165,10 @@ def run_levers(cfg: RunConfig, profile, round_to: int, prep: Prepared, stages: S
                                   kl_ids=kl_ids, kl_on="text the dense model generated itself")
             estimate(quality, frontier, say=say)
             chosen = frontier.choose()
-            if chosen is None:  # the best candidates missed the budget when measured at their exact shapes
+            if chosen is not None and chosen.marginal:  # inside the reserve: kept only if its export meets the lines
+                chosen = confirm_choice(frontier, lambda c: quality.pruned_copy(c.width, c.dropped, c.bias_free), tok,
+                                        dense_dir, anchor["latency"], profile, anchor["runtime"], say=say)
+            if chosen is None:  # the best candidates missed the budget when measured (exact shapes, or the export)
                 quality.close()
                 raise InfeasibleBudget(frontier.notes[-1] + " Pass --ratio to prune anyway.")
             say(f"[bold]plan[/]: {chosen.levers}, {chosen.removed:.1%} of decoder weights removed, predicted TPOT "

@@ -256,16 +256,19 @@ class CostModel:
         throughput = c * w.output_tokens / total
         return Prediction(self.memory(arch, fmt), ttft, tpot, throughput, self.efficiency_source)
 
-    def violations(self, pred: Prediction) -> list[Violation]:
+    def violations(self, pred: Prediction, reserve: bool = True) -> list[Violation]:
+        """The budget lines `pred` misses; `reserve` False judges the latency lines themselves, without
+        the profile's latency headroom."""
         b = self.profile.budget
         out = []
         if not pred.memory.fits:
             out.append(Violation("memory", pred.memory.total_gib, pred.memory.available_gib, "GiB"))
-        keep = 1 - b.latency_headroom  # the plan's reserve on the latency lines
+        h = b.latency_headroom if reserve else 0.0
+        keep = 1 - h  # the plan's reserve on the latency lines
         if b.ttft_ms is not None and pred.ttft_s * 1e3 > b.ttft_ms * keep:
-            out.append(Violation("ttft", pred.ttft_s * 1e3, b.ttft_ms * keep, "ms", b.latency_headroom))
+            out.append(Violation("ttft", pred.ttft_s * 1e3, b.ttft_ms * keep, "ms", h))
         if b.tpot_ms is not None and pred.tpot_s * 1e3 > b.tpot_ms * keep:
-            out.append(Violation("tpot", pred.tpot_s * 1e3, b.tpot_ms * keep, "ms", b.latency_headroom))
+            out.append(Violation("tpot", pred.tpot_s * 1e3, b.tpot_ms * keep, "ms", h))
         if b.min_throughput_tok_s is not None and pred.throughput_tok_s < b.min_throughput_tok_s:
             out.append(Violation("throughput", pred.throughput_tok_s, b.min_throughput_tok_s, "tok/s"))
         return out

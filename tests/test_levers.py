@@ -161,8 +161,8 @@ def _checked_frontier(measured_ms: dict[str, float], bias_free: bool = False):
     def check(c):
         order.append(c.levers)
         ms = measured_ms.get(c.levers, c.prediction.tpot_s * 1e3)
-        c.prediction = dc_replace(c.prediction, tpot_s=ms / 1e3)
-        c.violations, c.exact = cost.violations(c.prediction), True
+        c.reprice(dc_replace(c.prediction, tpot_s=ms / 1e3), cost)
+        c.exact = True
         return c.ok
 
     f.checker = check
@@ -198,6 +198,81 @@ def test_a_biased_candidate_slow_at_its_exact_shape_gives_way_to_its_sibling_wit
     chosen = f.choose()
     assert order == [best.levers, sibling.levers] and chosen.levers == sibling.levers
     assert chosen.bias_free and not chosen.arch.biased and chosen.exact and chosen.ok
+
+
+def test_marginal_candidates_meet_the_lines_inside_the_reserve_and_are_offered_only_when_asked():
+    """`search(marginal=True)`: per (format, dropped), the least width that meets the TPOT line itself
+    where it is less than the least width that keeps the reserve; never the dense model itself, and
+    none without a reserve."""
+    prof, table, budget = _budgeted(0.8)
+    cost = CostModel(prof)
+    safe = search(prof, SMOLLM2, table, cost, ["none", "w8a8-int8"])
+    f = search(prof, SMOLLM2, table, cost, ["none", "w8a8-int8"], marginal=True)
+    assert f.marginal and not safe.marginal and not any(c.marginal for c in safe.candidates)
+    near = [c for c in f.candidates if c.marginal]
+    assert near and [c for c in f.candidates if not c.marginal] == safe.candidates
+    keep = {(c.fmt, c.dropped): c.width for c in safe.candidates}
+    for c in near:
+        assert budget * 0.95 < c.prediction.tpot_s * 1e3 <= budget
+        assert c.within_lines and not c.ok and c.violations[0].headroom == 0.05
+        assert c.width < keep.get((c.fmt, c.dropped), 1.0) and (c.fmt, c.dropped, c.width) != ("none", 0, 0)
+        assert c.as_dict()["marginal"] is True
+    bare = prof.model_copy(update={"budget": prof.budget.model_copy(update={"latency_headroom": 0.0})})
+    loose = search(bare, SMOLLM2, table, CostModel(bare), ["none"], marginal=True)
+    assert not loose.marginal and not any(c.marginal for c in loose.candidates)
+
+
+def _marginal_best(fallback: bool = True):
+    """A frontier offering marginal candidates whose best by KL is marginal (and, with `fallback`, a
+    candidate that keeps the reserve among the rest) -> (frontier, cost, budget ms, the marginal best)."""
+    prof, table, budget = _budgeted(0.8)
+    cost = CostModel(prof)
+    f = search(prof, SMOLLM2, table, cost, ["none", "w8a8-int8"], marginal=True)
+    for i, c in enumerate(f.candidates):
+        c.kl = 1.0 + i
+    best = next(c for c in f.candidates if c.marginal)
+    best.kl = 0.01
+    if not fallback:
+        f.candidates = [c for c in f.candidates if c.marginal]
+    return f, cost, budget, best
+
+
+def test_a_marginal_best_plan_is_chosen_with_a_fallback_and_its_export_decides():
+    """The best plan by KL meets the lines but not the reserve: it is chosen, with the best plan that
+    keeps the reserve as its fallback; its export measured under the line keeps it, over the line
+    gives way to the fallback, and with no fallback nothing is chosen and the note says why."""
+    f, cost, budget, best = _marginal_best()
+    assert f.choose() is best and f.fallback is not None and f.fallback.ok
+    assert f.fallback is min((c for c in f.candidates if c.ok), key=lambda c: c.kl)
+    assert "not the 5% reserve" in f.rule and f.fallback.levers in f.rule
+    kept = f.confirm(0.05, 0.99 * budget / 1e3, cost, "measured in a test")
+    assert kept is best and best.confirmed and best.prediction.tpot_s == pytest.approx(0.99 * budget / 1e3)
+    assert "it meets the lines, so it is kept" in f.rule
+    assert f.as_dict()["chosen"]["latency_from"] == "its export, measured in turn with the dense export"
+    assert f.as_dict()["fallback"]["levers"] == f.fallback.levers
+
+    f, cost, budget, best = _marginal_best()
+    fallback = f.choose() and f.fallback
+    assert f.confirm(0.05, 1.02 * budget / 1e3, cost, "measured in a test") is fallback and f.chosen is fallback
+    assert best.confirmed and not best.within_lines and f"the fallback, {fallback.levers}, is chosen" in f.rule
+    assert f.confirm(0.05, 2 * budget / 1e3, cost, "again") is fallback  # a choice that keeps the reserve stays
+
+    f, cost, budget, best = _marginal_best(fallback=False)
+    assert f.choose() is best and f.fallback is None and "(else: none)" in f.rule
+    assert f.confirm(0.05, 1.02 * budget / 1e3, cost, "measured in a test") is None
+    assert "infeasible as measured" in f.notes[-1] and best.levers in f.notes[-1]
+
+
+def test_a_candidate_measured_inside_the_reserve_at_its_exact_shape_stays_marginal():
+    """With marginal candidates offered, one that keeps the reserve by the fit but measures between
+    the reserve and the line at its exact shape is still a choice, confirmed on its export."""
+    f, budget, order = _checked_frontier({})
+    first = sorted(f.candidates, key=lambda c: c.kl)[0]
+    f, budget, order = _checked_frontier({first.levers: 0.97 * budget})
+    f.marginal = True
+    chosen = f.choose()
+    assert chosen.levers == first.levers and chosen.marginal and f.fallback is not None and f.fallback.ok
+    assert order[:2] == [first.levers, f.fallback.levers]
 
 
 def test_format_problem_names_the_width_a_group_does_not_divide():
@@ -400,3 +475,57 @@ def test_levers_on_this_machine_measure_the_table_and_anchor_it_on_the_dense_exp
     text = p.stderr.replace("\n", " ")
     assert "the dense export measured in torch" in text and "scaled by" in text
     assert list((tmp_path / "cache").rglob("*.json"))  # the table was measured and cached
+
+
+def test_a_marginal_choice_is_confirmed_on_its_real_export_measured_beside_the_dense_one(tmp_path, tiny_model_dir):
+    """`budget/confirm.py` end to end in the torch runtime: the plan's export and the dense export are
+    measured in turn in both load orders (3 engine loads), and the ratio times the dense latency
+    measured at planning decides. The tiny plan here is the dense weights themselves (ratio about 1),
+    so an anchor at half the line keeps it and one at twice the line gives way to the fallback; no
+    temporary directory is left."""
+    import glob
+    import os
+    import tempfile
+    from dataclasses import replace as dc_replace
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from compressor.budget.confirm import confirm_choice, export_in_format
+    from compressor.budget.frontier import Candidate, Frontier
+
+    base = load_profile("cpu-2core").model_dump(exclude={"efficiency"})
+    base.update(name="tiny-cpu", runtime="torch", dtype="float32", round_to=8)
+    base["workload"].update(max_context=64, concurrency=1, prompt_tokens=16, output_tokens=4)
+    base["budget"].update(tpot_ms=50.0, ttft_ms=None, min_throughput_tok_s=None)
+    path = tmp_path / "tiny-cpu.yaml"
+    path.write_text(yaml.safe_dump(base))
+    prof = load_profile(str(path))
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    dense = tmp_path / "dense"
+    dense.mkdir()
+    export_in_format(model, tok, dense, "float32", "none")
+    arch = Arch.from_config(json.loads((dense / "config.json").read_text()))
+    cost = CostModel(prof)
+    before = set(glob.glob(os.path.join(tempfile.gettempdir(), "fitprune-confirm-*")))
+
+    def frontier():
+        pred = cost.predict(arch)
+        near = Candidate(0.0, 0, "none", arch, pred, [], 0.0, kl=0.0)
+        near.reprice(dc_replace(pred, tpot_s=0.048), cost)  # 2 ms under the 50 ms line, inside the 5% reserve
+        keep = Candidate(0.1, 0, "none", arch, pred, [], 0.1, kl=1.0)
+        keep.reprice(dc_replace(pred, tpot_s=0.020), cost)
+        f = Frontier("tiny-cpu", "a test's prices", [near, keep], ["none"], marginal=True)
+        assert f.choose() is near and near.marginal and f.fallback is keep
+        return f, near, keep
+
+    said = []
+    for anchor_ms, kept in ((25.0, True), (100.0, False)):
+        f, near, keep = frontier()
+        chosen = confirm_choice(f, lambda c: model, tok, dense, (0.01, anchor_ms / 1e3), prof, "torch", runs=3,
+                                say=said.append)
+        assert chosen is (near if kept else keep) and near.confirmed
+        assert 0.5 < near.prediction.tpot_s * 1e3 / anchor_ms < 2  # the same weights: a ratio about 1
+        assert "in both load orders" in near.prediction.efficiency
+        assert ("kept" if kept else f"taking {keep.levers}") in said[-1]
+    assert set(glob.glob(os.path.join(tempfile.gettempdir(), "fitprune-confirm-*"))) == before
