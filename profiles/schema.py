@@ -42,7 +42,9 @@ class Budget(_Strict):
     latency_headroom: float = Field(0.0, ge=0, lt=0.5, description=(
         "fraction of the TTFT and TPOT lines the plan keeps in reserve: a candidate must be predicted (or "
         "measured at its exact shape) within (1 - headroom) x each line, so that its export still meets the "
-        "line itself on a host whose speed swings between measurements"))
+        "line itself on a host whose speed swings between measurements. Where the plan's latency is measured "
+        "on this machine, a better plan inside the reserve is kept only if its own export, measured beside "
+        "the dense export, meets the line itself (compressor/budget/confirm.py)"))
 
 
 class AccuracyFloor(_Strict):

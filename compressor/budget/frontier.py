@@ -490,7 +490,7 @@ def lever_plan(profile: Profile, model: str | None, measure: bool | None = None,
     checker = exact_check(table, profile, config, model_dir, CostModel(profile), runs, say)
     frontier = search(profile, arch, table, CostModel(profile), formats, attn_unit, round_to, biases=comp.adds_bias,
                       bias_free=checker is not None and comp.bias_free is not None, marginal=checker is not None)
-    frontier.notes = notes + list(getattr(table, "notes", [])) + headroom_notes(profile)
+    frontier.notes = notes + list(getattr(table, "notes", [])) + headroom_notes(profile, frontier.marginal)
     frontier.checker = checker
     if not frontier.feasible:
         frontier.notes.append(closest_miss(profile, arch, table, CostModel(profile), formats, attn_unit, round_to))

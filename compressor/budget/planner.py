@@ -133,13 +133,17 @@ class Plan:
         }
 
 
-def headroom_notes(profile: Profile) -> list[str]:
-    """The plan's reserve on the latency lines, in words (none without one)."""
+def headroom_notes(profile: Profile, marginal: bool = False) -> list[str]:
+    """The plan's reserve on the latency lines, in words (none without one); `marginal`: plans inside
+    it are offered, confirmed on their exports (`budget/confirm.py`)."""
     h = profile.budget.latency_headroom
     if not h:
         return []
+    inside = ("; a better plan inside the reserve is kept only if its own export, measured beside the dense "
+              "export before pruning, meets the lines themselves") if marginal else ""
     return [f"planned with {h:.0%} of the TTFT and TPOT lines in reserve (the profile's latency_headroom): a "
-            "plan must be predicted within that much less; the measured export is judged against the lines themselves"]
+            "plan must be predicted within that much less; the measured export is judged against the lines "
+            f"themselves{inside}"]
 
 
 def tensor_parallel_notes(arch: Arch, tp: int, round_to: int) -> list[str]:

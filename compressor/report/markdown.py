@@ -37,6 +37,24 @@ def _verdict(b: dict) -> str:
         " (provenance not recorded: not verified)"
 
 
+def _lever_plan(plan: dict) -> list[str]:
+    """The lever frontier: per (format, layers dropped) the least width that meets the budget."""
+    chosen, fallback = plan.get("chosen") or {}, plan.get("fallback") or {}
+    lines = ["## Plan (every lever)", "", f"Latency: {plan['latency_source']}. Quality: KL to the dense model on "
+             f"{plan.get('kl_on', 'validation text')}. Choice: {plan.get('rule') or 'none'}.", "",
+             "| levers | decoder removed | memory GiB | TTFT | TPOT | latency from | KL | |",
+             "|---|---|---|---|---|---|---|---|"]
+    for c in plan.get("frontier", []):
+        mark = ("chosen" if c["levers"] == chosen.get("levers") and c["biases"] == chosen.get("biases") else
+                "fallback" if c["levers"] == fallback.get("levers") and c["biases"] == fallback.get("biases") else
+                "inside the reserve" if c.get("marginal") else "")
+        kl = "-" if c.get("kl") is None else f"{c['kl']:.4f}"
+        lines.append(f"| {c['levers']} | {c['decoder_removed']:.1%} | {c['memory']['total_gib']:.2f} | "
+                     f"{_ms(c['ttft_s'])} | {_ms(c['tpot_s'])} | {c['latency_from']} | {kl} | {mark} |")
+    lines += [f"\nNote: {n}." for n in plan.get("notes", [])]
+    return [*lines, ""]
+
+
 def markdown(report: Report | dict) -> str:
     r = report.as_dict() if isinstance(report, Report) else report
     lines = [f"# fitprune report: {Path(str(r['model'])).name} for profile `{r['profile']}`", ""]
@@ -44,6 +62,8 @@ def markdown(report: Report | dict) -> str:
     plan = r.get("plan") or {}
     if plan.get("rows"):
         how = f"chosen by the planner ({'feasible' if plan['feasible'] else 'infeasible budget, closest ratio'})"
+    elif plan.get("ratio_source") == "--levers" and plan.get("chosen"):
+        how = f"chosen by the lever plan: {plan['chosen']['levers']} ({plan['rule']})"
     else:
         how = "given with --ratio"
     lines += [
@@ -139,6 +159,8 @@ def markdown(report: Report | dict) -> str:
         for n in plan.get("notes", []):
             lines.append(f"\nNote: {n}.")
         lines.append("")
+    if plan.get("ratio_source") == "--levers":
+        lines += _lever_plan(plan)
     if r.get("plot"):
         lines += [f"![quality and latency against ratio]({r['plot']})", ""]
     return "\n".join(lines)
