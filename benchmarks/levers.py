@@ -151,28 +151,31 @@ def main() -> None:
         measured: dict[tuple, dict] = {}
 
         def run_plan(c: Candidate) -> dict:
+            """The plan's measurement (one per distinct plan: rows of the same plan share it) and its own
+            prediction (a single lever's and the planner's may come from different prices)."""
             key = (round(c.width, 4), c.dropped, c.fmt, c.bias_free)
-            if key in measured:
-                return measured[key]
-            pruned = quality.pruned_copy(c.width, c.dropped, c.bias_free)
-            judged = pruned if c.fmt == "none" else fake_quantized(pruned, c.fmt)
-            cross = domain_perplexities(judged, prep.domains)["geomean"]
-            del judged
-            got = measure_beside(dense_dir, pruned, tok, c.fmt, args.runs, profile)
+            if key not in measured:
+                pruned = quality.pruned_copy(c.width, c.dropped, c.bias_free)
+                judged = pruned if c.fmt == "none" else fake_quantized(pruned, c.fmt)
+                cross = domain_perplexities(judged, prep.domains)["geomean"]
+                del judged
+                measured[key] = {**measure_beside(dense_dir, pruned, tok, c.fmt, args.runs, profile), "cross": cross}
+            got = measured[key]
             # the predicted TPOT over the dense one's, whatever the table's scale (exact points included); a
             # plan confirmed on its export: that measurement's ratio (a separate one from this row's)
             raw = table.table if isinstance(table, AnchoredTable) else table
             ratio = raw.predict(c.arch, c.fmt)[1] / raw.predict(arch, "none")[1]
             if c.confirmed:
                 ratio = c.prediction.tpot_s / m.tpot_s
-            measured[key] = {**got, "cross": cross, "kl": c.kl, "removed": c.removed, "pred_ratio": ratio,
-                             "latency_from": "its export" if c.confirmed else "exact shape" if c.exact else "fit",
+            row = {**got, "kl": c.kl, "removed": c.removed, "pred_ratio": ratio,
+                             "latency_from": ("its export" if c.confirmed else "exact shape"
+                                              if c.exact or raw.exact(c.arch, c.fmt) is not None else "fit"),
                              "pred_tpot_ms": c.prediction.tpot_s * 1e3, "pred_ttft_ms": c.prediction.ttft_s * 1e3,
                              "pred_memory_gib": c.prediction.memory.total_gib}
             if "tpot_ms" in got:
-                measured[key].update(pred_beside_ms=ratio * got["dense_tpot_ms"])
-            say(f"  measured {c.levers}: {fmt_row(measured[key])}")
-            return measured[key]
+                row.update(pred_beside_ms=ratio * got["dense_tpot_ms"])
+            say(f"  measured {c.levers}: {fmt_row(row)}")
+            return row
 
         rows = []
         for f in [float(x) for x in args.budgets.split(",")]:
@@ -185,6 +188,7 @@ def main() -> None:
                               marginal=checker is not None)
             for c in frontier.candidates:
                 c.kl = quality.kl(c.width, c.dropped, c.fmt, c.bias_free)
+            frontier.kl_on = quality.kl_on
             frontier.checker = checker  # measures the best candidates at their exact shapes before choosing
             frontier.choose()
             if frontier.chosen is not None and frontier.chosen.marginal:  # as `compress --levers` does

@@ -223,8 +223,8 @@ def test_marginal_candidates_meet_the_lines_inside_the_reserve_and_are_offered_o
 
 
 def _marginal_best(fallback: bool = True):
-    """A frontier offering marginal candidates whose best by KL is marginal (and, with `fallback`, a
-    candidate that keeps the reserve among the rest) -> (frontier, cost, budget ms, the marginal best)."""
+    """A frontier offering marginal candidates whose best by KL is marginal (and, with `fallback`,
+    candidates that keep the reserve among the rest) -> (frontier, cost, budget ms, the marginal best)."""
     prof, table, budget = _budgeted(0.8)
     cost = CostModel(prof)
     f = search(prof, SMOLLM2, table, cost, ["none", "w8a8-int8"], marginal=True)
@@ -237,42 +237,63 @@ def _marginal_best(fallback: bool = True):
     return f, cost, budget, best
 
 
-def test_a_marginal_best_plan_is_chosen_with_a_fallback_and_its_export_decides():
-    """The best plan by KL meets the lines but not the reserve: it is chosen, with the best plan that
-    keeps the reserve as its fallback; its export measured under the line keeps it, over the line
-    gives way to the fallback, and with no fallback nothing is chosen and the note says why."""
+def test_a_marginal_best_plan_is_chosen_and_its_export_decides():
+    """The best plan by KL meets the lines but not the reserve: it is chosen; its export measured
+    under the line keeps it, over the line gives way to the fallback (the best plan after it that
+    keeps the reserve), and with no fallback nothing is chosen and the note says why."""
     f, cost, budget, best = _marginal_best()
-    assert f.choose() is best and f.fallback is not None and f.fallback.ok
-    assert f.fallback is min((c for c in f.candidates if c.ok), key=lambda c: c.kl)
-    assert "not the 5% reserve" in f.rule and f.fallback.levers in f.rule
+    assert f.choose() is best and f.fallback is None
+    assert "not the 5% reserve" in f.rule and "else the best plan that keeps the reserve" in f.rule
     kept = f.confirm(0.05, 0.99 * budget / 1e3, cost, "measured in a test")
     assert kept is best and best.confirmed and best.prediction.tpot_s == pytest.approx(0.99 * budget / 1e3)
-    assert "it meets the lines, so it is kept" in f.rule
+    assert "it meets the lines, so it is kept" in f.rule and f.fallback is None
     assert f.as_dict()["chosen"]["latency_from"] == "its export, measured in turn with the dense export"
-    assert f.as_dict()["fallback"]["levers"] == f.fallback.levers
+    assert f.as_dict()["missed_on_export"] is None
 
     f, cost, budget, best = _marginal_best()
-    fallback = f.choose() and f.fallback
+    f.choose()
+    fallback = min((c for c in f.candidates if c.ok), key=lambda c: c.kl)
     assert f.confirm(0.05, 1.02 * budget / 1e3, cost, "measured in a test") is fallback and f.chosen is fallback
+    assert f.fallback is fallback and f.missed_on_export is best and f.as_dict()["missed_on_export"]["levers"] == \
+        best.levers
     assert best.confirmed and not best.within_lines and f"the fallback, {fallback.levers}, is chosen" in f.rule
     assert f.confirm(0.05, 2 * budget / 1e3, cost, "again") is fallback  # a choice that keeps the reserve stays
 
     f, cost, budget, best = _marginal_best(fallback=False)
-    assert f.choose() is best and f.fallback is None and "(else: none)" in f.rule
-    assert f.confirm(0.05, 1.02 * budget / 1e3, cost, "measured in a test") is None
+    assert f.choose() is best
+    assert f.confirm(0.05, 1.02 * budget / 1e3, cost, "measured in a test") is None and f.fallback is None
     assert "infeasible as measured" in f.notes[-1] and best.levers in f.notes[-1]
 
 
-def test_a_candidate_measured_inside_the_reserve_at_its_exact_shape_stays_marginal():
-    """With marginal candidates offered, one that keeps the reserve by the fit but measures between
-    the reserve and the line at its exact shape is still a choice, confirmed on its export."""
+def test_plans_inside_the_reserve_have_their_own_exact_checks_and_the_fallback_is_checked_when_needed():
+    """With a checker, candidates inside the reserve by their price and those keeping it each get up
+    to `max_checks` exact-shape checks, so the first never use up the others'. A candidate that keeps
+    the reserve by the fit but measures between the reserve and the line at its exact shape is a
+    marginal choice; the fallback is checked only once the marginal choice's export has missed."""
     f, budget, order = _checked_frontier({})
     first = sorted(f.candidates, key=lambda c: c.kl)[0]
     f, budget, order = _checked_frontier({first.levers: 0.97 * budget})
     f.marginal = True
     chosen = f.choose()
-    assert chosen.levers == first.levers and chosen.marginal and f.fallback is not None and f.fallback.ok
-    assert order[:2] == [first.levers, f.fallback.levers]
+    assert chosen.levers == first.levers and chosen.marginal and order == [first.levers]
+    second = sorted(f.candidates, key=lambda c: c.kl)[1]
+    cost = CostModel(_budgeted(0.8)[0])
+    assert f.confirm(0.05, 1.01 * budget / 1e3, cost, "a test") is f.fallback and f.fallback.levers == second.levers
+    assert order == [first.levers, second.levers] and f.fallback.exact
+
+    # four candidates inside the reserve that miss at their exact shapes leave the four checks of the others
+    from dataclasses import replace as dc_replace
+
+    base, budget, _ = _checked_frontier({})
+    ranked = sorted(base.candidates, key=lambda c: c.kl)
+    f, budget, order = _checked_frontier({c.levers: 2 * budget for c in ranked[:6]})
+    f.marginal = True
+    ranked = sorted(f.candidates, key=lambda c: c.kl)
+    for c in ranked[:6]:  # the six best by KL, priced 3% under the line: inside the reserve
+        c.reprice(dc_replace(c.prediction, tpot_s=0.97 * budget / 1e3), cost)
+        assert c.marginal
+    chosen = f.choose()
+    assert order == [c.levers for c in ranked[:4]] + [ranked[6].levers] and chosen is ranked[6] and chosen.ok
 
 
 def test_format_problem_names_the_width_a_group_does_not_divide():
@@ -522,7 +543,7 @@ def test_a_marginal_choice_is_confirmed_on_its_real_export_measured_beside_the_d
         keep = Candidate(0.1, 0, "none", arch, pred, [], 0.1, kl=1.0)
         keep.reprice(dc_replace(pred, tpot_s=0.020), cost)
         f = Frontier("tiny-cpu", "a test's prices", [near, keep], ["none"], marginal=True)
-        assert f.choose() is near and near.marginal and f.fallback is keep
+        assert f.choose() is near and near.marginal and f.fallback is None
         return f, near, keep
 
     said = []

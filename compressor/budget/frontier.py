@@ -112,8 +112,10 @@ class Frontier:
     max_checks: int = 4
     # candidates inside the reserve are offered (`search(marginal=True)`); the choice may be one of them
     marginal: bool = False
-    # where `chosen` is marginal: the best candidate that keeps the reserve, taken if its export misses
+    # where a marginal `chosen` missed on its export: the best candidate after it that keeps the reserve
     fallback: Candidate | None = None
+    missed_on_export: Candidate | None = None  # the marginal choice whose export missed the lines (`confirm`)
+    _ranked: list[Candidate] = field(default_factory=list, repr=False, compare=False)
 
     @property
     def feasible(self) -> bool:
@@ -122,60 +124,75 @@ class Frontier:
     def passes(self, c: Candidate) -> bool:
         return c.ok or (self.marginal and c.within_lines)
 
+    def rank(self) -> list[Candidate]:
+        """The candidates best first: the least KL where every candidate has one; else the fewest weights
+        removed (format order breaks ties: the dense dtype first), then the lowest predicted TPOT.
+        Sets `rule` to the ranking's words."""
+        order = {f: i for i, f in enumerate(self.formats)}
+        if all(c.kl is not None for c in self.candidates):
+            self.rule = f"least KL to the dense model on {self.kl_on} (measured on the weights)"
+            return sorted(self.candidates, key=lambda c: (c.kl, c.removed, c.prediction.tpot_s))
+        self.rule = ("fewest decoder weights removed (the weights were not read, so quality was not estimated; "
+                     "run the main job to choose by measured KL)")
+        return sorted(self.candidates, key=lambda c: (round(c.removed, 4), order[c.fmt], c.prediction.tpot_s))
+
+    def _walk(self, ranked: list[Candidate], accept, marginal_checks: int) -> tuple[Candidate | None, list[Candidate]]:
+        """The first of `ranked` that `accept`s, each measured at its exact shape first where there is a
+        `checker`: at most `max_checks` of the candidates that keep the reserve by their price and
+        `marginal_checks` of those inside it (the rest are passed over), so that plans inside the
+        reserve never use up the checks of the others. -> (the one found or None, those that missed)."""
+        left = {False: self.max_checks, True: marginal_checks}
+        missed = []
+        for c in ranked:
+            if self.checker is not None:
+                if not left[c.marginal]:
+                    if not any(left.values()):
+                        break
+                    continue
+                left[c.marginal] -= 1
+                self.checker(c)
+            if accept(c):
+                return c, missed
+            missed.append(c)
+        return None, missed
+
     def choose(self) -> Candidate | None:
-        """The least KL where every candidate has one; else the fewest weights removed (format order
-        breaks ties: the dense dtype first), then the lowest predicted TPOT. With a `checker`, the
-        best candidates are measured at their exact shapes in that order, up to `max_checks` of
-        them, and the first that still meets the budget is chosen; when none does, nothing is.
-        Where the first is marginal (`Candidate.marginal`), the walk goes on to the first that keeps
-        the reserve: the `fallback`, which `confirm` takes if the marginal one's export misses."""
-        self.fallback = None
+        """The best candidate by `rank` that meets the budget. With a `checker`, the best candidates
+        are measured at their exact shapes in that order (up to `max_checks` of each kind: `_walk`)
+        and the first that still meets the budget is chosen; when none does, nothing is. A marginal
+        choice (`Candidate.marginal`) is kept only once its export confirms it (`confirm`)."""
+        self.fallback = self.missed_on_export = None
         if not self.feasible:
             self.chosen, self.rule = None, "no candidate meets the budget"
             return None
-        order = {f: i for i, f in enumerate(self.formats)}
-        if all(c.kl is not None for c in self.candidates):
-            ranked = sorted(self.candidates, key=lambda c: (c.kl, c.removed, c.prediction.tpot_s))
-            self.rule = f"least KL to the dense model on {self.kl_on} (measured on the weights)"
-        else:
-            ranked = sorted(self.candidates, key=lambda c: (round(c.removed, 4), order[c.fmt], c.prediction.tpot_s))
-            self.rule = ("fewest decoder weights removed (the weights were not read, so quality was not estimated; "
-                         "run the main job to choose by measured KL)")
-        self.chosen, missed = None, 0
-        for c in ranked[: self.max_checks] if self.checker is not None else ranked:
+        self._ranked = self.rank()
+        self.chosen, missed = self._walk(self._ranked, self.passes, self.max_checks)
+        c = self.chosen
+        if c is not None:
             if self.checker is not None:
-                self.checker(c)
-            if not self.passes(c):
-                missed += self.chosen is None
-                continue
-            if self.chosen is None:
-                self.chosen = c
-                if self.checker is not None:
-                    self.rule += "; measured at its exact shape before pruning, it meets the budget"
-                    if missed:
-                        self.rule += f" (the {missed} before it by that rule did not, at theirs)"
-            elif c.ok:
-                self.fallback = c
-            if c.ok:
-                break
-        if self.chosen is not None:
-            if self.chosen.marginal:
-                h = self.chosen.violations[0].headroom if self.chosen.violations else 0
-                self.rule += (f"; it meets the lines but not the {h:.0%} reserve below them, so its export is measured "
-                              f"before it is kept (else: {self.fallback.levers if self.fallback else 'none'})")
-            return self.chosen
-        n = min(self.max_checks, len(ranked))
-        self.rule = f"none: the best {n} by that rule, measured at their exact shapes, missed the budget"
+                self.rule += "; measured at its exact shape before pruning, it meets the " + (
+                    "lines" if c.marginal else "budget")
+                if missed:
+                    self.rule += f" (the {len(missed)} before it by that rule did not, at theirs)"
+            if c.marginal:
+                h = c.violations[0].headroom if c.violations else 0
+                self.rule += (f"{',' if self.checker is not None else '; it meets the lines'} but not the {h:.0%} "
+                              "reserve below them, so its export is measured before it is kept (else the best plan "
+                              "that keeps the reserve is)")
+            return c
+        self.rule = f"none: the best {len(missed)} by that rule, measured at their exact shapes, missed the budget"
         self.notes.append(f"The budget of profile '{self.profile}' is infeasible as measured: the table's fit "
-                          f"predicted it met, but the best {n} candidates measured at their exact shapes missed it ("
-                          + "; ".join(f"{c.levers}: " + ", ".join(v.sentence() for v in c.violations)
-                                      for c in ranked[:n]) + ").")
+                          f"predicted it met, but the best {len(missed)} candidates measured at their exact shapes "
+                          "missed it (" + "; ".join(f"{c.levers}: " + ", ".join(v.sentence() for v in c.violations)
+                                                    for c in missed) + ").")
         return None
 
     def confirm(self, ttft_s: float, tpot_s: float, cost: CostModel, how: str) -> Candidate | None:
         """The marginal choice's export measured at (`ttft_s`, `tpot_s`), on the plan's scale (`how`
-        says how): kept if it meets the lines themselves, else the `fallback` is chosen (None where
-        there is none). A choice that keeps the reserve needs no confirmation."""
+        says how): kept if it meets the lines themselves, else the `fallback` is chosen: the best
+        candidate ranked after it that keeps the reserve (measured at its exact shape first, where
+        there is a checker; candidates inside the reserve by their price are not tried), None where
+        there is none. A choice that keeps the reserve needs no confirmation."""
         c = self.chosen
         if c is None or not c.marginal:
             return c
@@ -188,6 +205,9 @@ class Frontier:
         if c.within_lines:
             self.rule += f"; {measured}: it meets the lines, so it is kept"
             return c
+        ranked = self._ranked or self.rank()
+        self.missed_on_export = c
+        self.fallback, _ = self._walk(ranked[ranked.index(c) + 1:], lambda x: x.ok, 0)
         self.rule += (f"; {measured}: " + "; ".join(v.sentence() for v in c.line_violations)
                       + (f"; so the fallback, {self.fallback.levers}, is chosen" if self.fallback else
                          "; no candidate that keeps the reserve was left to fall back on"))
@@ -204,7 +224,7 @@ class Frontier:
                 "kl_on": self.kl_on,
                 "skipped_formats": self.skipped_formats, "rule": self.rule, "notes": self.notes,
                 "chosen": self.chosen.as_dict() if self.chosen else None,
-                "fallback": self.fallback.as_dict() if self.fallback and self.fallback is not self.chosen else None,
+                "missed_on_export": self.missed_on_export.as_dict() if self.missed_on_export else None,
                 "frontier": [c.as_dict() for c in self.candidates]}
 
 

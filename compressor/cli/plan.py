@@ -144,7 +144,7 @@ def frontier_table(frontier, title: str) -> Table:
         p = c.prediction
         t.add_row(c.levers, f"{c.removed:.1%}", f"{p.memory.total_gib:.2f}", f"{p.ttft_s * 1e3:.1f}",
                   f"{p.tpot_s * 1e3:.2f}", f"{p.throughput_tok_s:.1f}", "-" if c.kl is None else f"{c.kl:.4f}",
-                  "[bold green]chosen[/]" if c is frontier.chosen else "fallback" if c is frontier.fallback else
+                  "[bold green]chosen[/]" if c is frontier.chosen else
                   "inside the reserve" if c.marginal else "")
     return t
 

@@ -39,14 +39,14 @@ def _verdict(b: dict) -> str:
 
 def _lever_plan(plan: dict) -> list[str]:
     """The lever frontier: per (format, layers dropped) the least width that meets the budget."""
-    chosen, fallback = plan.get("chosen") or {}, plan.get("fallback") or {}
+    chosen, missed = plan.get("chosen") or {}, plan.get("missed_on_export") or {}
     lines = ["## Plan (every lever)", "", f"Latency: {plan['latency_source']}. Quality: KL to the dense model on "
              f"{plan.get('kl_on', 'validation text')}. Choice: {plan.get('rule') or 'none'}.", "",
              "| levers | decoder removed | memory GiB | TTFT | TPOT | latency from | KL | |",
              "|---|---|---|---|---|---|---|---|"]
     for c in plan.get("frontier", []):
-        mark = ("chosen" if c["levers"] == chosen.get("levers") and c["biases"] == chosen.get("biases") else
-                "fallback" if c["levers"] == fallback.get("levers") and c["biases"] == fallback.get("biases") else
+        mark = ("chosen" if c["levers"] == chosen.get("levers") else
+                "missed on its export" if c["levers"] == missed.get("levers") else
                 "inside the reserve" if c.get("marginal") else "")
         kl = "-" if c.get("kl") is None else f"{c['kl']:.4f}"
         lines.append(f"| {c['levers']} | {c['decoder_removed']:.1%} | {c['memory']['total_gib']:.2f} | "
