@@ -442,7 +442,8 @@ def closest_miss(profile: Profile, arch: Arch, table, cost: CostModel, formats: 
     if worst is None or not worst[2]:
         return f"The budget of profile '{profile.name}' is infeasible."
     return (f"The budget of profile '{profile.name}' is infeasible: even with half the layers dropped, "
-            f"{GRID[-1]:.0%} of the rest removed by width and {worst[1]} weights, the predicted "
+            f"{GRID[-1]:.0%} of the rest removed by width and "
+            + (f"{profile.dtype} weights" if worst[1] == "none" else f"{worst[1]} weights") + ", the predicted "
             + "; ".join(x.sentence() for x in worst[2]) + ".")
 
 
