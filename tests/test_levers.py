@@ -249,6 +249,7 @@ def test_a_marginal_best_plan_is_chosen_and_its_export_decides():
     assert "it meets the lines, so it is kept" in f.rule and f.fallback is None
     assert f.as_dict()["chosen"]["latency_from"] == "its export, measured in turn with the dense export"
     assert f.as_dict()["missed_on_export"] is None
+    assert f.as_dict()["chosen"]["meets_budget"] is True and f.as_dict()["chosen"]["keeps_reserve"] is False
 
     f, cost, budget, best = _marginal_best()
     f.choose()

@@ -90,7 +90,8 @@ class Candidate:
         return {"levers": self.levers, "width": self.width, "dropped_layers": self.dropped, "format": self.fmt,
                 "biases": self.arch.biased,
                 "decoder_removed": round(self.removed, 4), "params": self.arch.total_params,
-                **self.prediction.as_dict(), "meets_budget": self.ok, "kl": self.kl,
+                **self.prediction.as_dict(), "meets_budget": self.within_lines, "keeps_reserve": self.ok,
+                "kl": self.kl,
                 "latency_from": ("its export, measured in turn with the dense export" if self.confirmed else
                                  "its exact shape, measured" if self.exact else "the table's fit"),
                 "marginal": self.marginal, "violations": [v.sentence() for v in self.violations]}
