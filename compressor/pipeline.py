@@ -124,7 +124,7 @@ def _run_levers(cfg: RunConfig, profile, round_to: int, prep: Prepared, stages: 
     from .budget.confirm import confirm_choice
     from .budget.frontier import lever_plan
     from .budget.planner import InfeasibleBudget, NothingToPrune
-    from .prune.planned import PlanQuality, estimate, kl_text
+    from .prune.planned import PlanQuality, estimate, fake_quantized, kl_text
 
     say = console.print
     anchor: dict = {}  # the dense export's runtime and (TTFT s, TPOT s), measured at planning
@@ -179,7 +179,10 @@ def _run_levers(cfg: RunConfig, profile, round_to: int, prep: Prepared, stages: 
         spec = replace(spec, ratio=round(chosen.removed, 4), compensation=quality.compensation(chosen.bias_free).name)
         cfg = cfg.model_copy(update={"quantize": chosen.fmt})
         out = output_dir(cfg, spec)
-        ppl_pruned, domains_pruned = evaluate_model("pruned", model, tok, prep, tasks, cfg, stages, say)
+        # the plan's quality with its weight format: compressed-tensors' own fake quantization in torch
+        judged = model if chosen.fmt == "none" else fake_quantized(model, chosen.fmt)
+        ppl_pruned, domains_pruned = evaluate_model("pruned", judged, tok, prep, tasks, cfg, stages, say)
+        del judged
         report = build_report(cfg, profile.name, prep, spec, result, before, ppl_dense, ppl_pruned,
                               cross_domain=(domains_dense, domains_pruned))
         write_output(report, out, prep, profile, LeverPlan(frontier), tasks, cfg, stages, say)
