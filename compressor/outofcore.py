@@ -18,7 +18,7 @@ import torch
 
 from . import steps
 from .config import RunConfig
-from .data import load_texts
+from .data import domain_windows, load_texts
 from .errors import UserError
 from .memory import available_bytes
 from .model import adapter_for
@@ -90,7 +90,7 @@ class ExportSink(LayerSink):
                  shard_bytes: int | None = None):
         from exporters.stream import STREAM_SHARD_BYTES, ShardWriter
 
-        self.lazy, self.adapter, self.comp, self.dtype = lazy, adapter, comp, dtype
+        self.lazy, self.adapter, self.comp, self.dtype, self.work = lazy, adapter, comp, dtype, work
         self.writer = ShardWriter(work.export_dir, STREAM_SHARD_BYTES if shard_bytes is None else shard_bytes,
                                   parts=work.state["parts"])
         self.expected: set[str] | None = None
@@ -130,12 +130,16 @@ class ExportSink(LayerSink):
         from exporters.hf import finish_dir
 
         cfg, fmt = self.target
-        rest = [k for k in sorted(self.lazy.files) if not k.startswith("model.layers.")
-                and not (k == "lm_head.weight" and getattr(cfg, "tie_word_embeddings", False))]
-        small = [k for k in rest if "embed" not in k and not k.startswith("lm_head")]
-        for group in [small, *[[k] for k in rest if k not in small]]:  # the large ones one at a time
-            self.writer.add({k: self.lazy.tensor(k, dtype=self.dtype).contiguous() for k in group})
-        files = self.writer.finish()
+        if not self.work.state.get("rest_written"):  # a resumed run may have written them already
+            rest = [k for k in sorted(self.lazy.files) if not k.startswith("model.layers.")
+                    and not (k == "lm_head.weight" and getattr(cfg, "tie_word_embeddings", False))]
+            small = [k for k in rest if "embed" not in k and not k.startswith("lm_head")]
+            for group in [small, *[[k] for k in rest if k not in small]]:  # the large ones one at a time
+                self.writer.add({k: self.lazy.tensor(k, dtype=self.dtype).contiguous() for k in group})
+            self.writer.flush()
+            self.work.state.update(parts=self.writer.state(), rest_written=True)
+            self.work.save()
+        files = self.writer.finish()  # idempotent: parts renamed before an interruption count as done
         gen = None
         if (self.lazy.path / "generation_config.json").is_file():
             from transformers import GenerationConfig
@@ -186,7 +190,8 @@ def prepare_lazy(cfg: RunConfig, stages):
         cfg.check_model(lazy.config)
     with stages.timed("data"):
         texts = load_texts(cfg.calib, tok, None, cfg.nsamples, cfg.seqlen, cfg.eval_samples, cfg.seed)
-    return lazy, Prepared(LoadedModel(lazy.model, tok, cfg.model or str(path)), adapter, texts)
+        domains = domain_windows(tok, cfg.seqlen, cfg.domain_windows) if cfg.domain_windows else []
+    return lazy, Prepared(LoadedModel(lazy.model, tok, cfg.model or str(path)), adapter, texts, domains)
 
 
 def run_out_of_core(cfg: RunConfig, profile, round_to: int, stages, console):
@@ -216,36 +221,76 @@ def run_out_of_core(cfg: RunConfig, profile, round_to: int, stages, console):
     except KeyboardInterrupt:
         keep_work = True
         raise
-    except UserError:
-        raise
     except Exception as exc:
-        if _disk_full(exc):
-            raise UserError(f"The disk holding {folder.parent} is full; nothing was written.", exit_code=28) from exc
-        raise
+        # a resumed run never loses its work; a fresh one keeps it past an unexpected error, not a refusal
+        keep_work = folder.is_dir() and (cfg.resume or not isinstance(exc, UserError))
+        full = _disk_full(exc)
+        if not keep_work:
+            if full:
+                raise UserError(f"The disk holding {folder.parent} is full; nothing was written.",
+                                exit_code=28) from exc
+            raise
+        import traceback
+
+        (folder / "error.log").write_text("".join(traceback.format_exception(exc)))
+        if full:
+            what = f"the disk holding {folder.parent} is full"
+        elif isinstance(exc, UserError):
+            what = str(exc).rstrip(".")
+        else:
+            what = f"the run failed ({type(exc).__name__}: {exc}; details in {folder / 'error.log'})"
+        raise UserError(f"{what[0].upper()}{what[1:]}; the finished work is kept in {folder}: rerun the same command "
+                        "with --resume to continue.", exit_code=28 if full else getattr(exc, "exit_code", 1)) from exc
     finally:
         if not keep_work:
             shutil.rmtree(folder, ignore_errors=True)
 
 
+def _stored(work: WorkState, key: str, compute):
+    """The value a stage stored in the work state, or `compute()` stored now (a resumed run skips
+    the stages it finished)."""
+    if work.state.get(key) is None:
+        work.state[key] = compute()
+        work.save()
+    return work.state[key]
+
+
 def _run(cfg, profile, plan, spec, lazy, prep, work, dtype, stages, console, out):
     from .evaluate.lm_eval import Tasks
-    from .evaluate.perplexity import finite, layerwise_perplexity
+    from .evaluate.perplexity import finite, layerwise_domain_perplexities, layerwise_perplexity
 
     say = console.print
     model, adapter, tok = lazy.model, prep.adapter, prep.loaded.tokenizer
     before = adapter.count_params(model)
     no_lm_eval = ("not measured: the model does not fit in memory, so lm-eval cannot run on it in process; pass "
                   "--lm-eval-backend vllm to score the export in vLLM")
+
+    def evaluate(which: str, model_of) -> tuple[float, dict | None]:
+        """Held-out and cross-domain perplexity, layer by layer, each stored as it goes (stage
+        perplexity_WHICH); `model_of()` gives the lazy model and its adapter."""
+        with stages.timed(f"perplexity_{which}"):
+            ppl = _stored(work, f"ppl_{which}", lambda: finite(
+                layerwise_perplexity(*model_of(), prep.heldout, cfg.device, store=work.folder / f"ppl-{which}"),
+                f"{which} held-out perplexity"))
+            cross = _stored(work, f"cross_{which}", lambda: layerwise_domain_perplexities(
+                *model_of(), prep.domains, cfg.device, store=work.folder / f"ppl-{which}")) if prep.domains else None
+        say(f"{which} held-out perplexity: {ppl:.3f} (layer by layer)")
+        if cross:
+            finite(cross["geomean"], f"{which} cross-domain perplexity")
+            say(f"{which} cross-domain perplexity: {cross['geomean']:.3f} (geometric mean, layer by layer)")
+        return ppl, cross
+
+    written: list = []  # the export read back, once: (LazyModel, adapter)
+
+    def pruned_model():
+        if not written:
+            m = LazyModel(work.export_dir)  # our format is registered: no remote code
+            written.extend((m, adapter_for(m.model)))
+        return written
+
     with Tasks(prep.texts.heldout_text, cfg.checks, vllm=cfg.lm_eval_backend == "vllm",
                n_cloze=cfg.eval_items) as tasks:
-        ppl_dense = work.state.get("ppl_dense")  # a resumed run measured it already
-        if ppl_dense is None:
-            with stages.timed("perplexity_dense"):
-                ppl_dense = finite(layerwise_perplexity(lazy, adapter, prep.heldout, cfg.device),
-                                   "dense held-out perplexity")
-            work.state["ppl_dense"] = ppl_dense
-            work.save()
-        say(f"dense held-out perplexity: {ppl_dense:.3f} (layer by layer)")
+        ppl_dense, cross_dense = evaluate("dense", lambda: (lazy, adapter))
         if cfg.checks:
             tasks.dense = tasks.pruned = {"skipped": no_lm_eval}
             say(f"lm-eval in process {no_lm_eval}")
@@ -253,18 +298,18 @@ def _run(cfg, profile, plan, spec, lazy, prep, work, dtype, stages, console, out
         with stages.timed("pruning_step"):
             result = _prune(cfg, lazy, prep, spec, work, sink, console)
         with stages.timed("export"):
-            res = sink.finish(tok)
-        with stages.timed("perplexity_pruned"):
-            pruned = LazyModel(work.export_dir)  # our format is registered: no remote code
-            ppl_pruned = finite(layerwise_perplexity(pruned, adapter_for(pruned.model), prep.heldout, cfg.device),
-                                "pruned held-out perplexity")
-            # counted on what was written (a resumed run's skeleton has only its own layers cut)
-            after = adapter_for(pruned.model).count_params(pruned.model)
-        say(f"pruned held-out perplexity: {ppl_pruned:.3f} (layer by layer, read back from the written shards)")
-        report = steps.build_report(cfg, profile.name, prep, spec, result, before, ppl_dense, ppl_pruned, after)
-        steps.quantize(work.export_dir, res, cfg, stages, say)  # after the layer-wise perplexity, before the checks
+            res = _export(sink, tok, work)
+        ppl_pruned, cross_pruned = evaluate("pruned", pruned_model)
+        # counted on what was written (a resumed run's skeleton has only its own layers cut)
+        after = _stored(work, "params_after", lambda: pruned_model()[1].count_params(pruned_model()[0].model))
+        report = steps.build_report(cfg, profile.name, prep, spec, result, before, ppl_dense, ppl_pruned, after,
+                                    cross_domain=(cross_dense, cross_pruned))
+        # after the layer-wise perplexity, before the checks; a resumed run does not quantize twice
+        work.state["quantized"] = steps.quantize(work.export_dir, res, cfg, stages, say,
+                                                 done=work.state.get("quantized"))
+        work.save()
         steps.finish_report(report, work.export_dir, res, dtype, prep.loaded.source, profile, plan, tasks, cfg,
-                               stages, say)
+                            stages, say)
     import os
 
     if out.exists():
@@ -272,6 +317,20 @@ def _run(cfg, profile, plan, spec, lazy, prep, work, dtype, stages, console, out
     os.replace(work.export_dir, out)
     report.output = str(out)
     return report
+
+
+def _export(sink: ExportSink, tokenizer, work: WorkState):
+    """The export's last tensors, names, config and tokenizer, once: a resumed run reads what was done."""
+    from exporters.hf import ExportResult
+
+    done = work.state.get("exported")
+    if done is not None:
+        return ExportResult(path=work.export_dir, **done)
+    res = sink.finish(tokenizer)
+    work.state["exported"] = {"format": res.format, "architecture": res.architecture, "files": list(res.files),
+                              "dropped_layers": list(res.dropped_layers)}
+    work.save()
+    return res
 
 
 def _prune(cfg, lazy, prep, spec, work, sink, console):

@@ -41,6 +41,7 @@ from torch import nn
 from compressor.errors import UserError
 
 WORK = ".fitprune-quantize"  # the folder inside the export the new shards are written to
+DONE = "complete.json"  # in WORK once every quantized file is there: the files, and the dense ones they replace
 
 
 def quantize_streaming(folder: Path, prepare: Callable[[nn.Module], None], qparams: Callable[[nn.Module], None],
@@ -49,28 +50,40 @@ def quantize_streaming(folder: Path, prepare: Callable[[nn.Module], None], qpara
     a time; returns the new weight files. `prepare(model)` attaches the scheme to the skeleton (and
     refuses it first where it cannot apply), `qparams(module)` fills one Linear's weight scales: both
     are `exporters.quantize`'s, which calls this (so the scheme is defined in one place)."""
+    from compressor.model.safetensors_files import weight_files
     from compressor.output import _disk_full
 
     folder = Path(folder)
-    if "quantization_config" in _config(folder):
-        raise UserError(f"The export {folder} is quantized already (its config.json has a quantization_config).")
     work = folder / WORK
-    shutil.rmtree(work, ignore_errors=True)  # left by a killed run
-    try:
-        work.mkdir()
-        files = _quantize_into(folder, work, prepare, qparams, shard_bytes)
-        _replace_shards(folder, work)
-    except UserError:
-        raise
-    except Exception as exc:
-        if _disk_full(exc):
-            raise UserError(f"The disk holding {folder} is full; the export was not quantized.", exit_code=28) from exc
-        if isinstance(exc, OSError):
-            raise UserError(f"Could not quantize {folder}: {exc.strerror or exc} ({exc.filename or folder}).") from exc
-        raise
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return files
+    done = work / DONE
+    if done.is_file():  # a run interrupted while the quantized files replaced the dense ones: finish that
+        plan = json.loads(done.read_text())
+    else:
+        if "quantization_config" in _config(folder):
+            raise UserError(f"The export {folder} is quantized already (its config.json has a quantization_config).")
+        shutil.rmtree(work, ignore_errors=True)  # left by a killed run
+        try:
+            work.mkdir()
+            files = _quantize_into(folder, work, prepare, qparams, shard_bytes)
+            plan = {"files": files, "new": sorted(f.name for f in work.iterdir()),
+                    "old": sorted(set(weight_files(folder).values()) | {"model.safetensors.index.json"})}
+            tmp = work / (DONE + ".partial")
+            tmp.write_text(json.dumps(plan))
+            os.replace(tmp, done)  # from here on the replacement can always be finished
+        except BaseException as exc:
+            shutil.rmtree(work, ignore_errors=True)
+            if isinstance(exc, UserError) or not isinstance(exc, Exception):
+                raise
+            if _disk_full(exc):
+                raise UserError(f"The disk holding {folder} is full; the export was not quantized.",
+                                exit_code=28) from exc
+            if isinstance(exc, OSError):
+                raise UserError(f"Could not quantize {folder}: {exc.strerror or exc} ({exc.filename or folder}).") \
+                    from exc
+            raise
+    _replace_shards(folder, work, plan["new"], plan["old"])
+    shutil.rmtree(work, ignore_errors=True)
+    return plan["files"]
 
 
 def _quantize_into(folder: Path, work: Path, prepare, qparams, shard_bytes: int | None):
@@ -143,16 +156,14 @@ def _release(layer: nn.Module) -> None:
                 sub._parameters[name] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
 
 
-def _replace_shards(folder: Path, work: Path) -> None:
-    """The quantized files come in from `work` (each rename replaces a file of the same name at once),
-    then the dense shards (and index) they did not replace go."""
-    from compressor.model.safetensors_files import weight_files
-
-    old = set(weight_files(folder).values()) | {"model.safetensors.index.json"}
-    new = {f.name for f in work.iterdir()}
-    for name in sorted(new):
-        os.replace(work / name, folder / name)
-    for name in old - new:
+def _replace_shards(folder: Path, work: Path, new: list[str], old: list[str]) -> None:
+    """The quantized files `new` come in from `work` (each rename replaces a file of the same name at
+    once), then the dense shards (and index) in `old` they did not replace go. Idempotent: a file
+    already moved is done, so an interrupted replacement finishes on the next call."""
+    for name in new:
+        if (work / name).is_file():
+            os.replace(work / name, folder / name)
+    for name in set(old) - set(new):
         (folder / name).unlink(missing_ok=True)
 
 

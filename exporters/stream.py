@@ -75,19 +75,22 @@ class ShardWriter:
         return list(self.parts)
 
     def finish(self) -> list[str]:
-        """Write what is buffered and give the parts their final names; returns the file names."""
+        """Write what is buffered and give the parts their final names; returns the file names.
+        Idempotent: a part already renamed (a run interrupted here and resumed) counts as done."""
         self.flush()
         n = len(self.parts)
+        names = ["model.safetensors"] if n == 1 else [f"model-{k:05d}-of-{n:05d}.safetensors" for k in range(1, n + 1)]
+        for part, name in zip(self.parts, names, strict=True):
+            src, dst = self.out / part["file"], self.out / name
+            if src.is_file() or not dst.is_file():  # FileNotFoundError here: the part is truly lost
+                os.replace(src, dst)
         if n == 1:
-            os.replace(self.out / self.parts[0]["file"], self.out / "model.safetensors")
-            return ["model.safetensors"]
-        weight_map, files = {}, []
-        for k, part in enumerate(self.parts, 1):
-            name = f"model-{k:05d}-of-{n:05d}.safetensors"
-            os.replace(self.out / part["file"], self.out / name)
-            weight_map.update({key: name for key in part["keys"]})
-            files.append(name)
+            return names
+        weight_map = {key: name for part, name in zip(self.parts, names, strict=True) for key in part["keys"]}
         total = sum(p["bytes"] for p in self.parts)
-        (self.out / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
-        return [*files, "model.safetensors.index.json"]
+        index = self.out / "model.safetensors.index.json"
+        tmp = index.with_name(index.name + ".partial")
+        tmp.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
+                                  indent=2))
+        os.replace(tmp, index)
+        return [*names, "model.safetensors.index.json"]

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from ..errors import UserError
 
@@ -28,16 +31,32 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 4) -> float:
 
 @torch.no_grad()
 def layerwise_perplexity(lazy, adapter, windows: torch.Tensor, device: str = "cpu", batch_size: int = 4,
-                         vocab_chunk: int = 16384) -> float:
+                         vocab_chunk: int = 16384, store: Path | None = None) -> float:
     """The same perplexity for a model too large for memory (`lazy`: `model.lazy.LazyModel`): the
     decoder runs one layer at a time through the layer-wise engine, then the final norm and the LM
     head score each window with the logits computed a slice of the vocabulary at a time, so neither
-    the whole model nor a full logits tensor is ever in memory."""
+    the whole model nor a full logits tensor is ever in memory. `store`: a folder where each finished
+    layer's outputs are kept, so that an interrupted evaluation continues after its last layer."""
     from ..prune.engine import LayerwiseEngine
 
     model = lazy.model
-    engine = LayerwiseEngine(model, adapter, windows, device=device, batch_size=batch_size, lazy=lazy, observe=False)
-    engine.run(lambda *_: False)
+    saved = store / "acts.safetensors" if store is not None else None
+    on_done = None
+    if saved is not None:
+        store.mkdir(parents=True, exist_ok=True)
+
+        def on_done(i: int, _layer, acts: dict) -> None:
+            tmp = saved.with_name(saved.name + ".partial")
+            save_file({"inputs": acts["inputs"].contiguous(), "done": torch.tensor([i + 1])}, str(tmp))
+            os.replace(tmp, saved)
+
+    start, resume = 0, None
+    if saved is not None and saved.is_file():
+        resume = load_file(str(saved))
+        start = int(resume["done"][0])
+    engine = LayerwiseEngine(model, adapter, windows, device=device, batch_size=batch_size, lazy=lazy, observe=False,
+                             on_done=on_done)
+    engine.run(lambda *_: False, start=start, resume_inputs=resume)
     hidden = engine.hidden
     norm = lazy.materialize(adapter.decoder(model).norm, "model.norm", device)
     head = lazy.materialize(model.lm_head, "lm_head", device)
@@ -64,6 +83,14 @@ def layerwise_perplexity(lazy, adapter, windows: torch.Tensor, device: str = "cp
         lazy.release(norm)
         lazy.release(head)
     return math.exp(nll / count)
+
+
+def layerwise_domain_perplexities(lazy, adapter, domains, device: str = "cpu", store: Path | None = None) -> dict:
+    """`domain_perplexities` for a model too large for memory (`layerwise_perplexity` per domain,
+    each kept in `store`/DOMAIN as it goes)."""
+    per = {d.name: layerwise_perplexity(lazy, adapter, d.windows, device, store=store / d.name if store else None)
+           for d in domains}
+    return {"domains": per, "geomean": geometric_mean(per.values()) if per else None}
 
 
 def finite(value: float, what: str) -> float:

@@ -331,7 +331,7 @@ def prune_out_of_core(lazy, adapter: Adapter, calib: torch.Tensor, spec: PruneSp
             engine = LayerwiseEngine(model, adapter, calib, gram=metric.needs_gram or keep_gram,
                                      sample_rows=metric.sample_rows, on_done=saved,
                                      progress=_engine_progress(progress, PASS_ONE), **engine_args)
-            memory = _memory(engine.run(visit, start=start, resume_inputs=work.acts() if start else None))
+            memory = _memory(engine.run(visit, start=start, resume_inputs=work.acts("pass1", start) if start else None))
             passes += 1
         keeps = work.allocation() if work is not None else None
         if keeps is None:
@@ -382,7 +382,7 @@ def prune_out_of_core(lazy, adapter: Adapter, calib: torch.Tensor, spec: PruneSp
                                      reference=comp.needs_reference, on_done=finished,
                                      progress=_engine_progress(progress, PASS_GREEDY if greedy else PASS_REFIT),
                                      **engine_args)
-            rep = engine.run(visit2, start=done, resume_inputs=work.acts() if done else None)
+            rep = engine.run(visit2, start=done, resume_inputs=work.acts("pass2", done) if done else None)
             memory = {k: max(v, memory.get(k, 0.0)) for k, v in _memory(rep).items()}
     passes += 1
     adapter.set_config_widths(model.config, final)

@@ -288,6 +288,8 @@ class LayerwiseEngine:
             self._load(layer, f"model.layers.{i}")
             if not self.observe:
                 self._forward(layer, inputs, outputs, kwargs_by_bs)
+                if self.on_done is not None:
+                    self.on_done(i, layer, {"inputs": outputs})
                 self._unload(layer)
                 inputs, outputs = outputs, inputs
                 if self.progress:

@@ -5,7 +5,7 @@ What is kept:
 - pass 1 (score): each finished layer's scores and light statistics (`pass1/layer-0000i.safetensors`);
 - pass 2 (prune + write): the layers already written to the output's shards (the shard writer's
   parts) and the kept units of every layer written so far;
-- the activations entering the next layer (`acts.safetensors`), so the engine restarts there.
+- the activations entering the next layer (`acts-PASS-NNNNN.safetensors`), so the engine restarts there.
 
 Everything is written atomically (temporary name + rename) and in float64 where the run holds
 float64, so a resumed run computes exactly what an uninterrupted one does. A fingerprint of the
@@ -140,9 +140,10 @@ class WorkState:
         else:
             t.update(extra)
         _atomic_save(t, self.folder / "pass1" / f"layer-{i:05d}.safetensors")
-        self.save_acts(acts)
+        kept = self.save_acts(acts, "pass1", i + 1)
         self.state["pass1_done"] = i + 1
         self.save()
+        self._drop_acts(kept)
 
     def load_pass1_layer(self, i: int, shape, hidden: int) -> tuple[LayerScores, LayerStats]:
         t = load_file(str(self.folder / "pass1" / f"layer-{i:05d}.safetensors"))
@@ -166,17 +167,27 @@ class WorkState:
         return [LayerKeep(**k) for k in self.state["keeps"]]
 
     def save_pass2(self, done: int, keeps: list[LayerKeep], parts: list[dict], acts: dict | None) -> None:
-        if acts is not None:
-            self.save_acts(acts)
+        kept = self.save_acts(acts, "pass2", done) if acts is not None else None
         self.state.update(pass2_done=done, keeps=[_keep_dict(k) for k in keeps[:done]], parts=parts)
         self.save()
+        if kept is not None:
+            self._drop_acts(kept)
 
     # ---- activations -----------------------------------------------------------------------------
-    def save_acts(self, acts: dict[str, torch.Tensor]) -> None:
-        _atomic_save({k: v.cpu() for k, v in acts.items()}, self.folder / "acts.safetensors")
+    def save_acts(self, acts: dict[str, torch.Tensor], which: str, start: int) -> Path:
+        """The inputs of layer `start` of pass `which`, under a name of their own: the state saved
+        after them points at them, and the ones it pointed at before stay until then."""
+        path = self.folder / f"acts-{which}-{start:05d}.safetensors"
+        _atomic_save({k: v.cpu() for k, v in acts.items()}, path)
+        return path
 
-    def acts(self) -> dict[str, torch.Tensor]:
-        return load_file(str(self.folder / "acts.safetensors"))
+    def _drop_acts(self, keep: Path) -> None:
+        for f in self.folder.glob("acts-*.safetensors"):
+            if f != keep:
+                f.unlink(missing_ok=True)
+
+    def acts(self, which: str, start: int) -> dict[str, torch.Tensor]:
+        return load_file(str(self.folder / f"acts-{which}-{start:05d}.safetensors"))
 
 
 def _keep_dict(k: LayerKeep) -> dict:
