@@ -58,11 +58,12 @@ def run(cfg: RunConfig, console=None) -> Report:
     from rich.console import Console
 
     from profiles import load_profile
+    from profiles.auto import resolve
 
     console = console or Console(stderr=True)
     say = console.print
     stages = Stages()
-    profile = load_profile(cfg.profile)
+    profile = load_profile(resolve(cfg.profile, say))
     round_to = cfg.round_to or profile.round_to
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -228,7 +229,7 @@ def prune_stage(prep: Prepared, spec: PruneSpec, cfg: RunConfig, stages: Stages,
         if cfg.search:
             from .prune.search import run_search
 
-            return run_search(model, adapter, prep.calib, prep.validation, spec, cfg, say=console.print)
+            return run_search(model, adapter, prep.calib, prep.validation, spec, cfg, perplexity, say=console.print)
         if spec.structure == "depth":
             from .prune.depth import prune_depth
 

@@ -21,7 +21,7 @@ from .model.loading import LoadedModel
 from .output import check_out_dir
 from .prune import COMPENSATION, IMPORTANCE
 from .prune.driver import PruneResult, PruneSpec, resolve_structure
-from .report.schema import CrossDomain, Export, LayerWidths, Memory, Method, Params, Perplexity, Report
+from .report.schema import Budget, CrossDomain, Export, LayerWidths, Memory, Method, Params, Perplexity, Report
 
 
 class Stages:
@@ -148,7 +148,7 @@ def announce(cfg: RunConfig, profile, spec: PruneSpec, plan, out: Path, say) -> 
         f"[cyan]{spec.structure}[/], widths rounded to {spec.round_to}"
         + (f" and split for tensor parallel {spec.tensor_parallel}" if spec.tensor_parallel > 1 else "")
         + f", calibration {cfg.nsamples} x {cfg.seqlen} "
-        f"tokens from '{cfg.calib}', output {out}"
+        f"tokens from '{cfg.calib}' on {cfg.device}, output {out}"
         + (f" (ratio from the plan: {plan.efficiency['source']})" if plan else " (ratio from --ratio)"))
 
 
@@ -212,19 +212,23 @@ def _cross_domain(prep: Prepared, dense: dict | None, pruned: dict | None) -> Cr
         windows=int(prep.domains[0].windows.shape[0]), seqlen=int(prep.domains[0].windows.shape[1]))
 
 
-def quantize(folder: Path, res, cfg: RunConfig, stages: Stages, say) -> None:
+def quantize(folder: Path, res, cfg: RunConfig, stages: Stages, say, done: dict | None = None) -> dict | None:
     """--quantize: the export in `folder` becomes a compressed-tensors checkpoint (stage "quantize"),
     one decoder layer in memory at a time, so out-of-core runs quantize too; `res` (the export's
-    ExportResult) then names the scheme and the new weight files."""
+    ExportResult) then names the scheme and the new weight files. Returns what the report records
+    (None without --quantize); `done`: that record of a quantization already made (a resumed run)."""
     if cfg.quantize == "none":
-        return
-    from exporters.quantize import quantize_export
+        return None
+    q = done
+    if q is None:
+        from exporters.quantize import quantize_export
 
-    with stages.timed("quantize"):
-        q = quantize_export(folder, cfg.quantize)
+        with stages.timed("quantize"):
+            q = quantize_export(folder, cfg.quantize)
     res.format = f"{res.format} + compressed-tensors {q['scheme']} ({q['format']})"
     res.files = [*(f for f in res.files if not f.endswith((".safetensors", ".safetensors.index.json"))), *q["files"]]
     say(f"quantized the export: {q['scheme']} ({q['what']}), {q['method']}, with {q['library']}")
+    return q
 
 
 def finish_report(report: Report, folder: Path, res, dtype, source: str, profile, plan, tasks: Tasks,
@@ -241,7 +245,9 @@ def finish_report(report: Report, folder: Path, res, dtype, source: str, profile
         from .evaluate.checks import check_export
 
         with stages.timed("checks"):
-            check_export(report, folder, profile, plan, source, tasks, say=say, runtime=cfg.runtime)
+            report.latency, report.accuracy, budget = check_export(
+                report.perplexity.model_dump(), folder, profile, plan, source, tasks, say=say, runtime=cfg.runtime)
+            report.budget = Budget(**budget)
         from .evaluate.perplexity import finite_scores
 
         finite_scores((report.accuracy or {}).get("lm_eval"), "lm-eval score")  # vLLM's scores of the export too

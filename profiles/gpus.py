@@ -146,7 +146,7 @@ def match(profile_name: str, profile_memory_gib: float, count: int,
     want = identify(profile_name, memory_gib=profile_memory_gib)
     if want is None:
         return False, (f"the profile's device '{profile_name}' ({profile_memory_gib:g} GiB) is not in fitprune's "
-                       "table of GPUs (compressor/budget/gpus.py), so no host counts as it")
+                       "table of GPUs (profiles/gpus.py), so no host counts as it")
     have = [identify(n, memory_bytes=b) for n, b in host]
     wanted = f"{count} x {want}"
     if not host:

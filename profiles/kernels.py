@@ -2,7 +2,7 @@
 
 The table is profiles/data/kernels.yaml (its header cites the sources). A profile is keyed to a
 device class from what it already says: a GPU profile through its product in the GPU table
-(compressor/budget/gpus.py) and that product's architecture; a CPU profile whose device names
+(profiles/gpus.py) and that product's architecture; a CPU profile whose device names
 x86 is `x86-cpu`. `can_run(profile, fmt)` answers with a reason when it cannot, so the planner never
 proposes a format the device has no kernel for and `compress --quantize` refuses one in a sentence.
 Importing this module imports neither torch nor vLLM.
@@ -42,7 +42,7 @@ def formats() -> list[str]:
 
 
 def architecture(product: str) -> str | None:
-    """The architecture of a GPU product named as compressor/budget/gpus.py names it."""
+    """The architecture of a GPU product named as profiles/gpus.py names it."""
     for arch, products in table()["architectures"].items():
         if product in products:
             return arch
@@ -55,11 +55,11 @@ def device_class(profile) -> tuple[str | None, str]:
     if dev.kind == "cpu":
         is_x86 = any(w in dev.name.lower() for w in ("x86", "amd64", "intel", "amd epyc", "xeon"))
         return ("x86-cpu" if is_x86 else None), f"CPU '{dev.name}'"
-    from compressor.budget.gpus import identify
+    from .gpus import identify
 
     gpu = identify(dev.name, memory_gib=dev.memory_gib)
     if gpu is None:
-        return None, f"GPU '{dev.name}' (not in the table of GPUs, compressor/budget/gpus.py)"
+        return None, f"GPU '{dev.name}' (not in the table of GPUs, profiles/gpus.py)"
     arch = architecture(gpu.model)
     return arch, f"{gpu.model} ({arch or 'architecture unknown'})"
 

@@ -105,6 +105,32 @@ def test_nothing_below_imports_the_cli_or_the_pipeline():
     assert bad == [], bad
 
 
+# The stages from the top down (../shared/DESIGN.md): an import may only point further down this list.
+STAGES = ("compressor.__main__", "compressor.cli", "compressor.pipeline", "compressor.outofcore", "compressor.steps",
+          "compressor.report", "compressor.evaluate", "compressor.budget", "compressor.config", "compressor.prune",
+          "runtimes", "exporters", "compressor.model", "profiles", "compressor.data", "compressor.output",
+          "compressor.tempdirs", "compressor.memory", "compressor.registry", "compressor.errors")
+
+
+def _stage(module: str) -> str | None:
+    parts = module.split(".")
+    if parts[0] != "compressor":
+        return parts[0]
+    return None if len(parts) == 1 else ".".join(parts[:2])  # the bare package is no stage
+
+
+def test_stages_import_downwards_only():
+    """Package-level edges, not only module cycles: every import between two stages points down
+    STAGES, so the stages form a DAG."""
+    graph = _graph(top_level_only=False)
+    stages = {_stage(n) for n in graph} - {None}
+    assert stages <= set(STAGES), f"a new stage needs its place in STAGES: {sorted(stages - set(STAGES))}"
+    rank = {s: i for i, s in enumerate(STAGES)}
+    up = sorted((n, m) for n, deps in graph.items() for m in deps
+                if None not in (_stage(n), _stage(m)) and rank[_stage(n)] > rank[_stage(m)])
+    assert up == [], up
+
+
 def test_stage_rules():
     """runtimes know nothing of pruning; the budget does not reach into evaluation."""
     graph = _graph(top_level_only=False)

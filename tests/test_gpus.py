@@ -1,4 +1,4 @@
-"""Exact device matching (compressor/budget/gpus.py): real `torch.cuda.get_device_name()` strings,
+"""Exact device matching (profiles/gpus.py): real `torch.cuda.get_device_name()` strings,
 with the memory `get_device_properties().total_memory` reports, map to one product and memory
 class; a profile's device is present only on that product, size and count, never on a GPU that
 merely shares a word with it. Every shipped profile (profiles/*.yaml) is covered."""
@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from compressor.budget.device import device_match, device_present
-from compressor.budget.gpus import Gpu, identify, normalise
 from profiles import load_profile
+from profiles.gpus import Gpu, identify, normalise
 
 PROFILES = sorted((Path(__file__).resolve().parents[1] / "profiles").glob("*.yaml"))
 MIB = 2**20
@@ -139,3 +139,23 @@ def test_a_profile_device_outside_the_table_is_never_present():
     prof.device.name = "NVIDIA Quantum Accelerator 9000"
     ok, why = device_match(prof, _host("NVIDIA L4", 22488))
     assert not ok and "not in fitprune's table of GPUs" in why
+
+
+def test_profile_auto_is_the_hosts_gpus_or_the_cpu():
+    """`--profile auto`: the shipped profile of every GPU the host has, cpu-2core without one, and
+    a GPU no profile describes refused in one sentence (never priced as another device)."""
+    import pytest
+
+    from compressor.errors import UserError
+    from profiles.auto import host_profile, resolve
+
+    gib = 2**30
+    assert host_profile([])[0] == "cpu-2core"
+    assert host_profile([("NVIDIA A10G", 22 * gib)])[0] == "a10g-24gb"
+    assert host_profile([("NVIDIA A10G", 22 * gib)] * 4)[0] == "4xa10g-96gb"
+    assert host_profile([("NVIDIA H100 80GB HBM3", 79 * gib)] * 8)[0] == "8xh100-640gb"
+    with pytest.raises(UserError, match="No shipped profile describes this host's GPU"):
+        host_profile([("NVIDIA B200", 180 * gib)])
+    said = []
+    assert resolve("a10g-24gb", said.append) == "a10g-24gb" and said == []
+    assert resolve("auto", said.append) == "cpu-2core" and "auto: no GPU is visible here" in said[0]  # no GPU here

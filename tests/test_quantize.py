@@ -12,9 +12,9 @@ import pytest
 import torch
 from conftest import assert_clean_failure, run_cli, tiny_model
 
-from compressor.budget.gpus import PRODUCTS
 from compressor.errors import UserError
 from profiles import kernels, list_profiles, load_profile
+from profiles.gpus import PRODUCTS
 
 # ---- the table of kernels -------------------------------------------------------------------
 
@@ -146,7 +146,7 @@ def _per_layer_export(path: Path, vocab_size: int = 128) -> tuple[Path, dict]:
     """A per-layer (fitprune format) export whose layers differ in every width: q/kv heads, MLP
     channels, a layer without attention and one without an MLP (depth pruning's zeros). Every input
     width is a multiple of 128, so the group-wise schemes apply too."""
-    from exporters.hf_arch import FitPruneConfig, FitPruneForCausalLM
+    from compressor.model.hf_arch import FitPruneConfig, FitPruneForCausalLM
 
     cfg = FitPruneConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
                          num_attention_heads=2, num_key_value_heads=2, head_dim=64,
@@ -215,7 +215,7 @@ def test_transformers_runs_the_quantized_per_layer_export(tmp_path):
 
 
 def test_a_group_wise_scheme_names_the_per_layer_matrix_its_group_does_not_divide(tmp_path):
-    from exporters.hf_arch import FitPruneConfig, FitPruneForCausalLM
+    from compressor.model.hf_arch import FitPruneConfig, FitPruneForCausalLM
     from exporters.quantize import quantize_export
 
     cfg = FitPruneConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
@@ -358,7 +358,7 @@ def _as_per_layer(src: Path, dst: Path) -> Path:
     """The same (quantized) weights under fitprune's per-layer config: every layer its uniform widths."""
     import shutil
 
-    from exporters.hf_arch import MODELING_FILE
+    from compressor.model.hf_arch import MODELING_FILE
 
     shutil.copytree(src, dst)
     c = json.loads((dst / "config.json").read_text())

@@ -26,6 +26,7 @@ def test_chunk_statistics_merge_exactly():
 
 
 def test_search_runs_trials_and_applies_the_best(tmp_path):
+    from compressor.evaluate.perplexity import perplexity
     from compressor.prune.search import Search
 
     model = tiny_model("llama-gqa", layers=2)
@@ -35,7 +36,7 @@ def test_search_runs_trials_and_applies_the_best(tmp_path):
     val = torch.randint(0, 128, (4, 32), generator=gen)
     lines = []
     s = Search(model, adapter, calib, Compute(batch_size=4), n_chunks=4, say=lines.append)
-    res = s.run(val, ratio=0.3, round_to=8, trials=4, seed=0)
+    res = s.run(val, ratio=0.3, round_to=8, score=perplexity, trials=4, seed=0)
     assert len(res.trials) == 4
     assert res.best.val_ppl == min(t.val_ppl for t in res.trials)
     # the first two trials are the plain metrics, enqueued

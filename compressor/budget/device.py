@@ -49,7 +49,7 @@ def device_match(profile: Profile, host: list[tuple[str, int]] | None = None) ->
     `device.count` GPUs are all the profile's product and memory class (`gpus.identify`: exact
     model, never a shared word; an unknown GPU is no profile's device). `host`: (name, total memory
     bytes) per GPU, as `gpus.host_gpus()` reads them from torch (the default)."""
-    from .gpus import host_gpus, match
+    from profiles.gpus import host_gpus, match
 
     if host is None:
         host = host_gpus()

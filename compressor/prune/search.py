@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -107,14 +108,14 @@ class Search:
         prune_model(model, self.adapter, keeps, scored, COMPENSATION.get(trial.compensation))
         return keeps
 
-    def run(self, val: torch.Tensor, ratio: float, round_to: int, trials: int = 20, seed: int = 0,
-            attn_unit: str = "auto") -> SearchResult:
+    def run(self, val: torch.Tensor, ratio: float, round_to: int, score: Callable[[object, torch.Tensor], float],
+            trials: int = 20, seed: int = 0, attn_unit: str = "auto") -> SearchResult:
+        """`score(model, windows)`: a trial's validation perplexity (lower is better), given by the
+        caller so that pruning does not depend on evaluation."""
         try:
             import optuna
         except ImportError as exc:
             raise UserError("--search needs the package 'optuna' (extra 'search').") from exc
-        from ..evaluate.perplexity import perplexity
-
         done: list[Trial] = []
 
         def objective(ot: optuna.Trial) -> float:
@@ -127,7 +128,7 @@ class Search:
                           float("nan"), 0.0)
             pruned = copy.deepcopy(self.model)
             self.prune(pruned, trial, ratio, round_to, attn_unit)
-            trial.val_ppl = perplexity(pruned, val)
+            trial.val_ppl = score(pruned, val)
             trial.seconds = time.perf_counter() - t
             done.append(trial)
             self.say(f"  trial {trial.number:>3}: val ppl {trial.val_ppl:8.3f}  {trial.compensation:>8}  "
@@ -146,15 +147,17 @@ class Search:
 
 
 def run_search(model, adapter: Adapter, calib: torch.Tensor, validation: torch.Tensor, spec: PruneSpec, cfg,
-               say=print) -> PruneResult:
+               score: Callable[[object, torch.Tensor], float], say=print) -> PruneResult:
     """`--search`: choose metric mixture, calibration subset and compensation on the validation
-    region, then prune `model` with the best trial. `cfg` is the run's configuration."""
+    region (`score`: perplexity of a model on windows), then prune `model` with the best trial.
+    `cfg` is the run's configuration."""
     from ..data import contiguous_chunks
 
     val = contiguous_chunks(validation, cfg.seqlen, 8)
     searcher = Search(model, adapter, calib, cfg.compute, say=say)
     searcher.tp = spec.tensor_parallel  # every trial's widths split over the profile's devices
-    found = searcher.run(val, spec.ratio, spec.round_to, trials=cfg.trials, seed=cfg.seed, attn_unit=spec.attn_unit)
+    found = searcher.run(val, spec.ratio, spec.round_to, score, trials=cfg.trials, seed=cfg.seed,
+                         attn_unit=spec.attn_unit)
     best = found.best
     say(f"search: best trial {best.number}, validation perplexity {best.val_ppl:.3f}")
     keeps = searcher.prune(model, best, spec.ratio, spec.round_to, spec.attn_unit)
