@@ -1,10 +1,10 @@
 """Writing pruned models: standard Hugging Face checkpoints (the original architecture's own
 config where it can express the pruned shape), fitprune's per-layer-width format, and ONNX with a
 KV cache. Exporters are registered by name in `EXPORTERS` (lazily: a new exporter is one module
-plus its line there); they know nothing of how the model was pruned.
+plus its line there); they know nothing of how the model was pruned. The per-layer format's
+transformers classes live with the models (`compressor.model.hf_arch`), which load it too.
 
-Importing this package imports nothing else, so `import exporters.hf_arch` (the transformers
-registration of the per-layer format) stays free of fitprune's pruning code."""
+Importing this package imports nothing else."""
 
 from __future__ import annotations
 

@@ -159,12 +159,14 @@ def _record_hash(data: bytes) -> str:
 
 
 PLUGIN_COMPRESSOR_FILES = ("compressor/__init__.py", "compressor/errors.py", "compressor/registry.py",
-                           "compressor/model/__init__.py", "compressor/model/adapters.py")
+                           "compressor/model/__init__.py", "compressor/model/adapters.py",
+                           "compressor/model/hf_arch/__init__.py", "compressor/model/hf_arch/modeling_fitprune.py",
+                           "compressor/model/hf_arch/configuration_decilm.py")
 
 
 def plugin_wheel(dest_dir: Path) -> Path:
     """Write `fitprune-VERSION-py3-none-any.whl` holding the `exporters` package (the vLLM plugin,
-    the transformers architecture it parses configs with), the family adapters it reads, and the
+    the family adapters it reads and the transformers architecture it parses configs with, and the
     `vllm.general_plugins` entry point. It declares no dependencies: the serving image's vLLM brings
     torch and transformers."""
     import exporters

@@ -23,10 +23,10 @@ from torch import nn
 from compressor.errors import UserError
 from compressor.model import adapter_for
 from compressor.model.adapters import Widths
+from compressor.model.hf_arch import DECILM_CONFIG_FILE as CONFIG_FILE
 
 from .hf import ExportResult, _state_dict, _write_weights, read_widths
 
-CONFIG_FILE = Path(__file__).with_name("hf_arch") / "configuration_decilm.py"
 ARCHITECTURE = "DeciLMForCausalLM"
 _COPIED = ("vocab_size", "hidden_size", "hidden_act", "max_position_embeddings", "initializer_range", "rms_norm_eps",
            "use_cache", "pad_token_id", "bos_token_id", "eos_token_id", "tie_word_embeddings", "rope_parameters",
@@ -36,7 +36,7 @@ _COPIED = ("vocab_size", "hidden_size", "hidden_act", "max_position_embeddings",
 def decilm_config(config, w: Widths, qk_norm: bool = False):
     """The `DeciLMConfig` of a pruned model of widths `w` from `config`; UserError (one sentence) when
     the format cannot express it."""
-    from .hf_arch.configuration_decilm import DeciLMConfig
+    from compressor.model.hf_arch.configuration_decilm import DeciLMConfig
 
     if not w.kept_layers:
         raise UserError("Every decoder layer was removed: there is no model left to export.")

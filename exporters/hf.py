@@ -33,8 +33,7 @@ from torch import nn
 from compressor.errors import UserError
 from compressor.model import adapter_for, adapter_for_config
 from compressor.model.adapters import Widths
-
-from .hf_arch import MODELING_FILE, FitPruneConfig
+from compressor.model.hf_arch import MODELING_FILE, FitPruneConfig
 
 SHARD_BYTES = 4 * 2**30
 

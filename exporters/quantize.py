@@ -139,7 +139,7 @@ def quantize_in_memory(folder: Path, scheme: str) -> dict:
     from compressed_tensors.compressors import ModelCompressor
     from transformers import AutoModelForCausalLM
 
-    import exporters.hf_arch  # noqa: F401  (registers the per-layer format with the Auto classes)
+    import compressor.model.hf_arch  # noqa: F401  (registers the per-layer format with the Auto classes)
 
     folder = Path(folder)
     # from disk, as vLLM will read it: the saved dtype, tied weights as saved; a per-layer export

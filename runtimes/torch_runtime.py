@@ -21,7 +21,7 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, trust_remote_code
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        import exporters.hf_arch  # noqa: F401  (registers model_type "fitprune")
+        import compressor.model.hf_arch  # noqa: F401  (registers model_type "fitprune")
     except ImportError:
         pass
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=trust_remote_code)

@@ -83,3 +83,13 @@ def test_defaults_are_valid():
 def test_an_empty_out_fails_at_the_command_line(tmp_path, tiny_model_dir):
     p = run_cli(str(tiny_model_dir), "--ratio", "0.2", "--out", "")
     assert_clean_failure(p, None, "--out must name a directory")
+
+
+def test_device_auto_is_cuda_when_present():
+    import torch
+
+    from compressor.config import RunConfig
+
+    want = "cuda" if torch.cuda.is_available() else "cpu"
+    assert RunConfig().device == want and RunConfig(device="auto").device == want
+    assert RunConfig().profile == "auto"

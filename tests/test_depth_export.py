@@ -18,10 +18,10 @@ from safetensors.torch import load_file, save_file
 
 from compressor.errors import UserError
 from compressor.model import adapter_for
+from compressor.model.hf_arch import FitPruneConfig
 from compressor.prune.surgery import LayerKeep, NoAttention, NoMLP, prune_layer
 from exporters import export_hf
 from exporters.decilm import export_decilm
-from exporters.hf_arch import FitPruneConfig
 from exporters.stream import layer_tensors
 from exporters.vllm_plugin import check_checkpoint, expected_keys
 from tests.conftest import run_python, tiny_model
@@ -67,7 +67,7 @@ def _save_expected(model, d):
 def _reload(d):
     from transformers import AutoModelForCausalLM
 
-    import exporters.hf_arch  # noqa: F401
+    import compressor.model.hf_arch  # noqa: F401
 
     return AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32).eval()
 

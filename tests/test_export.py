@@ -32,9 +32,9 @@ import json, sys, torch
 from safetensors.torch import load_file
 mode = sys.argv[1]
 if mode == "registered":
-    import exporters.hf_arch  # fitprune's transformers registration only, no pruning code
+    import compressor.model.hf_arch  # fitprune's transformers registration only, no pruning code
 from transformers import AutoModelForCausalLM
-assert "compressor" not in sys.modules
+assert not [m for m in sys.modules if m.startswith(("compressor.prune", "compressor.budget", "compressor.evaluate"))]
 res = {}
 for d in sys.argv[2:]:
     m = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, trust_remote_code=(mode == "remote"))

@@ -66,7 +66,7 @@ def one_torch_thread():
 def _reload(path):
     from transformers import AutoModelForCausalLM
 
-    import exporters.hf_arch  # noqa: F401
+    import compressor.model.hf_arch  # noqa: F401
 
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
 

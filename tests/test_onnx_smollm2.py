@@ -66,7 +66,7 @@ def calibrated(smollm2_dir):
 def served(request, calibrated, tmp_path_factory):
     from transformers import AutoModelForCausalLM
 
-    import exporters.hf_arch  # noqa: F401
+    import compressor.model.hf_arch  # noqa: F401
 
     structure, fmt = request.param
     prep, stats, opts = calibrated

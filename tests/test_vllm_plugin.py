@@ -30,7 +30,7 @@ def test_entry_point_is_installed_and_registration_is_idempotent():
 
 
 def test_each_layer_sees_its_own_widths():
-    from exporters.hf_arch import FitPruneConfig
+    from compressor.model.hf_arch import FitPruneConfig
     from exporters.vllm_plugin.model import LayerConfig
 
     cfg = FitPruneConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

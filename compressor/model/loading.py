@@ -124,7 +124,7 @@ def _is_hub_id(name: str) -> bool:
 
 def _register_fitprune() -> None:
     """Make transformers know our per-layer-width format (model_type "fitprune")."""
-    import exporters.hf_arch  # noqa: F401  (registers the config and model class on import)
+    from . import hf_arch  # noqa: F401  (registers the config and model class on import)
 
 
 def load(model: str | None, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,

@@ -23,7 +23,7 @@ MODEL_CLASS = "exporters.vllm_plugin.model:FitPruneForCausalLM"
 
 def register() -> None:
     """Register the transformers config and the vLLM model class (safe to call many times)."""
-    from exporters.hf_arch import register as register_hf
+    from compressor.model.hf_arch import register as register_hf
 
     register_hf()  # vLLM parses config.json with transformers' AutoConfig
     from vllm import ModelRegistry

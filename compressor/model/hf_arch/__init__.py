@@ -10,6 +10,7 @@ from pathlib import Path
 from .modeling_fitprune import FitPruneConfig, FitPruneForCausalLM, FitPruneModel
 
 MODELING_FILE = Path(__file__).with_name("modeling_fitprune.py")
+DECILM_CONFIG_FILE = Path(__file__).with_name("configuration_decilm.py")  # shipped beside DeciLM exports
 
 
 def register() -> None:
@@ -28,4 +29,4 @@ def register() -> None:
 
 register()
 
-__all__ = ["FitPruneConfig", "FitPruneForCausalLM", "FitPruneModel", "MODELING_FILE", "register"]
+__all__ = ["DECILM_CONFIG_FILE", "FitPruneConfig", "FitPruneForCausalLM", "FitPruneModel", "MODELING_FILE", "register"]
