@@ -16,7 +16,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import UserError
 from .prune import ATTN_UNITS, COMPENSATION, DEPTH_BLOCKS, IMPORTANCE, STRUCTURES
@@ -39,7 +39,7 @@ class RunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     model: str | None = None
-    profile: str = "cpu-2core"
+    profile: str = "auto"  # auto: the shipped profile of this host's GPUs, else cpu-2core (profiles/auto.py)
     ratio: float | None = None  # None: the planner's choice
     metric: str = "auto"
     compensation: str = "auto"
@@ -54,7 +54,7 @@ class RunConfig(BaseModel):
     eval_items: int = 400  # cloze items of the lm-eval task (evaluate/lm_eval.py CLOZE_ITEMS)
     domain_windows: int = 8  # windows per domain of the cross-domain perplexity (data.DOMAINS); 0: not measured
     batch_size: int = 8
-    device: str = "cpu"
+    device: str = Field("auto", validate_default=True)  # auto: cuda when torch sees a GPU, else cpu
     seed: int = 0
     out: Path | None = None
     export_dtype: str = "auto"
@@ -222,6 +222,10 @@ class RunConfig(BaseModel):
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:
+        if v == "auto":
+            import torch
+
+            return "cuda" if torch.cuda.is_available() else "cpu"
         check_device(v)
         return v
 
@@ -271,7 +275,7 @@ def check_device(device: str) -> None:
     if kind == "cpu" and not index:
         return
     if kind not in ("cuda", "mps", "xpu"):
-        raise ValueError(f"Unknown --device '{device}' (use cpu, cuda or cuda:N).")
+        raise ValueError(f"Unknown --device '{device}' (use auto, cpu, cuda or cuda:N).")
     import torch
 
     backend = getattr(torch, kind, None)

@@ -62,7 +62,8 @@ def plan_table(plan, title: str) -> Table:
 def plan_cmd(
     model: str = typer.Argument(None, help="Local HF directory, hub id, .gguf file; default: the embedded "
                                            "SmolLM2-135M-Instruct."),
-    profile: str = typer.Option("cpu-2core", "--profile", "-p", help="Profile name or path to a YAML profile."),
+    profile: str = typer.Option("auto", "--profile", "-p", help="Profile name, path to a YAML profile, or auto (the "
+                                "profile of this host's GPUs, cpu-2core without a GPU)."),
     calibrate: bool = typer.Option(None, "--fit/--no-fit", "--calibrate/--no-calibrate", help="Fit the cost model by measuring this machine first "
                                    "(default: only when the profile's device is this machine)."),
     attn_unit: str = typer.Option("auto", "--attn-unit", help="Attention pruning unit: kv, query or auto."),
@@ -89,7 +90,9 @@ def plan_cmd(
         from ..config import refuse_out_file
 
         refuse_out_file(json_out, "--json")  # before the work, not after it
-    prof = load_profile(profile)
+    from profiles.auto import resolve
+
+    prof = load_profile(resolve(profile, err.print))
     if round_to is not None:
         from ..model.loading import read_config
 

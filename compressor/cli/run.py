@@ -16,7 +16,7 @@ out = Console()
 @app.command("run", help="Prune MODEL for the profile's budget, export it and measure it (the default command).")
 def run_cmd(
     model: str = typer.Argument(None, help="Local HF directory, hub id, .gguf file; default: the embedded SmolLM2-135M-Instruct."),
-    profile: str = typer.Option("cpu-2core", "--profile", "-p", help="Shipped profile name (see `compress profiles list`) or a path to a YAML profile."),
+    profile: str = typer.Option("auto", "--profile", "-p", help="Shipped profile name (see `compress profiles list`), a path to a YAML profile, or auto: the profile of this host's GPUs (cpu-2core without a GPU)."),
     ratio: float = typer.Option(None, "--ratio", "-r", help="Fraction of decoder weights to remove, in (0, 1); overrides the plan (default: the planner's choice for the profile)."),
     metric: str = typer.Option("auto", help="Importance metric: auto (the quality benchmark's winner), " + ", ".join(IMPORTANCE.names()) + "."),
     compensation: str = typer.Option("auto", help="Compensation: auto (the quality benchmark's winner), " + ", ".join(COMPENSATION.names()) + "."),
@@ -29,7 +29,7 @@ def run_cmd(
     seqlen: int = typer.Option(512, help="Tokens per calibration window (also the perplexity window)."),
     batch_size: int = typer.Option(8, "--batch-size", help="Calibration batch size."),
     out: str = typer.Option(None, "--out", "-o", help="Output directory (must not exist or be empty). Default: out/MODEL-METRIC-RATIO."),
-    device: str = typer.Option("cpu", help="Compute device for the layer-wise engine (cpu, cuda, cuda:1...)."),
+    device: str = typer.Option("auto", help="Compute device for the layer-wise engine: auto (cuda when a GPU is visible, else cpu), cpu, cuda, cuda:1..."),
     seed: int = typer.Option(0, help="Seed for calibration sampling."),
     export_dtype: str = typer.Option("auto", "--export-dtype", help="auto (the loaded weights' dtype), float32, bfloat16 or float16."),
     threads: int = typer.Option(None, help="torch CPU threads (default: torch's choice)."),
