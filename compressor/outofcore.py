@@ -223,8 +223,9 @@ def run_out_of_core(cfg: RunConfig, profile, round_to: int, stages, console):
         raise
     except Exception as exc:
         # a resumed run never loses its work; a fresh one keeps it past an unexpected error, not a refusal
-        keep_work = folder.is_dir() and (cfg.resume or not isinstance(exc, UserError))
+        # or a full disk (its work would hold the space the user needs back)
         full = _disk_full(exc)
+        keep_work = folder.is_dir() and (cfg.resume or not (full or isinstance(exc, UserError)))
         if not keep_work:
             if full:
                 raise UserError(f"The disk holding {folder.parent} is full; nothing was written.",
