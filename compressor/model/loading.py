@@ -216,7 +216,7 @@ def check_checkpoint(path: Path, trust_remote_code: bool = False):
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise UserError(f"Could not load the model in {path}: {_first_line(exc)}") from exc
-    if not any(path.glob("*.safetensors")):
+    if not any(path.glob("*.safetensors")) and not (path / "model.safetensors.index.json").is_file():
         return config  # no safetensors: the pickle refusal or transformers' own message follows
     try:
         skeleton = meta_model(config, trust_remote_code)

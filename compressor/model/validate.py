@@ -71,6 +71,9 @@ def check_config(config: dict, where: Path | str) -> None:
                             f"got {v!r}.")
 
 
+_NOT_FLOAT = {"BOOL", "I8", "I16", "I32", "I64", "U8", "U16", "U32", "U64"}  # safetensors dtypes of no weight
+
+
 def checkpoint_tensors(path: Path) -> dict[str, tuple[str, list[int]]]:
     """Tensor name -> (dtype, shape) of a local checkpoint, from the safetensors headers only (a
     shard index's names are checked against the shards it points to)."""
@@ -120,6 +123,12 @@ def check_tensors(path: Path, model: nn.Module) -> None:
         k, n = wrong[0], len(wrong)
         raise UserError(f"The checkpoint {path} does not match its config: '{k}' has shape {have[k][1]} where the "
                         f"config implies {want[k]} ({n} tensor{'s' if n > 1 else ''} of the wrong shape).")
+    ints = [k for k in want if k in have and k not in buffers and have[k][0] in _NOT_FLOAT]
+    if ints:
+        k, n = ints[0], len(ints)
+        raise UserError(f"The checkpoint {path} does not match its config: '{k}' is stored as {have[k][0]}, not as "
+                        f"floating-point weights, and the config names no quantization ({n} such tensor"
+                        f"{'s' if n > 1 else ''}).")
     extra = [k for k in sorted(have) if k not in want and not any(p.search(k) for p in _IGNORED_EXTRA)]
     if extra:
         n = len(extra)
