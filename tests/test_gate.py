@@ -115,7 +115,7 @@ def test_a_cloze_accuracy_without_an_item_count_cannot_be_judged():
 
 def test_measurements_from_different_hosts_are_not_compared():
     res = gate(_report(), _report(device="cuda: NVIDIA A10G"))
-    assert res.exit_code == EXIT_VIOLATED and "not comparable" in res.violations[0]
+    assert res.exit_code == EXIT_BAD_INPUT and "not comparable" in res.unjudged[0] and not res.violations
 
 
 def test_the_reports_own_budget_verdict_counts_unless_disabled():
@@ -190,3 +190,38 @@ def test_gate_on_a_real_run(tmp_path, tiny_model_dir):
     assert p.returncode == EXIT_VIOLATED
     fails = [line for line in p.stdout.splitlines() if line.startswith("FAIL")]
     assert len(fails) == 3 and all("+50.0%" in f or "-33.3%" in f for f in fails), p.stdout
+
+
+def test_what_the_gate_cannot_judge_exits_2_never_0():
+    """No budget section (unless --no-budget), a baseline of another model, nothing in common: exit 2,
+    told apart from a regression (1); a PASS never leaves the budget off silently."""
+    r = _report()
+    del r["budget"]
+    res = gate(r, _report())
+    assert res.exit_code == EXIT_BAD_INPUT and "no budget section" in res.unjudged[0]
+    assert gate(r, _report(), check_budget=False).exit_code == EXIT_PASS
+    a, b = _report(), _report()
+    a["params"] = {"before": {"total": 135}, "after": {"total": 100}, "achieved_ratio_decoder": 0.3,
+                   "achieved_ratio_total": 0.26}
+    b["params"] = {**a["params"], "before": {"total": 8030}}
+    res = gate(a, b)
+    assert res.exit_code == EXIT_BAD_INPUT and "another model" in res.unjudged[0]
+    bare = {"schema": "fitprune.report/2", "budget": {"passed": True, "verified": True, "lines": []}}
+    assert "nothing to compare" in gate(bare, bare, check_budget=False).unjudged[0]
+    slow = _report(tpot=0.08)
+    del slow["budget"]
+    assert gate(slow, _report()).exit_code == EXIT_VIOLATED  # a regression still says so
+
+
+@pytest.mark.parametrize("text", ["[" * 5000 + "]" * 5000,
+                                  '{"schema": "fitprune.report/2", "seed": 1' + "0" * 5000 + "}",
+                                  '{"schema": "fitprune.report/2", "x": ' + "[" * 900 + "]" * 900 + "}"])
+def test_hostile_json_is_exit_2_in_one_sentence(tmp_path, text, capsys):
+    from compressor.cli import main
+
+    base = tmp_path / "base.json"
+    base.write_text(json.dumps(_report()))
+    (tmp_path / "bad.json").write_text(text)
+    assert main(["gate", str(tmp_path / "bad.json"), "--baseline", str(base)]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "Traceback" not in err

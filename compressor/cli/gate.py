@@ -1,7 +1,8 @@
 """`compress gate`: a CI gate on two report.json files.
 
 Exit codes (also in docs/ci-gate.md): 0 every rule holds; 1 at least one rule is violated (one
-line per violated rule); 2 unreadable report or option (one sentence).
+line per violated rule); 2 could not judge: unreadable report or option, a report of another model,
+no budget section (unless --no-budget), no figure in common, latency from other hosts.
 """
 
 from __future__ import annotations
@@ -33,12 +34,20 @@ def gate_cmd(
 
     lat = parse_fraction(max_latency_regression, "--max-latency-regression")
     acc = parse_fraction(max_accuracy_drop, "--max-accuracy-drop")
-    res = gate(read_report(report), read_report(baseline), lat, acc, check_budget=budget,
-               allow_unverified=allow_unverified)
+    try:
+        res = gate(read_report(report), read_report(baseline), lat, acc, check_budget=budget,
+                   allow_unverified=allow_unverified)
+    except RecursionError:
+        raise UserError("A report is nested too deeply to judge.") from None
     for v in res.violations:
         print(f"FAIL {v}")
+    for u in res.unjudged:
+        print(f"CANNOT JUDGE {u}")
     if res.violations:
         n = len(res.violations)
         raise UserError(f"{n} gate rule{'s' if n > 1 else ''} violated against the baseline {baseline}.",
                         exit_code=res.exit_code)
+    if res.unjudged:
+        raise UserError(f"The gate could not judge the report against the baseline {baseline} "
+                        f"({res.unjudged[0].split(':')[0]}); nothing was found violated.", exit_code=res.exit_code)
     print(f"PASS: {', '.join(res.checked)} within limits (latency +{lat:.1%}, accuracy -{acc:.1%})")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UserError
@@ -66,12 +66,16 @@ def parse_fraction(text: str, option: str) -> float:
 
 @dataclass
 class GateResult:
+    """`violations`: rules the report breaks (exit 1); `unjudged`: what could not be judged (exit 2,
+    when nothing is violated): another model, no budget section, no common figure, other hosts."""
+
     violations: list[str]
     checked: list[str]
+    unjudged: list[str] = field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
-        return EXIT_VIOLATED if self.violations else EXIT_PASS
+        return EXIT_VIOLATED if self.violations else EXIT_BAD_INPUT if self.unjudged else EXIT_PASS
 
 
 def gate(report: Report | dict, baseline: Report | dict, max_latency_regression: float = 0.05,
@@ -88,14 +92,19 @@ def gate(report: Report | dict, baseline: Report | dict, max_latency_regression:
               for who, r in (("report", report), ("baseline", baseline)) for f in non_finite_figures(r)]
     if broken:
         return GateResult(broken, checked)
+    before, base_before = ((r.get("params") or {}).get("before") for r in (report, baseline))
+    if before and base_before and before != base_before:
+        return GateResult([], checked, [f"the report is of another model than the baseline ({before.get('total')} "
+                                        f"against {base_before.get('total')} parameters before pruning)"])
+    unjudged = []
     lat, base_lat = (report.get("latency") or {}).get("measured", {}), (baseline.get("latency") or {}).get(
         "measured", {})
     cur, ref = lat.get("pruned"), base_lat.get("pruned")
     if cur and ref:
         where, base_where = (cur.get("device"), cur.get("runtime")), (ref.get("device"), ref.get("runtime"))
         if where != base_where:
-            bad.append(f"latency: not comparable: measured on {where[0]} in {where[1]}, baseline on "
-                       f"{base_where[0]} in {base_where[1]}")
+            unjudged.append(f"latency: not comparable: measured on {where[0]} in {where[1]}, baseline on "
+                            f"{base_where[0]} in {base_where[1]}")
         else:
             for key, name in (("ttft_s", "TTFT"), ("tpot_s", "TPOT")):
                 checked.append(name)
@@ -128,6 +137,9 @@ def gate(report: Report | dict, baseline: Report | dict, max_latency_regression:
         bad += violations
     elif ble and not le:
         bad.append("accuracy: the baseline has lm-eval scores but the report has none")
+    if check_budget and not report.get("budget"):
+        unjudged.append("budget: the report has no budget section (a run with --no-checks); run with the checks, or "
+                        "pass --no-budget to gate on the figures alone")
     if check_budget and report.get("budget"):
         checked.append("budget")
         for ln in report["budget"]["lines"]:
@@ -144,8 +156,8 @@ def gate(report: Report | dict, baseline: Report | dict, max_latency_regression:
                        f"{why or 'the report records no provenance (written before schema /4)'} "
                        "(--allow-unverified accepts proxy and predicted figures)")
     if not checked:
-        bad.append("nothing to compare: neither latency nor accuracy figures are in both reports")
-    return GateResult(bad, checked)
+        unjudged.append("nothing to compare: neither latency nor accuracy figures are in both reports")
+    return GateResult(bad, checked, unjudged)
 
 
 def _cloze_rule(le: dict, ble: dict, max_drop: float) -> tuple[list[str], str | None]:

@@ -161,6 +161,8 @@ class Report(BaseModel):
             data["plan"] = {("cost_fit" if k == "calibration" else k): v for k, v in data["plan"].items()}
         try:
             return cls.model_validate(data)
+        except RecursionError:
+            raise UserError(f"{where} is not a valid fitprune report (nested too deeply).") from None
         except ValidationError as exc:
             e = exc.errors()[0]
             loc = ".".join(str(p) for p in e.get("loc", ()))
@@ -179,8 +181,9 @@ class Report(BaseModel):
             raise UserError(f"The report {path} does not exist.")
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise UserError(f"The report {path} is not valid JSON (truncated or not a report).") from exc
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # ValueError: JSON, or a 5,000-digit number
+            raise UserError(f"The report {path} is not valid JSON (truncated, nested too deeply, a number too long, "
+                            "or not a report).") from exc
         except OSError as exc:
             raise UserError(f"The report {path} cannot be read ({exc.strerror}).") from exc
         return cls.parse(data, where=f"The file {path}")
