@@ -463,3 +463,21 @@ def test_no_probe_files_are_left_behind(tmp_path, tiny_model_dir):
     assert sorted(x.name for x in tmp_path.iterdir()) == ["plan.json", "tmpdir"]
     assert json.loads((tmp_path / "plan.json").read_text())["rows"]
     assert not [x for x in os.listdir(tmp_path) if x.startswith(".")]
+
+
+def test_plan_json_writes_through_links_and_devices_and_fails_loudly(tmp_path, tiny_model_dir, capsys):
+    """`--json` replaces only a regular file (atomically); a symlink is written through (the link
+    stays), and a device that cannot take the bytes (/dev/full) is one sentence and a non-zero exit."""
+    from compressor.cli import main
+
+    args = ["plan", str(tiny_model_dir), "--profile", "cpu-2core", "--no-fit", "--width-only"]
+    target, link = tmp_path / "target.json", tmp_path / "link.json"
+    target.write_text("{}")
+    link.symlink_to(target)
+    assert main([*args, "--json", str(link)]) == 0
+    assert link.is_symlink() and json.loads(target.read_text())["rows"]
+    capsys.readouterr()
+    rc = main([*args, "--json", "/dev/full"])
+    err = " ".join(capsys.readouterr().err.split())
+    assert rc == 28 and "could not be written" in err and "Traceback" not in err
+    assert Path("/dev/full").is_char_device()  # written to, never replaced by a file

@@ -23,18 +23,31 @@ MAX_RUNS = 1000  # timed runs per measurement: more is hours of measuring, not a
 
 
 def _write_json(path: Path, data: dict) -> None:
-    """Write beside the target and rename: an interrupted write never leaves half a JSON file."""
+    """A regular file or a new path: written beside the target and renamed, so an interrupted write
+    never leaves half a JSON file. A device, a pipe or a symlink (`/dev/stdout`): written through,
+    never replaced. A failed write is one sentence and a non-zero exit."""
+    import errno
     import os
     import tempfile
 
     path = Path(path).expanduser()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.absolute().parent)
+    text = json.dumps(data, indent=2)
+    tmp = None
     try:
+        if path.is_symlink() or (path.exists() and not path.is_file()):
+            with open(path, "w") as f:
+                f.write(text)
+            return
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.absolute().parent)
         with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(data, indent=2))
+            f.write(text)
         os.replace(tmp, path)
+    except OSError as exc:
+        full = exc.errno == errno.ENOSPC
+        raise UserError(f"--json {path} could not be written ({exc.strerror or exc}).",
+                        exit_code=28 if full else 2) from exc
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
 
 
