@@ -39,7 +39,13 @@ RUNTIMES = ("vllm", "onnxruntime")
 MODEL_DIR_IN_IMAGE = "/models/model"
 UID = 10001
 # file types an export may contain; anything else (pickles above all) is not copied
-_MODEL_SUFFIXES = {".json", ".safetensors", ".jinja", ".txt", ".model", ".md", ".py", ".tiktoken"}
+# what goes into the image's model folder: weights, config, generation config, tokenizer, the model
+# card and the per-layer formats' own code (loaded with --trust-remote-code); nothing else of the export
+_MODEL_FILES = {"config.json", "generation_config.json", "model.safetensors.index.json", "tokenizer.json",
+                "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
+                "tokenizer.model", "chat_template.jinja", "chat_template.json", "README.md",
+                "modeling_fitprune.py", "configuration_decilm.py"}
+_MODEL_SUFFIXES = {".safetensors", ".tiktoken"}
 _PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}
 
 
@@ -117,7 +123,8 @@ def from_profile(profile, model_config: dict, **over) -> ServeSettings:
 
 
 def model_files(model_dir: Path) -> list[Path]:
-    """The files of an export that go into the image; refuses what must not."""
+    """The files of an export that go into the image (an allow-list: a stray script or report stays
+    out); refuses what must not."""
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise ContextError(f"{model_dir} is not an exported model directory (no config.json in it).")
@@ -131,7 +138,7 @@ def model_files(model_dir: Path) -> list[Path]:
             continue  # exports are flat; sub-directories (e.g. an onnx/ export) are not served by vLLM
         if p.suffix in _PICKLE_SUFFIXES:
             continue  # never ship pickles (and vLLM reads the safetensors)
-        if p.suffix in _MODEL_SUFFIXES:
+        if p.name in _MODEL_FILES or p.suffix in _MODEL_SUFFIXES:
             files.append(p)
             has_weights |= p.suffix == ".safetensors"
     if not has_weights:

@@ -170,3 +170,17 @@ def test_container_context_inside_the_export_is_refused(tiny_export):
     ctx = tiny_export / "ctx"
     p = run_cli("container", str(tiny_export), "--out", str(ctx))
     assert_clean_failure(p, ctx, "must not be inside the export")
+
+
+def test_container_copies_only_the_models_own_files(tmp_path, tiny_export):
+    """The image's model folder is an allow-list: a stray script, notes or a report in the export
+    stay out; weights, config, tokenizer and the model card go in."""
+    from exporters.container import model_files
+
+    model = tmp_path / "m"
+    shutil.copytree(tiny_export, model)
+    for stray in ("evil.py", "notes.txt", "setup.cfg", "data.json"):
+        (model / stray).write_text("import os\n")
+    names = {f.name for f in model_files(model)}
+    assert not names & {"evil.py", "notes.txt", "setup.cfg", "data.json", "report.json", "report.md"}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= names
