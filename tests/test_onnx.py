@@ -227,3 +227,16 @@ def test_cli_bad_input_is_one_sentence(tmp_path, tiny_model_dir, case):
         src, match = str(tmp_path / "empty"), "no config.json"
     p = run_cli("export-onnx", src, "--out", str(out), *extra)
     assert_clean_failure(p, out, match)
+
+
+def test_export_onnx_refuses_a_quantized_export_in_one_sentence(tmp_path, capsys):
+    from compressor.cli import main
+
+    model = tmp_path / "q"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "llama", "quantization_config": {
+        "quant_method": "compressed-tensors", "format": "int-quantized"}}))
+    assert main(["export-onnx", str(model), "--out", str(tmp_path / "onnx")]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "is quantized (compressed-tensors)" in err and "Traceback" not in err
+    assert not (tmp_path / "onnx").exists()

@@ -9,6 +9,7 @@ command runs).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import typer
@@ -39,6 +40,14 @@ def _check_model_dir(model_dir: Path) -> None:
         raise UserError(f"{model_dir} is a file; export-onnx needs an exported model directory.")
     if not model_dir.is_dir():
         raise UserError(f"The model directory {model_dir} does not exist.")
+    try:
+        qc = json.loads((model_dir / "config.json").read_text(encoding="utf-8")).get("quantization_config")
+    except (OSError, ValueError, AttributeError):
+        qc = None  # the loader says what is wrong with the config
+    if qc:
+        how = qc.get("quant_method", "quantization_config") if isinstance(qc, dict) else "quantization_config"
+        raise UserError(f"{model_dir} is quantized ({how}); export-onnx exports unquantized exports: run compress "
+                        "without --quantize and export that.")
 
 
 def _verify(model, path: Path, dtype_name: str) -> float:
