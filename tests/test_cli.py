@@ -112,3 +112,21 @@ def test_successful_run_on_a_tiny_model_writes_a_complete_directory(tmp_path, ti
         assert (out / name).is_file(), name
     assert "held-out perplexity" in p.stdout
     assert not list(tmp_path.glob(".o.tmp-*"))
+
+
+def test_version_and_the_next_commands_after_a_run(capsys):
+    """`--version` answers; every run ends with the commands to serve, gate and containerise its
+    export, with its real (quoted) path, and says when the plugin is needed."""
+    from compressor.cli import main
+    from compressor.cli.run import next_commands
+    from compressor.report import Report
+    from compressor.report.schema import Export
+
+    assert main(["--version"]) == 0 and capsys.readouterr().out.startswith("fitprune ")
+    r = Report(model="m", profile="p")
+    r.output = "/tmp/my out"
+    r.export = Export(format="fitprune", architecture="FitPruneForCausalLM", dtype="bfloat16", files=[])
+    next_commands(r)
+    err = capsys.readouterr().err
+    assert "vllm serve '/tmp/my out'" in err and "plugin" in err
+    assert "compress gate '/tmp/my out' --baseline" in err and "compress container '/tmp/my out' --out" in err

@@ -208,3 +208,12 @@ def test_depth_refused_out_of_core(tiny_model_dir, tmp_path):
     out = tmp_path / "out"
     p = run_cli(str(tiny_model_dir), *FAST, "--structure", "depth", "--out-of-core", "on", "--out", str(out))
     assert_clean_failure(p, out, "--structure depth scores every block on the whole model in memory")
+
+
+def test_blocks_auto_is_whole_layers():
+    """`--blocks auto` (the documented default) removes whole layers; it stopped with "Unknown --blocks
+    'auto'" after loading the model."""
+    a, b = _model(6), _model(6)
+    ra, rb = _prune(a, "auto", 0.3), _prune(b, "layer", 0.3)
+    assert ra.notes["depth"]["removed_fraction"] == rb.notes["depth"]["removed_fraction"]
+    assert [str(x) for x in ra.notes["depth"]["removed"]] == [str(x) for x in rb.notes["depth"]["removed"]]

@@ -177,3 +177,12 @@ def test_main_job_takes_the_plans_ratio(tmp_path, tiny_model_dir):
     assert "not** this machine" in (out / "report.md").read_text()
     assert (out / "report.png").stat().st_size > 10_000
     assert {ln["line"] for ln in r["budget"]["lines"]} >= {"memory", "tpot", "perplexity_increase"}
+
+
+def test_plan_command_ends_with_the_command_that_executes_its_choice(smollm2_dir, capsys):
+    from compressor.cli import main
+
+    assert main(["plan", str(smollm2_dir), "--profile", "cpu-2core", "--no-fit", "--width-only"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    ratio = out.split("choice: ratio ")[1].split()[0]
+    assert float(ratio) > 0 and f"run it: compress --profile cpu-2core {smollm2_dir} --ratio {ratio}" in out

@@ -38,6 +38,24 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            v = version("fitprune")
+        except PackageNotFoundError:
+            v = "unknown (running from a checkout that is not installed)"
+        print(f"fitprune {v}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _options(version: bool = typer.Option(False, "--version", is_eager=True, callback=_version,
+                                          help="Print fitprune's version and exit.")) -> None:
+    """Prune an LLM to fit a hardware budget, export it for vLLM / ONNX Runtime, and measure it."""
+
+
 # each module registers its command(s) on `app` when imported
 from . import container, export_onnx, gate, plan, profiles, run  # noqa: E402,F401
 

@@ -140,15 +140,23 @@ def plan_cmd(
                 out.print(f"note: {fmt} is not a lever for this model: {why}", highlight=False)
     if json_out:
         _write_json(json_out, {**plan.as_dict(), "levers": frontier.as_dict() if frontier else None})
+    import shlex
+
+    run = f"compress --profile {shlex.quote(str(profile if profile != 'auto' else prof.name))}" + (
+        f" {shlex.quote(str(model))}" if model else "")
     if frontier is not None and frontier.chosen is not None:
         out.print(f"[bold]choice[/]: {frontier.chosen.levers} ({frontier.rule}); width only: "
                   + (f"ratio {plan.chosen.ratio:.2f}" if plan.feasible else "infeasible"), highlight=False)
+        out.print(f"[bold]run it[/]: {run} --levers   (measures each candidate's KL on the weights, then "
+                  f"executes the best that meets the budget)", highlight=False, soft_wrap=True)
         return
     if not plan.feasible:
         raise InfeasibleBudget(plan.infeasible_sentence())
     out.print(f"[bold]choice[/]: ratio {plan.chosen.ratio:.2f} "
               + ("(the dense model meets every budget line)" if plan.chosen.ratio == 0 else
                  "(the smallest ratio that meets every budget line)"))
+    if plan.chosen.ratio > 0:
+        out.print(f"[bold]run it[/]: {run} --ratio {plan.chosen.ratio:.2f}", highlight=False, soft_wrap=True)
 
 
 def frontier_table(frontier, title: str) -> Table:

@@ -63,19 +63,41 @@ def run_cmd(
 
         report = run(cfg, console=err)
     print_report(report.as_dict() | {"output": report.output})
-    if report.budget is not None:
-        _verdict(report.budget)
+    if report.budget is None:
+        next_commands(report)
+        return
+    _verdict(report)
 
 
-def _verdict(budget) -> None:
-    """The verdict's last word and the exit code: 0 verified and met, 1 a line missed, 5 not verified."""
-    from ..evaluate.verdict import EXIT_MEETS, EXIT_MISSES, exit_code
+def _verdict(report) -> None:
+    """The verdict's last word, the next commands and the exit code: 0 verified and met, 1 a line
+    missed, 5 not verified (the line says where it would be verified)."""
+    from ..evaluate.verdict import EXIT_MEETS, EXIT_MISSES, EXIT_UNVERIFIED, exit_code
 
+    budget = report.budget
     code = exit_code(budget.passed, budget.verified)
     colour = {EXIT_MEETS: "green", EXIT_MISSES: "red"}.get(code, "yellow")
-    err.print(f"[bold {colour}]verdict:[/] {budget.verdict} (exit {code})", highlight=False)
+    to_verify = (f"; to verify it, run the same command on {budget.target} with that runtime installed"
+                 if code == EXIT_UNVERIFIED and budget.target else "")
+    err.print(f"[bold {colour}]verdict:[/] {budget.verdict} (exit {code}){to_verify}", highlight=False)
+    next_commands(report)
     if code:
         raise typer.Exit(code)
+
+
+def next_commands(report) -> None:
+    """What to run next on this export, with its real paths: serve it, gate on it, containerise it."""
+    import shlex
+
+    path = shlex.quote(str(report.output))
+    per_layer = report.export is not None and report.export.format.startswith("fitprune")
+    serve = f"vllm serve {path}" + ("   # per-layer widths: fitprune installed beside vLLM brings the plugin"
+                                    if per_layer else "")
+    err.print("[bold]next[/]:\n"
+              f"  serve       {serve}\n"
+              f"  gate in CI  compress gate {path} --baseline BASELINE/report.json\n"
+              f"  container   compress container {path} --out {shlex.quote(str(report.output) + '-image')}",
+              highlight=False, markup=True, soft_wrap=True)
 
 
 def print_report(r: dict) -> None:
@@ -88,6 +110,9 @@ def print_report(r: dict) -> None:
     t.add_row("parameters (non-embedding)", f"{p['before']['non_embedding']:,}", f"{p['after']['non_embedding']:,}")
     t.add_row("decoder weights removed", "", f"{p['achieved_ratio_decoder']:.1%}")
     t.add_row(f"held-out perplexity ({ppl['windows']}x{ppl['seqlen']} tok)", f"{ppl['dense']:.3f}", f"{ppl['pruned']:.3f}")
+    if ppl.get("cross_domain"):
+        cd = ppl["cross_domain"]
+        t.add_row("cross-domain perplexity (geometric mean)", f"{cd['dense']:.3f}", f"{cd['pruned']:.3f}")
     t.add_row("export", "", f"{r['export']['format']} ({r['export']['architecture']})")
     t.add_row("pruning step (s)", "", f"{r['seconds']['pruning_step']:.1f}")
     t.add_row("peak memory (RSS MiB)", "", f"{r['peak_rss_mib_total']:.0f}")

@@ -274,7 +274,7 @@ def prune_depth(model, adapter: Adapter, calib: torch.Tensor, spec, compute, say
     scores and the exact fraction removed."""
     from .driver import PruneResult
 
-    blocks = blocks or DEFAULT_BLOCKS
+    blocks = DEFAULT_BLOCKS if blocks in (None, "auto") else blocks  # auto: the documented default
     layers = adapter.layers(model)
     hidden = model.config.hidden_size
     shapes = [adapter.shape(layer) for layer in layers]
