@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from tests.conftest import assert_clean_failure, run_cli
+from tests.conftest import ROOT, assert_clean_failure, run_cli
 
 
 def test_help_lists_the_options():
@@ -130,3 +130,14 @@ def test_version_and_the_next_commands_after_a_run(capsys):
     err = capsys.readouterr().err
     assert "vllm serve '/tmp/my out'" in err and "plugin" in err
     assert "compress gate '/tmp/my out' --baseline" in err and "compress container '/tmp/my out' --out" in err
+
+
+def test_docs_cli_md_is_the_command_lines_own_reference():
+    """docs/cli.md is generated from the CLI (`python -m compressor.cli.reference > docs/cli.md`):
+    stale when an option, default, group or help text changed without it."""
+    from compressor.cli.reference import reference
+
+    assert (ROOT / "docs" / "cli.md").read_text() == reference(), \
+        "docs/cli.md is stale: run python -m compressor.cli.reference > docs/cli.md"
+    run = reference().split("## `compress run`")[1].split("## ")[0]
+    assert all(f"**{g}**" in run for g in ("Budget & plan", "Method", "Calibration", "Checks", "Scale", "Output"))

@@ -16,7 +16,8 @@ from . import app
 
 
 @app.command("gate", help="Compare REPORT (a report.json or an output directory) with BASELINE; exit 0 when every "
-                          "rule holds, 1 with one line per violated rule, 2 on unreadable input.")
+                          "rule holds, 1 with one line per violated rule, 2 when it cannot judge (unreadable input, "
+                          "another model, no budget section, nothing in common).")
 def gate_cmd(
     report: Path = typer.Argument(..., help="report.json (or the output directory holding it)."),
     baseline: Path = typer.Option(..., "--baseline", "-b", help="The baseline report.json (or its directory)."),
