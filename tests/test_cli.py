@@ -141,3 +141,16 @@ def test_docs_cli_md_is_the_command_lines_own_reference():
         "docs/cli.md is stale: run python -m compressor.cli.reference > docs/cli.md"
     run = reference().split("## `compress run`")[1].split("## ")[0]
     assert all(f"**{g}**" in run for g in ("Budget & plan", "Method", "Calibration", "Checks", "Scale", "Output"))
+
+
+def test_third_party_output_is_quiet_unless_verbose(monkeypatch):
+    import os
+
+    from compressor.cli import third_party_output
+
+    for key in ("VLLM_LOGGING_LEVEL", "TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS"):
+        monkeypatch.delenv(key, raising=False)
+    third_party_output(verbose=True)
+    assert "VLLM_LOGGING_LEVEL" not in os.environ and "TQDM_DISABLE" not in os.environ
+    third_party_output(verbose=False)
+    assert os.environ["VLLM_LOGGING_LEVEL"] == "WARNING" and os.environ["TQDM_DISABLE"] == "1"

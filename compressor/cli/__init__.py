@@ -60,6 +60,21 @@ def _options(version: bool = typer.Option(False, "--version", is_eager=True, cal
 from . import container, export_onnx, gate, plan, profiles, run  # noqa: E402,F401
 
 
+def third_party_output(verbose: bool) -> None:
+    """Quiet by default: vLLM's INFO lines and the progress bars of transformers, datasets, the hub
+    and lm-eval (tqdm) stay off the console, so it holds fitprune's own stages and figures; `-v`
+    leaves them on. Set before those libraries are imported (they read it then), and inherited by
+    the engine processes vLLM starts."""
+    import os
+
+    if verbose:
+        return
+    for key, value in (("VLLM_LOGGING_LEVEL", "WARNING"), ("TRANSFORMERS_VERBOSITY", "error"),
+                       ("HF_HUB_DISABLE_PROGRESS_BARS", "1"), ("HF_DATASETS_DISABLE_PROGRESS_BARS", "1"),
+                       ("TQDM_DISABLE", "1"), ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")):
+        os.environ.setdefault(key, value)
+
+
 def _exception_types(name: str) -> tuple[type, ...]:
     """The click exception class `name` as click itself and as Typer's vendored copy define it."""
     import importlib

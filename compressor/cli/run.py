@@ -46,11 +46,14 @@ def run_cmd(
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted out-of-core run on the same --out (same options) from its work directory.", rich_help_panel="Scale"),
     passes: str = typer.Option("auto", "--passes", help="Out of core, with a least-squares compensation: one (keep every layer's Gram matrices from the scoring pass; memory grows with depth), two (recompute one layer's at a time in a second pass; memory flat in depth), auto (one when it fits in the free memory).", rich_help_panel="Scale"),
     levers: bool = typer.Option(False, "--levers", help="Without --ratio: plan with every lever (uniform width, whole layers dropped, the weight formats the profile's device has kernels for), priced by the latency table measured in the profile's runtime (or the datasheet), choose the mix that meets every budget line with the least KL to the dense model on text the dense model generated itself, and execute it.", rich_help_panel="Budget & plan"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also show third-party progress bars and logs (vLLM, transformers, datasets, lm-eval), which are quiet by default.", rich_help_panel="Output"),
     quantize: str = typer.Option("none", "--quantize", help="After pruning, quantize the export with compressed-tensors (round-to-nearest) into a checkpoint vLLM serves: none, w8a8-int8 (int8 weights and activations), w4a16, w8a16 (int4/int8 weights in groups of 128 input channels) or fp8; refused where the profile's device has no kernel for it (profiles/data/kernels.yaml). Uniform and per-layer exports alike (fitprune's vLLM plugin serves the per-layer ones quantized).", rich_help_panel="Budget & plan"),
 ):
     from ..config import RunConfig
     from ..output import signals_as_errors
+    from . import third_party_output
 
+    third_party_output(verbose)
     cfg = RunConfig.make(model=model, profile=profile, ratio=ratio, metric=metric, compensation=compensation,
                    structure=structure, blocks=blocks, attn_unit=attn_unit, round_to=round_to, calib=calib, nsamples=nsamples,
                    seqlen=seqlen, batch_size=batch_size, device=device, seed=seed, out=out,
