@@ -62,6 +62,11 @@ class RunConfig(BaseModel):
     trust_remote_code: bool = False
     search: bool = False
     trials: int = 20
+    # budget lines in place of the profile's (None: the profile's own)
+    memory_gib: float | None = Field(None, gt=0)
+    ttft_ms: float | None = Field(None, gt=0)
+    tpot_ms: float | None = Field(None, gt=0)
+    throughput: float | None = Field(None, gt=0)
     levers: bool = False  # without --ratio: plan over width, depth and weight format (budget/frontier.py)
     search_generations: int = 30  # --structure searched: generations of the allocation search (prune/evolve.py)
     checks: bool = True  # after export: latency in the profile's runtime, lm-eval tasks, budget verdict

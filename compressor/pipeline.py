@@ -57,13 +57,10 @@ def run(cfg: RunConfig, console=None) -> Report:
     """The whole job; returns the report (also written to OUT/report.json)."""
     from rich.console import Console
 
-    from profiles import load_profile
-    from profiles.auto import resolve
-
     console = console or Console(stderr=True)
     say = console.print
     stages = Stages()
-    profile = load_profile(resolve(cfg.profile, say))
+    profile = run_profile(cfg, say)
     round_to = cfg.round_to or profile.round_to
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -95,6 +92,19 @@ def run(cfg: RunConfig, console=None) -> Report:
                               cross_domain=(domains_dense, domains_pruned))
         write_output(report, out, prep, profile, plan, tasks, cfg, stages, say)
     return report
+
+
+def run_profile(cfg: RunConfig, say):
+    """The run's profile: --profile (auto: this host's), with the budget lines the command line gives."""
+    from profiles import load_profile
+    from profiles.auto import resolve
+    from profiles.schema import with_budget
+
+    profile, changed = with_budget(load_profile(resolve(cfg.profile, say)), cfg.memory_gib, cfg.ttft_ms, cfg.tpot_ms,
+                                   cfg.throughput)
+    if changed:
+        say(f"budget from the command line: {', '.join(changed)}")
+    return profile
 
 
 def refuse_levers(cfg: RunConfig) -> None:

@@ -109,6 +109,29 @@ class Profile(_Strict):
         return self
 
 
+def with_budget(profile: Profile, memory_gib: float | None = None, ttft_ms: float | None = None,
+                tpot_ms: float | None = None, throughput: float | None = None) -> tuple[Profile, list[str]]:
+    """`profile` with the budget lines given on the command line in place of its own (validated as
+    the YAML is), and a description of each change."""
+    data = profile.model_dump()
+    changed = []
+    for value, (section, key), what in ((memory_gib, ("device", "memory_gib"), "memory GiB per device"),
+                                        (ttft_ms, ("budget", "ttft_ms"), "TTFT ms"),
+                                        (tpot_ms, ("budget", "tpot_ms"), "TPOT ms"),
+                                        (throughput, ("budget", "min_throughput_tok_s"), "throughput tok/s")):
+        if value is not None:
+            changed.append(f"{what} {data[section][key]} -> {value:g}")
+            data[section][key] = value
+    if not changed:
+        return profile, []
+    try:
+        return Profile.model_validate(data), changed
+    except ValidationError as exc:
+        e = exc.errors()[0]
+        raise UserError(f"The budget given on the command line is not valid: {'.'.join(map(str, e['loc']))}: "
+                        f"{e['msg']}.") from None
+
+
 def list_profiles() -> list[str]:
     return sorted(p.stem for p in HERE.glob("*.yaml"))
 

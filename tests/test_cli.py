@@ -154,3 +154,28 @@ def test_third_party_output_is_quiet_unless_verbose(monkeypatch):
     assert "VLLM_LOGGING_LEVEL" not in os.environ and "TQDM_DISABLE" not in os.environ
     third_party_output(verbose=False)
     assert os.environ["VLLM_LOGGING_LEVEL"] == "WARNING" and os.environ["TQDM_DISABLE"] == "1"
+
+
+def test_budgets_from_the_command_line_and_profiles_init(tmp_path, capsys):
+    """--memory-gib/--ttft-ms/--tpot-ms/--throughput replace the profile's lines (validated as the
+    YAML is); `profiles init` writes a profile to edit; `profiles show` says what each field means."""
+    import pytest
+
+    from compressor.cli import main
+    from compressor.errors import UserError
+    from profiles import load_profile
+    from profiles.schema import with_budget
+
+    p, changed = with_budget(load_profile("a10g-24gb"), memory_gib=16, tpot_ms=20)
+    assert p.device.memory_gib == 16 and p.budget.tpot_ms == 20 and len(changed) == 2
+    assert with_budget(p)[0] is p
+    with pytest.raises(UserError, match="budget given on the command line is not valid"):
+        with_budget(p, ttft_ms=-1)
+    assert main(["plan", "--profile", "a10g-24gb", "--width-only", "--tpot-ms", "0.001"]) == 3
+    assert "budget from the command line: TPOT ms" in " ".join(capsys.readouterr().err.split())
+    assert main(["profiles", "init", "mine", "--from", "l4-24gb", "--dir", str(tmp_path)]) == 0
+    assert load_profile(str(tmp_path / "mine.yaml")).device.name == load_profile("l4-24gb").device.name
+    assert main(["profiles", "init", "mine", "--dir", str(tmp_path)]) == 2  # never overwritten
+    capsys.readouterr()
+    assert main(["profiles", "show", "a10g-24gb"]) == 0
+    assert "budget.tpot_ms: time per output token target" in " ".join(capsys.readouterr().out.split())

@@ -83,6 +83,10 @@ def plan_cmd(
     round_to: int = typer.Option(None, "--round-to", help="MLP width multiple (default: the profile's)."),
     runs: int = typer.Option(3, help="Timed runs per cost-model fitting measurement (medians)."),
     json_out: Path = typer.Option(None, "--json", help="Also write the plan as JSON to this file."),
+    memory_gib: float = typer.Option(None, "--memory-gib", help="Memory per device in GiB, in place of the profile's."),
+    ttft_ms: float = typer.Option(None, "--ttft-ms", help="Time-to-first-token line in ms, in place of the profile's."),
+    tpot_ms: float = typer.Option(None, "--tpot-ms", help="Time-per-output-token line in ms, in place of the profile's."),
+    throughput: float = typer.Option(None, "--throughput", help="Least output tokens/s, in place of the profile's."),
     levers: bool = typer.Option(True, "--levers/--width-only", help="Also search every lever (width, whole "
                                 "layers dropped, the weight formats the device has kernels for) and print the "
                                 "frontier; the choice is the mix that removes the fewest weights (the main job "
@@ -104,8 +108,15 @@ def plan_cmd(
 
         refuse_out_file(json_out, "--json")  # before the work, not after it
     from profiles.auto import resolve
+    from profiles.schema import with_budget
 
-    prof = load_profile(resolve(profile, err.print))
+    for value, option in ((memory_gib, "--memory-gib"), (ttft_ms, "--ttft-ms"), (tpot_ms, "--tpot-ms"),
+                          (throughput, "--throughput")):
+        if value is not None and not value > 0:
+            raise UserError(f"{option} must be greater than 0, got {value}.")
+    prof, changed = with_budget(load_profile(resolve(profile, err.print)), memory_gib, ttft_ms, tpot_ms, throughput)
+    if changed:
+        err.print(f"budget from the command line: {', '.join(changed)}", highlight=False)
     if round_to is not None:
         from ..model.loading import read_config
 
@@ -142,8 +153,10 @@ def plan_cmd(
         _write_json(json_out, {**plan.as_dict(), "levers": frontier.as_dict() if frontier else None})
     import shlex
 
+    budget = "".join(f" {o} {v:g}" for o, v in (("--memory-gib", memory_gib), ("--ttft-ms", ttft_ms),
+                                                  ("--tpot-ms", tpot_ms), ("--throughput", throughput)) if v is not None)
     run = f"compress --profile {shlex.quote(str(profile if profile != 'auto' else prof.name))}" + (
-        f" {shlex.quote(str(model))}" if model else "")
+        f" {shlex.quote(str(model))}" if model else "") + budget
     if frontier is not None and frontier.chosen is not None:
         out.print(f"[bold]choice[/]: {frontier.chosen.levers} ({frontier.rule}); width only: "
                   + (f"ratio {plan.chosen.ratio:.2f}" if plan.feasible else "infeasible"), highlight=False)

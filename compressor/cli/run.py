@@ -46,6 +46,10 @@ def run_cmd(
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted out-of-core run on the same --out (same options) from its work directory.", rich_help_panel="Scale"),
     passes: str = typer.Option("auto", "--passes", help="Out of core, with a least-squares compensation: one (keep every layer's Gram matrices from the scoring pass; memory grows with depth), two (recompute one layer's at a time in a second pass; memory flat in depth), auto (one when it fits in the free memory).", rich_help_panel="Scale"),
     levers: bool = typer.Option(False, "--levers", help="Without --ratio: plan with every lever (uniform width, whole layers dropped, the weight formats the profile's device has kernels for), priced by the latency table measured in the profile's runtime (or the datasheet), choose the mix that meets every budget line with the least KL to the dense model on text the dense model generated itself, and execute it.", rich_help_panel="Budget & plan"),
+    memory_gib: float = typer.Option(None, "--memory-gib", help="Memory per device in GiB, in place of the profile's.", rich_help_panel="Budget & plan"),
+    ttft_ms: float = typer.Option(None, "--ttft-ms", help="Time-to-first-token line in ms, in place of the profile's.", rich_help_panel="Budget & plan"),
+    tpot_ms: float = typer.Option(None, "--tpot-ms", help="Time-per-output-token line in ms (batch 1), in place of the profile's.", rich_help_panel="Budget & plan"),
+    throughput: float = typer.Option(None, "--throughput", help="Least output tokens/s at the profile's concurrency, in place of the profile's.", rich_help_panel="Budget & plan"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Also show third-party progress bars and logs (vLLM, transformers, datasets, lm-eval), which are quiet by default.", rich_help_panel="Output"),
     quantize: str = typer.Option("none", "--quantize", help="After pruning, quantize the export with compressed-tensors (round-to-nearest) into a checkpoint vLLM serves: none, w8a8-int8 (int8 weights and activations), w4a16, w8a16 (int4/int8 weights in groups of 128 input channels) or fp8; refused where the profile's device has no kernel for it (profiles/data/kernels.yaml). Uniform and per-layer exports alike (fitprune's vLLM plugin serves the per-layer ones quantized).", rich_help_panel="Budget & plan"),
 ):
@@ -60,7 +64,7 @@ def run_cmd(
                    export_dtype=export_dtype, threads=threads, trust_remote_code=trust_remote_code, checks=checks,
                    lm_eval_backend=lm_eval_backend, eval_items=eval_items, domain_windows=domain_windows, runtime=runtime, search=search, trials=trials,
                    search_generations=search_generations, out_of_core=out_of_core, resume=resume, passes=passes, quantize=quantize,
-                   levers=levers)
+                   levers=levers, memory_gib=memory_gib, ttft_ms=ttft_ms, tpot_ms=tpot_ms, throughput=throughput)
     with signals_as_errors():
         from ..pipeline import run
 
