@@ -102,3 +102,22 @@ def test_cli_refuses_an_escaping_index_and_integer_weights(tmp_path, tiny_model_
         err = " ".join(capsys.readouterr().err.split())
         assert match in err and "Traceback" not in err, err[-1500:]
         assert not out.exists() and not list(tmp_path.glob(f".o-{model.name}*"))
+
+
+@pytest.mark.parametrize("mode", ["off", "on"], ids=["in-memory", "out-of-core"])
+@pytest.mark.parametrize("key, value, match", [("num_hidden_layers", 1_000_000, "beyond what any model"),
+                                               ("num_hidden_layers", 3, "is incomplete: it has no tensor"),
+                                               ("hidden_size", 10**9, "beyond what any model")])
+def test_a_config_that_asks_too_much_is_refused_before_building(tmp_path, tiny_model_dir, mode, key, value, match,
+                                                                capsys):
+    """A config claiming a million layers (or a width beyond any model) is refused from the config
+    before a skeleton is built; one claiming more layers than the checkpoint holds, from the headers."""
+    model = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, model)
+    cfg = json.loads((model / "config.json").read_text())
+    cfg[key] = value
+    (model / "config.json").write_text(json.dumps(cfg))
+    assert main([str(model), *ARGS, "--out-of-core", mode, "--out", str(tmp_path / "o")]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert match in err and "Traceback" not in err, err[-1500:]
+    assert not (tmp_path / "o").exists()

@@ -30,6 +30,12 @@ LAYER_KEYS = ("layer_num_attention_heads", "layer_num_key_value_heads", "layer_i
 _IGNORED_EXTRA = (re.compile(r"(^|\.)rotary_emb\.(original_)?inv_freq$"),)
 
 
+# what a config may ask for: beyond every released model, far below what would hang building it
+MAX_SIZES = {"num_hidden_layers": 1024, "hidden_size": 1 << 17, "intermediate_size": 1 << 20, "vocab_size": 1 << 22,
+             "num_attention_heads": 4096, "num_key_value_heads": 4096, "head_dim": 4096,
+             "max_position_embeddings": 1 << 27}
+
+
 def _positive_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 1
 
@@ -54,6 +60,9 @@ def check_config(config: dict, where: Path | str) -> None:
     for k in (*SIZE_KEYS, *OPTIONAL_SIZE_KEYS):
         if k in config and config[k] is not None and not _positive_int(config[k]):
             raise UserError(f"'{k}' in the config {where} must be a positive integer, got {config[k]!r}.")
+        if k in config and config[k] is not None and config[k] > MAX_SIZES[k]:
+            raise UserError(f"'{k}' in the config {where} is {config[k]}, beyond what any model fitprune handles asks "
+                            f"for (at most {MAX_SIZES[k]}); is this config.json the checkpoint's own?")
     heads, kv = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
     if heads % kv:
         raise UserError(f"The config {where} has {heads} attention heads, not a multiple of its {kv} key-value "

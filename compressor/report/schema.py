@@ -181,9 +181,11 @@ class Report(BaseModel):
             raise UserError(f"The report {path} does not exist.")
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # ValueError: JSON, or a 5,000-digit number
-            raise UserError(f"The report {path} is not valid JSON (truncated, nested too deeply, a number too long, "
-                            "or not a report).") from exc
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise UserError(f"The report {path} is not valid JSON (truncated or not a report).") from exc
+        except (ValueError, RecursionError) as exc:  # a number of thousands of digits, nesting past the stack
+            raise UserError(f"The report {path} cannot be read as JSON: it is nested too deeply or holds a number "
+                            "too long.") from exc
         except OSError as exc:
             raise UserError(f"The report {path} cannot be read ({exc.strerror}).") from exc
         return cls.parse(data, where=f"The file {path}")
