@@ -1,32 +1,14 @@
-"""The plan as a search over every lever: width, depth and weight format (issue 12).
+"""The plan as a search over every lever: width, depth and weight format.
 
-A candidate is (width, dropped, format), its width with or without the biases its compensation
-writes (`bias_free`, offered where exact shapes are measured: see `search`):
-- `dropped` whole decoder layers removed (depth; which ones is chosen later on the weights, by the
-  damage removing them does: `prune.planned`), never layer 0 and at most half the layers;
-- `width`: the fraction of the kept layers' weights removed by uniform width pruning (the
-  allocation's own widths: whole attention units, MLP channels rounded to the profile's multiple);
-- `format`: the dense dtype ("none") or a quantized weight format the profile's device has a kernel
-  for (`profiles.kernels`) and whose group size divides the model's widths (`exporters.quantize`).
-
-Every candidate is priced by the latency table (`budget.latency_table`: measured in the profile's
-runtime on its device and cached, or the roofline from the datasheet, labelled so) for TTFT and
-TPOT, and by the cost model for memory (weights in the format, KV cache, overhead) and throughput.
-For each (format, dropped) the frontier keeps the least width that meets every budget line, with the
-profile's latency headroom kept in reserve below the TTFT and TPOT lines: more width pruning on top
-of a plan that already fits only loses quality. Where the plan's latency can be measured here
-(`search(marginal=True)`), each (format, dropped) also offers the least width that meets the lines
-themselves but not the reserve, a *marginal* candidate: if it is the best by quality, it is chosen
-only once its own export, measured in turn with the dense export, meets the lines (`Frontier.confirm`,
-`budget/confirm.py`), else the best candidate that keeps the reserve is (`Frontier.fallback`). Why:
-the reserve guards against a plan's export measuring slower than its price, and at 0.8x of the
-dense TPOT on SmolLM2 here it turned away W8A8 alone (priced 1.6% under the line; its export then
-measured 6% under it, cross-domain 16.37) for a plan that also dropped 2 layers and 10% of the width
-(27.34; docs/benchmarks.md). The choice among the frontier
-is the one with the least predicted quality loss: the KL divergence to the dense model measured on
-text the model generates itself (`prune.planned.PlanQuality`) when the weights are at hand, else (a config-only
-`compress plan`) the fewest decoder weights removed, the format breaking ties, and the report says
-which rule chose.
+A candidate is (width, dropped layers, format), with or without its compensation's biases
+(`bias_free`). Each is priced by the latency table (`budget.latency_table`: measured, or the
+datasheet, labelled) for TTFT and TPOT and by the cost model for memory and throughput. Per
+(format, dropped) the frontier keeps the least width meeting every budget line with the profile's
+latency headroom in reserve, and, where latency is measured here, a *marginal* candidate meeting
+the lines but not the reserve, which is chosen only once its own export meets the lines
+(`budget/confirm.py`), else `Frontier.fallback`. The choice is the least KL to the dense model
+(`prune.planned.PlanQuality`) when the weights are at hand, else the fewest weights removed; the
+report names the rule. The story of these rules: docs/benchmarks.md, "Every lever: the rules' story".
 """
 
 from __future__ import annotations

@@ -1,61 +1,13 @@
 """A latency table measured in the profile's runtime: what one decoder layer and one decoder weight
 cost at batch 1, per weight format, so the planner can price width, depth and precision apart.
 
-Why more than the dense point: the dense + skeleton fit (budget/fitting.py) cannot tell depth from
-width. On SmolLM2-135M in vLLM CPU, removing 20% of the decoder weights as 6 whole layers gave a
-TPOT of 0.81x of dense, the same 20% by width 0.91x: every layer costs a fixed overhead (kernel
-launches, norms, attention bookkeeping) besides its weights. So per weight format F six
-architectures are measured (random weights: on vLLM CPU the real SmolLM2 and its random twin
-measured within 4% of each other, request by request in turn), spanning what the planner proposes:
-
-    full     the dense widths, all L layers
-    w25      the planner's uniform widths at ~25% of the decoder weights removed, all L layers
-    w50      the same at ~50%
-    d25      the dense widths, L - L // 4 layers
-    d50      the dense widths, L - L // 2 layers
-    d50w50   L - L // 2 layers at the ~50% widths
-
-(a width the format's group size cannot hold moves to the nearest grid width it can; a depth
-point that would repeat another is left out), and TTFT and TPOT are each fitted by least squares as
-
-    latency = a_F + b_F x layers + c_F x decoder weights
-
-(a: the LM head, embeddings and the fixed per-step cost; b: the per-layer overhead; c: the cost of
-one decoder weight in format F). A negative b or c can only be noise (fewer layers or weights are
-never slower): it is set to 0 and the rest refitted, and a note says so.
-
-**Measured against a reference, in turn.** This host's speed swung by 40% between two runs of the
-same benchmark, and by ~20% within one: points measured minutes apart are not comparable. So on a
-CPU every point is measured request by request in turn with a reference model (the full
-architecture in the dense dtype), and stored as its ratio to the reference times the reference's own
-latency from the session that first measured it. The order two vLLM CPU engines were loaded in
-moves their ratio (a point beside a reference loaded after it measured a median 4% slower, relative
-to it, than beside one loaded before it: `benchmarks/levers.py` prints each point's two rounds), so
-each point is measured twice, beside a reference engine loaded just before
-it and one loaded just after it, and its ratio is the geometric mean of the two
-(`device.measure_chain`: engines reference, point, reference, point, ..., two loaded at a time;
-version 2 of the table kept one reference loaded for every point). Points added later (another
-format) are therefore on the same scale, and a planner that measures the real dense export at
-planning time scales the whole table by one factor (`frontier.AnchoredTable`). On a GPU, where two
-engines of one model may not fit, each point is measured alone and compared with the reference
-measured alone at the start of the same session, and a note says so.
-
-**Exact shapes.** A kernel's speed is not smooth in the widths: in vLLM CPU the int8 W8A8 kernel
-with biases (what a bias compensation exports) ran SmolLM2 cut to 16 layers with MLP width 960 at
-0.95x of dense TPOT, the same without biases at 0.71x, and 22 layers with MLP 1024 and biases at
-0.63x (random weights, in turn with the reference). No line through six points predicts that. So
-a plan's candidate can be measured at its own shape before it is chosen (`measure_exact`): an
-"exact" point, stored on the reference's scale like the others and cached with them, which
-`predict` uses for that shape and format instead of the fit (it is left out of the fit), as its
-ratio to the reference times the fit's prediction for the reference, the basis every other
-prediction and the planner's anchor share.
-
-The table is cached as JSON per device + runtime (and its version) + dtype + workload + model
-shape, one file per key; a point already cached is not measured again, so adding a format
-measures only its architectures. Where the device is absent, `datasheet_table` gives the same
-interface from the roofline (profiles/costmodel.py) at the same architectures, labelled
-"predicted from datasheet". A table measured in torch because the profile's runtime is not
-available here says so in its key and its source: it is never presented as the profile's runtime.
+Per format, six architectures (dense, two widths, two depths, both) are measured with random
+weights, each beside a reference model in both load orders, and TTFT and TPOT are fitted as
+`a + b x layers + c x decoder weights` (b and c never negative). `measure_exact` adds a point at a
+candidate's own shape, which `predict` then uses instead of the fit. Tables are cached per device,
+runtime, dtype, workload and model shape; `datasheet_table` gives the same interface from the
+roofline where the device is absent, labelled "predicted from datasheet", and a table measured in
+another runtime says so. Why it is built this way: docs/benchmarks.md, "The latency table's method".
 """
 
 from __future__ import annotations

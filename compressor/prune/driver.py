@@ -137,9 +137,7 @@ class PruneSpec:
     grad_samples: int = 8  # calibration windows used for gradients (Taylor-based metrics)
     # greedy second pass on the pruned model's activations; None = when the metric is sequential.
     # Without it a Gram-matrix compensation keeps every layer's Gram matrices from pass 1 in memory
-    # (fine for small models; pass greedy=True to bound memory to one layer's). On SmolLM2 the
-    # one-pass flap + lsq+bias was slightly better than greedy at ridge 0.01 (16.54 vs 16.64; rerun with
-    # `benchmarks/grid.py --metrics flap --compensations lsq+bias --greedy flap:lsq+bias --ridge 0.01`).
+    # (pass greedy=True to bound memory to one layer's).
     greedy: bool | None = None
 
 
