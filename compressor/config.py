@@ -259,6 +259,11 @@ class RunConfig(BaseModel):
             refuse_for_widths(self.quantize, config_widths(model_config))
 
     @property
+    def quantize_only(self) -> bool:
+        """`--quantize F` without `--ratio` (and without `--levers`): no pruning, the format alone."""
+        return self.ratio is None and self.quantize != "none" and not self.levers
+
+    @property
     def compute(self):
         from .prune.driver import Compute
 

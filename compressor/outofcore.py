@@ -197,6 +197,9 @@ def prepare_lazy(cfg: RunConfig, stages):
 def run_out_of_core(cfg: RunConfig, profile, round_to: int, stages, console):
     """The whole job out of core; returns the report (also written to OUT/report.json)."""
     say = console.print
+    if cfg.quantize_only:
+        raise UserError(f"--quantize {cfg.quantize} without --ratio (quantization only) runs in memory; out of core, "
+                        "pass --ratio R with it, or --out-of-core off if the model fits.")
     lazy, prep = prepare_lazy(cfg, stages)
     plan, ratio = steps.choose_ratio(cfg, profile, round_to, stages, say)
     spec = steps.quantizable(cfg, steps.prune_spec(cfg, ratio, round_to, tensor_parallel_size(profile)), say)

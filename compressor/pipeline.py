@@ -69,6 +69,8 @@ def run(cfg: RunConfig, console=None) -> Report:
         from exporters.quantize import refuse_for_profile
 
         refuse_for_profile(cfg.quantize, profile)  # a format the device has no kernel for, before any work
+    if cfg.quantize_only:
+        refuse_pruning_options(cfg)
     if outofcore.choose(cfg, say):
         return outofcore.run_out_of_core(cfg, profile, round_to, stages, console)
     if cfg.levers:
@@ -76,6 +78,8 @@ def run(cfg: RunConfig, console=None) -> Report:
     prep = prepare(cfg, stages)
     if cfg.levers:
         return run_levers(cfg, profile, round_to, prep, stages, console)
+    if cfg.quantize_only:
+        return run_quantize_only(cfg, profile, round_to, prep, stages, console)
     plan, ratio = choose_ratio(cfg, profile, round_to, stages, say)
     spec = prune_spec(cfg, ratio, round_to, tensor_parallel_size(profile))
     spec = quantizable(cfg, auto_structure(cfg, spec, prep.adapter.count_params(prep.loaded.model)["total"], say), say)
@@ -105,6 +109,59 @@ def run_profile(cfg: RunConfig, say):
     if changed:
         say(f"budget from the command line: {', '.join(changed)}")
     return profile
+
+
+def refuse_pruning_options(cfg: RunConfig) -> None:
+    """--quantize without --ratio quantizes only: options that shape a pruning would be ignored."""
+    for given, name in ((cfg.structure != "auto", "--structure"), (cfg.search, "--search"),
+                        (cfg.metric != "auto", "--metric"), (cfg.compensation != "auto", "--compensation")):
+        if given:
+            raise UserError(f"--quantize {cfg.quantize} without --ratio quantizes the dense model only; {name} "
+                            "shapes a pruning, so pass --ratio R too (or drop it).")
+
+
+def run_quantize_only(cfg: RunConfig, profile, round_to: int, prep: Prepared, stages: Stages, console) -> Report:
+    """`--quantize F` without `--ratio`: every weight kept, the export quantized to F and measured
+    like any other run; the pruned model's figures are the quantized model's (compressed-tensors'
+    fake quantization in torch, as the lever plan judges a weight format)."""
+    from .prune.planned import fake_quantized
+    from .prune.surgery import LayerKeep
+
+    say = console.print
+    model, tok, adapter = prep.loaded.model, prep.loaded.tokenizer, prep.adapter
+    spec = replace(prune_spec(cfg, 0.0, round_to, tensor_parallel_size(profile)), structure="none")
+    out = output_dir(cfg, spec, name=cfg.quantize)
+    say(f"[bold]plan[/]: profile [cyan]{profile.name}[/] ({profile.device.name}), no pruning: the export is quantized "
+        f"to [cyan]{cfg.quantize}[/] (--quantize without --ratio), output {out}")
+    shapes = [adapter.shape(layer) for layer in adapter.layers(model)]
+    keeps = [LayerKeep(list(range(s.num_heads)), list(range(s.num_kv_heads)), list(range(s.intermediate_size)))
+             for s in shapes]
+    result = PruneResult(keeps, {}, 0, "none (quantize only)", notes={"quantize_only": cfg.quantize})
+    before = adapter.count_params(model)
+    with Tasks(prep.texts.heldout_text, cfg.checks, vllm=cfg.lm_eval_backend == "vllm",
+               n_cloze=cfg.eval_items) as tasks:
+        ppl_dense, domains_dense = evaluate_model("dense", model, tok, prep, tasks, cfg, stages, say)
+        judged = fake_quantized(model, cfg.quantize)
+        ppl_pruned, domains_pruned = evaluate_model("pruned", judged, tok, prep, tasks, cfg, stages, say)
+        del judged
+        report = build_report(cfg, profile.name, prep, spec, result, before, ppl_dense, ppl_pruned,
+                              cross_domain=(domains_dense, domains_pruned))
+        write_output(report, out, prep, profile, QuantizeOnly(cfg.quantize), tasks, cfg, stages, say)
+    return report
+
+
+class QuantizeOnly:
+    """The plan of a quantize-only run where the report and the checks expect one: no fitted cost
+    model, so the checks measure the dense model themselves."""
+
+    cost_fit = None
+    prediction = None
+
+    def __init__(self, fmt: str):
+        self.fmt = fmt
+
+    def as_dict(self) -> dict:
+        return {"ratio_source": f"--quantize {self.fmt} without --ratio: no pruning, quantization only"}
 
 
 def refuse_levers(cfg: RunConfig) -> None:

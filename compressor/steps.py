@@ -128,13 +128,14 @@ def quantizable(cfg: RunConfig, spec: PruneSpec, say) -> PruneSpec:
     return replace(spec, round_to=round_to)
 
 
-def output_dir(cfg: RunConfig, spec: PruneSpec) -> Path:
-    """--out, or out/MODEL-METRIC-PERCENT; refused now if it exists and is not empty."""
+def output_dir(cfg: RunConfig, spec: PruneSpec, name: str | None = None) -> Path:
+    """--out, or out/MODEL-METRIC-PERCENT (out/MODEL-NAME with `name`); refused now if it exists and
+    is not empty."""
     if cfg.out:
         out = Path(cfg.out)
     else:
         slug = Path(cfg.model.rstrip("/")).name.replace(".gguf", "").lower() if cfg.model else "smollm2-135m"
-        out = Path("out") / f"{slug or 'model'}-{spec.metric}-{int(spec.ratio * 100)}"
+        out = Path("out") / f"{slug or 'model'}-{name or f'{spec.metric}-{int(spec.ratio * 100)}'}"
         from .config import refuse_out_dir
 
         refuse_out_dir(out)  # the default one too: an unwritable working directory is refused before the work

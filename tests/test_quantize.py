@@ -512,3 +512,25 @@ def test_the_vllm_plugin_serves_a_quantized_export_with_removed_blocks(tmp_path,
                 break
     print(f"removed blocks, W8A8: max |dlogprob| {worst:.4f} over {compared} positions")
     assert worst < 0.03 and compared >= 3 * len(prompts)
+
+
+def test_quantize_without_ratio_is_a_quantize_only_plan(tmp_path, tiny_model_dir, capsys):
+    """`--quantize F` without `--ratio`: nothing pruned, the export quantized, the pruned figures are
+    the quantized model's; pruning options and out of core are refused in one sentence."""
+    from compressor.cli import main
+
+    args = [str(tiny_model_dir), "--profile", "cpu-2core", "--nsamples", "4", "--seqlen", "32", "--no-checks",
+            "--domain-windows", "0", "--quantize", "w8a8-int8"]
+    out = tmp_path / "q"
+    assert main([*args, "--out", str(out)]) == 0
+    r = json.loads((out / "report.json").read_text())
+    assert r["params"]["before"] == r["params"]["after"] and r["method"]["quantize_only"] == "w8a8-int8"
+    assert "quantization only" in r["plan"]["ratio_source"] and "compressed-tensors w8a8-int8" in r["export"]["format"]
+    assert r["perplexity"]["pruned"] != r["perplexity"]["dense"]  # judged in its format, not as the dense model
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["format"] == "int-quantized"
+    capsys.readouterr()
+    for extra, match in ((["--structure", "depth"], "--structure shapes a pruning"),
+                         (["--out-of-core", "on"], "runs in memory")):
+        assert main([*args, *extra, "--out", str(tmp_path / "x")]) == 2
+        assert match in " ".join(capsys.readouterr().err.split())
+        assert not (tmp_path / "x").exists()

@@ -17,7 +17,7 @@ out = Console()
 def run_cmd(
     model: str = typer.Argument(None, help="Local HF directory, hub id, .gguf file; default: the embedded SmolLM2-135M-Instruct."),
     profile: str = typer.Option("auto", "--profile", "-p", help="Shipped profile name (see `compress profiles list`), a path to a YAML profile, or auto: the profile of this host's GPUs (cpu-2core without a GPU).", rich_help_panel="Budget & plan"),
-    ratio: float = typer.Option(None, "--ratio", "-r", help="Fraction of decoder weights to remove, in (0, 1); overrides the plan (default: the planner's choice for the profile).", rich_help_panel="Budget & plan"),
+    ratio: float = typer.Option(None, "--ratio", "-r", help="Fraction of decoder weights to remove, in (0, 1); overrides the plan (default: the planner's choice for the profile; with --quantize and no --ratio: no pruning, quantization only).", rich_help_panel="Budget & plan"),
     metric: str = typer.Option("auto", help="Importance metric: auto (the quality benchmark's winner), " + ", ".join(IMPORTANCE.names()) + ".", rich_help_panel="Method"),
     compensation: str = typer.Option("auto", help="Compensation: auto (the quality benchmark's winner), " + ", ".join(COMPENSATION.names()) + ".", rich_help_panel="Method"),
     structure: str = typer.Option("auto", help="uniform (same widths in every layer), global (one threshold over all layers), depth (remove whole blocks, see --blocks), searched (per-layer widths and removed blocks chosen by an evolutionary search against the dense model's outputs on validation text, starting from global), or auto (searched for an in-memory run on a GPU or of a model of at most 400M parameters on a CPU, else the metric's default: global for flap; out of core: global).", rich_help_panel="Method"),
@@ -121,7 +121,8 @@ def print_report(r: dict) -> None:
         cd = ppl["cross_domain"]
         t.add_row("cross-domain perplexity (geometric mean)", f"{cd['dense']:.3f}", f"{cd['pruned']:.3f}")
     t.add_row("export", "", f"{r['export']['format']} ({r['export']['architecture']})")
-    t.add_row("pruning step (s)", "", f"{r['seconds']['pruning_step']:.1f}")
+    step = r["seconds"].get("pruning_step")
+    t.add_row("pruning step (s)", "", "none (quantization only)" if step is None else f"{step:.1f}")
     t.add_row("peak memory (RSS MiB)", "", f"{r['peak_rss_mib_total']:.0f}")
     out.print(t)
     stages = r.get("memory", {}).get("stages", {})
