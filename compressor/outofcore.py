@@ -172,7 +172,8 @@ def fingerprint(cfg: RunConfig, spec, dtype: torch.dtype) -> dict:
             "attn_unit": spec.attn_unit, "round_to": spec.round_to, "tensor_parallel": spec.tensor_parallel,
             "calib": cfg.calib, "nsamples": cfg.nsamples,
             "seqlen": cfg.seqlen, "seed": cfg.seed, "batch_size": cfg.batch_size, "device": cfg.device,
-            "dtype": str(dtype), "export_dtype": cfg.export_dtype, "passes": cfg.passes}
+            "dtype": str(dtype), "export_dtype": cfg.export_dtype, "passes": cfg.passes,
+            "domain_windows": cfg.domain_windows, "quantize": cfg.quantize}  # both stored as stages
 
 
 def prepare_lazy(cfg: RunConfig, stages):
