@@ -300,7 +300,9 @@ def test_vllm_cpu_serves_a_quantized_smollm2_export(tmp_path, smollm2_dir):
     """Stock vLLM CPU loads the W8A8 checkpoint and serves it close to the bf16 model: held-out
     perplexity within 10% (measured here: 13.33 -> 13.74, +3%), and greedy decoding starts with the same
     tokens (round-to-nearest int8 flips near-ties later on: first divergences measured at tokens 5, 12
-    and 10 of these prompts, so the first 4 must match)."""
+    and 10 of these prompts on one CPU, at token 3 of one on an AMX CPU, whose int8 kernel rounds
+    otherwise), so the first two must match and a first divergence must pick one of the dense model's
+    five likeliest tokens there."""
     pytest.importorskip("vllm")
     import shutil
 
@@ -321,12 +323,15 @@ def test_vllm_cpu_serves_a_quantized_smollm2_export(tmp_path, smollm2_dir):
         with VllmRuntime(where, dtype="bfloat16") as rt:
             # ignore_eos: a model may end a reply early (the W8A8 one did once, at 15 tokens); the tokens compared
             # are the first 4 either way
-            tokens[name] = [g.token_ids for g in rt.generate([rt.encode(p) for p in prompts], 16, ignore_eos=True)]
+            gens = rt.generate([rt.encode(p) for p in prompts], 16, ignore_eos=True, logprobs=5)
+            tokens[name] = [(g.token_ids, g.logprobs) for g in gens]
             ppl[name] = _heldout_perplexity(rt.llm, windows)
     assert ppl["w8a8"] < 1.10 * ppl["dense"], ppl
-    for dense, quant in zip(tokens["dense"], tokens["w8a8"], strict=True):
+    for (dense, top), (quant, _) in zip(tokens["dense"], tokens["w8a8"], strict=True):
         assert len(quant) == 16
-        assert quant[:4] == dense[:4]
+        first = next((i for i, (a, b) in enumerate(zip(dense, quant, strict=True)) if a != b), None)
+        if first is not None:  # a near-tie flipped: the W8A8 token is among the dense model's top 5 there
+            assert first >= 2 and quant[first] in {int(k) for k in top[first]}, (first, dense, quant)
 
 
 # ---- the plugin serves quantized per-layer exports ------------------------------------------
@@ -338,7 +343,7 @@ from runtimes.vllm_runtime import VllmRuntime
 req = json.loads(sys.argv[1])
 res = {}
 for d in req["dirs"]:
-    with VllmRuntime(d, dtype="float32", max_model_len=512, max_num_seqs=8) as rt:
+    with VllmRuntime(d, dtype="bfloat16", max_model_len=512, max_num_seqs=8) as rt:  # AMX's int8 kernel: bf16 only
         gens = rt.generate(req["prompts"], req["new_tokens"], ignore_eos=True, logprobs=5)
         scored = rt.llm.generate([TokensPrompt(prompt_token_ids=w) for w in req["windows"]],
                                  SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0, detokenize=False),
