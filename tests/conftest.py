@@ -122,6 +122,17 @@ _current_node = None
 
 
 @pytest.fixture(autouse=True)
+def _restore_environ():
+    """A CLI called in process sets environment variables (its quiet defaults); they must not reach
+    the subprocesses of later tests."""
+    saved = dict(os.environ)
+    yield
+    if os.environ != saved:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+@pytest.fixture(autouse=True)
 def _remember_test_node(request):
     """The running test, so that assert_clean_failure can record which test (and case) it checks.
     pytest loads this file as `conftest` while test files import it as `tests.conftest`: two module

@@ -61,18 +61,22 @@ from . import container, export_onnx, gate, plan, profiles, run  # noqa: E402,F4
 
 
 def third_party_output(verbose: bool) -> None:
-    """Quiet by default: vLLM's INFO lines and the progress bars of transformers, datasets, the hub
-    and lm-eval (tqdm) stay off the console, so it holds fitprune's own stages and figures; `-v`
-    leaves them on. Set before those libraries are imported (they read it then), and inherited by
-    the engine processes vLLM starts."""
+    """Quiet by default: vLLM's INFO lines and the progress bars of transformers, datasets and the
+    hub stay off the console, so it holds fitprune's own stages and figures (the lm-eval child
+    process writes to a log shown only when it fails: `QUIET`); `-v` leaves them on. Set before
+    those libraries are imported (they read it then), and inherited by vLLM's engine processes.
+    Not TQDM_DISABLE: vLLM's offline `generate` divides by a disabled bar's elapsed time (0)."""
     import os
 
     if verbose:
         return
     for key, value in (("VLLM_LOGGING_LEVEL", "WARNING"), ("TRANSFORMERS_VERBOSITY", "error"),
                        ("HF_HUB_DISABLE_PROGRESS_BARS", "1"), ("HF_DATASETS_DISABLE_PROGRESS_BARS", "1"),
-                       ("TQDM_DISABLE", "1"), ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")):
+                       ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1"), (QUIET, "1")):
         os.environ.setdefault(key, value)
+
+
+QUIET = "FITPRUNE_QUIET"  # set by third_party_output: child processes keep their output to a log
 
 
 def _exception_types(name: str) -> tuple[type, ...]:

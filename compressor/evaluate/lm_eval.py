@@ -399,7 +399,10 @@ def lm_eval_scores_vllm(export_dir: Path, task_dir: Path, dtype: str = "float32"
         request, result = Path(tmp) / "request.json", Path(tmp) / "result.json"
         request.write_text(json.dumps({"export_dir": str(export_dir), "task_dir": str(task_dir), "dtype": dtype,
                                        "max_length": max_length}))
-        proc = subprocess.Popen([sys.executable, "-c", _VLLM_CHILD, str(request), str(result)], env=env)
+        quiet = env.get("FITPRUNE_QUIET") == "1"  # compressor.cli.QUIET: its output goes to a log
+        log = open(Path(tmp) / "child.log", "w+") if quiet else None  # noqa: SIM115 (closed below)
+        proc = subprocess.Popen([sys.executable, "-c", _VLLM_CHILD, str(request), str(result)], env=env,
+                                stdout=log, stderr=subprocess.STDOUT if quiet else None)
         try:
             while proc.poll() is None and not result.exists():
                 time.sleep(0.2)
@@ -417,6 +420,9 @@ def lm_eval_scores_vllm(export_dir: Path, task_dir: Path, dtype: str = "float32"
                         "(ignored)", rc)
                 res = json.loads(result.read_text())
             else:
+                if log is not None:  # show what the quiet child printed, then say why it stopped
+                    log.seek(0)
+                    sys.stderr.write(log.read()[-20_000:])
                 raise RuntimeError(f"lm-eval's vLLM backend stopped (exit status {proc.returncode}) before "
                                    "it returned scores; its output is above.")
         except BaseException:  # interrupted: let the child stop its engine (SIGINT), then kill it
@@ -428,6 +434,9 @@ def lm_eval_scores_vllm(export_dir: Path, task_dir: Path, dtype: str = "float32"
                     proc.kill()
                     proc.wait()
             raise
+        finally:
+            if log is not None:
+                log.close()
     if "user_error" in res:
         raise UserError(res["user_error"])
     return TaskScores(**res["scores"])
