@@ -218,6 +218,9 @@ class RunConfig(BaseModel):
         path = Path(v).expanduser()
         if path.is_dir():
             raise ValueError(f"The calibration file {path} is a directory; give a .txt or .jsonl file.")
+        if path.exists() and not path.is_file():
+            raise ValueError(f"The calibration file {path} is not a regular file (a device, pipe or socket); "
+                             "give a .txt or .jsonl file.")
         if not path.is_file():
             raise ValueError(f"The calibration file {path} does not exist (use builtin, self, hf:NAME or a "
                              ".txt/.jsonl file).")

@@ -50,6 +50,9 @@ def builtin_text() -> str:
 def _read_file(path: Path) -> str:
     if path.is_dir():
         raise UserError(f"The calibration file {path} is a directory; give a .txt or .jsonl file.")
+    if path.exists() and not path.is_file():
+        raise UserError(f"The calibration file {path} is not a regular file (a device, pipe or socket); "
+                        "give a .txt or .jsonl file.")
     if not path.is_file():
         raise UserError(f"The calibration file {path} does not exist.")
     raw = path.read_bytes()

@@ -320,9 +320,11 @@ def test_gate_non_finite_threshold(tmp_path, value):
     (["--seed", "99999999999999999999999"], "--seed must be between 0 and 4294967295"),
     (["--calib", "/nonexistent/calib.txt"], "The calibration file /nonexistent/calib.txt does not exist"),
     (["--calib", "/"], "The calibration file / is a directory; give a .txt or .jsonl file."),
+    (["--calib", "/dev/null"], "The calibration file /dev/null is not a regular file (a device, pipe or socket)"),
     (["--profile", "/"], "The profile path / is a directory; give a profile name or a YAML file."),
     (["--device", "cuda:7"], "--device cuda:7"),
-], ids=["threads-huge", "seed-negative", "seed-huge", "calib-missing", "calib-directory", "profile-directory",
+], ids=["threads-huge", "seed-negative", "seed-huge", "calib-missing", "calib-directory", "calib-device",
+        "profile-directory",
         "device-cuda7"])
 def test_nonsense_option_values(tmp_path, tiny_model_dir, args, match):
     """Option values that make no sense (huge thread counts, negative seeds, a directory as a file, a GPU not here)."""
@@ -331,6 +333,22 @@ def test_nonsense_option_values(tmp_path, tiny_model_dir, args, match):
     out = tmp_path / "o"
     p = run_cli(str(tiny_model_dir), *FAST, *args, "--out", str(out))
     _clean_failure(p, out, match)
+
+
+def test_a_calibration_path_that_is_a_pipe_is_named_as_such(tmp_path):
+    """A FIFO exists but is no file to calibrate on: the message says what it is (reading it would block)."""
+    import os
+
+    from compressor.config import RunConfig
+    from compressor.data import _read_file
+    from compressor.errors import UserError
+
+    fifo = tmp_path / "calib.txt"
+    os.mkfifo(fifo)
+    with pytest.raises(UserError, match="is not a regular file"):
+        _read_file(fifo)
+    with pytest.raises(ValueError, match="is not a regular file"):
+        RunConfig._calib(str(fifo))
 
 
 def test_round_to_wider_than_the_mlp(tmp_path, tiny_model_dir):

@@ -162,3 +162,48 @@ def test_a_failed_resume_keeps_the_work(reference, tiny_model_dir, tmp_path, mon
     monkeypatch.undo()
     assert main([str(tiny_model_dir), *ARGS, "--out", str(out), "--resume"]) == 0
     assert not work.exists()
+
+
+def _damage(work: Path, how: str) -> None:
+    state = json.loads((work / "state.json").read_text())
+    if how == "pass1-layer-missing":
+        (work / "pass1" / "layer-00000.safetensors").unlink()
+    elif how == "pass1-layer-truncated":
+        f = work / "pass1" / "layer-00001.safetensors"
+        f.write_bytes(f.read_bytes()[:40])
+    elif how == "part-missing":
+        (work / "export" / state["parts"][0]["file"]).unlink()
+    elif how == "activations-missing":
+        for f in work.glob("acts-*.safetensors"):
+            f.unlink()
+    elif how == "counts-not-integers":
+        (work / "state.json").write_text(json.dumps({**state, "pass1_done": "two"}))
+    elif how == "part-outside-the-folder":
+        state["parts"][0]["file"] = "../../etc/passwd"
+        (work / "state.json").write_text(json.dumps(state))
+
+
+@pytest.mark.parametrize("how", ["pass1-layer-missing", "pass1-layer-truncated", "part-missing", "activations-missing",
+                                 "counts-not-integers", "part-outside-the-folder"])
+def test_a_damaged_work_directory_is_one_sentence(reference, tiny_model_dir, tmp_path, monkeypatch, capsys, how):
+    """A work directory whose state names files that are not there (or are not what it says) stops
+    the resumed run with one sentence and a non-zero exit, never a traceback or an exported model."""
+    import shutil
+
+    _, _, calls = reference
+    out = tmp_path / "o"
+    # in pass 2 with parts written; for the activations, in pass 1 (one layer scored, its outputs saved)
+    stop = calls.index("_atomic_save") + 3 if how == "activations-missing" else calls.index("flush") + 2
+    monkeypatch.setattr(os, "replace", _Replace(tmp_path, stop))
+    assert main([str(tiny_model_dir), *ARGS, "--out", str(out)]) == 130
+    monkeypatch.undo()
+    work = tmp_path / ".o.fitprune-work"
+    state = json.loads((work / "state.json").read_text())
+    assert state["pass1_done"] == 1 if how == "activations-missing" else state["parts"], state
+    _damage(work, how)
+    capsys.readouterr()
+    rc = main([str(tiny_model_dir), *ARGS, "--out", str(out), "--resume"])
+    err = " ".join(capsys.readouterr().err.split())
+    assert rc not in (0, 1, 130), err[-2000:]
+    assert "is damaged" in err and "Traceback" not in err and not out.exists(), err[-2000:]
+    shutil.rmtree(work, ignore_errors=True)

@@ -113,12 +113,46 @@ class WorkState:
         if not state.get("resumable", True):
             raise UserError(f"The interrupted run in {self.folder} cannot be resumed (its metric keeps state that is "
                             "not saved); run again without --resume.")
+        self._check(state)
         self.state = state
         # parts written after the last saved state are not part of it: drop them
         known = {p["file"] for p in state["parts"]}
         for f in self.export_dir.glob("part-*"):
             if f.name not in known:
                 f.unlink()
+
+    def _check(self, state: dict) -> None:
+        """The state's fields have their types and the files it names are there (a damaged or
+        hand-edited work directory is one sentence, not a traceback half-way through the run)."""
+        def damaged(what: str) -> UserError:
+            return UserError(f"The work directory {self.folder} is damaged ({what}); remove it and run again "
+                             "without --resume.")
+
+        counts = [state.get(k) for k in ("pass1_done", "pass2_done")]
+        if not all(type(c) is int and c >= 0 for c in counts):
+            raise damaged("its layer counts are not non-negative integers")
+        if not all(isinstance(state.get(k), list) for k in ("keeps", "parts")):
+            raise damaged("its kept units or written parts are not lists")
+        for i in range(state["pass1_done"]):
+            if not (self.folder / "pass1" / f"layer-{i:05d}.safetensors").is_file():
+                raise damaged(f"pass1/layer-{i:05d}.safetensors, which its state names, is missing")
+        parts = state["parts"]
+        n = len(parts)
+        final = ["model.safetensors"] if n == 1 else [f"model-{k:05d}-of-{n:05d}.safetensors" for k in range(1, n + 1)]
+        for part, name in zip(parts, final, strict=True):
+            file = part.get("file") if isinstance(part, dict) else None
+            if not isinstance(file, str) or Path(file).name != file or not isinstance(part.get("keys"), list):
+                raise damaged("a written part is not a file name with its tensor names")
+            if not (self.export_dir / file).is_file() and not (self.export_dir / name).is_file():
+                raise damaged(f"export/{file}, which its state names, is missing")
+
+    def _load(self, path: Path) -> dict[str, torch.Tensor]:
+        """A file of the work directory, or one sentence when it is missing or unreadable."""
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # OSError, or safetensors' own error types for a corrupt file
+            raise UserError(f"The work directory {self.folder} is damaged ({path.relative_to(self.folder)} is "
+                            "missing or unreadable); remove it and run again without --resume.") from exc
 
     def save(self) -> None:
         """Write the state as it is now (atomically)."""
@@ -146,9 +180,14 @@ class WorkState:
         self._drop_acts(kept)
 
     def load_pass1_layer(self, i: int, shape, hidden: int) -> tuple[LayerScores, LayerStats]:
-        t = load_file(str(self.folder / "pass1" / f"layer-{i:05d}.safetensors"))
-        scores = LayerScores(shape, hidden, t["scores.attn"], t["scores.mlp"])
-        return scores, LayerStats(_stats_from("attn", t), _stats_from("mlp", t), _extra_from(t))
+        path = self.folder / "pass1" / f"layer-{i:05d}.safetensors"
+        t = self._load(path)
+        try:
+            scores = LayerScores(shape, hidden, t["scores.attn"], t["scores.mlp"])
+            return scores, LayerStats(_stats_from("attn", t), _stats_from("mlp", t), _extra_from(t))
+        except KeyError as exc:
+            raise UserError(f"The work directory {self.folder} is damaged (pass1/{path.name} has no {exc}); "
+                            "remove it and run again without --resume.") from exc
 
     def save_allocation(self, keeps: list[LayerKeep]) -> None:
         self.state["allocated"] = [_keep_dict(k) for k in keeps]
@@ -187,7 +226,7 @@ class WorkState:
                 f.unlink(missing_ok=True)
 
     def acts(self, which: str, start: int) -> dict[str, torch.Tensor]:
-        return load_file(str(self.folder / f"acts-{which}-{start:05d}.safetensors"))
+        return self._load(self.folder / f"acts-{which}-{start:05d}.safetensors")
 
 
 def _keep_dict(k: LayerKeep) -> dict:
