@@ -7,6 +7,7 @@ layout) keep working."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import struct
 from pathlib import Path
@@ -121,3 +122,28 @@ def test_a_config_that_asks_too_much_is_refused_before_building(tmp_path, tiny_m
     err = " ".join(capsys.readouterr().err.split())
     assert match in err and "Traceback" not in err, err[-1500:]
     assert not (tmp_path / "o").exists()
+
+
+_PER_LAYER = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "num_hidden_layers": 3, "intermediate_size": 128, "vocab_size": 100}
+
+
+@pytest.mark.parametrize("q, kv, inter, match", [
+    ([4, 0, 2], [2, 0, 1], [128, 0, 64], None),  # removed attention and MLP blocks: 0 is a width
+    ([4, 0, 2], [2, 1, 1], [128, 64, 64], "both 0 where attention was removed"),
+    ([4, 3, 2], [2, 2, 1], [128, 64, 64], "a multiple of the second"),
+    ([4, -1, 2], [2, 1, 1], [128, 64, 64], "one non-negative integer per layer"),
+    ([4, 2], [2, 1], [128, 64], "one non-negative integer per layer (3)"),
+])
+def test_per_layer_widths_in_a_config(q, kv, inter, match):
+    """A per-layer config's widths: 0 marks a removed block (export-onnx and loading take it), a
+    negative width, a wrong count or heads that are no multiple of their key-value heads are refused."""
+    from compressor.model.validate import check_config
+
+    cfg = {**_PER_LAYER, "layer_num_attention_heads": q, "layer_num_key_value_heads": kv,
+           "layer_intermediate_size": inter}
+    if match is None:
+        check_config(cfg, "c.json")
+    else:
+        with pytest.raises(UserError, match=re.escape(match)):
+            check_config(cfg, "c.json")

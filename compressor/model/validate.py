@@ -75,9 +75,16 @@ def check_config(config: dict, where: Path | str) -> None:
         v = config.get(k)
         if v is None:
             continue
-        if not isinstance(v, list) or len(v) != layers or not all(_positive_int(x) for x in v):
-            raise UserError(f"'{k}' in the config {where} must list one positive integer per layer ({layers}), "
+        # 0: the layer's block was removed (depth pruning's per-layer format)
+        if not isinstance(v, list) or len(v) != layers or not all(_positive_int(x) or x == 0 for x in v):
+            raise UserError(f"'{k}' in the config {where} must list one non-negative integer per layer ({layers}), "
                             f"got {v!r}.")
+    q, kv = config.get("layer_num_attention_heads"), config.get("layer_num_key_value_heads")
+    if q is not None and kv is not None:
+        for i, (h, g) in enumerate(zip(q, kv, strict=True)):
+            if (h == 0) != (g == 0) or (g and h % g):
+                raise UserError(f"Layer {i} of the config {where} has {h} attention heads and {g} key-value heads: "
+                                "the first must be a multiple of the second (both 0 where attention was removed).")
 
 
 _NOT_FLOAT = {"BOOL", "I8", "I16", "I32", "I64", "U8", "U16", "U32", "U64"}  # safetensors dtypes of no weight
