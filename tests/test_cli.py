@@ -87,7 +87,7 @@ def test_offline_hub_id_fails_in_one_sentence(tmp_path):
 def test_unknown_metric(tmp_path, tiny_model_dir):
     out = tmp_path / "o"
     p = run_cli(str(tiny_model_dir), "--metric", "astrology", "--out", str(out))
-    assert_clean_failure(p, out, "Unknown importance metric 'astrology'")
+    assert_clean_failure(p, out, "Invalid value for '--metric': Value error, 'astrology' is not one of 'auto', 'flap'")
 
 
 def test_successful_run_on_a_tiny_model_writes_a_complete_directory(tmp_path, tiny_model_dir):

@@ -72,7 +72,7 @@ def test_seqlen_longer_than_the_model_is_refused_before_calibration(tmp_path, ti
 def test_a_bogus_attn_unit_fails_at_the_command_line(tmp_path, tiny_model_dir):
     out = tmp_path / "o"
     p = run_cli(str(tiny_model_dir), "--attn-unit", "bogus", "--ratio", "0.2", "--out", str(out))
-    assert_clean_failure(p, out, "Unknown --attn-unit 'bogus'")
+    assert_clean_failure(p, out, "'bogus' is not one of 'auto', 'kv', 'query'")
 
 
 def test_defaults_are_valid():

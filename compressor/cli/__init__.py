@@ -56,6 +56,14 @@ def _options(version: bool = typer.Option(False, "--version", is_eager=True, cal
     """Prune an LLM to fit a hardware budget, export it for vLLM / ONNX Runtime, and measure it."""
 
 
+def choice(*values: str):
+    """An option type of fixed string values: typer lists them in --help, completes them and refuses
+    any other in one line (exit 2) before the command runs; the value stays a plain `str`."""
+    from typing import Literal
+
+    return Literal[values]
+
+
 # each module registers its command(s) on `app` when imported
 from . import container, export_onnx, gate, plan, profiles, run  # noqa: E402,F401
 

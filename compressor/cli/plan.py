@@ -15,7 +15,7 @@ from rich.table import Table
 
 from ..errors import UserError
 from ..prune import ATTN_UNITS
-from . import app
+from . import app, choice
 
 err = Console(stderr=True)
 out = Console()
@@ -79,7 +79,7 @@ def plan_cmd(
                                 "profile of this host's GPUs, cpu-2core without a GPU)."),
     calibrate: bool = typer.Option(None, "--fit/--no-fit", "--calibrate/--no-calibrate", help="Fit the cost model by measuring this machine first "
                                    "(default: only when the profile's device is this machine)."),
-    attn_unit: str = typer.Option("auto", "--attn-unit", help="Attention pruning unit: kv, query or auto."),
+    attn_unit: choice(*ATTN_UNITS) = typer.Option("auto", "--attn-unit", help="Attention pruning unit: kv, query or auto."),
     round_to: int = typer.Option(None, "--round-to", help="MLP width multiple (default: the profile's)."),
     runs: int = typer.Option(3, help="Timed runs per cost-model fitting measurement (medians)."),
     json_out: Path = typer.Option(None, "--json", help="Also write the plan as JSON to this file."),

@@ -6,8 +6,15 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ..prune import COMPENSATION, IMPORTANCE
-from . import app
+from ..config import EXPORT_DTYPES, LM_EVAL_BACKENDS, OUT_OF_CORE, PASSES
+from ..prune import ATTN_UNITS, COMPENSATION, DEPTH_BLOCKS, IMPORTANCE, STRUCTURES
+from . import app, choice
+
+# the choices typer shows in --help, completes in a shell and checks before the run starts
+Metric, Compensation = choice("auto", *IMPORTANCE.names()), choice("auto", *COMPENSATION.names())
+Structure, Blocks, AttnUnit = choice("auto", *STRUCTURES), choice(*DEPTH_BLOCKS), choice(*ATTN_UNITS)
+ExportDtype, Backend = choice(*EXPORT_DTYPES), choice(*LM_EVAL_BACKENDS)
+OutOfCore, Passes = choice(*OUT_OF_CORE), choice(*PASSES)
 
 err = Console(stderr=True)
 out = Console()
@@ -18,11 +25,11 @@ def run_cmd(
     model: str = typer.Argument(None, help="Local HF directory, hub id, .gguf file; default: the embedded SmolLM2-135M-Instruct."),
     profile: str = typer.Option("auto", "--profile", "-p", help="Shipped profile name (see `compress profiles list`), a path to a YAML profile, or auto: the profile of this host's GPUs (cpu-2core without a GPU).", rich_help_panel="Budget & plan"),
     ratio: float = typer.Option(None, "--ratio", "-r", help="Fraction of decoder weights to remove, in (0, 1); overrides the plan (default: the planner's choice for the profile; with --quantize and no --ratio: no pruning, quantization only).", rich_help_panel="Budget & plan"),
-    metric: str = typer.Option("auto", help="Importance metric: auto (the quality benchmark's winner), " + ", ".join(IMPORTANCE.names()) + ".", rich_help_panel="Method"),
-    compensation: str = typer.Option("auto", help="Compensation: auto (the quality benchmark's winner), " + ", ".join(COMPENSATION.names()) + ".", rich_help_panel="Method"),
-    structure: str = typer.Option("auto", help="uniform (same widths in every layer), global (one threshold over all layers), depth (remove whole blocks, see --blocks), searched (per-layer widths and removed blocks chosen by an evolutionary search against the dense model's outputs on validation text, starting from global), or auto (searched for an in-memory run on a GPU or of a model of at most 400M parameters on a CPU, else the metric's default: global for flap; out of core: global).", rich_help_panel="Method"),
-    blocks: str = typer.Option("auto", "--blocks", help="With --structure depth: the blocks removed: layer (whole decoder layers), attention (attention blocks only), mlp (MLP blocks only), any (attention and MLP blocks separately), auto (layer).", rich_help_panel="Method"),
-    attn_unit: str = typer.Option("auto", "--attn-unit", help="Attention pruning unit: kv (KV group with its query heads), query (query heads evenly from every KV group), auto (query for GQA, kv for MHA).", rich_help_panel="Method"),
+    metric: Metric = typer.Option("auto", help="Importance metric: auto (the quality benchmark's winner), " + ", ".join(IMPORTANCE.names()) + ".", rich_help_panel="Method"),
+    compensation: Compensation = typer.Option("auto", help="Compensation: auto (the quality benchmark's winner), " + ", ".join(COMPENSATION.names()) + ".", rich_help_panel="Method"),
+    structure: Structure = typer.Option("auto", help="uniform (same widths in every layer), global (one threshold over all layers), depth (remove whole blocks, see --blocks), searched (per-layer widths and removed blocks chosen by an evolutionary search against the dense model's outputs on validation text, starting from global), or auto (searched for an in-memory run on a GPU or of a model of at most 400M parameters on a CPU, else the metric's default: global for flap; out of core: global).", rich_help_panel="Method"),
+    blocks: Blocks = typer.Option("auto", "--blocks", help="With --structure depth: the blocks removed: layer (whole decoder layers), attention (attention blocks only), mlp (MLP blocks only), any (attention and MLP blocks separately), auto (layer).", rich_help_panel="Method"),
+    attn_unit: AttnUnit = typer.Option("auto", "--attn-unit", help="Attention pruning unit: kv (KV group with its query heads), query (query heads evenly from every KV group), auto (query for GQA, kv for MHA).", rich_help_panel="Method"),
     round_to: int = typer.Option(None, "--round-to", help="Kept MLP widths round to a multiple of this (default: the profile's).", rich_help_panel="Method"),
     calib: str = typer.Option("builtin", help="Calibration text: builtin, a .txt/.jsonl file, hf:NAME[:CONFIG[:SPLIT]], or self; several joined by '+' (builtin+self, builtin+notes.txt) are mixed, each an equal share of --nsamples.", rich_help_panel="Calibration"),
     nsamples: int = typer.Option(128, help="Number of calibration windows.", rich_help_panel="Calibration"),
@@ -31,20 +38,20 @@ def run_cmd(
     out: str = typer.Option(None, "--out", "-o", help="Output directory (must not exist or be empty). Default: out/MODEL-METRIC-RATIO.", rich_help_panel="Output"),
     device: str = typer.Option("auto", help="Compute device for the layer-wise engine: auto (cuda when a GPU is visible, else cpu), cpu, cuda, cuda:1...", rich_help_panel="Scale"),
     seed: int = typer.Option(0, help="Seed for calibration sampling.", rich_help_panel="Calibration"),
-    export_dtype: str = typer.Option("auto", "--export-dtype", help="auto (the loaded weights' dtype), float32, bfloat16 or float16.", rich_help_panel="Output"),
+    export_dtype: ExportDtype = typer.Option("auto", "--export-dtype", help="auto (the loaded weights' dtype), float32, bfloat16 or float16.", rich_help_panel="Output"),
     threads: int = typer.Option(None, help="torch CPU threads (default: torch's choice).", rich_help_panel="Scale"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's own Python code to run (off by default).", rich_help_panel="Output"),
     checks: bool = typer.Option(True, "--checks/--no-checks", help="After export: measure latency in the profile's runtime, run the lm-eval tasks, judge the budget, write report.md and report.png.", rich_help_panel="Checks"),
     runtime: str = typer.Option(None, "--runtime", help="Measure latency in this runtime (torch, vllm, onnxruntime) instead of the profile's: a labelled proxy, and the verdict says 'not verified' unless it is the profile's runtime.", rich_help_panel="Checks"),
     eval_items: int = typer.Option(400, "--eval-items", help="Items of the lm-eval cloze task (20-2000): fewer run faster and resolve only larger accuracy changes (docs/ci-gate.md).", rich_help_panel="Checks"),
     domain_windows: int = typer.Option(8, "--domain-windows", help="Windows (of --seqlen tokens) per domain of the cross-domain perplexity: text of other domains than the calibration text (Python code, licences, changelogs, docstrings); 0 skips it.", rich_help_panel="Checks"),
-    lm_eval_backend: str = typer.Option("hf", "--lm-eval-backend", help="hf: lm-eval tasks on the in-memory model; vllm: also on the export as vLLM serves it (report: accuracy.lm_eval.pruned_vllm).", rich_help_panel="Checks"),
+    lm_eval_backend: Backend = typer.Option("hf", "--lm-eval-backend", help="hf: lm-eval tasks on the in-memory model; vllm: also on the export as vLLM serves it (report: accuracy.lm_eval.pruned_vllm).", rich_help_panel="Checks"),
     search: bool = typer.Option(False, "--search", help="Bayesian search (Optuna) over the metric mixture, calibration subset and compensation, on validation text; overrides --metric/--compensation.", rich_help_panel="Method"),
     trials: int = typer.Option(20, "--trials", help="Trial budget for --search.", rich_help_panel="Method"),
     search_generations: int = typer.Option(30, "--search-generations", help="With --structure searched: generations of the allocation search (each scores 8 candidates; about 20 s each for SmolLM2-135M on 1 CPU core).", rich_help_panel="Method"),
-    out_of_core: str = typer.Option("auto", "--out-of-core", help="on: weights stay in the checkpoint's safetensors files and one layer at a time is in memory, in the checkpoint's dtype (for models larger than RAM); off: the whole model in memory in float32; auto: on when the model in float32 would not fit in half of the free memory.", rich_help_panel="Scale"),
+    out_of_core: OutOfCore = typer.Option("auto", "--out-of-core", help="on: weights stay in the checkpoint's safetensors files and one layer at a time is in memory, in the checkpoint's dtype (for models larger than RAM); off: the whole model in memory in float32; auto: on when the model in float32 would not fit in half of the free memory.", rich_help_panel="Scale"),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted out-of-core run on the same --out (same options) from its work directory.", rich_help_panel="Scale"),
-    passes: str = typer.Option("auto", "--passes", help="Out of core, with a least-squares compensation: one (keep every layer's Gram matrices from the scoring pass; memory grows with depth), two (recompute one layer's at a time in a second pass; memory flat in depth), auto (one when it fits in the free memory).", rich_help_panel="Scale"),
+    passes: Passes = typer.Option("auto", "--passes", help="Out of core, with a least-squares compensation: one (keep every layer's Gram matrices from the scoring pass; memory grows with depth), two (recompute one layer's at a time in a second pass; memory flat in depth), auto (one when it fits in the free memory).", rich_help_panel="Scale"),
     levers: bool = typer.Option(False, "--levers", help="Without --ratio: plan with every lever (uniform width, whole layers dropped, the weight formats the profile's device has kernels for), priced by the latency table measured in the profile's runtime (or the datasheet), choose the mix that meets every budget line with the least KL to the dense model on text the dense model generated itself, and execute it.", rich_help_panel="Budget & plan"),
     memory_gib: float = typer.Option(None, "--memory-gib", help="Memory per device in GiB, in place of the profile's.", rich_help_panel="Budget & plan"),
     ttft_ms: float = typer.Option(None, "--ttft-ms", help="Time-to-first-token line in ms, in place of the profile's.", rich_help_panel="Budget & plan"),
