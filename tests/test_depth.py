@@ -197,7 +197,7 @@ def test_bad_blocks_is_one_sentence(tiny_model_dir, tmp_path):
     """An unknown --blocks value, and --blocks without --structure depth."""
     out = tmp_path / "out"
     p = run_cli(str(tiny_model_dir), *FAST, "--structure", "depth", "--blocks", "heads", "--out", str(out))
-    assert_clean_failure(p, out, "Unknown --blocks 'heads'")
+    assert_clean_failure(p, out, "'heads' is not one of 'auto', 'layer', 'attention', 'mlp', 'any'")
     p = run_cli(str(tiny_model_dir), *FAST, "--blocks", "mlp", "--out", str(out))
     assert_clean_failure(p, out, "it needs --structure depth")
 
