@@ -101,10 +101,16 @@ def embedded_model_dir() -> Path:
         model.config.save_pretrained(tmp)
         model.generation_config.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        if (target / "config.json").is_file() and _has_embeddings(target / "model.safetensors"):
+            return target  # another process wrote it meanwhile (ours is removed below)
         if target.exists():
-            shutil.rmtree(target)
+            shutil.rmtree(target)  # an incomplete copy
         tempdirs.disown(tmp)
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not (target / "config.json").is_file():  # not a race lost to another process's copy
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
