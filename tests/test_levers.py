@@ -505,7 +505,8 @@ def test_levers_on_this_machine_measure_the_table_and_anchor_it_on_the_dense_exp
     assert list((tmp_path / "cache").rglob("*.json"))  # the table was measured and cached
 
 
-def test_a_marginal_choice_is_confirmed_on_its_real_export_measured_beside_the_dense_one(tmp_path, tiny_model_dir, monkeypatch):
+def test_a_marginal_choice_is_confirmed_on_its_real_export_measured_beside_the_dense_one(tmp_path, tiny_model_dir,
+                                                                                        monkeypatch):
     """`budget/confirm.py` end to end in the torch runtime: the plan's export and the dense export are
     measured in turn in both load orders (3 engine loads), and the ratio times the dense latency
     measured at planning decides. The tiny plan here is the dense weights themselves (ratio about 1),
