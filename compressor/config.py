@@ -67,7 +67,9 @@ class RunConfig(BaseModel):
     ttft_ms: float | None = Field(None, gt=0)
     tpot_ms: float | None = Field(None, gt=0)
     throughput: float | None = Field(None, gt=0)
-    levers: bool = False  # without --ratio: plan over width, depth and weight format (budget/frontier.py)
+    # without --ratio: plan over width, depth and weight format (budget/frontier.py); None: the default,
+    # every lever unless an option asks for a width-only plan or the run goes out of core
+    levers: bool | None = None
     search_generations: int = 30  # --structure searched: generations of the allocation search (prune/evolve.py)
     checks: bool = True  # after export: latency in the profile's runtime, lm-eval tasks, budget verdict
     lm_eval_backend: str = "hf"  # "vllm": also run the lm-eval tasks on the export as vLLM serves it
@@ -263,8 +265,16 @@ class RunConfig(BaseModel):
 
     @property
     def quantize_only(self) -> bool:
-        """`--quantize F` without `--ratio` (and without `--levers`): no pruning, the format alone."""
-        return self.ratio is None and self.quantize != "none" and not self.levers
+        """`--quantize F` without `--ratio` (nor --levers or --width-only): no pruning, the format alone."""
+        return self.ratio is None and self.quantize != "none" and self.levers is None
+
+    @property
+    def plans_levers(self) -> bool:
+        """An in-memory run plans with every lever: asked with --levers, or by default where no option
+        fixes the width (--ratio), the format (--quantize) or the method (--structure, --search)."""
+        if self.levers is not None:
+            return self.levers
+        return (self.ratio is None and self.quantize == "none" and self.structure == "auto" and not self.search)
 
     @property
     def compute(self):

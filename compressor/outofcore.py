@@ -201,6 +201,11 @@ def run_out_of_core(cfg: RunConfig, profile, round_to: int, stages, console):
     if cfg.quantize_only:
         raise UserError(f"--quantize {cfg.quantize} without --ratio (quantization only) runs in memory; out of core, "
                         "pass --ratio R with it, or --out-of-core off if the model fits.")
+    if cfg.levers:
+        raise UserError("--levers scores every candidate plan on the whole model in memory; out of core, pass --ratio "
+                        "R or --width-only (or --out-of-core off if the model fits).")
+    if cfg.ratio is None and cfg.levers is None:
+        say("plan: width only (out of core; planning with every lever needs the whole model in memory)")
     lazy, prep = prepare_lazy(cfg, stages)
     plan, ratio = steps.choose_ratio(cfg, profile, round_to, stages, say)
     spec = steps.quantizable(cfg, steps.prune_spec(cfg, ratio, round_to, tensor_parallel_size(profile)), say)

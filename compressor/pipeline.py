@@ -76,7 +76,7 @@ def run(cfg: RunConfig, console=None) -> Report:
     if cfg.levers:
         refuse_levers(cfg)
     prep = prepare(cfg, stages)
-    if cfg.levers:
+    if cfg.plans_levers:
         return run_levers(cfg, profile, round_to, prep, stages, console)
     if cfg.quantize_only:
         return run_quantize_only(cfg, profile, round_to, prep, stages, console)

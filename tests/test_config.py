@@ -93,3 +93,28 @@ def test_device_auto_is_cuda_when_present():
     want = "cuda" if torch.cuda.is_available() else "cpu"
     assert RunConfig().device == want and RunConfig(device="auto").device == want
     assert RunConfig().profile == "auto"
+
+
+@pytest.mark.parametrize("options, levers, quantize_only", [
+    ({}, True, False),  # no option fixes the plan: every lever
+    ({"ratio": 0.2}, False, False),  # --ratio R is width pruning of R
+    ({"quantize": "w8a8-int8"}, False, True),  # --quantize F alone: quantization only
+    ({"structure": "depth"}, False, False),  # a method option: the width-only plan's ratio
+    ({"search": True}, False, False),
+    ({"levers": False}, False, False),  # --width-only
+    ({"levers": False, "quantize": "w8a8-int8"}, False, False),  # width plan, then the format
+    ({"levers": True, "metric": "flap"}, True, False),
+])
+def test_the_plan_is_every_lever_unless_an_option_fixes_it(options, levers, quantize_only):
+    cfg = RunConfig.make(**options)
+    assert cfg.plans_levers is levers and cfg.quantize_only is quantize_only
+
+
+def test_levers_out_of_core_is_refused_in_one_sentence(tmp_path, tiny_model_dir, capsys):
+    from compressor.cli import main
+
+    out = tmp_path / "o"
+    assert main([str(tiny_model_dir), "--levers", "--out-of-core", "on", "--out", str(out)]) == 2
+    assert "--levers scores every candidate plan on the whole model in memory" in " ".join(
+        capsys.readouterr().err.split())
+    assert not out.exists()

@@ -440,7 +440,8 @@ def test_levers_refuses_what_it_chooses_itself(tmp_path, tiny_model_dir):
 
 @pytest.mark.slow
 def test_levers_end_to_end_on_a_profile_that_is_not_here(tmp_path, tiny_model_dir):
-    """A GPU profile (datasheet latency) whose TPOT the dense tiny model misses: the run measures the
+    """A GPU profile (datasheet latency) whose TPOT the dense tiny model misses: the run (with no
+    --ratio, so planned with every lever by default) measures the
     frontier's KLs, prunes to the least-KL plan and records the frontier in its report."""
     from compressor.budget.fitting import arch_of
     from compressor.budget.frontier import predict
@@ -459,7 +460,8 @@ def test_levers_end_to_end_on_a_profile_that_is_not_here(tmp_path, tiny_model_di
     path = tmp_path / "tiny-gpu.yaml"
     path.write_text(yaml.safe_dump(base))
     out = tmp_path / "o"
-    p = run_cli(str(tiny_model_dir), "--profile", str(path), "--levers", "--nsamples", "4", "--seqlen", "32",
+    # no --ratio and no method option: every lever is the default plan
+    p = run_cli(str(tiny_model_dir), "--profile", str(path), "--nsamples", "4", "--seqlen", "32",
                 "--no-checks", "--domain-windows", "0", "--out", str(out))
     assert p.returncode == 0, p.stderr[-3000:]
     r = json.loads((out / "report.json").read_text())

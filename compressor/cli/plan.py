@@ -160,7 +160,7 @@ def plan_cmd(
     if frontier is not None and frontier.chosen is not None:
         out.print(f"[bold]choice[/]: {frontier.chosen.levers} ({frontier.rule}); width only: "
                   + (f"ratio {plan.chosen.ratio:.2f}" if plan.feasible else "infeasible"), highlight=False)
-        out.print(f"[bold]run it[/]: {run} --levers   (measures each candidate's KL on the weights, then "
+        out.print(f"[bold]run it[/]: {run}   (measures each candidate's KL on the weights, then "
                   f"executes the best that meets the budget)", highlight=False, soft_wrap=True)
         return
     if not plan.feasible:

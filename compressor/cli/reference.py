@@ -13,6 +13,8 @@ def _cell(text: str) -> str:
 
 def _default(p) -> str:
     if p.param_type_name == "option" and p.is_flag and p.secondary_opts:
+        if p.default is None:
+            return "(see meaning)"
         return p.opts[0] if p.default else p.secondary_opts[0]
     d = p.default
     return "" if d is None or callable(d) else f"`{d}`"
