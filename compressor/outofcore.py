@@ -11,6 +11,7 @@ when complete.
 
 from __future__ import annotations
 
+import functools
 import shutil
 from pathlib import Path
 
@@ -27,7 +28,8 @@ from .model.lazy import LazyModel, checkpoint_bytes
 from .model.loading import LoadedModel, resolve
 from .output import Interrupted, _disk_full
 from .prune import COMPENSATION
-from .prune.driver import LayerSink, prune_out_of_core
+from .prune.driver import LayerSink, copy_out_of_core, prune_out_of_core
+from .prune.planned import fake_quantized
 from .prune.resume import WorkState, work_dir_for
 from .prune.surgery import LayerKeep
 from .prune.tensor_parallel import tensor_parallel_size
@@ -201,15 +203,12 @@ def run_out_of_core(cfg: RunConfig, profile, round_to: int, stages, console):
     if cfg.quantize_only:
         raise UserError(f"--quantize {cfg.quantize} without --ratio (quantization only) runs in memory; out of core, "
                         "pass --ratio R with it, or --out-of-core off if the model fits.")
-    if cfg.levers:
-        raise UserError("--levers scores every candidate plan on the whole model in memory; out of core, pass --ratio "
-                        "R or --width-only (or --out-of-core off if the model fits).")
-    if cfg.ratio is None and cfg.levers is None:
-        say("plan: width only (out of core; planning with every lever needs the whole model in memory)")
     lazy, prep = prepare_lazy(cfg, stages)
-    plan, ratio = steps.choose_ratio(cfg, profile, round_to, stages, say)
+    plan, ratio = choose_plan(cfg, profile, round_to, stages, say)
+    if isinstance(plan, steps.LeverPlan):
+        cfg = cfg.model_copy(update={"quantize": plan.frontier.chosen.fmt})
     spec = steps.quantizable(cfg, steps.prune_spec(cfg, ratio, round_to, tensor_parallel_size(profile)), say)
-    out = steps.output_dir(cfg, spec)
+    out = steps.output_dir(cfg, spec, name=cfg.quantize if ratio == 0 else None)
     steps.announce(cfg, profile, spec, plan, out, say)
     dtype = lazy.dtype if cfg.export_dtype == "auto" else getattr(torch, cfg.export_dtype)
     say(f"out of core: weights stay in {lazy.path} ({checkpoint_bytes(lazy.path) / 2**30:.1f} GiB), computed in "
@@ -256,6 +255,36 @@ def run_out_of_core(cfg: RunConfig, profile, round_to: int, stages, console):
             shutil.rmtree(folder, ignore_errors=True)
 
 
+def choose_plan(cfg: RunConfig, profile, round_to: int, stages, say):
+    """--ratio or --width-only: `steps.choose_ratio`. Else every lever that runs out of core: width x
+    weight format, with no layer dropped and ranked by the weights removed, since choosing the layers
+    to drop and measuring the candidates' KL need the whole model in memory. -> (plan, width ratio)."""
+    if cfg.ratio is not None or cfg.levers is False:
+        return steps.choose_ratio(cfg, profile, round_to, stages, say)
+    from .budget.frontier import lever_plan
+    from .budget.planner import InfeasibleBudget, NothingToPrune
+
+    with stages.timed("plan"):
+        frontier, _ = lever_plan(profile, cfg.model, attn_unit=cfg.attn_unit, round_to=round_to, say=say,
+                                 compensation=cfg.compensation, max_dropped=0, confirmable=False)
+        for n in frontier.notes:
+            say(f"plan note: {n}")
+        if not frontier.feasible:
+            raise InfeasibleBudget(frontier.notes[-1] + " Pass --ratio to prune anyway.")
+        if any(c.removed == 0 and c.fmt == "none" for c in frontier.candidates):
+            raise NothingToPrune(f"The dense model already meets every budget line of profile '{profile.name}' "
+                                 f"(predicted from {frontier.latency_source}); nothing to prune, so nothing was "
+                                 "written.")
+        chosen = frontier.choose()
+        if chosen is None:  # the best candidates missed the budget at their exact shapes
+            raise InfeasibleBudget(frontier.notes[-1] + " Pass --ratio to prune anyway.")
+    frontier.rule += ("; out of core: width and weight format only, ranked by weights removed (dropping layers "
+                      "and the candidates' measured KL need the whole model in memory)")
+    say(f"[bold]plan[/]: {chosen.levers}, predicted TPOT {chosen.prediction.tpot_s * 1e3:.2f} ms, TTFT "
+        f"{chosen.prediction.ttft_s * 1e3:.1f} ms ({frontier.rule}; latency {frontier.latency_source})")
+    return steps.LeverPlan(frontier, "every lever, out of core"), round(chosen.width, 4)
+
+
 def _stored(work: WorkState, key: str, compute):
     """The value a stage stored in the work state, or `compute()` stored now (a resumed run skips
     the stages it finished)."""
@@ -275,15 +304,18 @@ def _run(cfg, profile, plan, spec, lazy, prep, work, dtype, stages, console, out
     no_lm_eval = ("not measured: the model does not fit in memory, so lm-eval cannot run on it in process; pass "
                   "--lm-eval-backend vllm to score the export in vLLM")
 
-    def evaluate(which: str, model_of) -> tuple[float, dict | None]:
+    def evaluate(which: str, model_of, simulate=None) -> tuple[float, dict | None]:
         """Held-out and cross-domain perplexity, layer by layer, each stored as it goes (stage
-        perplexity_WHICH); `model_of()` gives the lazy model and its adapter."""
+        perplexity_WHICH); `model_of()` gives the lazy model and its adapter; `simulate`: the weight
+        format each layer runs in."""
         with stages.timed(f"perplexity_{which}"):
             ppl = _stored(work, f"ppl_{which}", lambda: finite(
-                layerwise_perplexity(*model_of(), prep.heldout, cfg.device, store=work.folder / f"ppl-{which}"),
+                layerwise_perplexity(*model_of(), prep.heldout, cfg.device, store=work.folder / f"ppl-{which}",
+                                     simulate=simulate),
                 f"{which} held-out perplexity"))
             cross = _stored(work, f"cross_{which}", lambda: layerwise_domain_perplexities(
-                *model_of(), prep.domains, cfg.device, store=work.folder / f"ppl-{which}")) if prep.domains else None
+                *model_of(), prep.domains, cfg.device, store=work.folder / f"ppl-{which}",
+                simulate=simulate)) if prep.domains else None
         say(f"{which} held-out perplexity: {ppl:.3f} (layer by layer)")
         if cross:
             finite(cross["geomean"], f"{which} cross-domain perplexity")
@@ -309,7 +341,9 @@ def _run(cfg, profile, plan, spec, lazy, prep, work, dtype, stages, console, out
             result = _prune(cfg, lazy, prep, spec, work, sink, console)
         with stages.timed("export"):
             res = _export(sink, tok, work)
-        ppl_pruned, cross_pruned = evaluate("pruned", pruned_model)
+        # the pruned model in its weight format, as the in-memory run judges it (the export is quantized later)
+        ppl_pruned, cross_pruned = evaluate("pruned", pruned_model, simulate=None if cfg.quantize == "none" else
+                                            functools.partial(fake_quantized, fmt=cfg.quantize))
         # counted on what was written (a resumed run's skeleton has only its own layers cut)
         after = _stored(work, "params_after", lambda: pruned_model()[1].count_params(pruned_model()[0].model))
         report = steps.build_report(cfg, profile.name, prep, spec, result, before, ppl_dense, ppl_pruned, after,
@@ -345,6 +379,8 @@ def _export(sink: ExportSink, tokenizer, work: WorkState):
 
 def _prune(cfg, lazy, prep, spec, work, sink, console):
     with layer_progress(console, len(prep.adapter.layers(lazy.model))) as progress:
+        if spec.ratio == 0:  # a weight format alone: the layers as they are
+            return copy_out_of_core(lazy, prep.adapter, sink, work=work, progress=progress)
         return prune_out_of_core(lazy, prep.adapter, prep.calib, spec, cfg.compute, sink, work=work,
                                  free_bytes=available_bytes(), progress=progress, say=console.print,
                                  passes=cfg.passes)

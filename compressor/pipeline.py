@@ -24,6 +24,7 @@ from .prune.driver import PruneResult, PruneSpec, prune
 from .prune.tensor_parallel import tensor_parallel_size
 from .report.schema import Report
 from .steps import (
+    LeverPlan,
     Prepared,
     Stages,
     announce,
@@ -71,10 +72,10 @@ def run(cfg: RunConfig, console=None) -> Report:
         refuse_for_profile(cfg.quantize, profile)  # a format the device has no kernel for, before any work
     if cfg.quantize_only:
         refuse_pruning_options(cfg)
-    if outofcore.choose(cfg, say):
-        return outofcore.run_out_of_core(cfg, profile, round_to, stages, console)
     if cfg.levers:
         refuse_levers(cfg)
+    if outofcore.choose(cfg, say):
+        return outofcore.run_out_of_core(cfg, profile, round_to, stages, console)
     prep = prepare(cfg, stages)
     if cfg.plans_levers:
         return run_levers(cfg, profile, round_to, prep, stages, console)
@@ -253,22 +254,8 @@ def _run_levers(cfg: RunConfig, profile, round_to: int, prep: Prepared, stages: 
         del judged
         report = build_report(cfg, profile.name, prep, spec, result, before, ppl_dense, ppl_pruned,
                               cross_domain=(domains_dense, domains_pruned))
-        write_output(report, out, prep, profile, LeverPlan(frontier), tasks, cfg, stages, say)
+        write_output(report, out, prep, profile, LeverPlan(frontier, "every lever"), tasks, cfg, stages, say)
     return report
-
-
-class LeverPlan:
-    """The lever frontier where the report and the checks expect a plan: it has no fitted cost model
-    (`cost_fit`), so the checks measure the dense model themselves."""
-
-    cost_fit = None
-
-    def __init__(self, frontier):
-        self.frontier = frontier
-        self.prediction = frontier.chosen.prediction  # the checks compare the measured export with this
-
-    def as_dict(self) -> dict:
-        return {"ratio_source": "--levers", "predicted": True, **self.frontier.as_dict()}
 
 
 def evaluate_model(which: str, model, tok, prep: Prepared, tasks: Tasks, cfg: RunConfig, stages: Stages,

@@ -109,12 +109,3 @@ def test_the_plan_is_every_lever_unless_an_option_fixes_it(options, levers, quan
     cfg = RunConfig.make(**options)
     assert cfg.plans_levers is levers and cfg.quantize_only is quantize_only
 
-
-def test_levers_out_of_core_is_refused_in_one_sentence(tmp_path, tiny_model_dir, capsys):
-    from compressor.cli import main
-
-    out = tmp_path / "o"
-    assert main([str(tiny_model_dir), "--levers", "--out-of-core", "on", "--out", str(out)]) == 2
-    assert "--levers scores every candidate plan on the whole model in memory" in " ".join(
-        capsys.readouterr().err.split())
-    assert not out.exists()

@@ -438,11 +438,9 @@ def test_levers_refuses_what_it_chooses_itself(tmp_path, tiny_model_dir):
     assert_clean_failure(p, out, "--levers chooses the width, the layers dropped and the weight format itself")
 
 
-@pytest.mark.slow
-def test_levers_end_to_end_on_a_profile_that_is_not_here(tmp_path, tiny_model_dir):
-    """A GPU profile (datasheet latency) whose TPOT the dense tiny model misses: the run (with no
-    --ratio, so planned with every lever by default) measures the
-    frontier's KLs, prunes to the least-KL plan and records the frontier in its report."""
+def _tiny_gpu_profile(tmp_path, tiny_model_dir, runtime: str = "torch"):
+    """A GPU profile (not here: datasheet latency) whose TPOT the dense tiny model just misses; in
+    vLLM its device has weight-format kernels."""
     from compressor.budget.fitting import arch_of
     from compressor.budget.frontier import predict
     from compressor.budget.latency_table import datasheet_table
@@ -450,22 +448,58 @@ def test_levers_end_to_end_on_a_profile_that_is_not_here(tmp_path, tiny_model_di
     from profiles.schema import Profile
 
     base = load_profile("a10g-24gb").model_dump(exclude={"efficiency"})
-    base.update(name="tiny-gpu", runtime="torch", dtype="float32", round_to=8)
+    base.update(name="tiny-gpu", runtime=runtime, dtype="float32" if runtime == "torch" else "bfloat16", round_to=8)
     base["workload"].update(max_context=64, concurrency=2, prompt_tokens=16, output_tokens=4)
     base["budget"] = {"memory_headroom": 0.1, "ttft_ms": None, "tpot_ms": None, "min_throughput_tok_s": None}
     config = read_config(str(tiny_model_dir))[0]
     prof = Profile.model_validate(base)
-    dense = predict(CostModel(prof), datasheet_table(prof, config, ["none"]), arch_of(config), "none")
-    base["budget"]["tpot_ms"] = dense.tpot_s * 1e3 * 0.999  # the dense model just misses it
+    table = datasheet_table(prof, config, ["none", "w8a8-int8"])
+    dense = predict(CostModel(prof), table, arch_of(config), "none").tpot_s
+    if runtime == "torch":
+        base["budget"]["tpot_ms"] = dense * 1e3 * 0.999  # the dense model just misses it
+    else:  # ... and W8A8 alone meets it
+        base["budget"]["tpot_ms"] = (dense + predict(CostModel(prof), table, arch_of(config), "w8a8-int8").tpot_s) * 500
     path = tmp_path / "tiny-gpu.yaml"
     path.write_text(yaml.safe_dump(base))
+    return path
+
+
+def test_out_of_core_plans_width_and_format_and_quantizes_without_a_calibration_pass(tmp_path, tiny_model_dir,
+                                                                                     capsys):
+    """Out of core, the default plan is every lever that runs there (no dropped layer, ranked by
+    weights removed): a weight format alone wins, the layers are copied as they are (no calibration
+    pass), the export is quantized, and the pruned perplexity is the quantized model's."""
+    from compressor.cli import main
+
+    out = tmp_path / "o"
+    args = [str(tiny_model_dir), "--profile", str(_tiny_gpu_profile(tmp_path, tiny_model_dir, "vllm")), "--out-of-core",
+            "on", "--nsamples", "4", "--seqlen", "32", "--no-checks", "--domain-windows", "0", "--out", str(out)]
+    assert main(args) == 0
+    text = " ".join(capsys.readouterr().err.split())
+    assert "plan: w8a8-int8" in text and "out of core: width and weight format only" in text
+    r = json.loads((out / "report.json").read_text())
+    assert r["plan"]["ratio_source"] == "every lever, out of core" and r["plan"]["chosen"]["format"] == "w8a8-int8"
+    assert r["plan"]["chosen"]["dropped_layers"] == 0 and r["params"]["achieved_ratio_decoder"] == 0
+    assert r["method"]["out_of_core"] == "copied: nothing pruned" and r["method"]["passes"] == 0
+    assert "compressed-tensors w8a8-int8" in r["export"]["format"]
+    ppl = r["perplexity"]
+    assert ppl["pruned"] != ppl["dense"] and ppl["pruned"] == pytest.approx(ppl["dense"], rel=0.1)
+
+
+@pytest.mark.slow
+def test_levers_end_to_end_on_a_profile_that_is_not_here(tmp_path, tiny_model_dir):
+    """A GPU profile (datasheet latency) whose TPOT the dense tiny model misses: the run (with no
+    --ratio, so planned with every lever by default) measures the
+    frontier's KLs, prunes to the least-KL plan and records the frontier in its report."""
+
+    path = _tiny_gpu_profile(tmp_path, tiny_model_dir)
     out = tmp_path / "o"
     # no --ratio and no method option: every lever is the default plan
     p = run_cli(str(tiny_model_dir), "--profile", str(path), "--nsamples", "4", "--seqlen", "32",
                 "--no-checks", "--domain-windows", "0", "--out", str(out))
     assert p.returncode == 0, p.stderr[-3000:]
     r = json.loads((out / "report.json").read_text())
-    assert r["plan"]["ratio_source"] == "--levers" and r["plan"]["chosen"]["meets_budget"]
+    assert r["plan"]["ratio_source"] == "every lever" and r["plan"]["chosen"]["meets_budget"]
     assert all(c["kl"] is not None for c in r["plan"]["frontier"]) and "least KL" in r["plan"]["rule"]
     assert r["method"]["structure"] == "planned" and r["method"]["levers"]["chosen"] == r["plan"]["chosen"]["levers"]
     assert r["params"]["achieved_ratio_decoder"] == pytest.approx(r["plan"]["chosen"]["decoder_removed"], abs=0.02)

@@ -469,13 +469,16 @@ def latency_table_for(profile: Profile, config: dict, model_dir, formats: list[s
 
 def lever_plan(profile: Profile, model: str | None, measure: bool | None = None, attn_unit: str = "auto",
                round_to: int | None = None, runs: int = 3, formats: list[str] | None = None,
-               say=print, measure_dense=None, compensation: str = "auto") -> tuple[Frontier, dict]:
+               say=print, measure_dense=None, compensation: str = "auto", max_dropped: int | None = None,
+               confirmable: bool = True) -> tuple[Frontier, dict]:
     """Read the model's config, price every lever mix and return the frontier (not yet chosen: the
     caller chooses, by KL when it holds the weights) and the config. `measure_dense(runtime)`, given
     by a caller that holds the weights, measures the real dense export in that runtime ->
     (TTFT s, TPOT s), and a measured table is anchored on it (`AnchoredTable`). `compensation`: the
     width pruning's (does it add biases?). With a table measured here the frontier measures its
-    best candidates at their exact shapes when it chooses (`ExactCheck`)."""
+    best candidates at their exact shapes when it chooses (`ExactCheck`). `max_dropped`: at most this
+    many layers dropped (0 where the weights cannot be held to choose them); `confirmable`: whether a
+    plan inside the latency reserve can be confirmed on its export (`confirm.py`), else none is offered."""
     from ..model.loading import read_config
     from ..prune import COMPENSATION
     from .fitting import arch_of
@@ -493,7 +496,8 @@ def lever_plan(profile: Profile, model: str | None, measure: bool | None = None,
     comp = COMPENSATION.get(compensation)
     checker = exact_check(table, profile, config, model_dir, CostModel(profile), runs, say)
     frontier = search(profile, arch, table, CostModel(profile), formats, attn_unit, round_to, biases=comp.adds_bias,
-                      bias_free=checker is not None and comp.bias_free is not None, marginal=checker is not None)
+                      bias_free=checker is not None and comp.bias_free is not None,
+                      marginal=checker is not None and confirmable, max_dropped=max_dropped)
     frontier.notes = notes + list(getattr(table, "notes", [])) + headroom_notes(profile, frontier.marginal)
     frontier.checker = checker
     if not frontier.feasible:

@@ -31,12 +31,13 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 4) -> float:
 
 @torch.no_grad()
 def layerwise_perplexity(lazy, adapter, windows: torch.Tensor, device: str = "cpu", batch_size: int = 4,
-                         vocab_chunk: int = 16384, store: Path | None = None) -> float:
+                         vocab_chunk: int = 16384, store: Path | None = None, simulate=None) -> float:
     """The same perplexity for a model too large for memory (`lazy`: `model.lazy.LazyModel`): the
     decoder runs one layer at a time through the layer-wise engine, then the final norm and the LM
     head score each window with the logits computed a slice of the vocabulary at a time, so neither
     the whole model nor a full logits tensor is ever in memory. `store`: a folder where each finished
-    layer's outputs are kept, so that an interrupted evaluation continues after its last layer."""
+    layer's outputs are kept, so that an interrupted evaluation continues after its last layer.
+    `simulate(layer)`: the module run in each decoder layer's place (a weight format simulated)."""
     from ..prune.engine import LayerwiseEngine
 
     model = lazy.model
@@ -55,7 +56,7 @@ def layerwise_perplexity(lazy, adapter, windows: torch.Tensor, device: str = "cp
         resume = load_file(str(saved))
         start = int(resume["done"][0])
     engine = LayerwiseEngine(model, adapter, windows, device=device, batch_size=batch_size, lazy=lazy, observe=False,
-                             on_done=on_done)
+                             on_done=on_done, simulate=simulate)
     engine.run(lambda *_: False, start=start, resume_inputs=resume)
     hidden = engine.hidden
     norm = lazy.materialize(adapter.decoder(model).norm, "model.norm", device)
@@ -85,10 +86,12 @@ def layerwise_perplexity(lazy, adapter, windows: torch.Tensor, device: str = "cp
     return math.exp(nll / count)
 
 
-def layerwise_domain_perplexities(lazy, adapter, domains, device: str = "cpu", store: Path | None = None) -> dict:
+def layerwise_domain_perplexities(lazy, adapter, domains, device: str = "cpu", store: Path | None = None,
+                                  simulate=None) -> dict:
     """`domain_perplexities` for a model too large for memory (`layerwise_perplexity` per domain,
     each kept in `store`/DOMAIN as it goes)."""
-    per = {d.name: layerwise_perplexity(lazy, adapter, d.windows, device, store=store / d.name if store else None)
+    per = {d.name: layerwise_perplexity(lazy, adapter, d.windows, device, store=store / d.name if store else None,
+                                        simulate=simulate)
            for d in domains}
     return {"domains": per, "geomean": geometric_mean(per.values()) if per else None}
 

@@ -385,3 +385,23 @@ def prune_out_of_core(lazy, adapter: Adapter, calib: torch.Tensor, spec: PruneSp
     passes += 1
     adapter.set_config_widths(model.config, final)
     return PruneResult(final, memory, passes, structure, notes={"out_of_core": mode})
+
+
+def copy_out_of_core(lazy, adapter: Adapter, sink: LayerSink, work=None,
+                     progress: Progress | None = None) -> PruneResult:
+    """A plan that prunes nothing (a weight format alone): every layer handed to `sink` as it is, one
+    in memory at a time, with no calibration pass. Resumable at the sink's durable points, as pass 2."""
+    layers = adapter.layers(lazy.model)
+    keeps = [LayerKeep(list(range(s.num_heads)), list(range(s.num_kv_heads)), list(range(s.intermediate_size)))
+             for s in (adapter.shape(layer) for layer in layers)]
+    sink.begin(keeps)
+    done = work.pass2_done if work is not None else 0
+    for i in range(done, len(layers)):
+        layer = lazy.materialize(layers[i], f"model.layers.{i}", "cpu")
+        if sink.add(i, layer) and work is not None:
+            work.save_pass2(i + 1, keeps, sink.state(), None)
+        lazy.release(layer)
+        if progress:
+            progress(PASS_WRITE, i + 1, len(layers))
+    return PruneResult(keeps, {}, 0, "none", notes={"out_of_core": "copied: nothing pruned"})
+

@@ -181,6 +181,7 @@ class LayerwiseEngine:
         lazy=None,
         observe: bool = True,
         on_done: Callable[[int, nn.Module, torch.Tensor], None] | None = None,
+        simulate: Callable[[nn.Module], nn.Module] | None = None,
     ):
         self.model, self.adapter = model, adapter
         self.samples = samples
@@ -199,6 +200,9 @@ class LayerwiseEngine:
         # on_done(index, layer, outputs): the layer is finished (visited, outputs recomputed if it
         # changed); `outputs` are the next layer's inputs (what a resumable run saves)
         self.on_done = on_done
+        # observe=False: the module run in a layer's place (e.g. its weight format simulated), the layer
+        # itself left as it is
+        self.simulate = simulate
         self.report = EngineReport()
         self.hidden: torch.Tensor | None = None  # the last layer's outputs, after `run`
 
@@ -287,7 +291,7 @@ class LayerwiseEngine:
                 continue
             self._load(layer, f"model.layers.{i}")
             if not self.observe:
-                self._forward(layer, inputs, outputs, kwargs_by_bs)
+                self._forward(self.simulate(layer) if self.simulate else layer, inputs, outputs, kwargs_by_bs)
                 if self.on_done is not None:
                     self.on_done(i, layer, {"inputs": outputs})
                 self._unload(layer)

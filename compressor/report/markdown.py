@@ -62,7 +62,7 @@ def markdown(report: Report | dict) -> str:
     plan = r.get("plan") or {}
     if plan.get("rows"):
         how = f"chosen by the planner ({'feasible' if plan['feasible'] else 'infeasible budget, closest ratio'})"
-    elif plan.get("ratio_source") == "--levers" and plan.get("chosen"):
+    elif plan.get("frontier") is not None and plan.get("chosen"):
         how = f"chosen by the lever plan: {plan['chosen']['levers']} ({plan['rule']})"
     else:
         how = "given with --ratio"
@@ -159,7 +159,7 @@ def markdown(report: Report | dict) -> str:
         for n in plan.get("notes", []):
             lines.append(f"\nNote: {n}.")
         lines.append("")
-    if plan.get("ratio_source") == "--levers":
+    if plan.get("frontier") is not None:
         lines += _lever_plan(plan)
     if r.get("plot"):
         lines += [f"![quality and latency against ratio]({r['plot']})", ""]
