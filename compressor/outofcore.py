@@ -275,11 +275,11 @@ def choose_plan(cfg: RunConfig, profile, round_to: int, stages, say):
             raise NothingToPrune(f"The dense model already meets every budget line of profile '{profile.name}' "
                                  f"(predicted from {frontier.latency_source}); nothing to prune, so nothing was "
                                  "written.")
+        frontier.unscored = ("out of core: width and weight format only, no layer dropped, since choosing layers "
+                             "to drop and measuring the candidates' KL need the whole model in memory")
         chosen = frontier.choose()
         if chosen is None:  # the best candidates missed the budget at their exact shapes
             raise InfeasibleBudget(frontier.notes[-1] + " Pass --ratio to prune anyway.")
-    frontier.rule += ("; out of core: width and weight format only, ranked by weights removed (dropping layers "
-                      "and the candidates' measured KL need the whole model in memory)")
     say(f"[bold]plan[/]: {chosen.levers}, predicted TPOT {chosen.prediction.tpot_s * 1e3:.2f} ms, TTFT "
         f"{chosen.prediction.ttft_s * 1e3:.1f} ms ({frontier.rule}; latency {frontier.latency_source})")
     return steps.LeverPlan(frontier, "every lever, out of core"), round(chosen.width, 4)

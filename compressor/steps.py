@@ -158,6 +158,10 @@ class LeverPlan:
 
 
 def announce(cfg: RunConfig, profile, spec: PruneSpec, plan, out: Path, say) -> None:
+    if spec.ratio == 0:  # a weight format alone
+        say(f"[bold]plan[/]: profile [cyan]{profile.name}[/] ({profile.device.name}), every weight kept, quantized "
+            f"to [cyan]{cfg.quantize}[/]; output {out}")
+        return
     say(f"[bold]plan[/]: profile [cyan]{profile.name}[/] ({profile.device.name}), remove {spec.ratio:.0%} of decoder "
         f"weights, metric [cyan]{spec.metric}[/], compensation [cyan]{spec.compensation}[/], structure "
         f"[cyan]{spec.structure}[/], widths rounded to {spec.round_to}"

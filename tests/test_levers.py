@@ -477,6 +477,7 @@ def test_out_of_core_plans_width_and_format_and_quantizes_without_a_calibration_
     assert main(args) == 0
     text = " ".join(capsys.readouterr().err.split())
     assert "plan: w8a8-int8" in text and "out of core: width and weight format only" in text
+    assert "every weight kept, quantized to w8a8-int8" in text and "run the main job" not in text
     r = json.loads((out / "report.json").read_text())
     assert r["plan"]["ratio_source"] == "every lever, out of core" and r["plan"]["chosen"]["format"] == "w8a8-int8"
     assert r["plan"]["chosen"]["dropped_layers"] == 0 and r["params"]["achieved_ratio_decoder"] == 0

@@ -90,6 +90,8 @@ class Frontier:
     rule: str = ""  # how `chosen` was chosen
     notes: list[str] = field(default_factory=list)
     kl_on: str = "validation text"  # what the candidates' KL was measured on (`prune.planned.kl_text`)
+    # why the candidates have no KL, when they have none (the ranking's words say it)
+    unscored: str = "the weights were not read, so quality was not estimated; run the main job to choose by measured KL"
     # measures a candidate at its exact shape before it is chosen (`ExactCheck`); None: the fit decides
     checker: object = field(default=None, repr=False, compare=False)
     max_checks: int = 4
@@ -115,8 +117,7 @@ class Frontier:
         if all(c.kl is not None for c in self.candidates):
             self.rule = f"least KL to the dense model on {self.kl_on} (measured on the weights)"
             return sorted(self.candidates, key=lambda c: (c.kl, c.removed, c.prediction.tpot_s))
-        self.rule = ("fewest decoder weights removed (the weights were not read, so quality was not estimated; "
-                     "run the main job to choose by measured KL)")
+        self.rule = f"fewest decoder weights removed ({self.unscored})"
         return sorted(self.candidates, key=lambda c: (round(c.removed, 4), order[c.fmt], c.prediction.tpot_s))
 
     def _walk(self, ranked: list[Candidate], accept, marginal_checks: int) -> tuple[Candidate | None, list[Candidate]]:
