@@ -208,6 +208,8 @@ def test_what_the_gate_cannot_judge_exits_2_never_0():
     assert res.exit_code == EXIT_BAD_INPUT and "another model" in res.unjudged[0]
     bare = {"schema": "fitprune.report/2", "budget": {"passed": True, "verified": True, "lines": []}}
     assert "nothing to compare" in gate(bare, bare, check_budget=False).unjudged[0]
+    assert "nothing to compare" in gate(bare, bare, check_budget=False, allow_missing=(
+        "latency", "perplexity", "accuracy")).unjudged[0]
     slow = _report(tpot=0.08)
     del slow["budget"]
     assert gate(slow, _report()).exit_code == EXIT_VIOLATED  # a regression still says so
@@ -225,3 +227,33 @@ def test_hostile_json_is_exit_2_in_one_sentence(tmp_path, text, capsys):
     assert main(["gate", str(tmp_path / "bad.json"), "--baseline", str(base)]) == EXIT_BAD_INPUT
     err = capsys.readouterr().err
     assert err.count("error:") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("section, drop", [
+    ("latency", lambda r: r.pop("latency")),
+    ("perplexity", lambda r: r["perplexity"].pop("pruned")),
+    ("accuracy", lambda r: r["accuracy"]["lm_eval"].update(pruned={"skipped": "out of core"})),
+    ("budget", lambda r: r.pop("budget")),
+])
+def test_a_section_neither_report_holds_is_named_and_exits_2_unless_allowed(section, drop):
+    """The gate never passes what it did not judge: a section missing from both reports (or only from
+    the baseline) is named, exit 2; --allow-missing SECTION lets it pass on the rest; a report that
+    lost what its baseline has is a regression (1)."""
+    r, b = _report(), _report()
+    drop(r)
+    drop(b)
+    res = gate(r, b)
+    assert res.exit_code == EXIT_BAD_INPUT and not res.violations
+    assert any(u.startswith(f"{section}:") for u in res.unjudged), res.unjudged
+    assert gate(r, b, allow_missing=(section,)).exit_code == EXIT_PASS
+    assert gate(r, _report(), allow_missing=(section,)).exit_code == (
+        EXIT_PASS if section == "budget" else EXIT_VIOLATED)  # the report lost what the baseline has
+
+
+def test_allow_missing_takes_only_a_sections_name(tmp_path):
+    from compressor.cli import main
+
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(_report()))
+    assert main(["gate", str(path), "--baseline", str(path), "--allow-missing", "latency"]) == EXIT_PASS
+    assert main(["gate", str(path), "--baseline", str(path), "--allow-missing", "speed"]) == EXIT_BAD_INPUT

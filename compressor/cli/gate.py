@@ -2,7 +2,8 @@
 
 Exit codes (also in docs/ci-gate.md): 0 every rule holds; 1 at least one rule is violated (one
 line per violated rule); 2 could not judge: unreadable report or option, a report of another model,
-no budget section (unless --no-budget), no figure in common, latency from other hosts.
+no budget section (unless --no-budget), a section in neither report or only in the report (unless
+--allow-missing names it), no figure in common, latency from other hosts.
 """
 
 from __future__ import annotations
@@ -30,14 +31,23 @@ def gate_cmd(
     allow_unverified: bool = typer.Option(False, "--allow-unverified",
                                           help="Accept a budget verdict whose figures were not all measured in the "
                                                "profile's runtime on its device (proxy or predicted)."),
+    allow_missing: list[str] = typer.Option([], "--allow-missing",
+                                            help="A section that may be missing from both reports (latency, "
+                                                 "perplexity, accuracy, budget); repeat for several. Otherwise a "
+                                                 "section the gate cannot judge exits 2."),
 ):
     from ..report import gate, parse_fraction, read_report
+    from ..report.gate import SECTIONS
+
+    for section in allow_missing:
+        if section not in SECTIONS:
+            raise UserError(f"--allow-missing {section!r} is not a section of a report (use {', '.join(SECTIONS)}).")
 
     lat = parse_fraction(max_latency_regression, "--max-latency-regression")
     acc = parse_fraction(max_accuracy_drop, "--max-accuracy-drop")
     try:
         res = gate(read_report(report), read_report(baseline), lat, acc, check_budget=budget,
-                   allow_unverified=allow_unverified)
+                   allow_unverified=allow_unverified, allow_missing=tuple(allow_missing))
     except RecursionError:
         raise UserError("A report is nested too deeply to judge.") from None
     for v in res.violations:

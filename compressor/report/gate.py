@@ -78,14 +78,21 @@ class GateResult:
         return EXIT_VIOLATED if self.violations else EXIT_BAD_INPUT if self.unjudged else EXIT_PASS
 
 
+SECTIONS = ("latency", "perplexity", "accuracy", "budget")  # what --allow-missing may name
+
+
 def gate(report: Report | dict, baseline: Report | dict, max_latency_regression: float = 0.05,
-         max_accuracy_drop: float = 0.02, check_budget: bool = True, allow_unverified: bool = False) -> GateResult:
+         max_accuracy_drop: float = 0.02, check_budget: bool = True, allow_unverified: bool = False,
+         allow_missing: tuple[str, ...] = ()) -> GateResult:
     """Compare `report` with `baseline`: measured latency no worse than the allowed regression,
     accuracy no lower than the allowed drop, and (optionally) the report's own budget verdict, which
-    must be verified in the profile's runtime on its device unless `allow_unverified`."""
+    must be verified in the profile's runtime on its device unless `allow_unverified`. A section
+    (`SECTIONS`) that neither report holds, or that only the report holds, cannot be judged: it is
+    named among the unjudged unless `allow_missing` names it (the report lacking what the baseline
+    has is a violation)."""
     report = Report.parse(report).as_dict() if isinstance(report, dict) else report.as_dict()
     baseline = Report.parse(baseline).as_dict() if isinstance(baseline, dict) else baseline.as_dict()
-    bad, checked = [], []
+    bad, checked, missing = [], [], []
     # a NaN, infinite, null or non-numeric figure is a broken run, never "within limits" (and the
     # comparisons below need numbers)
     broken = [f"{who}: {f}; a broken run never passes"
@@ -120,6 +127,8 @@ def gate(report: Report | dict, baseline: Report | dict, max_latency_regression:
                            f"{ref['throughput_tok_s']:.2f} tok/s (allowed -{max_latency_regression:.1%})")
     elif ref and not cur:
         bad.append("latency: the baseline has measured latency but the report has none")
+    else:
+        missing.append("latency")
     p, bp = report.get("perplexity", {}).get("pruned"), baseline.get("perplexity", {}).get("pruned")
     if p is not None and bp is not None:
         checked.append("perplexity")
@@ -128,6 +137,8 @@ def gate(report: Report | dict, baseline: Report | dict, max_latency_regression:
                        f"(allowed +{max_accuracy_drop:.1%})")
     elif bp is not None:
         bad.append("accuracy: the baseline has a held-out perplexity but the report has none")
+    else:
+        missing.append("perplexity")
     le = ((report.get("accuracy") or {}).get("lm_eval") or {}).get("pruned") or {}
     ble = ((baseline.get("accuracy") or {}).get("lm_eval") or {}).get("pruned") or {}
     le, ble = (x if "cloze_acc" in x else None for x in (le, ble))  # {"skipped": why} has no scores
@@ -137,7 +148,9 @@ def gate(report: Report | dict, baseline: Report | dict, max_latency_regression:
         bad += violations
     elif ble and not le:
         bad.append("accuracy: the baseline has lm-eval scores but the report has none")
-    if check_budget and not report.get("budget"):
+    else:
+        missing.append("accuracy")
+    if check_budget and not report.get("budget") and "budget" not in allow_missing:
         unjudged.append("budget: the report has no budget section (a run with --no-checks); run with the checks, or "
                         "pass --no-budget to gate on the figures alone")
     if check_budget and report.get("budget"):
@@ -157,6 +170,10 @@ def gate(report: Report | dict, baseline: Report | dict, max_latency_regression:
                        "(--allow-unverified accepts proxy and predicted figures)")
     if not checked:
         unjudged.append("nothing to compare: neither latency nor accuracy figures are in both reports")
+    what = {"latency": "measured latency of the pruned model", "perplexity": "held-out perplexity",
+            "accuracy": "lm-eval cloze scores"}
+    unjudged += [f"{m}: {what[m]} not in both reports (pass --allow-missing {m} to gate without it)"
+                 for m in missing if m not in allow_missing]
     return GateResult(bad, checked, unjudged)
 
 
