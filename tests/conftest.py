@@ -77,6 +77,44 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 900) -> subproce
                           cwd=cwd or ROOT, timeout=timeout, env={**os.environ, "COLUMNS": "200"})
 
 
+def run_main(*args: str, cwd: Path | None = None, **_ignored) -> subprocess.CompletedProcess:
+    """`run_cli` in this process: the same exit code, stdout and stderr (consoles 200 columns wide, an
+    unexpected exception as its traceback), without a new interpreter importing torch and
+    transformers again (seconds per call). For commands that start no vLLM engine and need no signal."""
+    import io
+    import traceback
+
+    from rich.console import Console
+
+    from compressor.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    consoles = [c for name, m in list(sys.modules.items()) if name.startswith("compressor.cli") and m is not None
+                for c in vars(m).values() if isinstance(c, Console)]
+    widths = [(c, c._width) for c in consoles]
+    threads, old_cwd = torch.get_num_threads(), os.getcwd()
+    try:
+        for c in consoles:
+            c.width = 200
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                rc = main([str(a) for a in args])
+            except SystemExit as exc:
+                rc = exc.code if isinstance(exc.code, int) else 1
+            except Exception:  # what a subprocess would print and exit 1 with
+                err.write(traceback.format_exc())
+                rc = 1
+    finally:
+        os.chdir(old_cwd)
+        torch.set_num_threads(threads)
+        for c, w in widths:
+            c._width = w
+    return subprocess.CompletedProcess([sys.executable, "-m", "compressor", *map(str, args)], rc, out.getvalue(),
+                                       err.getvalue())
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """The embedded SmolLM2-135M-Instruct, dequantized into the cache (the 'demo' extra)."""

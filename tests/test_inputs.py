@@ -21,9 +21,11 @@ import pytest
 import torch
 
 from compressor.report.schema import SCHEMA
-from tests.conftest import assert_clean_failure, run_cli
+from tests.conftest import assert_clean_failure, run_main
 
-FAST = ["--ratio", "0.2", "--no-checks", "--calib", "builtin", "--nsamples", "4", "--seqlen", "64"]
+# --structure global: the allocation search (auto on a small model in memory) is not what these cases test
+FAST = ["--ratio", "0.2", "--no-checks", "--calib", "builtin", "--nsamples", "4", "--seqlen", "64",
+        "--structure", "global"]
 MODES = pytest.mark.parametrize("mode", ["off", "on"], ids=["in-memory", "out-of-core"])
 UP = "model.layers.1.mlp.up_proj.weight"
 
@@ -70,7 +72,7 @@ def _clean_failure(p, out_dir: Path | None, match: str, code: int | None = None)
 def _refused(tmp_path: Path, model: Path, mode: str, match: str, *extra: str) -> subprocess.CompletedProcess:
     """Run the main command on `model`; it must fail cleanly, leaving neither --out nor the work directory."""
     out = tmp_path / "o"
-    p = run_cli(str(model), *FAST, "--out-of-core", mode, "--out", str(out), *extra)
+    p = run_main(str(model), *FAST, "--out-of-core", mode, "--out", str(out), *extra)
     _clean_failure(p, out, match)
     assert not out.exists()
     assert not list(tmp_path.glob(".o.*")), list(tmp_path.glob(".o.*"))  # .o.tmp-*, .o.fitprune-work
@@ -200,7 +202,7 @@ def test_a_healthy_checkpoint_still_runs_on_both_paths(tmp_path, tiny_model_dir)
     """The checks refuse nothing a healthy checkpoint holds (tied and untied heads, rotary buffers)."""
     for mode in ("off", "on"):
         out = tmp_path / f"o-{mode}"
-        p = run_cli(str(tiny_model_dir), *FAST, "--out-of-core", mode, "--out", str(out))
+        p = run_main(str(tiny_model_dir), *FAST, "--out-of-core", mode, "--out", str(out))
         assert p.returncode == 0, p.stderr[-3000:]
         assert (out / "model.safetensors").is_file() or (out / "model.safetensors.index.json").is_file()
 
@@ -213,7 +215,7 @@ def test_the_checks_accept_the_embedded_model_and_a_per_layer_export(tmp_path, s
     assert check_checkpoint(smollm2_dir).tie_word_embeddings
     LazyModel(smollm2_dir)
     out = tmp_path / "g"
-    p = run_cli(str(tiny_model_dir), *FAST, "--structure", "global", "--round-to", "8", "--ratio", "0.3",
+    p = run_main(str(tiny_model_dir), *FAST, "--structure", "global", "--round-to", "8", "--ratio", "0.3",
                 "--out", str(out))
     assert p.returncode == 0, p.stderr[-3000:]
     assert json.loads((out / "config.json").read_text())["model_type"] == "fitprune"
@@ -248,7 +250,7 @@ def test_the_gate_fails_nan_reports(tmp_path, case, perplexity, latency, match):
         lat["measured"]["pruned"]["ttft_s"] = latency
     report = _report(tmp_path / "r", perplexity, latency=lat)
     base = _report(tmp_path / "b", 20.0, latency=_LATENCY)
-    p = run_cli("gate", str(report), "--baseline", str(base))
+    p = run_main("gate", str(report), "--baseline", str(base))
     assert p.returncode == 1, (case, p.stdout, p.stderr)
     assert match in p.stdout, (case, p.stdout)
     assert "PASS" not in p.stdout
@@ -257,7 +259,7 @@ def test_the_gate_fails_nan_reports(tmp_path, case, perplexity, latency, match):
 
 def test_the_gate_fails_a_nan_baseline(tmp_path):
     """The gate fails against a baseline whose figures are NaN (nothing can be compared with it)."""
-    p = run_cli("gate", str(_report(tmp_path / "r")), "--baseline", str(_report(tmp_path / "b", float("nan"))))
+    p = run_main("gate", str(_report(tmp_path / "r")), "--baseline", str(_report(tmp_path / "b", float("nan"))))
     assert p.returncode == 1
     assert "FAIL baseline: perplexity.pruned is not a finite number" in p.stdout
     _clean_failure(p, None, "gate rule")
@@ -267,7 +269,7 @@ def test_the_gate_reads_skipped_task_scores(tmp_path):
     """A report whose lm-eval tasks were skipped, against a baseline with scores."""
     report = _report(tmp_path / "r", accuracy={"lm_eval": {"pruned": {"skipped": "out of core"}}})
     base = _report(tmp_path / "b", accuracy={"lm_eval": {"pruned": {"cloze_acc": 0.5}}})
-    p = run_cli("gate", str(report), "--baseline", str(base))
+    p = run_main("gate", str(report), "--baseline", str(base))
     assert "FAIL accuracy: the baseline has lm-eval scores but the report has none" in p.stdout
     _clean_failure(p, None, "gate rule", code=1)
 
@@ -275,14 +277,14 @@ def test_the_gate_reads_skipped_task_scores(tmp_path):
 def test_gate_report_that_is_a_directory(tmp_path):
     """`compress gate` given a report.json that is a directory."""
     (tmp_path / "r" / "report.json").mkdir(parents=True)
-    p = run_cli("gate", str(tmp_path / "r"), "--baseline", str(_report(tmp_path / "b")))
+    p = run_main("gate", str(tmp_path / "r"), "--baseline", str(_report(tmp_path / "b")))
     _clean_failure(p, None, "report.json is a directory, not a report file.", code=2)
 
 
 def test_gate_directory_without_a_report(tmp_path):
     """`compress gate` given a directory that holds no report.json."""
     (tmp_path / "r").mkdir()
-    p = run_cli("gate", str(tmp_path / "r"), "--baseline", str(_report(tmp_path / "b")))
+    p = run_main("gate", str(tmp_path / "r"), "--baseline", str(_report(tmp_path / "b")))
     _clean_failure(p, None, f"The directory {tmp_path / 'r'} holds no report.json", code=2)
 
 
@@ -290,7 +292,7 @@ def test_gate_truncated_report(tmp_path):
     """`compress gate` given a truncated report.json."""
     r = _report(tmp_path / "r")
     (r / "report.json").write_text((r / "report.json").read_text()[:30])
-    p = run_cli("gate", str(r), "--baseline", str(_report(tmp_path / "b")))
+    p = run_main("gate", str(r), "--baseline", str(_report(tmp_path / "b")))
     _clean_failure(p, None, "is not valid JSON (truncated or not a report).", code=2)
 
 
@@ -300,7 +302,7 @@ def test_gate_report_section_of_the_wrong_type(tmp_path):
     data = json.loads((r / "report.json").read_text())
     data["perplexity"] = "low"
     (r / "report.json").write_text(json.dumps(data))
-    p = run_cli("gate", str(r), "--baseline", str(_report(tmp_path / "b")))
+    p = run_main("gate", str(r), "--baseline", str(_report(tmp_path / "b")))
     _clean_failure(p, None, "is not a valid fitprune report (perplexity:", code=2)
 
 
@@ -308,7 +310,7 @@ def test_gate_report_section_of_the_wrong_type(tmp_path):
 def test_gate_non_finite_threshold(tmp_path, value):
     """`compress gate` with a NaN or infinite allowed regression (NaN would pass everything)."""
     r = _report(tmp_path / "r")
-    p = run_cli("gate", str(r), "--baseline", str(r), "--max-latency-regression", value)
+    p = run_main("gate", str(r), "--baseline", str(r), "--max-latency-regression", value)
     _clean_failure(p, None, "--max-latency-regression must be a finite percentage", code=2)
 
 
@@ -331,7 +333,7 @@ def test_nonsense_option_values(tmp_path, tiny_model_dir, args, match):
     if "cuda:7" in args and torch.cuda.is_available() and torch.cuda.device_count() > 7:
         pytest.skip("this machine has 8 GPUs")
     out = tmp_path / "o"
-    p = run_cli(str(tiny_model_dir), *FAST, *args, "--out", str(out))
+    p = run_main(str(tiny_model_dir), *FAST, *args, "--out", str(out))
     _clean_failure(p, out, match)
 
 
@@ -361,7 +363,7 @@ def test_model_path_that_is_a_file(tmp_path):
     """A model path that is a file, not a directory or a .gguf file."""
     f = tmp_path / "model"
     f.write_text("x")
-    p = run_cli(str(f), *FAST, "--out", str(tmp_path / "o"))
+    p = run_main(str(f), *FAST, "--out", str(tmp_path / "o"))
     _clean_failure(p, tmp_path / "o", f"The model path {f} is a file;")
 
 
@@ -372,7 +374,7 @@ def test_default_out_in_an_unwritable_directory(tmp_path, tiny_model_dir):
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)], capture_output=True).returncode:
         pytest.skip("cannot mount a read-only tmpfs here (needs root)")
     try:
-        p = run_cli(str(tiny_model_dir), *FAST, cwd=ro)
+        p = run_main(str(tiny_model_dir), *FAST, cwd=ro)
         _clean_failure(p, None, "cannot be written")
         assert "perplexity" not in p.stderr  # refused before the work
     finally:
@@ -383,7 +385,7 @@ def test_default_out_in_an_unwritable_directory(tmp_path, tiny_model_dir):
 
 def test_plan_json_that_is_a_directory(tmp_path, tiny_model_dir):
     """`compress plan --json` naming a directory (refused before the plan, not after)."""
-    p = run_cli("plan", str(tiny_model_dir), "--no-fit", "--json", str(tmp_path))
+    p = run_main("plan", str(tiny_model_dir), "--no-fit", "--json", str(tmp_path))
     _clean_failure(p, None, f"--json {tmp_path} is a directory; give a file name.")
     assert "ratio" not in p.stdout
 
@@ -391,7 +393,7 @@ def test_plan_json_that_is_a_directory(tmp_path, tiny_model_dir):
 def test_plan_json_under_a_file(tmp_path, tiny_model_dir):
     """`compress plan --json` naming a path under a file."""
     (tmp_path / "f").write_text("x")
-    p = run_cli("plan", str(tiny_model_dir), "--no-fit", "--json", str(tmp_path / "f" / "plan.json"))
+    p = run_main("plan", str(tiny_model_dir), "--no-fit", "--json", str(tmp_path / "f" / "plan.json"))
     _clean_failure(p, None, f"lies under the file {tmp_path / 'f'}.")
 
 
@@ -401,7 +403,7 @@ def test_plan_json_under_a_file(tmp_path, tiny_model_dir):
 ], ids=["runs-huge", "round-to-wider-than-mlp"])
 def test_plan_nonsense_option_values(tiny_model_dir, args, match):
     """`compress plan` with option values that make no sense."""
-    p = run_cli("plan", str(tiny_model_dir), "--no-fit", *args)
+    p = run_main("plan", str(tiny_model_dir), "--no-fit", *args)
     _clean_failure(p, None, match)
 
 
@@ -409,7 +411,7 @@ def test_plan_truncated_config(tmp_path, tiny_model_dir):
     """`compress plan` on a model whose config.json is truncated."""
     model = _copy(tiny_model_dir, tmp_path / "m")
     (model / "config.json").write_text("{\"model_type\": \"lla")
-    p = run_cli("plan", str(model), "--no-fit")
+    p = run_main("plan", str(model), "--no-fit")
     _clean_failure(p, None, "is not valid JSON (truncated or not a config file).")
 
 
@@ -417,20 +419,20 @@ def test_export_onnx_of_a_file(tmp_path):
     """`compress export-onnx` given a file where the model directory belongs."""
     f = tmp_path / "model"
     f.write_text("x")
-    p = run_cli("export-onnx", str(f), "--out", str(tmp_path / "x"))
+    p = run_main("export-onnx", str(f), "--out", str(tmp_path / "x"))
     _clean_failure(p, tmp_path / "x", "is a file; export-onnx needs an exported model directory.")
 
 
 def test_export_onnx_out_under_a_file(tmp_path, tiny_model_dir):
     """`compress export-onnx --out` under a file (refused before the load)."""
     (tmp_path / "f").write_text("x")
-    p = run_cli("export-onnx", str(tiny_model_dir), "--out", str(tmp_path / "f" / "x"))
+    p = run_main("export-onnx", str(tiny_model_dir), "--out", str(tmp_path / "f" / "x"))
     _clean_failure(p, None, f"lies under the file {tmp_path / 'f'}")
 
 
 def test_export_onnx_threshold_above_the_onnx_limit(tmp_path, tiny_model_dir):
     """`compress export-onnx` with an external-data threshold above ONNX's 2 GiB file limit."""
-    p = run_cli("export-onnx", str(tiny_model_dir), "--out", str(tmp_path / "x"),
+    p = run_main("export-onnx", str(tiny_model_dir), "--out", str(tmp_path / "x"),
                 "--external-data-threshold-mb", "99999999")
     _clean_failure(p, tmp_path / "x", "--external-data-threshold-mb must be between 0 and 2047")
 
@@ -439,7 +441,7 @@ def test_export_onnx_of_a_nan_checkpoint(tmp_path, tiny_model_dir):
     """`compress export-onnx` of a checkpoint with a NaN weight."""
     model = _copy(tiny_model_dir, tmp_path / "m")
     _edit_weights(model, lambda sd: sd[UP].__setitem__((0, 0), float("nan")))
-    p = run_cli("export-onnx", str(model), "--out", str(tmp_path / "x"))
+    p = run_main("export-onnx", str(model), "--out", str(tmp_path / "x"))
     _clean_failure(p, tmp_path / "x", f"has non-finite values (NaN or inf) in '{UP}'")
 
 
@@ -447,14 +449,14 @@ def test_container_of_a_file(tmp_path):
     """`compress container` given a file where the export directory belongs."""
     f = tmp_path / "export"
     f.write_text("x")
-    p = run_cli("container", str(f), "--out", str(tmp_path / "c"))
+    p = run_main("container", str(f), "--out", str(tmp_path / "c"))
     _clean_failure(p, tmp_path / "c", "is a file; container needs an export directory")
 
 
 def test_container_out_under_a_file(tmp_path, tiny_model_dir):
     """`compress container --out` under a file."""
     (tmp_path / "f").write_text("x")
-    p = run_cli("container", str(tiny_model_dir), "--out", str(tmp_path / "f" / "c"))
+    p = run_main("container", str(tiny_model_dir), "--out", str(tmp_path / "f" / "c"))
     _clean_failure(p, None, f"lies under the file {tmp_path / 'f'}")
 
 
@@ -464,19 +466,19 @@ def test_sub_command_on_truncated_weights(tmp_path, tiny_model_dir, command):
     model = _copy(tiny_model_dir, tmp_path / "m")
     data = (model / "model.safetensors").read_bytes()
     (model / "model.safetensors").write_bytes(data[: len(data) // 2])
-    p = run_cli(command, str(model), "--out", str(tmp_path / "c"))
+    p = run_main(command, str(model), "--out", str(tmp_path / "c"))
     _clean_failure(p, tmp_path / "c", "model.safetensors is corrupt or truncated")
 
 
 def test_profiles_validate_a_directory(tmp_path):
     """`compress profiles validate` given a directory."""
-    p = run_cli("profiles", "validate", str(tmp_path))
+    p = run_main("profiles", "validate", str(tmp_path))
     _clean_failure(p, None, f"The profile path {tmp_path} is a directory")
 
 
 def test_no_probe_files_are_left_behind(tmp_path, tiny_model_dir):
     """The writability probes of --out and --json leave nothing in the directory they probe."""
-    p = run_cli("plan", str(tiny_model_dir), "--no-fit", "--json", str(tmp_path / "plan.json"))
+    p = run_main("plan", str(tiny_model_dir), "--no-fit", "--json", str(tmp_path / "plan.json"))
     assert p.returncode == 0, p.stderr[-2000:]
     assert sorted(x.name for x in tmp_path.iterdir()) == ["plan.json", "tmpdir"]
     assert json.loads((tmp_path / "plan.json").read_text())["rows"]
