@@ -5,20 +5,20 @@ import json
 
 import pytest
 
-from tests.conftest import ROOT, assert_clean_failure, run_cli
+from tests.conftest import ROOT, assert_clean_failure, run_cli, run_main
 
 
 def test_help_lists_the_options():
-    p = run_cli("--help")
+    p = run_main("--help")
     assert p.returncode == 0
-    p = run_cli("run", "--help")
+    p = run_main("run", "--help")
     for opt in ("--profile", "--ratio", "--metric", "--compensation", "--structure", "--calib", "--nsamples",
                 "--seqlen", "--out", "--device", "--seed", "--round-to"):
         assert opt in p.stdout, opt
 
 
 def test_profiles_list_shows_shipped_profiles():
-    p = run_cli("profiles", "list")
+    p = run_main("profiles", "list")
     assert p.returncode == 0
     for name in ("a10g-24gb", "l4-24gb", "t4-16gb", "rtx4090-24gb", "a100-40gb", "a100-80gb", "h100-80gb", "cpu-2core"):
         assert name in p.stdout
@@ -26,20 +26,20 @@ def test_profiles_list_shows_shipped_profiles():
 
 def test_missing_model_path(tmp_path):
     out = tmp_path / "o"
-    p = run_cli("--profile", "cpu-2core", str(tmp_path / "nope"), "--out", str(out))
+    p = run_main("--profile", "cpu-2core", str(tmp_path / "nope"), "--out", str(out))
     assert_clean_failure(p, out, "does not exist")
 
 
 def test_unknown_profile(tmp_path, tiny_model_dir):
     out = tmp_path / "o"
-    p = run_cli("--profile", "no-such-gpu", str(tiny_model_dir), "--out", str(out))
+    p = run_main("--profile", "no-such-gpu", str(tiny_model_dir), "--out", str(out))
     assert_clean_failure(p, out, "Unknown profile 'no-such-gpu'")
 
 
 @pytest.mark.parametrize("ratio", ["0", "1", "1.5", "-0.1"])
 def test_ratio_outside_zero_one(tmp_path, tiny_model_dir, ratio):
     out = tmp_path / "o"
-    p = run_cli("--profile", "cpu-2core", str(tiny_model_dir), "--ratio", ratio, "--out", str(out))
+    p = run_main("--profile", "cpu-2core", str(tiny_model_dir), "--ratio", ratio, "--out", str(out))
     assert_clean_failure(p, out, "between 0 and 1")
 
 
@@ -47,7 +47,7 @@ def test_calibration_text_too_short(tmp_path, tiny_model_dir):
     text = tmp_path / "short.txt"
     text.write_text("Only a few words of calibration text.")
     out = tmp_path / "o"
-    p = run_cli(str(tiny_model_dir), "--calib", str(text), "--nsamples", "4", "--seqlen", "64", "--out", str(out))
+    p = run_main(str(tiny_model_dir), "--calib", str(text), "--nsamples", "4", "--seqlen", "64", "--out", str(out))
     assert_clean_failure(p, out, "fewer than the 4 x 64 = 256 asked for")
 
 
@@ -58,7 +58,7 @@ def test_unsupported_architecture(tmp_path, smollm2_dir):
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=49152)).save_pretrained(d)
     AutoTokenizer.from_pretrained(smollm2_dir).save_pretrained(d)
     out = tmp_path / "o"
-    p = run_cli(str(d), "--out", str(out))
+    p = run_main(str(d), "--out", str(out))
     assert_clean_failure(p, out, "architecture 'gpt2' is not supported")
 
 
@@ -66,7 +66,7 @@ def test_existing_nonempty_out(tmp_path, tiny_model_dir):
     out = tmp_path / "o"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    p = run_cli(str(tiny_model_dir), "--out", str(out))
+    p = run_main(str(tiny_model_dir), "--out", str(out))
     assert p.returncode != 0 and "already exists and is not empty" in p.stderr
     assert (out / "keep.txt").read_text() == "mine" and len(list(out.iterdir())) == 1
 
@@ -74,19 +74,19 @@ def test_existing_nonempty_out(tmp_path, tiny_model_dir):
 def test_directory_without_config(tmp_path):
     (tmp_path / "m").mkdir()
     out = tmp_path / "o"
-    p = run_cli(str(tmp_path / "m"), "--out", str(out))
+    p = run_main(str(tmp_path / "m"), "--out", str(out))
     assert_clean_failure(p, out, "no config.json")
 
 
 def test_offline_hub_id_fails_in_one_sentence(tmp_path):
     out = tmp_path / "o"
-    p = run_cli("someone/not-a-local-model", "--out", str(out))
+    p = run_main("someone/not-a-local-model", "--out", str(out))
     assert_clean_failure(p, out, "Hugging Face hub")
 
 
 def test_unknown_metric(tmp_path, tiny_model_dir):
     out = tmp_path / "o"
-    p = run_cli(str(tiny_model_dir), "--metric", "astrology", "--out", str(out))
+    p = run_main(str(tiny_model_dir), "--metric", "astrology", "--out", str(out))
     assert_clean_failure(p, out, "Invalid value for '--metric': Value error, 'astrology' is not one of 'auto', 'flap'")
 
 

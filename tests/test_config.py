@@ -8,7 +8,7 @@ import pytest
 
 from compressor.config import RunConfig
 from compressor.errors import UserError
-from tests.conftest import assert_clean_failure, run_cli
+from tests.conftest import assert_clean_failure, run_main
 
 
 @pytest.mark.parametrize("options, match", [
@@ -64,14 +64,14 @@ def test_an_output_directory_on_a_read_only_disk_is_refused(tmp_path):
 
 def test_seqlen_longer_than_the_model_is_refused_before_calibration(tmp_path, tiny_model_dir):
     out = tmp_path / "o"
-    p = run_cli(str(tiny_model_dir), "--seqlen", "100000", "--nsamples", "1", "--ratio", "0.2", "--no-checks",
+    p = run_main(str(tiny_model_dir), "--seqlen", "100000", "--nsamples", "1", "--ratio", "0.2", "--no-checks",
                 "--out", str(out))
     assert_clean_failure(p, out, "--seqlen 100000 is longer than the model's")
 
 
 def test_a_bogus_attn_unit_fails_at_the_command_line(tmp_path, tiny_model_dir):
     out = tmp_path / "o"
-    p = run_cli(str(tiny_model_dir), "--attn-unit", "bogus", "--ratio", "0.2", "--out", str(out))
+    p = run_main(str(tiny_model_dir), "--attn-unit", "bogus", "--ratio", "0.2", "--out", str(out))
     assert_clean_failure(p, out, "'bogus' is not one of 'auto', 'kv', 'query'")
 
 
@@ -81,7 +81,7 @@ def test_defaults_are_valid():
 
 
 def test_an_empty_out_fails_at_the_command_line(tmp_path, tiny_model_dir):
-    p = run_cli(str(tiny_model_dir), "--ratio", "0.2", "--out", "")
+    p = run_main(str(tiny_model_dir), "--ratio", "0.2", "--out", "")
     assert_clean_failure(p, None, "--out must name a directory")
 
 

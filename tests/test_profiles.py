@@ -9,7 +9,7 @@ import yaml
 
 from compressor.errors import UserError
 from profiles import list_profiles, load_profile
-from tests.conftest import run_cli
+from tests.conftest import run_main
 
 REQUIRED = ("a10g-24gb", "l4-24gb", "t4-16gb", "rtx4090-24gb", "a100-40gb", "a100-80gb", "h100-80gb", "cpu-2core")
 
@@ -50,16 +50,16 @@ def test_the_required_profiles_ship_and_validate():
 def test_validate_command_accepts_shipped_files():
     from profiles.schema import HERE
 
-    p = run_cli("profiles", "validate", str(HERE / "cpu-2core.yaml"))
+    p = run_main("profiles", "validate", str(HERE / "cpu-2core.yaml"))
     assert p.returncode == 0 and "valid profile 'cpu-2core'" in p.stdout
 
 
 def test_a_path_works_wherever_a_name_does(tmp_path):
     path = _write(tmp_path, _profile_dict(tpot_ms=12.5))
     assert load_profile(str(path)).budget.tpot_ms == 12.5
-    p = run_cli("profiles", "show", str(path))
+    p = run_main("profiles", "show", str(path))
     assert p.returncode == 0 and "tpot_ms: 12.5" in p.stdout
-    p = run_cli("plan", "--profile", str(path), "--no-calibrate")
+    p = run_main("plan", "--profile", str(path), "--no-calibrate")
     assert p.returncode == 0, p.stderr
     assert "choice" in p.stdout
 
@@ -68,12 +68,12 @@ def test_malformed_yaml(tmp_path):
     path = _write(tmp_path, "name: x\ndevice: [unclosed\n  memory_gib: 3\n")
     with pytest.raises(UserError, match="not valid YAML at line"):
         load_profile(str(path))
-    _one_error(run_cli("profiles", "validate", str(path)), "not valid YAML")
+    _one_error(run_main("profiles", "validate", str(path)), "not valid YAML")
 
 
 def test_yaml_that_is_not_a_mapping(tmp_path):
     path = _write(tmp_path, "- just\n- a list\n")
-    _one_error(run_cli("profiles", "validate", str(path)), "must be a YAML mapping")
+    _one_error(run_main("profiles", "validate", str(path)), "must be a YAML mapping")
 
 
 @pytest.mark.parametrize("where", ["top", "device", "budget"])
@@ -86,7 +86,7 @@ def test_unknown_keys_are_refused(tmp_path, where):
     with pytest.raises(UserError, match=f"invalid: {loc}: unknown key"):
         load_profile(str(path))
     if where == "device":  # and once through the command line
-        _one_error(run_cli("profiles", "validate", str(path)), f"{loc}: unknown key")
+        _one_error(run_main("profiles", "validate", str(path)), f"{loc}: unknown key")
 
 
 @pytest.mark.parametrize("key", ["ttft_ms", "tpot_ms", "min_throughput_tok_s", "memory_headroom"])
@@ -95,21 +95,21 @@ def test_negative_budgets_are_refused(tmp_path, key):
     with pytest.raises(UserError, match=f"budget.{key}: input should be greater than"):
         load_profile(str(path))
     if key == "tpot_ms":
-        _one_error(run_cli("plan", "--profile", str(path), "--no-calibrate"), f"budget.{key}")
+        _one_error(run_main("plan", "--profile", str(path), "--no-calibrate"), f"budget.{key}")
 
 
 def test_negative_device_figures_are_refused(tmp_path):
     d = _profile_dict()
     d["device"]["bandwidth_gbs"] = -600
-    _one_error(run_cli("profiles", "validate", str(_write(tmp_path, d))), "device.bandwidth_gbs")
+    _one_error(run_main("profiles", "validate", str(_write(tmp_path, d))), "device.bandwidth_gbs")
 
 
 def test_workload_longer_than_the_context_is_refused(tmp_path):
     d = _profile_dict()
     d["workload"].update(max_context=256, prompt_tokens=200, output_tokens=100)
-    _one_error(run_cli("profiles", "validate", str(_write(tmp_path, d))), "exceed max_context (256)")
+    _one_error(run_main("profiles", "validate", str(_write(tmp_path, d))), "exceed max_context (256)")
 
 
 def test_missing_profile_file_and_unknown_name(tmp_path):
-    _one_error(run_cli("profiles", "show", str(tmp_path / "nope.yaml")), "does not exist")
-    _one_error(run_cli("plan", "--profile", "no-such-gpu", "--no-calibrate"), "Unknown profile 'no-such-gpu'")
+    _one_error(run_main("profiles", "show", str(tmp_path / "nope.yaml")), "does not exist")
+    _one_error(run_main("plan", "--profile", "no-such-gpu", "--no-calibrate"), "Unknown profile 'no-such-gpu'")

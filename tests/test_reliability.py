@@ -22,10 +22,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, run_cli, run_python, small_tmpfs
+from tests.conftest import ROOT, run_cli, run_main, run_python, small_tmpfs
 from tests.conftest import assert_clean_failure as _clean_failure
 
-FAST = ["--nsamples", "4", "--seqlen", "32", "--round-to", "8", "--ratio", "0.3", "--no-checks"]
+# --structure global: the allocation search (auto on a small model in memory) is not what these cases test
+FAST = ["--nsamples", "4", "--seqlen", "32", "--round-to", "8", "--ratio", "0.3", "--no-checks",
+        "--structure", "global"]
 
 
 def assert_clean_failure(p, out_dir: Path | None, match: str, code: int | None = None) -> None:
@@ -145,17 +147,17 @@ def tiny_fs(tmp_path):
 
 def test_disk_full_during_export(tiny_fs, tiny_model_dir):
     out = tiny_fs / "o"
-    p = run_cli(str(tiny_model_dir), *FAST, "--out", str(out))
+    p = run_main(str(tiny_model_dir), *FAST, "--out", str(out))
     assert_clean_failure(p, out, "is full; nothing was written.", code=28)
     assert list(tiny_fs.iterdir()) == []
 
 
 def test_disk_full_while_writing_a_container_context(tiny_fs, tmp_path, tiny_model_dir):
     export = tmp_path / "export"
-    p = run_cli(str(tiny_model_dir), *FAST, "--out", str(export))
+    p = run_main(str(tiny_model_dir), *FAST, "--out", str(export))
     assert p.returncode == 0, p.stderr[-3000:]
     ctx = tiny_fs / "ctx"
-    p = run_cli("container", str(export), "--out", str(ctx))
+    p = run_main("container", str(export), "--out", str(ctx))
     assert_clean_failure(p, ctx, "is full; nothing was written.", code=28)
     assert list(tiny_fs.iterdir()) == []
 
@@ -176,7 +178,7 @@ def test_corrupt_safetensors(tmp_path, tiny_model_dir, kind, mode):
     data = b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}xx" if kind == "garbage" else real[: len(real) // 2]
     (model / "model.safetensors").write_bytes(data)
     out = tmp_path / "o"
-    p = run_cli(str(model), *FAST, "--out-of-core", mode, "--out", str(out))
+    p = run_main(str(model), *FAST, "--out-of-core", mode, "--out", str(out))
     assert_clean_failure(p, out, "corrupt or truncated")
     assert not (tmp_path / ".o.fitprune-work").exists()
 
@@ -206,7 +208,7 @@ def _gguf_with_architecture(path: Path, arch: str) -> Path:
 def test_gguf_of_an_unsupported_architecture(tmp_path):
     model = _gguf_with_architecture(tmp_path / "m.gguf", "rwkv6")
     out = tmp_path / "o"
-    p = run_cli(str(model), *FAST, "--out", str(out))
+    p = run_main(str(model), *FAST, "--out", str(out))
     assert_clean_failure(p, out, "Cannot read the GGUF file")
     assert "rwkv6" in p.stderr
 
@@ -215,7 +217,7 @@ def test_file_that_is_not_gguf(tmp_path):
     model = tmp_path / "m.gguf"
     model.write_bytes(b"definitely not GGUF")
     out = tmp_path / "o"
-    p = run_cli(str(model), *FAST, "--out", str(out))
+    p = run_main(str(model), *FAST, "--out", str(out))
     assert_clean_failure(p, out, "is not a GGUF file")
 
 
@@ -224,7 +226,7 @@ def test_calibration_text_of_the_wrong_encoding(tmp_path, tiny_model_dir, encodi
     text = tmp_path / "calib.txt"
     text.write_bytes(("Überprüfung der Kalibrierung, déjà vu. " * 200).encode(encoding))
     out = tmp_path / "o"
-    p = run_cli(str(tiny_model_dir), *FAST, "--calib", str(text), "--out", str(out))
+    p = run_main(str(tiny_model_dir), *FAST, "--calib", str(text), "--out", str(out))
     assert_clean_failure(p, out, "is not UTF-8 text")
 
 
@@ -251,7 +253,7 @@ OOC = ("--out-of-core", "on")
 
 def test_disk_full_during_streaming_export(tiny_fs, tiny_model_dir):
     out = tiny_fs / "o"
-    p = run_cli(str(tiny_model_dir), *FAST, *OOC, "--out", str(out))
+    p = run_main(str(tiny_model_dir), *FAST, *OOC, "--out", str(out))
     assert_clean_failure(p, out, "is full; nothing was written.", code=28)
     assert list(tiny_fs.iterdir()) == []  # no work directory either
 
@@ -267,5 +269,5 @@ def test_missing_shard_out_of_core(tmp_path, tiny_model_dir):
     weight_map["model.layers.1.mlp.down_proj.weight"] = "model-00002-of-00002.safetensors"
     (model / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     out = tmp_path / "o"
-    p = run_cli(str(model), *FAST, *OOC, "--out", str(out))
+    p = run_main(str(model), *FAST, *OOC, "--out", str(out))
     assert_clean_failure(p, out, "the shard model-00002-of-00002.safetensors named in its index is missing")

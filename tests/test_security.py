@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, run_cli, run_main
 from tests.test_reliability import FAST, assert_clean_failure
 
 PRODUCT = ["compressor", "exporters", "runtimes", "profiles"]
@@ -40,7 +40,7 @@ def test_pickle_only_model_is_refused_and_never_unpickled(tmp_path, tiny_model_d
     marker = tmp_path / "PWNED"
     (model / "pytorch_model.bin").write_bytes(pickle.dumps({"x": _Payload(marker)}))
     out = tmp_path / "o"
-    p = run_cli(str(model), *FAST, "--out", str(out))
+    p = run_main(str(model), *FAST, "--out", str(out))
     assert_clean_failure(p, out, "holds only pickled PyTorch weights (pytorch_model.bin)")
     assert not marker.exists()
 
@@ -85,7 +85,7 @@ def test_remote_code_does_not_run_without_the_flag(tmp_path, tiny_model_dir):
     marker = tmp_path / "PWNED"
     model = _remote_code_model(tmp_path, tiny_model_dir, marker)
     out = tmp_path / "o"
-    p = run_cli(str(model), *FAST, "--out", str(out))
+    p = run_main(str(model), *FAST, "--out", str(out))
     assert_clean_failure(p, out, "Could not load the model")
     assert not marker.exists()
 
@@ -104,7 +104,7 @@ def test_yaml_profiles_are_loaded_safely(tmp_path):
     prof = tmp_path / "evil.yaml"
     prof.write_text(f"name: !!python/object/apply:pathlib.Path.touch [!!python/object/apply:pathlib.Path "
                     f"['{marker}']]\n")
-    p = run_cli("profiles", "validate", str(prof))
+    p = run_main("profiles", "validate", str(prof))
     assert_clean_failure(p, None, "is not valid YAML")
     assert not marker.exists()
 
@@ -113,7 +113,7 @@ def test_export_writes_only_inside_out(tmp_path, tiny_model_dir):
     parent = tmp_path / "parent"
     parent.mkdir()
     out = parent / "o"
-    p = run_cli(str(tiny_model_dir), *FAST, "--out", str(out))
+    p = run_main(str(tiny_model_dir), *FAST, "--out", str(out))
     assert p.returncode == 0, p.stderr[-3000:]
     assert [x.name for x in parent.iterdir()] == ["o"]  # no temporary sibling, nothing else
     for f in out.rglob("*"):
@@ -123,14 +123,14 @@ def test_export_writes_only_inside_out(tmp_path, tiny_model_dir):
 @pytest.fixture(scope="module")
 def tiny_export(tmp_path_factory, tiny_model_dir) -> Path:
     out = tmp_path_factory.mktemp("export") / "tiny"
-    p = run_cli(str(tiny_model_dir), *FAST, "--out", str(out))
+    p = run_main(str(tiny_model_dir), *FAST, "--out", str(out))
     assert p.returncode == 0, p.stderr[-3000:]
     return out
 
 
 def test_container_context_stays_inside_out_and_runs_as_non_root(tmp_path, tiny_export):
     ctx = tmp_path / "ctx"
-    p = run_cli("container", str(tiny_export), "--out", str(ctx), "--host", "127.0.0.1", "--port", "9001")
+    p = run_main("container", str(tiny_export), "--out", str(ctx), "--host", "127.0.0.1", "--port", "9001")
     assert p.returncode == 0, p.stderr[-3000:]
     assert sorted(x.name for x in tmp_path.iterdir()) == ["ctx"]
     for f in ctx.rglob("*"):
@@ -150,7 +150,7 @@ def test_container_refuses_links_out_of_the_model_directory(tmp_path, tiny_expor
     (model / "tokenizer.json").unlink()
     (model / "tokenizer.json").symlink_to("/etc/passwd")
     ctx = tmp_path / "ctx"
-    p = run_cli("container", str(model), "--out", str(ctx))
+    p = run_main("container", str(model), "--out", str(ctx))
     assert_clean_failure(p, ctx, "symbolic link (tokenizer.json)")
 
 
@@ -162,13 +162,13 @@ def test_container_refuses_links_out_of_the_model_directory(tmp_path, tiny_expor
 ])
 def test_container_refuses_unsafe_settings(tmp_path, tiny_export, args, match):
     ctx = tmp_path / "ctx"
-    p = run_cli("container", str(tiny_export), "--out", str(ctx), *args)
+    p = run_main("container", str(tiny_export), "--out", str(ctx), *args)
     assert_clean_failure(p, ctx, match)
 
 
 def test_container_context_inside_the_export_is_refused(tiny_export):
     ctx = tiny_export / "ctx"
-    p = run_cli("container", str(tiny_export), "--out", str(ctx))
+    p = run_main("container", str(tiny_export), "--out", str(ctx))
     assert_clean_failure(p, ctx, "must not be inside the export")
 
 
