@@ -5,6 +5,7 @@ output directory atomically."""
 
 from __future__ import annotations
 
+import gc
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -145,6 +146,7 @@ def run_quantize_only(cfg: RunConfig, profile, round_to: int, prep: Prepared, st
         judged = fake_quantized(model, cfg.quantize)
         ppl_pruned, domains_pruned = evaluate_model("pruned", judged, tok, prep, tasks, cfg, stages, say)
         del judged
+        gc.collect()  # the quantized copy is cyclic garbage (its hooks refer to it)
         report = build_report(cfg, profile.name, prep, spec, result, before, ppl_dense, ppl_pruned,
                               cross_domain=(domains_dense, domains_pruned))
         write_output(report, out, prep, profile, QuantizeOnly(cfg.quantize), tasks, cfg, stages, say)
@@ -252,6 +254,7 @@ def _run_levers(cfg: RunConfig, profile, round_to: int, prep: Prepared, stages: 
         judged = model if chosen.fmt == "none" else fake_quantized(model, chosen.fmt)
         ppl_pruned, domains_pruned = evaluate_model("pruned", judged, tok, prep, tasks, cfg, stages, say)
         del judged
+        gc.collect()  # the quantized copy is cyclic garbage (its hooks refer to it)
         report = build_report(cfg, profile.name, prep, spec, result, before, ppl_dense, ppl_pruned,
                               cross_domain=(domains_dense, domains_pruned))
         write_output(report, out, prep, profile, LeverPlan(frontier, "every lever"), tasks, cfg, stages, say)

@@ -182,6 +182,31 @@ def test_layerwise_perplexity_equals_the_whole_model(tmp_path):
     assert abs(layerwise_perplexity(lazy, adapter_for(lazy.model), windows, vocab_chunk=50) / whole - 1) < 1e-5
 
 
+def test_layerwise_perplexity_in_a_weight_format_equals_the_whole_model(tmp_path):
+    """`simulate` (the run's weight format, compressed-tensors' fake quantization) gives the fake-quantized
+    whole model's perplexity, with one layer's quantized copy alive at a time."""
+    import weakref
+
+    from compressor.evaluate.perplexity import layerwise_perplexity, perplexity
+    from compressor.prune.planned import fake_quantized
+
+    path = _save_tiny(tmp_path / "m", "llama-gqa")
+    windows = _calib(6, 24)
+    whole = perplexity(fake_quantized(load(str(path), tokenizer_required=False).model, "w8a8-int8"), windows)
+    copies = []
+
+    def simulate(layer):
+        q = fake_quantized(layer, "w8a8-int8")
+        copies.append(weakref.ref(q))
+        assert sum(r() is not None for r in copies) == 1  # the previous layer's copy is gone
+        return q
+
+    lazy = LazyModel(path)
+    got = layerwise_perplexity(lazy, adapter_for(lazy.model), windows, vocab_chunk=50, simulate=simulate)
+    assert len(copies) == len(adapter_for(lazy.model).layers(lazy.model)) and copies[-1]() is None
+    assert abs(got / whole - 1) < 1e-4
+
+
 def test_lazy_model_refuses_incomplete_and_non_finite_checkpoints(tmp_path):
     from safetensors.torch import save_file
 

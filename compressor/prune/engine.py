@@ -11,6 +11,7 @@ activations (two buffers of N x L x hidden), whatever the model's depth.
 from __future__ import annotations
 
 import functools
+import gc
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -291,7 +292,15 @@ class LayerwiseEngine:
                 continue
             self._load(layer, f"model.layers.{i}")
             if not self.observe:
-                self._forward(self.simulate(layer) if self.simulate else layer, inputs, outputs, kwargs_by_bs)
+                if self.simulate is None:
+                    self._forward(layer, inputs, outputs, kwargs_by_bs)
+                else:
+                    sim = self.simulate(layer)
+                    self._forward(sim, inputs, outputs, kwargs_by_bs)
+                    # free the copy and whatever cyclic garbage its run left now, not at the next full
+                    # collection: an 8B run's resident memory grew into its 8 GiB limit without this
+                    del sim
+                    gc.collect()
                 if self.on_done is not None:
                     self.on_done(i, layer, {"inputs": outputs})
                 self._unload(layer)

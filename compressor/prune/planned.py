@@ -31,6 +31,7 @@ the order of the 0.9x plans (0.66 / 0.80 / 2.64 for cross-domain 37 / 42 / 236).
 from __future__ import annotations
 
 import copy
+import gc
 import time
 
 import torch
@@ -189,6 +190,7 @@ class PlanQuality:
         model = self.model if fmt == "none" else fake_quantized(self.model, fmt)
         kls = [self.fitness.window_kl(model, i) for i in range(len(self.fitness.windows))]
         del model
+        gc.collect()  # a quantized copy is cyclic garbage (its hooks refer to it): free it before the next one
         self._kl[key] = sum(kls) / len(kls)
         return self._kl[key]
 
