@@ -262,19 +262,12 @@ def choose_plan(cfg: RunConfig, profile, round_to: int, stages, say):
     if cfg.ratio is not None or cfg.levers is False:
         return steps.choose_ratio(cfg, profile, round_to, stages, say)
     from .budget.frontier import lever_plan
-    from .budget.planner import InfeasibleBudget, NothingToPrune
+    from .budget.planner import InfeasibleBudget
 
     with stages.timed("plan"):
         frontier, _ = lever_plan(profile, cfg.model, attn_unit=cfg.attn_unit, round_to=round_to, say=say,
                                  compensation=cfg.compensation, max_dropped=0, confirmable=False)
-        for n in frontier.notes:
-            say(f"plan note: {n}")
-        if not frontier.feasible:
-            raise InfeasibleBudget(frontier.notes[-1] + " Pass --ratio to prune anyway.")
-        if any(c.removed == 0 and c.fmt == "none" for c in frontier.candidates):
-            raise NothingToPrune(f"The dense model already meets every budget line of profile '{profile.name}' "
-                                 f"(predicted from {frontier.latency_source}); nothing to prune, so nothing was "
-                                 "written.")
+        steps.lever_notes_and_refusals(frontier, profile, say)
         frontier.unscored = ("out of core: width and weight format only, no layer dropped, since choosing layers "
                              "to drop and measuring the candidates' KL need the whole model in memory")
         chosen = frontier.choose()

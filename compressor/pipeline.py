@@ -34,6 +34,7 @@ from .steps import (
     choose_ratio,
     finish_report,
     layer_progress,
+    lever_notes_and_refusals,
     output_dir,
     prune_spec,
     quantizable,
@@ -194,7 +195,7 @@ def _run_levers(cfg: RunConfig, profile, round_to: int, prep: Prepared, stages: 
                 dense_dir: Path) -> Report:
     from .budget.confirm import confirm_choice
     from .budget.frontier import lever_plan
-    from .budget.planner import InfeasibleBudget, NothingToPrune
+    from .budget.planner import InfeasibleBudget
     from .prune.planned import PlanQuality, estimate, fake_quantized, kl_text
 
     say = console.print
@@ -217,13 +218,7 @@ def _run_levers(cfg: RunConfig, profile, round_to: int, prep: Prepared, stages: 
     with stages.timed("plan"):
         frontier, _ = lever_plan(profile, cfg.model, attn_unit=cfg.attn_unit, round_to=round_to, say=say,
                                  measure_dense=measure_dense, compensation=cfg.compensation)
-    for n in frontier.notes:
-        say(f"plan note: {n}")
-    if not frontier.feasible:
-        raise InfeasibleBudget(frontier.notes[-1] + " Pass --ratio to prune anyway.")
-    if any(c.removed == 0 and c.fmt == "none" for c in frontier.candidates):
-        raise NothingToPrune(f"The dense model already meets every budget line of profile '{profile.name}' (predicted "
-                             f"from {frontier.latency_source}); nothing to prune, so nothing was written.")
+    lever_notes_and_refusals(frontier, profile, say)
     spec = replace(prune_spec(cfg, 0.0, round_to, tensor_parallel_size(profile)), structure="uniform")
     model, tok = prep.loaded.model, prep.loaded.tokenizer
     before = prep.adapter.count_params(model)

@@ -143,6 +143,20 @@ def output_dir(cfg: RunConfig, spec: PruneSpec, name: str | None = None) -> Path
     return out
 
 
+def lever_notes_and_refusals(frontier, profile, say) -> None:
+    """Print the lever frontier's notes; an infeasible budget, or a dense model that already meets it,
+    ends the run in one sentence."""
+    from .budget.planner import InfeasibleBudget, NothingToPrune
+
+    for n in frontier.notes:
+        say(f"plan note: {n}")
+    if not frontier.feasible:
+        raise InfeasibleBudget(frontier.notes[-1] + " Pass --ratio to prune anyway.")
+    if any(c.removed == 0 and c.fmt == "none" for c in frontier.candidates):
+        raise NothingToPrune(f"The dense model already meets every budget line of profile '{profile.name}' (predicted "
+                             f"from {frontier.latency_source}); nothing to prune, so nothing was written.")
+
+
 class LeverPlan:
     """The lever frontier where the report and the checks expect a plan: it has no fitted cost model
     (`cost_fit`), so the checks measure the dense model themselves. `source`: how the run came to it."""
