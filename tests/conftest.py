@@ -222,3 +222,24 @@ def small_tmpfs(parent: Path, size: str):
         yield mnt
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
+
+
+
+TEST_TIMES = "FITPRUNE_TEST_TIMES"
+_times_path: str | None = None
+
+
+def pytest_configure(config):
+    global _times_path
+    _times_path = None if hasattr(config, "workerinput") else os.environ.get(TEST_TIMES)
+
+
+def pytest_runtest_logreport(report):
+    """Where FITPRUNE_TEST_TIMES names a file (CI sets it), one JSON line per test phase, written by the
+    controller only; `python scripts/test_times.py FILE` sums them per file and per test."""
+    if _times_path:
+        import json
+
+        with open(_times_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"id": report.nodeid, "when": report.when, "s": round(report.duration, 2),
+                                "outcome": report.outcome}) + "\n")

@@ -354,6 +354,9 @@ for d in req["dirs"]:
                       for w, o in zip(req["windows"], scored, strict=True)]}
 print("RESULT " + json.dumps(res))
 """
+# two runs of the same int8 model differ per token by up to ~1.6 nats (different activation rounding
+# compounding over 30 layers), so a pick within this much of the reference's best is a near-tie, not a bug
+NEAR_TIE_NATS = 1.5
 SERVE_PROMPTS = ["The capital of France is", "Write a short poem about the sea.", "def fibonacci(n):",
                  "Structured pruning removes whole attention heads and MLP channels, so that",
                  "Once upon a time, in a small village,", "The three primary colors are"]
@@ -416,10 +419,11 @@ def test_the_vllm_plugin_serves_quantized_per_layer_exports(tmp_path, smollm2_di
        0.10-0.38 nats on average (max 1.6), about as much as each differs from the unquantized model,
        and greedy continuations part at the first near-tie (measured first divergences at tokens
        0-20 of 32 for 7 prompts). So the tolerances are on what noise cannot move: held-out perplexity
-       within 1% of the reference's (measured 19.25 vs 19.20, +0.25%), and every greedy token vLLM
-       picks is among the reference's top 5 at that position, with the reference's argmax agreeing on
-       at least 80% of positions (measured: all in the top 5, argmax agreeing on 174 of 192, 91%; the
-       plugin against stock vLLM on the same weights: identical tokens, log-probabilities equal to the bit)."""
+       within 1% of the reference's (measured 19.25 vs 19.20, +0.25%), every greedy token vLLM picks
+       within NEAR_TIE_NATS of the reference's best at that position (a rank would not do: where the
+       distribution is flat, the 6th token sat 0.5 nats below the best), and the reference's argmax
+       agreeing on at least 80% of positions (measured: argmax agreeing on 174 of 192, 91%; the plugin
+       against stock vLLM on the same weights: identical tokens, log-probabilities equal to the bit)."""
     pytest.importorskip("vllm")
     import math
     import shutil
@@ -464,13 +468,16 @@ def test_the_vllm_plugin_serves_quantized_per_layer_exports(tmp_path, smollm2_di
     nll = [x for w in got["nll"] for x in w]
     ppl = math.exp(sum(nll) / len(nll))
     agree = positions = 0
+    gaps = []
     for lp, ids in zip(along, got["ids"], strict=True):
         for step, t in enumerate(ids):
-            assert t in lp[step].topk(5).indices.tolist(), (step, t)
+            gaps.append((lp[step].max() - lp[step][t]).item())
             agree += int(lp[step].argmax().item() == t)
             positions += 1
     print(f"plugin vs stock vLLM: max |dlogprob| {worst:.2e}; per-layer W8A8: perplexity {ppl:.3f} vs reference "
-          f"{ppl_ref:.3f}; reference argmax agrees on {agree}/{positions} greedy positions")
+          f"{ppl_ref:.3f}; reference argmax agrees on {agree}/{positions} greedy positions; widest gap of a "
+          f"pick below the reference's best {max(gaps):.2f} nats")
+    assert max(gaps) < NEAR_TIE_NATS, sorted(gaps)[-5:]
     assert abs(ppl / ppl_ref - 1) < 0.01, (ppl, ppl_ref)
     assert agree >= 0.8 * positions, (agree, positions)
 
