@@ -9,7 +9,18 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+
+# With several xdist workers on CI's 2 cores, every torch process using both cores oversubscribes them: a
+# SmolLM2 forward took 1.7x longer with 2 threads than with 1 while the other worker ran (docs/benchmarks.md).
+# One thread per worker and per subprocess it starts (the CLI, scripts; vLLM binds its own threads) unless
+# the environment says otherwise; a test that passes --threads still gets what it asks for.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402 (after the thread count above)
+
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -127,13 +138,38 @@ def smollm2_dir() -> Path:
     return embedded_model_dir()
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, smollm2_dir) -> Path:
-    """A tiny random Llama saved with the real SmolLM2 tokenizer: a model the CLI can run in seconds."""
+def small_tokenizer(src: Path, dst: Path, vocab_size: int = 1024):
+    """SmolLM2's tokenizer retrained to `vocab_size` tokens (byte-level BPE on Python's own docs, the
+    same special tokens, configuration and chat template), saved in `dst`. A tiny model's time goes to
+    its output layer and softmax over the vocabulary: 49,152 tokens made one lm-eval pass of a 2-layer
+    model take a minute, 1,024 take seconds."""
+    import shutil
+    from pydoc_data.topics import topics
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    big = Tokenizer.from_file(str(src / "tokenizer.json"))
+    tok = Tokenizer(models.BPE())
+    tok.normalizer, tok.pre_tokenizer, tok.decoder = big.normalizer, big.pre_tokenizer, big.decoder
+    tok.post_processor = big.post_processor
+    tok.train_from_iterator(list(topics.values()), trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    dst.mkdir(parents=True, exist_ok=True)
+    tok.save(str(dst / "tokenizer.json"))
+    for name in ("tokenizer_config.json", "chat_template.jinja"):
+        if (src / name).is_file():
+            shutil.copy(src / name, dst / name)
+    return AutoTokenizer.from_pretrained(dst)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm2_dir) -> Path:
+    """A tiny random Llama with a small tokenizer (SmolLM2's, retrained to 1,024 tokens): a model the CLI
+    runs in seconds, checks included."""
     path = tmp_path_factory.mktemp("tiny-llama")
+    tok = small_tokenizer(smollm2_dir, path)
     model = tiny_model("llama-gqa", vocab_size=len(tok), layers=2)
     model.save_pretrained(path)
     tok.save_pretrained(path)
@@ -239,7 +275,22 @@ def pytest_runtest_logreport(report):
     controller only; `python scripts/test_times.py FILE` sums them per file and per test."""
     if _times_path:
         import json
+        import time
 
+        gateway = getattr(getattr(report, "node", None), "gateway", None)
         with open(_times_path, "a", encoding="utf-8") as f:
             f.write(json.dumps({"id": report.nodeid, "when": report.when, "s": round(report.duration, 2),
-                                "outcome": report.outcome}) + "\n")
+                                "outcome": report.outcome, "worker": getattr(gateway, "id", "main"),
+                                "end": round(time.time(), 1)}) + "\n")
+
+
+# The slowest test files first (CI's figures, `scripts/test_times.py`): with `--dist loadfile` a worker
+# that picks up a long file near the end leaves the other idle for its remaining minutes.
+SLOW_FILES_FIRST = ("test_vllm.py", "test_tensor_parallel.py", "test_quantize.py", "test_outofcore.py",
+                    "test_latency_table.py", "test_depth_export.py", "test_container.py", "test_smollm2.py",
+                    "test_ci_example.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(SLOW_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's own order is kept

@@ -166,7 +166,7 @@ def pruned_export(tmp_path_factory, smollm2_dir) -> Path:
     out = tmp_path_factory.mktemp("export") / "smollm2-pruned"
     p = run_cli(str(smollm2_dir), "--nsamples", "8", "--seqlen", "64", "--ratio", "0.2", "--no-checks",
                 "--structure", "global",  # the one-pass allocation: this test is about the container
-                "--threads", "1", "--out", str(out))
+                "--domain-windows", "0", "--threads", "1", "--out", str(out))
     assert p.returncode == 0, p.stderr[-3000:]
     assert json.loads((out / "config.json").read_text())["model_type"] == "fitprune"
     return out

@@ -71,7 +71,7 @@ def test_main_command_on_the_embedded_model(tmp_path):
     # the README's main command, smaller: 3 generations of the allocation search (the default structure
     # for this model on a CPU) instead of 30, which would add about 5 minutes
     p = run_cli("--profile", "cpu-2core", "--ratio", "0.2", "--no-checks", "--nsamples", "16", "--seqlen", "128",
-                "--search-generations", "3", "--out", str(out))
+                "--search-generations", "3", "--domain-windows", "0", "--out", str(out))
     assert p.returncode == 0, p.stderr[-3000:]
     r = json.loads((out / "report.json").read_text())
     assert 0.17 < r["params"]["achieved_ratio_decoder"] < 0.23

@@ -29,7 +29,7 @@ from compressor.prune.tensor_parallel import attention_states, heads_ok, heads_p
 from compressor.prune.widths import uniform_shapes
 from profiles import list_profiles, load_profile
 from profiles.costmodel import Arch
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, run_cli, run_main
 
 SMOLLM2 = LayerShape(9, 3, 64, 1536)
 LLAMA_8B = LayerShape(32, 8, 128, 14336)
@@ -283,15 +283,16 @@ def test_vllm_refuses_the_old_shapes(tmp_path):
 
 @pytest.fixture(scope="module")
 def tp_exports(tmp_path_factory, smollm2_dir):
-    """SmolLM2 pruned by the main job for the TP=2 and TP=4 profiles (global widths: fitprune's
-    per-layer format; small calibration, no checks)."""
+    """SmolLM2 pruned by the main job (in process) for the TP=2 and TP=4 profiles (global widths:
+    fitprune's per-layer format; small calibration, no checks, no cross-domain perplexity)."""
     root = tmp_path_factory.mktemp("tp-exports")
     out = {}
     for profile, tp in (("2xl4-48gb", 2), ("4xa10g-96gb", 4)):
         d = root / profile
-        p = run_cli("run", "--profile", profile, "--ratio", "0.2", "--no-checks", "--nsamples", "8", "--seqlen", "128",
-                    "--structure", "global",  # per-layer widths, without the minutes of the allocation search
-                    "--out", str(d), str(smollm2_dir))
+        p = run_main("run", "--profile", profile, "--ratio", "0.2", "--no-checks", "--nsamples", "8", "--seqlen",
+                     "128", "--domain-windows", "0",
+                     "--structure", "global",  # per-layer widths, without the minutes of the allocation search
+                     "--out", str(d), str(smollm2_dir))
         assert p.returncode == 0, p.stderr[-3000:]
         assert f"split for tensor parallel {tp}" in p.stderr.replace("\n", " ")
         out[tp] = d

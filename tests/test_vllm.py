@@ -233,7 +233,8 @@ def test_main_command_runs_lm_eval_on_the_export_in_vllm(tmp_path, smollm2_dir):
     out = tmp_path / "o"
     p = run_cli(str(smollm2_dir), "--profile", str(path), "--ratio", "0.2", "--nsamples", "8", "--seqlen", "128",
                 "--structure", "global",  # per-layer widths, without the minutes of the allocation search
-                "--threads", "2", "--lm-eval-backend", "vllm", "--eval-items", "100", "--out", str(out))
+                "--threads", "2", "--lm-eval-backend", "vllm", "--eval-items", "40", "--domain-windows", "0",
+                "--out", str(out))
     assert p.returncode == 0, p.stderr[-3000:]
     le = json.loads((out / "report.json").read_text())["accuracy"]["lm_eval"]
     hf, served = le["pruned"], le["pruned_vllm"]
