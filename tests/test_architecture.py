@@ -107,7 +107,8 @@ def test_nothing_below_imports_the_cli_or_the_pipeline():
 
 # The stages from the top down (../shared/DESIGN.md): an import may only point further down this list.
 STAGES = ("compressor.__main__", "compressor.cli", "compressor.pipeline", "compressor.outofcore", "compressor.steps",
-          "compressor.report", "compressor.evaluate", "compressor.budget", "compressor.config", "compressor.prune",
+          "compressor.report", "compressor.evaluate", "compressor.budget", "compressor.config", "compressor.recover",
+          "compressor.prune",
           "runtimes", "exporters", "compressor.model", "profiles", "compressor.data", "compressor.output",
           "compressor.tempdirs", "compressor.memory", "compressor.registry", "compressor.errors")
 

@@ -215,7 +215,7 @@ def test_the_checks_accept_the_embedded_model_and_a_per_layer_export(tmp_path, s
     assert check_checkpoint(smollm2_dir).tie_word_embeddings
     LazyModel(smollm2_dir)
     out = tmp_path / "g"
-    p = run_main(str(tiny_model_dir), *FAST, "--structure", "global", "--round-to", "8", "--ratio", "0.3",
+    p = run_main(str(tiny_model_dir), *FAST, "--structure", "global", "--round-to", "8", "--ratio", "0.4",
                 "--out", str(out))
     assert p.returncode == 0, p.stderr[-3000:]
     assert json.loads((out / "config.json").read_text())["model_type"] == "fitprune"

@@ -1,0 +1,196 @@
+"""Recovery by distillation: after pruning, the pruned model (the student) learns the dense model's
+(the teacher's) next-token distribution on a token budget.
+
+Contract:
+- `recovery_windows` picks the training text: the calibration sources' calibration region plus
+  text the dense model samples itself, never the held-out region, the cross-domain texts or the
+  lm-eval items (those come from the builtin text's test region and other files: `data.py`).
+- `teacher_targets` runs the dense model once over those windows and keeps, per position, its
+  top-k log-probabilities (float16) and their token ids: the teacher is not needed in memory
+  afterwards, and a model that does not fit can produce them layer by layer.
+- `distill` trains the student in place to minimise KL(teacher || student) over the teacher's
+  top-k tokens plus one bucket for the rest of the vocabulary, with AdamW, a linear warm-up and a
+  cosine decay, for `tokens` training tokens (the windows repeat when the budget exceeds them).
+  All parameters train, or, with `lora_rank`, low-rank adapters on every decoder Linear that are
+  merged back before it returns, so the exported architecture is the pruned one.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..memory import peak_rss_mib, reset_peak
+
+
+@dataclass
+class TeacherTargets:
+    windows: torch.Tensor  # [n, L] token ids
+    top_ids: torch.Tensor  # [n, L-1, k] int32: the teacher's k likeliest next tokens at each position
+    top_logp: torch.Tensor  # [n, L-1, k] float16: their log-probabilities
+
+    @property
+    def tokens(self) -> int:
+        return self.top_ids.shape[0] * self.top_ids.shape[1]
+
+
+def recovery_windows(calib: str, tokenizer, model, n_windows: int, seqlen: int, seed: int) -> torch.Tensor:
+    """`n_windows` windows of `seqlen` tokens: `calib`'s sources (their calibration region) and the
+    dense model's own samples, in equal shares (`data.calib_windows` with `+self`). A different seed
+    from the calibration's, so the windows are not the calibration windows again."""
+    from ..data import MIX, calib_parts, calib_windows
+
+    spec = calib if "self" in calib_parts(calib) else f"{calib}{MIX}self"
+    return calib_windows(spec, tokenizer, model, n_windows, seqlen, seed + 7919)
+
+
+@torch.no_grad()
+def teacher_targets(model, windows: torch.Tensor, k: int = 32, batch_size: int = 4) -> TeacherTargets:
+    """The dense model's top-k next-token log-probabilities at every position of `windows`."""
+    model.eval()
+    device = next(model.parameters()).device
+    ids, logp = [], []
+    for batch in windows.split(batch_size):
+        logits = model(input_ids=batch.to(device), use_cache=False).logits[:, :-1].float()
+        top = torch.log_softmax(logits, dim=-1).topk(k, dim=-1)
+        ids.append(top.indices.to(torch.int32).cpu())
+        logp.append(top.values.to(torch.float16).cpu())
+    return TeacherTargets(windows, torch.cat(ids), torch.cat(logp))
+
+
+def topk_kl(student_logits: torch.Tensor, top_ids: torch.Tensor, top_logp: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of KL(teacher || student) on the teacher's top-k tokens plus one bucket
+    holding the rest of the vocabulary's probability (the teacher's and the student's)."""
+    s_logp = torch.log_softmax(student_logits.float(), dim=-1)
+    s_top = s_logp.gather(-1, top_ids.long())
+    t_logp = top_logp.float()
+    t_top = t_logp.exp()
+    t_rest = (1 - t_top.sum(-1)).clamp_min(1e-6)
+    s_rest = (1 - s_top.exp().sum(-1)).clamp_min(1e-6)
+    kl = (t_top * (t_logp - s_top)).sum(-1) + t_rest * (t_rest.log() - s_rest.log())
+    return kl.mean()
+
+
+class LoRALinear(torch.nn.Module):
+    """A frozen Linear plus a trainable low-rank update B @ A (B starts at zero: the model is unchanged
+    until it trains)."""
+
+    def __init__(self, base: torch.nn.Linear, rank: int, alpha: float):
+        super().__init__()
+        self.base, self.scale = base, alpha / rank
+        base.weight.requires_grad_(False)
+        if base.bias is not None:
+            base.bias.requires_grad_(False)
+        self.a = torch.nn.Parameter(torch.randn(rank, base.in_features, dtype=torch.float32) / math.sqrt(rank))
+        self.b = torch.nn.Parameter(torch.zeros(base.out_features, rank, dtype=torch.float32))
+
+    def forward(self, x):
+        return self.base(x) + (F.linear(F.linear(x.float(), self.a), self.b) * self.scale).to(x.dtype)
+
+    def merged(self) -> torch.nn.Linear:
+        with torch.no_grad():
+            self.base.weight += (self.b @ self.a * self.scale).to(self.base.weight.dtype)
+        self.base.weight.requires_grad_(True)
+        if self.base.bias is not None:
+            self.base.bias.requires_grad_(True)
+        return self.base
+
+
+def _swap_linears(module: torch.nn.Module, make) -> int:
+    n = 0
+    for name, child in list(module.named_children()):
+        new = make(child)
+        if new is not None:
+            setattr(module, name, new)
+            n += 1
+        else:
+            n += _swap_linears(child, make)
+    return n
+
+
+def add_lora(decoder_layers, rank: int, alpha: float | None = None) -> int:
+    """Wrap every Linear of the decoder layers with a LoRA adapter; returns how many."""
+    alpha = alpha if alpha is not None else 2.0 * rank
+    return sum(_swap_linears(layer, lambda m: LoRALinear(m, rank, alpha)
+                             if isinstance(m, torch.nn.Linear) and m.out_features > 0 and m.in_features > 0
+                             else None)
+               for layer in decoder_layers)
+
+
+def merge_lora(decoder_layers) -> int:
+    """Fold every adapter back into its Linear (the architecture is the pruned one again)."""
+    return sum(_swap_linears(layer, lambda m: m.merged() if isinstance(m, LoRALinear) else None)
+               for layer in decoder_layers)
+
+
+@dataclass
+class RecoveryResult:
+    tokens: int  # training tokens seen (positions with a target)
+    steps: int
+    seconds: float
+    peak_rss_mib: float
+    loss_first: float  # KL of the first step
+    loss_last: float  # mean KL of the last 10% of steps
+    mode: str  # "full" or "lora (rank r)"
+
+    def as_dict(self) -> dict:
+        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
+
+
+def distill(model, targets: TeacherTargets, tokens: int, lr: float = 5e-5, batch_size: int = 4,
+            lora_rank: int = 0, decoder_layers=None, warmup: float = 0.05, say=None, seed: int = 0) -> RecoveryResult:
+    """Train `model` in place towards `targets` for `tokens` training tokens (see the module doc)."""
+    torch.manual_seed(seed)
+    reset_peak()
+    if lora_rank:
+        if decoder_layers is None:
+            raise ValueError("LoRA recovery needs the decoder layers to wrap")
+        for p in model.parameters():
+            p.requires_grad_(False)
+        add_lora(decoder_layers, lora_rank)
+        lr = lr * 20  # adapters start from zero and carry a fraction of the weights: a larger step
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.95))
+    per_step = batch_size * targets.top_ids.shape[1]
+    steps = max(1, math.ceil(tokens / per_step))
+    warm = max(1, int(warmup * steps))
+
+    def rate(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, rate)
+    device = next(model.parameters()).device
+    n = targets.windows.shape[0]
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    model.train()
+    losses, start, pos = [], time.monotonic(), 0
+    try:
+        for step in range(steps):
+            idx = torch.stack([order[(pos + i) % n] for i in range(batch_size)])
+            pos += batch_size
+            logits = model(input_ids=targets.windows[idx].to(device), use_cache=False).logits[:, :-1]
+            loss = topk_kl(logits, targets.top_ids[idx].to(device), targets.top_logp[idx].to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            losses.append(float(loss.detach()))
+            if say and (step + 1) % max(1, steps // 10) == 0:
+                say(f"recovery: step {step + 1}/{steps}, KL to the dense model {losses[-1]:.4f}")
+    finally:
+        model.eval()
+        if lora_rank:
+            merge_lora(decoder_layers)
+        for p in model.parameters():
+            p.requires_grad_(True)
+        opt.zero_grad(set_to_none=True)
+    tail = losses[-max(1, len(losses) // 10):]
+    return RecoveryResult(steps * per_step, steps, time.monotonic() - start, peak_rss_mib(), losses[0],
+                          sum(tail) / len(tail), f"lora (rank {lora_rank})" if lora_rank else "full")
