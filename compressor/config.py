@@ -78,6 +78,9 @@ class RunConfig(BaseModel):
     # weights stay in the checkpoint and one layer at a time is in memory (auto: when the model in
     # float32 would not fit in half of the free memory); see compressor/outofcore.py
     out_of_core: str = "auto"
+    # after pruning, distil from the dense model for this many training tokens (compressor/recover); 0: off
+    recover_tokens: int = 0
+    recover_lora: int = 0  # LoRA rank of the recovery (merged back before export); 0: every parameter trains
     resume: bool = False  # continue an interrupted out-of-core run on the same --out
     # out of core with a Gram-based compensation: keep every layer's Gram matrices from pass 1 ("one")
     # or recompute one layer's at a time in pass 2 ("two"); auto: from the predicted memory
@@ -169,6 +172,14 @@ class RunConfig(BaseModel):
     def _eval_items(cls, v: int) -> int:
         if not 20 <= v <= 2000:
             raise ValueError(f"--eval-items must be between 20 and 2000, got {v}.")
+        return v
+
+    @field_validator("recover_tokens", "recover_lora")
+    @classmethod
+    def _recover(cls, v: int, info) -> int:
+        most = 100_000_000 if info.field_name == "recover_tokens" else 1024
+        if not 0 <= v <= most:
+            raise ValueError(f"--{info.field_name.replace('_', '-')} must be between 0 and {most:,}, got {v}.")
         return v
 
     @field_validator("domain_windows")

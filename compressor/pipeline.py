@@ -76,7 +76,9 @@ def run(cfg: RunConfig, console=None) -> Report:
         refuse_pruning_options(cfg)
     if cfg.levers:
         refuse_levers(cfg)
-    if outofcore.choose(cfg, say):
+    in_core = not outofcore.choose(cfg, say)
+    refuse_recovery(cfg, in_core)
+    if not in_core:
         return outofcore.run_out_of_core(cfg, profile, round_to, stages, console)
     prep = prepare(cfg, stages)
     if cfg.plans_levers:
@@ -93,10 +95,13 @@ def run(cfg: RunConfig, console=None) -> Report:
     with Tasks(prep.texts.heldout_text, cfg.checks, vllm=cfg.lm_eval_backend == "vllm",
                n_cloze=cfg.eval_items) as tasks:
         ppl_dense, domains_dense = evaluate_model("dense", model, tok, prep, tasks, cfg, stages, say)
+        targets = teacher_stage(prep, cfg, stages, say)
         result = prune_stage(prep, spec, cfg, stages, console)
+        recovery = recover_stage(prep, targets, cfg, stages, say)
         ppl_pruned, domains_pruned = evaluate_model("pruned", model, tok, prep, tasks, cfg, stages, say)
         report = build_report(cfg, profile.name, prep, spec, result, before, ppl_dense, ppl_pruned,
                               cross_domain=(domains_dense, domains_pruned))
+        report.recovery = recovery
         write_output(report, out, prep, profile, plan, tasks, cfg, stages, say)
     return report
 
@@ -121,6 +126,60 @@ def refuse_pruning_options(cfg: RunConfig) -> None:
         if given:
             raise UserError(f"--quantize {cfg.quantize} without --ratio quantizes the dense model only; {name} "
                             "shapes a pruning, so pass --ratio R too (or drop it).")
+
+
+def refuse_recovery(cfg: RunConfig, in_core: bool) -> None:
+    """--recover-tokens runs after a width pruning in memory; elsewhere it is refused before any work."""
+    if cfg.recover_lora and not cfg.recover_tokens:
+        raise UserError(f"--recover-lora {cfg.recover_lora} shapes a recovery: pass --recover-tokens N too "
+                        "(or drop it).")
+    if not cfg.recover_tokens:
+        return
+    if cfg.ratio is None:
+        raise UserError("--recover-tokens runs after a width pruning: pass --ratio R (the lever plan and --quantize "
+                        "alone do not recover yet).")
+    if not in_core:
+        raise UserError("--recover-tokens does not run out of core yet: the model must fit in memory "
+                        "(--out-of-core off), with its gradients and optimizer state (about 4x its float32 size; "
+                        "--recover-lora R needs less).")
+
+
+def teacher_stage(prep: Prepared, cfg: RunConfig, stages: Stages, say):
+    """With --recover-tokens: the recovery text and the dense model's top-k targets on it (stage
+    recover_teacher), before pruning changes the model; else None."""
+    if not cfg.recover_tokens:
+        return None
+    from .recover.distill import recovery_windows, teacher_targets
+
+    with stages.timed("recover_teacher"):
+        n = max(4, min(256, -(-cfg.recover_tokens // cfg.seqlen)))  # unique windows: the budget's, at most 256
+        windows = recovery_windows(cfg.calib, prep.loaded.tokenizer, prep.loaded.model, n, cfg.seqlen, cfg.seed)
+        targets = teacher_targets(prep.loaded.model, windows)
+    say(f"recovery text: {n} windows of {cfg.seqlen} tokens (the calibration sources and the dense model's own "
+        "samples); the dense model's top-32 next-token log-probabilities kept")
+    return targets
+
+
+def recover_stage(prep: Prepared, targets, cfg: RunConfig, stages: Stages, say) -> dict | None:
+    """With targets: the pruned model's perplexities before recovery, then `distill` in place (stage
+    recover); the report's recovery section. None without."""
+    if targets is None:
+        return None
+    from .recover.distill import distill
+
+    model = prep.loaded.model
+    held = finite(perplexity(model, prep.heldout), "held-out perplexity before recovery")
+    cross = domain_perplexities(model, prep.domains)["geomean"] if prep.domains else None
+    say(f"before recovery: held-out perplexity {held:.3f}" + (f", cross-domain {cross:.3f}" if cross else ""))
+    with stages.timed("recover"):
+        res = distill(model, targets, cfg.recover_tokens, lora_rank=cfg.recover_lora,
+                      decoder_layers=prep.adapter.layers(model), say=say, seed=cfg.seed)
+    say(f"recovery: {res.tokens:,} tokens in {res.seconds:.0f} s ({res.mode}), KL to the dense model "
+        f"{res.loss_first:.4f} -> {res.loss_last:.4f}")
+    return {**res.as_dict(), "tokens_requested": cfg.recover_tokens, "unique_tokens": int(targets.windows.numel()),
+            "text": "the calibration sources' calibration region and the dense model's own samples, half each",
+            "before": {"heldout_perplexity": round(held, 4),
+                       "cross_domain_perplexity": round(cross, 4) if cross else None}}
 
 
 def run_quantize_only(cfg: RunConfig, profile, round_to: int, prep: Prepared, stages: Stages, console) -> Report:

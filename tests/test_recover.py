@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
 from compressor.prune.driver import Compute, PruneSpec, prune
@@ -100,3 +101,34 @@ def test_recovery_text_holds_no_evaluation_text(tiny_model_dir):
     trained = {tuple(w.tolist()) for w in windows}
     for block in [texts.heldout] + [d.windows for d in domain_windows(tok, 64, 8)]:
         assert not trained & {tuple(w.tolist()) for w in block}
+
+
+def test_the_main_command_recovers_in_memory_and_reports_it(tmp_path, tiny_model_dir):
+    from tests.conftest import run_main
+
+    out = tmp_path / "o"
+    p = run_main(str(tiny_model_dir), "--ratio", "0.3", "--no-checks", "--nsamples", "4", "--seqlen", "64",
+                 "--round-to", "8", "--domain-windows", "2", "--recover-tokens", "1000", "--out", str(out))
+    assert p.returncode == 0, p.stderr[-3000:]
+    import json
+
+    r = json.loads((out / "report.json").read_text())
+    rec = r["recovery"]
+    assert rec["tokens"] >= 1000 and rec["mode"] == "full" and rec["tokens_requested"] == 1000
+    assert rec["before"]["heldout_perplexity"] > 0 and rec["before"]["cross_domain_perplexity"] > 0
+    assert {"recover_teacher", "recover"} <= set(r["seconds"])
+    assert "recovery: " in p.stderr
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--recover-tokens", "1000"], "--recover-tokens runs after a width pruning: pass --ratio R"),
+    (["--ratio", "0.3", "--recover-lora", "8"], "--recover-lora 8 shapes a recovery"),
+    (["--ratio", "0.3", "--recover-tokens", "1000", "--out-of-core", "on"], "does not run out of core yet"),
+    (["--ratio", "0.3", "--recover-tokens", "-5"], "--recover-tokens must be between 0 and"),
+], ids=["no-ratio", "lora-alone", "out-of-core", "negative"])
+def test_recovery_options_refused_in_one_sentence(tmp_path, tiny_model_dir, args, match):
+    from tests.conftest import assert_clean_failure, run_main
+
+    out = tmp_path / "o"
+    p = run_main(str(tiny_model_dir), "--no-checks", *args, "--out", str(out))
+    assert_clean_failure(p, out, match)

@@ -58,6 +58,8 @@ def run_cmd(
     tpot_ms: float = typer.Option(None, "--tpot-ms", help="Time-per-output-token line in ms (batch 1), in place of the profile's.", rich_help_panel="Budget & plan"),
     throughput: float = typer.Option(None, "--throughput", help="Least output tokens/s at the profile's concurrency, in place of the profile's.", rich_help_panel="Budget & plan"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Also show third-party progress bars and logs (vLLM, transformers, datasets, lm-eval), which are quiet by default.", rich_help_panel="Output"),
+    recover_tokens: int = typer.Option(0, "--recover-tokens", help="After pruning, the pruned model learns the dense model's next-token distribution (KL on its top-32 log-probabilities) for this many training tokens of the calibration sources' text and the dense model's own samples, never evaluation text; 0 (the default) skips it. In memory, after a width pruning (--ratio R); the report gives its cost and the perplexities before and after.", rich_help_panel="Method"),
+    recover_lora: int = typer.Option(0, "--recover-lora", help="With --recover-tokens: train LoRA adapters of this rank on every decoder matrix, merged back before export (the exported architecture is unchanged), instead of every parameter; 0: every parameter.", rich_help_panel="Method"),
     quantize: str = typer.Option("none", "--quantize", help="After pruning, quantize the export with compressed-tensors (round-to-nearest) into a checkpoint vLLM serves: none, w8a8-int8 (int8 weights and activations), w4a16, w8a16 (int4/int8 weights in groups of 128 input channels) or fp8; refused where the profile's device has no kernel for it (profiles/data/kernels.yaml). Uniform and per-layer exports alike (fitprune's vLLM plugin serves the per-layer ones quantized).", rich_help_panel="Budget & plan"),
 ):
     from ..config import RunConfig
@@ -71,7 +73,7 @@ def run_cmd(
                    export_dtype=export_dtype, threads=threads, trust_remote_code=trust_remote_code, checks=checks,
                    lm_eval_backend=lm_eval_backend, eval_items=eval_items, domain_windows=domain_windows, runtime=runtime, search=search, trials=trials,
                    search_generations=search_generations, out_of_core=out_of_core, resume=resume, passes=passes, quantize=quantize,
-                   levers=levers, memory_gib=memory_gib, ttft_ms=ttft_ms, tpot_ms=tpot_ms, throughput=throughput)
+                   levers=levers, recover_tokens=recover_tokens, recover_lora=recover_lora, memory_gib=memory_gib, ttft_ms=ttft_ms, tpot_ms=tpot_ms, throughput=throughput)
     with signals_as_errors():
         from ..pipeline import run
 

@@ -146,6 +146,15 @@ def markdown(report: Report | dict) -> str:
     elif le and le.get("skipped"):
         lines += ["", f"lm-eval tasks skipped: {le['skipped']}"]
     lines.append("")
+    rec = r.get("recovery")
+    if rec:
+        b = rec["before"]
+        cross = f", cross-domain {b['cross_domain_perplexity']:.3f}" if b.get("cross_domain_perplexity") else ""
+        lines += ["## Recovery (distillation from the dense model)", "",
+                  f"{rec['tokens']:,} training tokens ({rec['mode']}; {rec['unique_tokens']:,} unique: {rec['text']}) "
+                  f"in {rec['seconds']:.0f} s, peak RSS {rec['peak_rss_mib']:.0f} MiB; KL to the dense model "
+                  f"{rec['loss_first']:.4f} -> {rec['loss_last']:.4f}. Before recovery: held-out perplexity "
+                  f"{b['heldout_perplexity']:.3f}{cross}; the pruned figures above are after it.", ""]
     if plan.get("rows"):
         lines += ["## Plan (predicted for the profile's device)", "",
                   f"Efficiency: {plan['efficiency']['source']}.", "",

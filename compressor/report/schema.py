@@ -140,6 +140,7 @@ class Report(BaseModel):
     latency: dict | None = None  # measured on this host in a named runtime, and predicted for the profile's device
     accuracy: dict | None = None  # lm-eval scores, measured
     budget: Budget | None = None
+    recovery: dict | None = None  # distillation after pruning (compressor/recover): cost, figures before it
     plot: str | None = None
     seconds: dict[str, float] = Field(default_factory=dict)
     peak_rss_mib_total: float | None = None
