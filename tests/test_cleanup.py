@@ -132,8 +132,8 @@ def test_a_sigkilled_run_leaves_directories_the_next_run_removes(tmp_path, tiny_
 
 @pytest.fixture
 def full_disk(tmp_path):
-    """A real 1 MiB tmpfs (conftest.small_tmpfs)."""
-    with small_tmpfs(tmp_path, "1m") as mnt:
+    """A real 256 KiB tmpfs (conftest.small_tmpfs): less than the tiny model's export (about 700 KiB)."""
+    with small_tmpfs(tmp_path, "256k") as mnt:
         yield mnt
 
 

@@ -140,8 +140,8 @@ def test_output_is_written_to_a_temporary_sibling_and_renamed(tmp_path, tiny_mod
 
 @pytest.fixture
 def tiny_fs(tmp_path):
-    """A real 1 MiB tmpfs (conftest.small_tmpfs)."""
-    with small_tmpfs(tmp_path, "1m") as mnt:
+    """A real 256 KiB tmpfs (conftest.small_tmpfs): less than the tiny model's export (about 700 KiB)."""
+    with small_tmpfs(tmp_path, "256k") as mnt:
         yield mnt
 
 
