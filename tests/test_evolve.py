@@ -124,10 +124,15 @@ def test_structure_searched_end_to_end(tmp_path, tiny_model_dir):
     assert method["structure"] == "searched"
     traj = method["search"]["trajectory"]
     assert 0.2 < report["params"]["achieved_ratio_decoder"] < 0.4
-    # the tiny random model's outputs hardly change whatever is pruned (KL ~3e-7 at the start), so
-    # the search stops at once, saying why; the search itself is tested on a model with signal above
-    assert len(traj) == 1 and traj[0]["kl"] < 1e-6
-    assert "indistinguishable from the dense model" in p.stderr.replace("\n", " ")
+    # the tiny random model's outputs hardly change whatever is pruned (KL ~1e-6 at the start): below
+    # NEGLIGIBLE_KL the search stops at once, saying why, else it runs its 3 generations; the search itself is
+    # tested on a model with signal above
+    from compressor.prune.evolve import NEGLIGIBLE_KL
+
+    if traj[0]["kl"] < NEGLIGIBLE_KL:
+        assert len(traj) == 1 and "indistinguishable from the dense model" in p.stderr.replace("\n", " ")
+    else:
+        assert [t["generation"] for t in traj] == [0, 1, 2, 3] and "generation 3/3" in p.stderr
 
 
 def test_auto_structure_is_the_search_in_memory_and_global_when_asked(tmp_path, tiny_model_dir):
