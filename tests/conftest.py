@@ -283,14 +283,3 @@ def pytest_runtest_logreport(report):
                                 "outcome": report.outcome, "worker": getattr(gateway, "id", "main"),
                                 "end": round(time.time(), 1)}) + "\n")
 
-
-# The slowest test files first (CI's figures, `scripts/test_times.py`): with `--dist loadfile` a worker
-# that picks up a long file near the end leaves the other idle for its remaining minutes.
-SLOW_FILES_FIRST = ("test_vllm.py", "test_tensor_parallel.py", "test_quantize.py", "test_outofcore.py",
-                    "test_latency_table.py", "test_depth_export.py", "test_container.py", "test_smollm2.py",
-                    "test_ci_example.py")
-
-
-def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(SLOW_FILES_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's own order is kept
