@@ -286,6 +286,7 @@ def finish_report(report: Report, folder: Path, res, dtype, source: str, profile
 
         finite_scores((report.accuracy or {}).get("lm_eval"), "lm-eval score")  # vLLM's scores of the export too
         report.plot = _plot(report, folder / "report.png", say)
+        tasks.keep_log(folder)
     report.seconds = stages.seconds
     report.memory.stages, report.memory.stages_what = stages.memory.peaks, stages.memory.what()
     # the process's peak: the stages' peaks (each stage resets the kernel's high-water mark, which

@@ -110,6 +110,9 @@ def test_successful_run_on_a_tiny_model_writes_a_complete_directory(tmp_path, ti
     assert 0.2 < report["params"]["achieved_ratio_decoder"] < 0.4
     for name in ("config.json", "model.safetensors", "README.md", "tokenizer.json", "generation_config.json"):
         assert (out / name).is_file(), name
+    # quiet by default: lm-eval's progress bars go to OUT/logs/, not the console
+    assert "Running loglikelihood requests" not in p.stderr
+    assert "Running loglikelihood requests" in (out / "logs" / "lm_eval.log").read_text()
     assert "held-out perplexity" in p.stdout
     assert not list(tmp_path.glob(".o.tmp-*"))
 

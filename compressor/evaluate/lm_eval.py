@@ -508,9 +508,22 @@ def task_scores_vllm(export_dir: Path, task_dir: Path, say=print) -> dict:
                                          "device": cpu_device()}
 
 
-def task_scores(model, tokenizer, task_dir: Path, device: str, say=print) -> dict:
-    """lm-eval scores of `model` (in memory) on the local tasks, or why they were skipped."""
-    res = _scores_or_skip(lambda: lm_eval_scores(model, tokenizer, task_dir), "lm-eval", say)
+def quietly(log: Path | None, fn):
+    """`fn()`, with what it prints (lm-eval's progress bars) appended to `log` where the run is quiet
+    (FITPRUNE_QUIET, `compressor.cli.third_party_output`); as it is where `log` is None or with -v."""
+    import contextlib
+    import os
+
+    if log is None or os.environ.get("FITPRUNE_QUIET") != "1":
+        return fn()
+    with open(log, "a", encoding="utf-8") as f, contextlib.redirect_stderr(f), contextlib.redirect_stdout(f):
+        return fn()
+
+
+def task_scores(model, tokenizer, task_dir: Path, device: str, say=print, log: Path | None = None) -> dict:
+    """lm-eval scores of `model` (in memory) on the local tasks, or why they were skipped; lm-eval's own
+    output goes to `log` where the run is quiet (`quietly`)."""
+    res = _scores_or_skip(lambda: quietly(log, lambda: lm_eval_scores(model, tokenizer, task_dir)), "lm-eval", say)
     return res if "skipped" in res else {**res, "device": device}
 
 
@@ -547,6 +560,19 @@ class Tasks:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    @property
+    def log(self) -> Path | None:
+        """lm-eval's own output of this run (progress bars), kept in the task folder until `keep_log`."""
+        return self.folder / "lm_eval.log" if self.folder is not None else None
+
+    def keep_log(self, out: Path) -> None:
+        """Copy the lm-eval log, if any was written, to OUT/logs/lm_eval.log."""
+        if self.log is not None and self.log.is_file():
+            import shutil
+
+            (out / "logs").mkdir(exist_ok=True)
+            shutil.copyfile(self.log, out / "logs" / "lm_eval.log")
+
     def close(self) -> None:
         """Remove the task folder (again: a no-op)."""
         folder, self.folder = self.folder, None
@@ -569,7 +595,7 @@ class Tasks:
         model, the paired change of the cloze accuracy is said too."""
         if not self.enabled:
             return
-        setattr(self, which, task_scores(model, tokenizer, self.folder, device, say=say))
+        setattr(self, which, task_scores(model, tokenizer, self.folder, device, say=say, log=self.log))
         ch = self.change if which == "pruned" else None
         if ch is not None:
             say(f"cloze accuracy change, pruned - dense: {ch['delta'] * 100:+.1f} points (95% CI "
