@@ -69,8 +69,8 @@ from . import container, export_onnx, gate, plan, profiles, run  # noqa: E402,F4
 
 
 def third_party_output(verbose: bool) -> None:
-    """Quiet by default: vLLM's INFO lines and the progress bars of transformers, datasets and the
-    hub stay off the console, so it holds fitprune's own stages and figures (the lm-eval child
+    """Quiet by default: vLLM's INFO and WARNING lines (one per weight it casts on load) and the
+    progress bars of transformers, datasets and the hub stay off the console, so it holds fitprune's own stages and figures (the lm-eval child
     process writes to a log shown only when it fails: `QUIET`); `-v` leaves them on. Set before
     those libraries are imported (they read it then), and inherited by vLLM's engine processes.
     Not TQDM_DISABLE: vLLM's offline `generate` divides by a disabled bar's elapsed time (0)."""
@@ -78,7 +78,7 @@ def third_party_output(verbose: bool) -> None:
 
     if verbose:
         return
-    for key, value in (("VLLM_LOGGING_LEVEL", "WARNING"), ("TRANSFORMERS_VERBOSITY", "error"),
+    for key, value in (("VLLM_LOGGING_LEVEL", "ERROR"), ("TRANSFORMERS_VERBOSITY", "error"),
                        ("HF_HUB_DISABLE_PROGRESS_BARS", "1"), ("HF_DATASETS_DISABLE_PROGRESS_BARS", "1"),
                        ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1"), (QUIET, "1")):
         os.environ.setdefault(key, value)
