@@ -168,9 +168,8 @@ def recover_stage(prep: Prepared, targets, cfg: RunConfig, stages: Stages, say) 
     from .recover.distill import distill
 
     model = prep.loaded.model
-    held = finite(perplexity(model, prep.heldout), "held-out perplexity before recovery")
-    cross = domain_perplexities(model, prep.domains)["geomean"] if prep.domains else None
-    say(f"before recovery: held-out perplexity {held:.3f}" + (f", cross-domain {cross:.3f}" if cross else ""))
+    with stages.timed("perplexity_before_recovery"):
+        held, cross = perplexities("pruned, before recovery,", model, prep, say)
     with stages.timed("recover"):
         res = distill(model, targets, cfg.recover_tokens, lora_rank=cfg.recover_lora,
                       decoder_layers=prep.adapter.layers(model), say=say, seed=cfg.seed)
@@ -179,7 +178,8 @@ def recover_stage(prep: Prepared, targets, cfg: RunConfig, stages: Stages, say) 
     return {**res.as_dict(), "tokens_requested": cfg.recover_tokens, "unique_tokens": int(targets.windows.numel()),
             "text": "the calibration sources' calibration region and the dense model's own samples, half each",
             "before": {"heldout_perplexity": round(held, 4),
-                       "cross_domain_perplexity": round(cross, 4) if cross else None}}
+                       "cross_domain_perplexity": round(cross["geomean"], 4) if cross else None,
+                       "device": cfg.device}}
 
 
 def run_quantize_only(cfg: RunConfig, profile, round_to: int, prep: Prepared, stages: Stages, console) -> Report:
@@ -320,16 +320,23 @@ def evaluate_model(which: str, model, tok, prep: Prepared, tasks: Tasks, cfg: Ru
     """In-domain held-out perplexity and cross-domain perplexity (stage perplexity_WHICH) and the
     lm-eval tasks (stage lm_eval) of the model in memory: (held-out perplexity, cross-domain figures or None)."""
     with stages.timed(f"perplexity_{which}"):
-        ppl = finite(perplexity(model, prep.heldout), f"{which} held-out perplexity")
-        cross = domain_perplexities(model, prep.domains) if prep.domains else None
+        ppl, cross = perplexities(which, model, prep, say)
+    with stages.timed("lm_eval"):
+        tasks.score(which, model, tok, cfg.device, say=say)
+    finite_scores(getattr(tasks, which, None), f"{which} model's lm-eval score")
+    return ppl, cross
+
+
+def perplexities(which: str, model, prep: Prepared, say) -> tuple[float, dict | None]:
+    """In-domain held-out perplexity and cross-domain perplexity of the model in memory, said and
+    checked finite: (held-out perplexity, `domain_perplexities` or None)."""
+    ppl = finite(perplexity(model, prep.heldout), f"{which} held-out perplexity")
+    cross = domain_perplexities(model, prep.domains) if prep.domains else None
     say(f"{which} held-out perplexity (in-domain): {ppl:.3f}")
     if cross:
         finite(cross["geomean"], f"{which} cross-domain perplexity")
         each = ", ".join(f"{k} {v:.2f}" for k, v in cross["domains"].items())
         say(f"{which} cross-domain perplexity: {cross['geomean']:.3f} (geometric mean; {each})")
-    with stages.timed("lm_eval"):
-        tasks.score(which, model, tok, cfg.device, say=say)
-    finite_scores(getattr(tasks, which, None), f"{which} model's lm-eval score")
     return ppl, cross
 
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-# With several xdist workers on CI's 2 cores, every torch process using both cores oversubscribes them: a
-# SmolLM2 forward took 1.7x longer with 2 threads than with 1 while the other worker ran (docs/benchmarks.md).
-# One thread per worker and per subprocess it starts (the CLI, scripts; vLLM binds its own threads) unless
-# the environment says otherwise; a test that passes --threads still gets what it asks for.
+# With several xdist workers on CI's 2 cores, torch processes using both cores oversubscribe them
+# (`benchmarks/test_suite_costs.py`, docs/benchmarks.md). One thread per worker and per subprocess it starts
+# (the CLI, scripts; vLLM binds its own threads) unless the environment says otherwise; a test that passes
+# --threads still gets what it asks for.
 if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -140,9 +140,8 @@ def smollm2_dir() -> Path:
 
 def small_tokenizer(src: Path, dst: Path, vocab_size: int = 1024):
     """SmolLM2's tokenizer retrained to `vocab_size` tokens (byte-level BPE on Python's own docs, the
-    same special tokens, configuration and chat template), saved in `dst`. A tiny model's time goes to
-    its output layer and softmax over the vocabulary: 49,152 tokens made one lm-eval pass of a 2-layer
-    model take a minute, 1,024 take seconds."""
+    same special tokens, configuration and chat template), saved in `dst`: a tiny model's time goes to
+    its output layer and softmax over the vocabulary (`benchmarks/test_suite_costs.py`)."""
     import shutil
     from pydoc_data.topics import topics
 
@@ -258,7 +257,6 @@ def small_tmpfs(parent: Path, size: str):
         yield mnt
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
-
 
 
 TEST_TIMES = "FITPRUNE_TEST_TIMES"

@@ -70,8 +70,9 @@ from . import container, export_onnx, gate, plan, profiles, run  # noqa: E402,F4
 
 def third_party_output(verbose: bool) -> None:
     """Quiet by default: vLLM's INFO and WARNING lines (one per weight it casts on load) and the
-    progress bars of transformers, datasets and the hub stay off the console, so it holds fitprune's own stages and figures (the lm-eval child
-    process writes to a log shown only when it fails: `QUIET`); `-v` leaves them on. Set before
+    progress bars of transformers, datasets and the hub stay off the console, so it holds fitprune's
+    own stages and figures (the lm-eval child process writes to a log shown only when it fails, the
+    in-process lm-eval to OUT/logs/: `QUIET`); `-v` leaves them on. Set before
     those libraries are imported (they read it then), and inherited by vLLM's engine processes.
     Not TQDM_DISABLE: vLLM's offline `generate` divides by a disabled bar's elapsed time (0)."""
     import os

@@ -33,10 +33,6 @@ class TeacherTargets:
     top_ids: torch.Tensor  # [n, L-1, k] int32: the teacher's k likeliest next tokens at each position
     top_logp: torch.Tensor  # [n, L-1, k] float16: their log-probabilities
 
-    @property
-    def tokens(self) -> int:
-        return self.top_ids.shape[0] * self.top_ids.shape[1]
-
 
 def recovery_windows(calib: str, tokenizer, model, n_windows: int, seqlen: int, seed: int) -> torch.Tensor:
     """`n_windows` windows of `seqlen` tokens: `calib`'s sources (their calibration region) and the
