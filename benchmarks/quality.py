@@ -37,6 +37,10 @@ METHODS = {
     "searched-width": ("searched allocation, widths only", "flap", "auto", "searched", {"depth": False}),
     "depth": ("depth only (blocks removed, prune/depth.py)", "flap", "auto", "depth", {}),
     "searched": ("searched allocation, width + depth", "flap", "auto", "searched", {"depth": True}),
+    "searched-fp32": ("searched allocation, width + depth, candidates scored in float32", "flap", "auto",
+                      "searched", {"depth": True, "precision": None}),
+    "searched-bf16": ("searched allocation, width + depth, candidates scored under bfloat16 autocast", "flap",
+                      "auto", "searched", {"depth": True, "precision": "bfloat16"}),
 }
 
 
@@ -114,6 +118,8 @@ def main() -> None:
             from compressor.prune.evolve import prune_searched
 
             over = {"depth": extra.get("depth", True)}
+            if "precision" in extra:
+                over["precision"] = extra["precision"]
             if args.generations is not None:
                 over["generations"] = args.generations
             res = prune_searched(pruned, adapter, prep.calib, prep.validation, spec, opts.compute,

@@ -33,7 +33,7 @@ from .prune.planned import fake_quantized
 from .prune.resume import WorkState, work_dir_for
 from .prune.surgery import LayerKeep
 from .prune.tensor_parallel import tensor_parallel_size
-from .steps import Prepared, layer_progress
+from .steps import Prepared, layer_progress, run_tasks
 
 
 def choose(cfg: RunConfig, say) -> bool:
@@ -288,7 +288,6 @@ def _stored(work: WorkState, key: str, compute):
 
 
 def _run(cfg, profile, plan, spec, lazy, prep, work, dtype, stages, console, out):
-    from .evaluate.lm_eval import Tasks
     from .evaluate.perplexity import finite, layerwise_domain_perplexities, layerwise_perplexity
 
     say = console.print
@@ -323,8 +322,7 @@ def _run(cfg, profile, plan, spec, lazy, prep, work, dtype, stages, console, out
             written.extend((m, adapter_for(m.model)))
         return written
 
-    with Tasks(prep.texts.heldout_text, cfg.checks, vllm=cfg.lm_eval_backend == "vllm",
-               n_cloze=cfg.eval_items) as tasks:
+    with run_tasks(prep.texts.heldout_text, cfg, profile) as tasks:
         ppl_dense, cross_dense = evaluate("dense", lambda: (lazy, adapter))
         if cfg.checks:
             tasks.dense = tasks.pruned = {"skipped": no_lm_eval}

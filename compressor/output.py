@@ -1,5 +1,7 @@
 """Atomic output directories: everything is written into a hidden temporary sibling of `--out`
-and renamed into place only when complete, so a failed or interrupted run leaves nothing behind."""
+and renamed into place only when complete, so a failed or interrupted run leaves nothing behind.
+And the run's logs: in a quiet run (`QUIET`), what third-party code prints goes to files in the
+folder `LOGS` names (`quietly`, `run_log`), which the run copies to OUT/logs/."""
 
 from __future__ import annotations
 
@@ -80,3 +82,48 @@ def _disk_full(exc: BaseException | None) -> bool:
         exc = exc.__cause__ or exc.__context__
         seen += 1
     return False
+
+
+QUIET = "FITPRUNE_QUIET"  # "1": third-party output stays off the console (compressor.cli.third_party_output)
+LOGS = "FITPRUNE_LOGS"  # the folder a quiet run keeps third-party output in, until it copies it to OUT/logs
+
+
+def run_log(name: str) -> Path | None:
+    """The log file `name` of a quiet run that keeps logs (None otherwise: output stays where it goes)."""
+    folder = os.environ.get(LOGS)
+    if os.environ.get(QUIET) != "1" or not folder:
+        return None
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    return Path(folder) / name
+
+
+def quietly(log: Path | None, fn):
+    """`fn()`, with what it prints appended to `log`: Python's streams and the process's file
+    descriptors 1 and 2, so that the processes it starts (vLLM's engine, git run by lm-eval) write
+    there too, for as long as they live. As it is where `log` is None or `QUIET` is not set (-v)."""
+    import sys
+
+    if log is None or os.environ.get(QUIET) != "1":
+        return fn()
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a", encoding="utf-8") as f, contextlib.ExitStack() as stack:
+        for stream in (sys.stdout, sys.stderr):
+            fd = _fileno(stream)
+            if fd is not None:
+                stream.flush()
+                saved = os.dup(fd)
+                os.dup2(f.fileno(), fd)
+                stack.callback(os.close, saved)
+                stack.callback(os.dup2, saved, fd)
+                stack.callback(stream.flush)
+        stack.enter_context(contextlib.redirect_stderr(f))
+        stack.enter_context(contextlib.redirect_stdout(f))
+        return fn()
+
+
+def _fileno(stream) -> int | None:
+    """The OS file descriptor behind `stream`, or None (pytest's capture, StringIO)."""
+    try:
+        return stream.fileno()
+    except (OSError, ValueError, AttributeError):
+        return None

@@ -39,6 +39,7 @@ from .steps import (
     prune_spec,
     quantizable,
     quantize,
+    run_tasks,
 )
 
 
@@ -92,8 +93,7 @@ def run(cfg: RunConfig, console=None) -> Report:
     announce(cfg, profile, spec, plan, out, say)
     model, tok = prep.loaded.model, prep.loaded.tokenizer
     before = prep.adapter.count_params(model)
-    with Tasks(prep.texts.heldout_text, cfg.checks, vllm=cfg.lm_eval_backend == "vllm",
-               n_cloze=cfg.eval_items) as tasks:
+    with run_tasks(prep.texts.heldout_text, cfg, profile) as tasks:
         ppl_dense, domains_dense = evaluate_model("dense", model, tok, prep, tasks, cfg, stages, say)
         targets = teacher_stage(prep, cfg, stages, say)
         result = prune_stage(prep, spec, cfg, stages, console)
@@ -200,8 +200,7 @@ def run_quantize_only(cfg: RunConfig, profile, round_to: int, prep: Prepared, st
              for s in shapes]
     result = PruneResult(keeps, {}, 0, "none (quantize only)", notes={"quantize_only": cfg.quantize})
     before = adapter.count_params(model)
-    with Tasks(prep.texts.heldout_text, cfg.checks, vllm=cfg.lm_eval_backend == "vllm",
-               n_cloze=cfg.eval_items) as tasks:
+    with run_tasks(prep.texts.heldout_text, cfg, profile) as tasks:
         ppl_dense, domains_dense = evaluate_model("dense", model, tok, prep, tasks, cfg, stages, say)
         judged = fake_quantized(model, cfg.quantize)
         ppl_pruned, domains_pruned = evaluate_model("pruned", judged, tok, prep, tasks, cfg, stages, say)
@@ -281,8 +280,7 @@ def _run_levers(cfg: RunConfig, profile, round_to: int, prep: Prepared, stages: 
     spec = replace(prune_spec(cfg, 0.0, round_to, tensor_parallel_size(profile)), structure="uniform")
     model, tok = prep.loaded.model, prep.loaded.tokenizer
     before = prep.adapter.count_params(model)
-    with Tasks(prep.texts.heldout_text, cfg.checks, vllm=cfg.lm_eval_backend == "vllm",
-               n_cloze=cfg.eval_items) as tasks:
+    with run_tasks(prep.texts.heldout_text, cfg, profile) as tasks:
         ppl_dense, domains_dense = evaluate_model("dense", model, tok, prep, tasks, cfg, stages, say)
         with stages.timed("pruning_step"):
             kl_ids = kl_text("self", model, tok, prep.validation, 8 * 256, cfg.seed)

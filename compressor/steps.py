@@ -76,6 +76,21 @@ def choose_ratio(cfg: RunConfig, profile, round_to: int, stages: Stages, say):
     return plan, plan.ratio
 
 
+def serving_precision(profile) -> str | None:
+    """The autocast dtype in which lm-eval judges the in-memory models for a profile: bfloat16 where
+    the profile serves bfloat16 (the precision the export will be served in; on CPUs with bfloat16
+    instructions about twice as fast as float32), None (the model's own dtype) otherwise. What
+    chooses or re-fits weights (statistics, the allocation search, compensation) and the
+    perplexities stay in full precision (docs/benchmarks.md)."""
+    return "bfloat16" if profile.dtype == "bfloat16" else None
+
+
+def run_tasks(heldout_text: str, cfg: RunConfig, profile) -> Tasks:
+    """The run's lm-eval tasks (disabled with --no-checks), scored in `serving_precision`."""
+    return Tasks(heldout_text, cfg.checks, vllm=cfg.lm_eval_backend == "vllm", n_cloze=cfg.eval_items,
+                 precision=serving_precision(profile))
+
+
 def prune_spec(cfg: RunConfig, ratio: float, round_to: int, tensor_parallel: int = 1) -> PruneSpec:
     """`tensor_parallel`: the profile's (prune/tensor_parallel.py), which the widths must split over."""
     metric = IMPORTANCE.get(cfg.metric)

@@ -27,6 +27,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from compressor.output import quietly, run_log
+
 from .base import Generation, Runtime, RuntimeUnavailable, TokenTimes, cpu_device, register
 
 log = logging.getLogger(__name__)
@@ -138,9 +140,10 @@ class VllmRuntime(Runtime):
         previous = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
         if threads:
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = self.bind
-        try:
-            self.llm = LLM(model=str(self.path), dtype=dtype, max_model_len=max_model_len, seed=0,
-                           max_num_seqs=max_num_seqs, enable_prefix_caching=False, trust_remote_code=False)
+        try:  # in a quiet run, the engine's start-up output (and its processes' for life) goes to the run's log
+            self.llm = quietly(run_log("vllm.log"), lambda: LLM(
+                model=str(self.path), dtype=dtype, max_model_len=max_model_len, seed=0, max_num_seqs=max_num_seqs,
+                enable_prefix_caching=False, trust_remote_code=False))
         finally:
             if previous is None:
                 os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)

@@ -139,7 +139,7 @@ def test_the_example_workflow_runs_step_by_step(tmp_path):
     # CI time: the pinned ratio does not use the plan's lever search, whose latency table loads 2N+1 vLLM
     # engines (tests/test_latency_table.py and tests/test_levers.py measure it)
     env["PLAN_ARGS"] = "--width-only"
-    ran = []
+    ran, consoles = [], []
     for step in job["steps"]:
         uses, name = step.get("uses", ""), step.get("name", step.get("uses"))
         if uses.startswith("actions/checkout@"):
@@ -166,6 +166,7 @@ def test_the_example_workflow_runs_step_by_step(tmp_path):
                            env=env, capture_output=True, text=True, timeout=2400)
         assert p.returncode == 0, f"step {name!r} exited {p.returncode}:\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
         ran.append(name)
+        consoles.append(p.stdout + p.stderr)
         if "compress gate" in step["run"]:
             assert p.stdout.startswith("PASS"), p.stdout
     assert len(ran) == len([s for s in job["steps"] if not s.get("uses", "").startswith(("actions/checkout",
@@ -177,3 +178,6 @@ def test_the_example_workflow_runs_step_by_step(tmp_path):
     assert budget["verified"], budget
     latency = [ln for ln in budget["lines"] if ln["line"] in ("ttft", "tpot", "throughput")]
     assert latency and all(ln["kind"] == "measured" and ln["runtime"] == runtime for ln in latency), latency
+    if runtime == "vllm":  # quiet by default: the engine's start-up output is in OUT/logs/, not in CI's log
+        assert not any("Loading safetensors checkpoint shards" in c for c in consoles)
+        assert "Loading safetensors checkpoint shards" in (work / "out" / "candidate" / "logs" / "vllm.log").read_text()

@@ -115,6 +115,9 @@ def test_successful_run_on_a_tiny_model_writes_a_complete_directory(tmp_path, ti
     assert "Running loglikelihood requests" in (out / "logs" / "lm_eval.log").read_text()
     assert "held-out perplexity" in p.stdout
     assert not list(tmp_path.glob(".o.tmp-*"))
+    # cpu-2core serves bfloat16: lm-eval judges both in-memory models in it (steps.serving_precision)
+    le = report["accuracy"]["lm_eval"]
+    assert le["dense"]["precision"] == le["pruned"]["precision"] == "bfloat16 autocast"
 
 
 def test_version_and_the_next_commands_after_a_run(capsys):

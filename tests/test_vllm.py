@@ -242,3 +242,6 @@ def test_main_command_runs_lm_eval_on_the_export_in_vllm(tmp_path, smollm2_dir):
     assert abs(served["word_perplexity"] / hf["word_perplexity"] - 1) < 0.01
     assert abs(served["cloze_acc"] - hf["cloze_acc"]) <= max(1, round(0.01 * hf["cloze_n"])) / hf["cloze_n"] + 1e-9
     assert "on the export in vLLM" in (out / "report.md").read_text()
+    # quiet by default: the vLLM engine's start-up output is in OUT/logs/, not on the console
+    assert "Loading safetensors checkpoint shards" not in p.stderr
+    assert "Loading safetensors checkpoint shards" in (out / "logs" / "lm_eval_vllm.log").read_text()

@@ -77,15 +77,14 @@ def third_party_output(verbose: bool) -> None:
     Not TQDM_DISABLE: vLLM's offline `generate` divides by a disabled bar's elapsed time (0)."""
     import os
 
+    from ..output import QUIET
+
     if verbose:
         return
     for key, value in (("VLLM_LOGGING_LEVEL", "ERROR"), ("TRANSFORMERS_VERBOSITY", "error"),
                        ("HF_HUB_DISABLE_PROGRESS_BARS", "1"), ("HF_DATASETS_DISABLE_PROGRESS_BARS", "1"),
                        ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1"), (QUIET, "1")):
         os.environ.setdefault(key, value)
-
-
-QUIET = "FITPRUNE_QUIET"  # set by third_party_output: child processes keep their output to a log
 
 
 def _exception_types(name: str) -> tuple[type, ...]:

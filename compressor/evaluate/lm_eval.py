@@ -20,13 +20,14 @@ import hashlib
 import json
 import logging
 import math
+import os
 import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UserError
-from ..output import Interrupted
+from ..output import LOGS, QUIET, Interrupted, quietly, run_log
 
 TASK_PPL = "fitprune_heldout"
 TASK_CLOZE = "fitprune_cloze"
@@ -313,13 +314,16 @@ def _evaluate(lm, task_dir: Path) -> TaskScores:
                       cloze_domain=[str(x["doc"].get("domain", "")) for x in samples])
 
 
-def lm_eval_scores(model, tokenizer, task_dir: Path, max_length: int = 256, batch_size: int = 8) -> TaskScores:
-    """Run the local tasks in process with lm-eval's HF backend (`max_length` kept small: memory)."""
+def lm_eval_scores(model, tokenizer, task_dir: Path, max_length: int = 256, batch_size: int = 8,
+                   precision: str | None = None) -> TaskScores:
+    """Run the local tasks in process with lm-eval's HF backend (`max_length` kept small: memory);
+    `precision` ("bfloat16", "float16") runs the forward passes under autocast to it (lm-eval's
+    `mixed_precision_dtype`), None in the model's own dtype."""
     _import_lm_eval()
     from lm_eval.models.huggingface import HFLM
 
-    return _evaluate(HFLM(pretrained=model, tokenizer=tokenizer, max_length=max_length, batch_size=batch_size),
-                     task_dir)
+    return _evaluate(HFLM(pretrained=model, tokenizer=tokenizer, max_length=max_length, batch_size=batch_size,
+                          mixed_precision_dtype=precision), task_dir)
 
 
 def _lm_eval_vllm_class():
@@ -399,8 +403,9 @@ def lm_eval_scores_vllm(export_dir: Path, task_dir: Path, dtype: str = "float32"
         request, result = Path(tmp) / "request.json", Path(tmp) / "result.json"
         request.write_text(json.dumps({"export_dir": str(export_dir), "task_dir": str(task_dir), "dtype": dtype,
                                        "max_length": max_length}))
-        quiet = env.get("FITPRUNE_QUIET") == "1"  # compressor.cli.QUIET: its output goes to a log
-        log = open(Path(tmp) / "child.log", "w+") if quiet else None  # noqa: SIM115 (closed below)
+        quiet = env.get(QUIET) == "1"  # its output goes to a log (the run's, where it keeps one)
+        log = open(run_log("lm_eval_vllm.log") or Path(tmp) / "child.log", "a+") if quiet else None  # noqa: SIM115
+        start = log.tell() if log is not None else 0
         proc = subprocess.Popen([sys.executable, "-c", _VLLM_CHILD, str(request), str(result)], env=env,
                                 stdout=log, stderr=subprocess.STDOUT if quiet else None)
         try:
@@ -421,7 +426,7 @@ def lm_eval_scores_vllm(export_dir: Path, task_dir: Path, dtype: str = "float32"
                 res = json.loads(result.read_text())
             else:
                 if log is not None:  # show what the quiet child printed, then say why it stopped
-                    log.seek(0)
+                    log.seek(start)
                     sys.stderr.write(log.read()[-20_000:])
                 raise RuntimeError(f"lm-eval's vLLM backend stopped (exit status {proc.returncode}) before "
                                    "it returned scores; its output is above.")
@@ -508,23 +513,14 @@ def task_scores_vllm(export_dir: Path, task_dir: Path, say=print) -> dict:
                                          "device": cpu_device()}
 
 
-def quietly(log: Path | None, fn):
-    """`fn()`, with what it prints (lm-eval's progress bars) appended to `log` where the run is quiet
-    (FITPRUNE_QUIET, `compressor.cli.third_party_output`); as it is where `log` is None or with -v."""
-    import contextlib
-    import os
-
-    if log is None or os.environ.get("FITPRUNE_QUIET") != "1":
-        return fn()
-    with open(log, "a", encoding="utf-8") as f, contextlib.redirect_stderr(f), contextlib.redirect_stdout(f):
-        return fn()
-
-
-def task_scores(model, tokenizer, task_dir: Path, device: str, say=print, log: Path | None = None) -> dict:
+def task_scores(model, tokenizer, task_dir: Path, device: str, say=print, log: Path | None = None,
+                precision: str | None = None) -> dict:
     """lm-eval scores of `model` (in memory) on the local tasks, or why they were skipped; lm-eval's own
-    output goes to `log` where the run is quiet (`quietly`)."""
-    res = _scores_or_skip(lambda: quietly(log, lambda: lm_eval_scores(model, tokenizer, task_dir)), "lm-eval", say)
-    return res if "skipped" in res else {**res, "device": device}
+    output goes to `log` where the run is quiet (`quietly`); `precision` as in `lm_eval_scores`."""
+    res = _scores_or_skip(lambda: quietly(log or run_log("lm_eval.log"), lambda: lm_eval_scores(
+        model, tokenizer, task_dir, precision=precision)), "lm-eval", say)
+    return res if "skipped" in res else {**res, "device": device,
+                                         "precision": f"{precision} autocast" if precision else "the model's dtype"}
 
 
 
@@ -539,9 +535,12 @@ class Tasks:
     The folder carries an owner marker (`tempdirs.make`), so a run killed outright leaves a folder
     the next run's sweep removes."""
 
-    def __init__(self, heldout_text: str, enabled: bool, vllm: bool = False, n_cloze: int = CLOZE_ITEMS):
+    def __init__(self, heldout_text: str, enabled: bool, vllm: bool = False, n_cloze: int = CLOZE_ITEMS,
+                 precision: str | None = None):
         self.text, self.enabled, self.vllm, self.n_cloze = heldout_text, enabled, vllm, n_cloze
+        self.precision = precision  # the in-memory models' forward passes under autocast to it (None: as they are)
         self.folder: Path | None = None
+        self._logs_before: tuple[str | None] | None = None
         self.dense: dict = {}
         self.pruned: dict = {}
 
@@ -551,6 +550,8 @@ class Tasks:
 
             try:
                 self.folder = tempdirs.make("fitprune-tasks-")
+                self._logs_before = (os.environ.get(LOGS),)
+                os.environ[LOGS] = str(self.folder / "logs")  # the run's third-party logs (`run_log`)
                 write_tasks(self.folder, self.text, n_cloze=self.n_cloze)
             except BaseException:
                 self.close()
@@ -563,22 +564,25 @@ class Tasks:
     @property
     def log(self) -> Path | None:
         """lm-eval's own output of this run (progress bars), kept in the task folder until `keep_log`."""
-        return self.folder / "lm_eval.log" if self.folder is not None else None
+        return self.folder / "logs" / "lm_eval.log" if self.folder is not None else None
 
     def keep_log(self, out: Path) -> None:
-        """Copy the lm-eval log, if any was written, to OUT/logs/lm_eval.log."""
-        if self.log is not None and self.log.is_file():
+        """Copy the run's third-party logs (lm-eval, vLLM: `run_log`), if any were written, to OUT/logs/."""
+        logs = self.folder / "logs" if self.folder is not None else None
+        if logs is not None and logs.is_dir() and any(logs.iterdir()):
             import shutil
 
-            (out / "logs").mkdir(exist_ok=True)
-            shutil.copyfile(self.log, out / "logs" / "lm_eval.log")
+            shutil.copytree(logs, out / "logs", dirs_exist_ok=True)
 
     def close(self) -> None:
-        """Remove the task folder (again: a no-op)."""
+        """Remove the task folder (again: a no-op) and stop sending third-party output to its logs."""
         folder, self.folder = self.folder, None
         if folder is not None:
             import shutil
 
+            if self._logs_before is not None:  # what LOGS was before this run set it
+                before, self._logs_before = self._logs_before[0], None
+                os.environ.pop(LOGS, None) if before is None else os.environ.__setitem__(LOGS, before)
             shutil.rmtree(folder, ignore_errors=True)
 
     @property
@@ -595,7 +599,8 @@ class Tasks:
         model, the paired change of the cloze accuracy is said too."""
         if not self.enabled:
             return
-        setattr(self, which, task_scores(model, tokenizer, self.folder, device, say=say, log=self.log))
+        setattr(self, which, task_scores(model, tokenizer, self.folder, device, say=say, log=self.log,
+                                         precision=self.precision))
         ch = self.change if which == "pruned" else None
         if ch is not None:
             say(f"cloze accuracy change, pruned - dense: {ch['delta'] * 100:+.1f} points (95% CI "

@@ -4,7 +4,9 @@ The decoder runs one layer at a time: the inputs of layer 0 are captured once, e
 moved to the compute device, run over all calibration samples in batches, and its outputs become
 the next layer's inputs. Meanwhile hooks stream statistics of the inputs of `o_proj` and
 `down_proj` (per-channel mean and variance merged batch by batch in float64 with Chan's
-parallel update; optionally the Gram matrix). Memory is one layer plus the calibration
+parallel update; optionally the Gram matrix: each batch's product in the activations' precision,
+at least float32, summed over batches in float64, since float64 products run at half float32's
+speed on CPUs and far slower on most GPUs). Memory is one layer plus the calibration
 activations (two buffers of N x L x hidden), whatever the model's depth.
 """
 
@@ -19,6 +21,12 @@ import torch
 from torch import nn
 
 from ..model.adapters import Adapter
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """`x` as a matrix of row vectors, in float32 or wider (half precisions are widened)."""
+    x = x.reshape(-1, x.shape[-1])
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
 class RunningStats:
@@ -38,7 +46,8 @@ class RunningStats:
         self.samples: list[torch.Tensor] = []
 
     def update(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).to(torch.float64)
+        rows = _rows(x)
+        x = rows.to(torch.float64)
         nb = x.shape[0]
         if nb == 0:
             return
@@ -50,7 +59,7 @@ class RunningStats:
         self.m2 += m2b + delta**2 * (self.n * nb / n)
         self.n = n
         if self.gram is not None:
-            self.gram += x.T @ x
+            self.gram += (rows.T @ rows).to(torch.float64)
         if self.sample_rows:
             have = sum(t.shape[0] for t in self.samples)
             if have < self.sample_rows:
@@ -59,13 +68,12 @@ class RunningStats:
 
     def update_cross(self, x_ref: torch.Tensor, x: torch.Tensor) -> None:
         """Accumulate sum x_ref x^T for the same tokens seen by the reference (dense) model and this one."""
-        x_ref = x_ref.reshape(-1, x_ref.shape[-1]).to(torch.float64)
-        x = x.reshape(-1, x.shape[-1]).to(torch.float64)
+        x_ref, x = _rows(x_ref), _rows(x)
         if self.cross is None:
             self.cross = torch.zeros(x_ref.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
             self.ref_sum = torch.zeros(x_ref.shape[1], dtype=torch.float64, device=x.device)
-        self.cross += x_ref.T @ x
-        self.ref_sum += x_ref.sum(0)
+        self.cross += (x_ref.T @ x).to(torch.float64)
+        self.ref_sum += x_ref.to(torch.float64).sum(0)
 
     @property
     def sample(self) -> torch.Tensor:

@@ -76,6 +76,10 @@ class SearchSettings:
     seed: int = 0
     depth: bool = True  # allow the zero levels (attention removed, MLP removed)
     cache_bytes: int = 2 * 2**30  # cached pruned halves beyond this are evicted (least recently used first)
+    # the candidates' and the dense model's forward passes under autocast to this dtype (None: the
+    # model's own; the pruned halves are built in full precision either way). bfloat16 halves the time
+    # but chose worse allocations at 50% (docs/benchmarks.md), so no default uses it.
+    precision: str | None = None
 
 
 @dataclass
@@ -87,11 +91,13 @@ class Fitness:
     top_ix: list[torch.Tensor] = field(default_factory=list)
     rest_lp: list[torch.Tensor] = field(default_factory=list)  # per window [L-1] log of the dense tail mass
     evaluations: int = 0  # window forward passes of pruned models
+    precision: str | None = None  # SearchSettings.precision
 
     @torch.no_grad()
     def cache_dense(self, model, top_k: int) -> None:
         for w in self.windows:
-            lp = self._log_probs(model, w)
+            with forward_precision(model, self.precision):
+                lp = self._log_probs(model, w)
             vals, idx = lp.topk(min(top_k, lp.shape[-1]), dim=-1)
             self.top_lp.append(vals)
             self.top_ix.append(idx)
@@ -121,6 +127,12 @@ class Fitness:
         return float(kl.mean())
 
 
+def forward_precision(model, precision: str | None):
+    """Autocast of the model's forward passes to `precision` ("bfloat16", "float16"; None: off)."""
+    device = next(model.parameters()).device
+    return torch.autocast(device.type, dtype=getattr(torch, precision or "bfloat16"), enabled=precision is not None)
+
+
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
     """log(1 - exp(x)) for x <= 0, floored so a top-k holding all the mass stays finite."""
     return torch.log((-torch.expm1(x.clamp(max=0.0))).clamp_min(1e-12))
@@ -131,8 +143,8 @@ class Runner:
     child differs from its parent in a few blocks, so the layers before the first of them need not
     run again (about a quarter of the decoder's work on average)."""
 
-    def __init__(self, model, adapter: Adapter):
-        self.model, self.layers = model, adapter.layers(model)
+    def __init__(self, model, adapter: Adapter, precision: str | None = None):
+        self.model, self.layers, self.precision = model, adapter.layers(model), precision
         self.norm, self.head = adapter.decoder(model).norm, model.lm_head
         self.kwargs: dict | None = None  # the layers' keyword arguments (masks, rotary): one window length
 
@@ -149,7 +161,8 @@ class Runner:
         handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in self.layers]
         try:
             device = next(self.model.parameters()).device
-            logits = self.model(input_ids=window[None].to(device), use_cache=False).logits[0, :-1]
+            with forward_precision(self.model, self.precision):
+                logits = self.model(input_ids=window[None].to(device), use_cache=False).logits[0, :-1]
         finally:
             for h in handles:
                 h.remove()
@@ -160,11 +173,12 @@ class Runner:
         """The same, running only layers `start`.. from `prefix[start]` (the layers before are unchanged)."""
         inputs = list(prefix[:start])
         h = prefix[start]
-        for layer in self.layers[start:]:
-            inputs.append(h)
-            out = layer(h, **self.kwargs)
-            h = out[0] if isinstance(out, tuple) else out
-        return self.head(self.norm(h))[0, :-1], inputs
+        with forward_precision(self.model, self.precision):
+            for layer in self.layers[start:]:
+                inputs.append(h)
+                out = layer(h, **self.kwargs)
+                h = out[0] if isinstance(out, tuple) else out
+            return self.head(self.norm(h))[0, :-1], inputs
 
 
 class Blocks:
@@ -290,7 +304,7 @@ class Evolution:
         self.blocks, self.fitness, self.s, self.lo, self.hi, self.say = blocks, fitness, settings, lo, hi, say
         self.rng = random.Random(settings.seed)
         self._kl: dict[tuple, list[float]] = {}  # genotype -> per-window KL measured so far
-        self.runner = Runner(blocks.model, blocks.adapter)
+        self.runner = Runner(blocks.model, blocks.adapter, settings.precision)
         self.parent: tuple | None = None
         self._inputs: dict[tuple, dict[int, list[torch.Tensor]]] = {}  # genotype -> window -> layer inputs
 
@@ -461,7 +475,7 @@ def prune_searched(model, adapter: Adapter, calib: torch.Tensor, validation: tor
                     s.cache_bytes)
     start = blocks.levels_of(start_keeps)
     lo, hi = budget_window(blocks, spec.ratio, blocks.removed(start))
-    fitness = Fitness(validation_windows(validation, s.windows, s.window_len))
+    fitness = Fitness(validation_windows(validation, s.windows, s.window_len), precision=s.precision)
     fitness.cache_dense(model, s.top_k)
     first = min(s.first_windows, len(fitness.windows))
     s = SearchSettings(**{**s.__dict__, "windows": len(fitness.windows), "first_windows": first})
@@ -483,6 +497,7 @@ def prune_searched(model, adapter: Adapter, calib: torch.Tensor, validation: tor
         "fitness": f"KL(dense || pruned) of next-token distributions (top-{s.top_k} coarsened) on "
                    f"{len(fitness.windows)} x {s.window_len} validation tokens",
         "generations": s.generations, "offspring": s.offspring, "survivors": s.survivors, "seed": s.seed,
+        "precision": f"{s.precision} autocast" if s.precision else "the model's dtype",
         "start": "global", "start_kl": start_kl, "kl": best_kl, "trajectory": trajectory,
         "removed_fraction": round(blocks.removed(best) / blocks.total, 5),
         "start_removed_fraction": round(blocks.removed(start) / blocks.total, 5),
