@@ -133,17 +133,19 @@ class VllmRuntime(Runtime):
 
         check_checkpoint(self.path)
         _check_cpu_head_size(config)
-        from vllm import LLM
-
         max_model_len = min(max_model_len, int(config.get("max_position_embeddings") or max_model_len))
 
         previous = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
         if threads:
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = self.bind
+        def start():
+            from vllm import LLM  # its import prints too ("Triton is installed, but ...")
+
+            return LLM(model=str(self.path), dtype=dtype, max_model_len=max_model_len, seed=0,
+                       max_num_seqs=max_num_seqs, enable_prefix_caching=False, trust_remote_code=False)
+
         try:  # in a quiet run, the engine's start-up output (and its processes' for life) goes to the run's log
-            self.llm = quietly(run_log("vllm.log"), lambda: LLM(
-                model=str(self.path), dtype=dtype, max_model_len=max_model_len, seed=0, max_num_seqs=max_num_seqs,
-                enable_prefix_caching=False, trust_remote_code=False))
+            self.llm = quietly(run_log("vllm.log"), start)
         finally:
             if previous is None:
                 os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
