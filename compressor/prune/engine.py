@@ -4,9 +4,9 @@ The decoder runs one layer at a time: the inputs of layer 0 are captured once, e
 moved to the compute device, run over all calibration samples in batches, and its outputs become
 the next layer's inputs. Meanwhile hooks stream statistics of the inputs of `o_proj` and
 `down_proj` (per-channel mean and variance merged batch by batch in float64 with Chan's
-parallel update; optionally the Gram matrix: each batch's product in the activations' precision,
-at least float32, summed over batches in float64, since float64 products run at half float32's
-speed on CPUs and far slower on most GPUs). Memory is one layer plus the calibration
+parallel update; optionally the Gram matrix: each sample's product in the activations' precision,
+at least float32, summed in float64, since float64 products run at half float32's speed on CPUs
+and far slower on most GPUs). Memory is one layer plus the calibration
 activations (two buffers of N x L x hidden), whatever the model's depth.
 """
 
@@ -29,6 +29,19 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
+def _products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum over samples of a_s^T b_s in float64, each sample's product in float32 (or wider): `a`, `b`
+    of shape [samples, tokens, dim] (or [tokens, dim]). Per sample, so that the sum does not depend
+    on how the samples were batched (in memory and out of core give the same re-fit)."""
+    if a.dim() < 3:
+        a, b = a[None], b[None]
+    out = None
+    for sa, sb in zip(a, b, strict=True):
+        p = (_rows(sa).T @ _rows(sb)).to(torch.float64)
+        out = p if out is None else out.add_(p)
+    return out
+
+
 class RunningStats:
     """Per-channel count, mean, M2 (and optionally X^T X) of a stream of row vectors, in float64."""
 
@@ -46,8 +59,8 @@ class RunningStats:
         self.samples: list[torch.Tensor] = []
 
     def update(self, x: torch.Tensor) -> None:
-        rows = _rows(x)
-        x = rows.to(torch.float64)
+        batch = x
+        x = _rows(x).to(torch.float64)
         nb = x.shape[0]
         if nb == 0:
             return
@@ -59,7 +72,7 @@ class RunningStats:
         self.m2 += m2b + delta**2 * (self.n * nb / n)
         self.n = n
         if self.gram is not None:
-            self.gram += (rows.T @ rows).to(torch.float64)
+            self.gram += _products(batch, batch)
         if self.sample_rows:
             have = sum(t.shape[0] for t in self.samples)
             if have < self.sample_rows:
@@ -68,12 +81,11 @@ class RunningStats:
 
     def update_cross(self, x_ref: torch.Tensor, x: torch.Tensor) -> None:
         """Accumulate sum x_ref x^T for the same tokens seen by the reference (dense) model and this one."""
-        x_ref, x = _rows(x_ref), _rows(x)
         if self.cross is None:
-            self.cross = torch.zeros(x_ref.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
-            self.ref_sum = torch.zeros(x_ref.shape[1], dtype=torch.float64, device=x.device)
-        self.cross += (x_ref.T @ x).to(torch.float64)
-        self.ref_sum += x_ref.to(torch.float64).sum(0)
+            self.cross = torch.zeros(x_ref.shape[-1], x.shape[-1], dtype=torch.float64, device=x.device)
+            self.ref_sum = torch.zeros(x_ref.shape[-1], dtype=torch.float64, device=x.device)
+        self.cross += _products(x_ref, x)
+        self.ref_sum += _rows(x_ref).to(torch.float64).sum(0)
 
     @property
     def sample(self) -> torch.Tensor:
