@@ -100,13 +100,19 @@ def run_log(name: str) -> Path | None:
 def quietly(log: Path | None, fn):
     """`fn()`, with what it prints appended to `log`: Python's streams and the process's file
     descriptors 1 and 2, so that the processes it starts (vLLM's engine, git run by lm-eval) write
-    there too, for as long as they live. As it is where `log` is None or `QUIET` is not set (-v)."""
+    there too, for as long as they live. With `log` None (no run folder keeps logs, e.g. `compress
+    plan`) the output goes to an unnamed temporary file, shown only if `fn` fails. As it is where
+    `QUIET` is not set (-v)."""
     import sys
+    import tempfile
 
-    if log is None or os.environ.get(QUIET) != "1":
+    if os.environ.get(QUIET) != "1":
         return fn()
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "a", encoding="utf-8") as f, contextlib.ExitStack() as stack:
+    if log is not None:
+        log.parent.mkdir(parents=True, exist_ok=True)
+    with (open(log, "a+", encoding="utf-8") if log is not None else  # noqa: SIM115
+          tempfile.TemporaryFile("w+", encoding="utf-8")) as f, contextlib.ExitStack() as stack:
+        start = f.tell()
         for stream in (sys.stdout, sys.stderr):
             fd = _fileno(stream)
             if fd is not None:
@@ -118,7 +124,14 @@ def quietly(log: Path | None, fn):
                 stack.callback(stream.flush)
         stack.enter_context(contextlib.redirect_stderr(f))
         stack.enter_context(contextlib.redirect_stdout(f))
-        return fn()
+        try:
+            return fn()
+        except BaseException:
+            stack.close()  # the console back, then what the failed call printed
+            f.flush()
+            f.seek(start)
+            sys.stderr.write(f.read()[-20_000:])
+            raise
 
 
 def _fileno(stream) -> int | None:

@@ -185,7 +185,7 @@ def assert_clean_failure(p, out_dir, match: str, code: int | None = None) -> Non
     assert "Traceback" not in p.stderr and "Traceback" not in p.stdout, p.stderr[-4000:]
     lines = [line for line in p.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1, p.stderr[-2000:]
-    assert match in p.stderr.replace("\n", " "), p.stderr[-2000:]
+    assert match in " ".join(p.stderr.split()), p.stderr[-2000:]
     if out_dir is not None:
         assert not out_dir.exists() or not any(out_dir.iterdir())
         assert not list(out_dir.parent.glob(f".{out_dir.name}.tmp-*"))

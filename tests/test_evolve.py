@@ -130,7 +130,7 @@ def test_structure_searched_end_to_end(tmp_path, tiny_model_dir):
     from compressor.prune.evolve import NEGLIGIBLE_KL
 
     if traj[0]["kl"] < NEGLIGIBLE_KL:
-        assert len(traj) == 1 and "indistinguishable from the dense model" in p.stderr.replace("\n", " ")
+        assert len(traj) == 1 and "indistinguishable from the dense model" in " ".join(p.stderr.split())
     else:
         assert [t["generation"] for t in traj] == [0, 1, 2, 3] and "generation 3/3" in p.stderr
 
@@ -142,7 +142,7 @@ def test_auto_structure_is_the_search_in_memory_and_global_when_asked(tmp_path, 
             "--domain-windows", "0"]
     p = run_cli(str(tiny_model_dir), *base, "--out", str(tmp_path / "a"))
     assert p.returncode == 0, p.stderr[-3000:]
-    assert "structure searched (auto" in p.stderr.replace("\n", " ")
+    assert "structure searched (auto" in " ".join(p.stderr.split())
     assert json.loads((tmp_path / "a" / "report.json").read_text())["method"]["structure"] == "searched"
     p = run_cli(str(tiny_model_dir), *base, "--structure", "global", "--out", str(tmp_path / "g"))
     assert p.returncode == 0, p.stderr[-3000:]

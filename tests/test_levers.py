@@ -537,7 +537,7 @@ def test_levers_on_this_machine_measure_the_table_and_anchor_it_on_the_dense_exp
         else:
             os.environ["FITPRUNE_CACHE_DIR"] = env_before
     assert_clean_failure(p, out, "infeasible", code=3)
-    text = p.stderr.replace("\n", " ")
+    text = " ".join(p.stderr.split())
     assert "the dense export measured in torch" in text and "scaled by" in text
     assert list((tmp_path / "cache").rglob("*.json"))  # the table was measured and cached
 

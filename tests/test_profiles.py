@@ -19,7 +19,7 @@ def _one_error(p, match: str) -> None:
     assert "Traceback" not in p.stderr + p.stdout
     errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, p.stderr
-    assert match in p.stderr.replace("\n", " "), p.stderr
+    assert match in " ".join(p.stderr.split()), p.stderr
 
 
 def _profile_dict(**budget) -> dict:

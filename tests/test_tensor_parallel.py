@@ -154,7 +154,7 @@ def test_a_model_no_shape_of_which_splits_is_one_sentence(smollm2_dir):
     p = run_cli("plan", "--profile", "8xh100-640gb", str(smollm2_dir), "--no-fit")
     assert p.returncode != 0 and "Traceback" not in p.stderr
     errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "8 devices" in p.stderr.replace("\n", " "), p.stderr
+    assert len(errors) == 1 and "8 devices" in " ".join(p.stderr.split()), p.stderr
 
 
 @pytest.mark.integration  # reads the embedded SmolLM2's config
@@ -180,7 +180,7 @@ def test_the_container_refuses_an_export_vllm_cannot_split(tmp_path):
         "intermediate_size": 256, "hidden_size": 640, "max_position_embeddings": 512, "vocab_size": 1000}))
     p = run_cli("container", str(export), "--profile", "2xl4-48gb", "--out", str(tmp_path / "ctx"))
     assert p.returncode != 0 and "Traceback" not in p.stderr
-    assert "5 KV heads do not divide by tensor parallel 2" in p.stderr.replace("\n", " "), p.stderr
+    assert "5 KV heads do not divide by tensor parallel 2" in " ".join(p.stderr.split()), p.stderr  # wrapped anywhere
     assert not (tmp_path / "ctx").exists()
 
 
@@ -294,7 +294,7 @@ def tp_exports(tmp_path_factory, smollm2_dir):
                      "--structure", "global",  # per-layer widths, without the minutes of the allocation search
                      "--out", str(d), str(smollm2_dir))
         assert p.returncode == 0, p.stderr[-3000:]
-        assert f"split for tensor parallel {tp}" in p.stderr.replace("\n", " ")
+        assert f"split for tensor parallel {tp}" in " ".join(p.stderr.split())
         out[tp] = d
     return out
 
