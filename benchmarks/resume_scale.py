@@ -30,7 +30,7 @@ def _interrupt_when(folder: Path, out: Path, stop: threading.Event, fired: list)
     """SIGTERM the compress process writing `out` once `folder` holds a file."""
     while not stop.is_set():
         if folder.is_dir() and any(folder.iterdir()):
-            pids = subprocess.run(["pgrep", "-f", f"--out {out}"], capture_output=True, text=True).stdout.split()
+            pids = subprocess.run(["pgrep", "-f", "--", f"--out {out}"], capture_output=True, text=True).stdout.split()
             for pid in pids:
                 subprocess.run(["kill", "-TERM", pid], check=False)
             fired.append(time.time())
