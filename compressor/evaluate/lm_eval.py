@@ -513,11 +513,11 @@ def task_scores_vllm(export_dir: Path, task_dir: Path, say=print) -> dict:
                                          "device": cpu_device()}
 
 
-def task_scores(model, tokenizer, task_dir: Path, device: str, say=print, log: Path | None = None,
-                precision: str | None = None) -> dict:
+def task_scores(model, tokenizer, task_dir: Path, device: str, say=print, precision: str | None = None) -> dict:
     """lm-eval scores of `model` (in memory) on the local tasks, or why they were skipped; lm-eval's own
-    output goes to `log` where the run is quiet (`quietly`); `precision` as in `lm_eval_scores`."""
-    res = _scores_or_skip(lambda: quietly(log or run_log("lm_eval.log"), lambda: lm_eval_scores(
+    output goes to the run's lm_eval.log where the run is quiet (`quietly`, `run_log`); `precision` as
+    in `lm_eval_scores`."""
+    res = _scores_or_skip(lambda: quietly(run_log("lm_eval.log"), lambda: lm_eval_scores(
         model, tokenizer, task_dir, precision=precision)), "lm-eval", say)
     return res if "skipped" in res else {**res, "device": device,
                                          "precision": f"{precision} autocast" if precision else "the model's dtype"}
@@ -561,11 +561,6 @@ class Tasks:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    @property
-    def log(self) -> Path | None:
-        """lm-eval's own output of this run (progress bars), kept in the task folder until `keep_log`."""
-        return self.folder / "logs" / "lm_eval.log" if self.folder is not None else None
-
     def keep_log(self, out: Path) -> None:
         """Copy the run's third-party logs (lm-eval, vLLM: `run_log`), if any were written, to OUT/logs/."""
         logs = self.folder / "logs" if self.folder is not None else None
@@ -582,7 +577,10 @@ class Tasks:
 
             if self._logs_before is not None:  # what LOGS was before this run set it
                 before, self._logs_before = self._logs_before[0], None
-                os.environ.pop(LOGS, None) if before is None else os.environ.__setitem__(LOGS, before)
+                if before is None:
+                    os.environ.pop(LOGS, None)
+                else:
+                    os.environ[LOGS] = before
             shutil.rmtree(folder, ignore_errors=True)
 
     @property
@@ -599,8 +597,7 @@ class Tasks:
         model, the paired change of the cloze accuracy is said too."""
         if not self.enabled:
             return
-        setattr(self, which, task_scores(model, tokenizer, self.folder, device, say=say, log=self.log,
-                                         precision=self.precision))
+        setattr(self, which, task_scores(model, tokenizer, self.folder, device, say=say, precision=self.precision))
         ch = self.change if which == "pruned" else None
         if ch is not None:
             say(f"cloze accuracy change, pruned - dense: {ch['delta'] * 100:+.1f} points (95% CI "
