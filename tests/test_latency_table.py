@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from compressor.budget.fitting import arch_of
 from compressor.budget.latency_table import (
     DATASHEET_SOURCE,
     LatencyTable,
@@ -141,10 +142,11 @@ def test_the_architectures_span_the_planners_widths_and_depths_within_the_format
     # one layer: no depth points; the widths alone, and the fit sets the layer cost to 0
     one = Arch(576, 49152, 64, (9,), (3,), (1536,), True)
     assert [n for n, _ in architectures(one, "none", 64)] == ["full", "w25", "w50"]
-    assert "576" in format_problem(SMOLLM2_CONFIG, "w4a16")
-    assert format_problem(SMOLLM2_CONFIG, "w8a8-int8") is None
+    smollm2 = arch_of(SMOLLM2_CONFIG)
+    assert "576" in format_problem("w4a16", smollm2)
+    assert format_problem("w8a8-int8", smollm2) is None
     with pytest.raises(UserError, match="not a weight format"):
-        format_problem(SMOLLM2_CONFIG, "int3")
+        format_problem("int3", smollm2)
 
 
 def test_the_cache_round_trips_and_ignores_corrupt_or_foreign_files(tmp_path, monkeypatch):

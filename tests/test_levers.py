@@ -11,8 +11,8 @@ import pytest
 import torch
 import yaml
 
-from compressor.budget.frontier import format_problem, search, shallower
-from compressor.budget.latency_table import LatencyTable, TablePoint, architectures
+from compressor.budget.frontier import search, shallower
+from compressor.budget.latency_table import LatencyTable, TablePoint, architectures, format_problem
 from compressor.model import adapter_for
 from compressor.prune.driver import Compute, PruneSpec
 from compressor.prune.planned import PlanQuality, fake_quantized
@@ -302,6 +302,9 @@ def test_format_problem_names_the_width_a_group_does_not_divide():
     assert "576" in format_problem("w4a16", SMOLLM2)
     ok = Arch(1024, 1000, 128, (8,), (2,), (2048,))
     assert format_problem("w4a16", ok) is None
+    # every layer's widths count, not the first one's; a removed block (width 0) holds nothing
+    assert "1984" in format_problem("w4a16", Arch(1024, 1000, 128, (8, 8), (2, 2), (2048, 1984)))
+    assert format_problem("w4a16", Arch(1024, 1000, 128, (0, 8), (0, 2), (0, 2048))) is None
 
 
 # ---- on the weights -------------------------------------------------------------------------------

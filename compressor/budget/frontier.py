@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from profiles import Profile
 from profiles.costmodel import Arch, CostModel, Prediction, Violation
 
+from .latency_table import format_problem
 from .planner import GRID, arch_at_ratio, headroom_notes, shallower
 
 
@@ -321,21 +322,6 @@ def predict(cost: CostModel, table, arch: Arch, fmt: str) -> Prediction:
     ttft, tpot = table.predict(arch, fmt)
     throughput = roof.throughput_tok_s * roof.tpot_s / tpot if tpot > 0 else roof.throughput_tok_s
     return Prediction(roof.memory, ttft, tpot, throughput, table.source)
-
-
-def format_problem(fmt: str, arch: Arch) -> str | None:
-    """Why `fmt` cannot hold this model's widths (a group size not dividing an input width), or None."""
-    if fmt == "none":
-        return None
-    from exporters.quantize import SCHEMES
-
-    group = getattr(SCHEMES[fmt], "group_size", None)
-    if not group:
-        return None
-    widths = {"hidden size": arch.hidden, "attention output": arch.q_heads[0] * arch.head_dim,
-              "MLP width": arch.intermediate[0]}
-    bad = [f"{k} {v}" for k, v in widths.items() if v % group]
-    return f"its groups of {group} input channels do not divide the {', '.join(bad)}" if bad else None
 
 
 def search(profile: Profile, arch: Arch, table, cost: CostModel, formats: list[str], attn_unit: str = "auto",

@@ -380,36 +380,31 @@ def check_format(fmt: str) -> None:
                         f"{', '.join(SCHEMES)}).")
 
 
-def format_problem(config: dict, fmt: str) -> str | None:
-    """Why the model cannot be quantized to `fmt` (a group-wise scheme whose group does not divide
-    an input width of a quantized matrix), or None."""
+def format_problem(fmt: str, arch: Arch) -> str | None:
+    """Why `fmt` cannot hold these widths (a group-wise scheme whose group of input channels does not
+    divide the hidden size, or some layer's attention output or MLP width; a removed block, width 0,
+    holds nothing), or None. The one rule for the table, the frontier and the exports."""
     check_format(fmt)
     g = _group(fmt)
     if g == 1:
         return None
-    arch = arch_of(config)
-    widths = {"hidden size": arch.hidden, "attention output width": max(arch.q_heads) * arch.head_dim,
-              "MLP width": max(arch.intermediate)}
-    for what, width in widths.items():
-        if width % g:
-            return f"{fmt} scales groups of {g} input channels and the model's {what} is {width}"
+    widths = {"hidden size": [arch.hidden], "attention output width": [h * arch.head_dim for h in arch.q_heads],
+              "MLP width": list(arch.intermediate)}
+    for what, values in widths.items():
+        bad = next((w for w in values if w % g), None)
+        if bad is not None:
+            return f"{fmt} scales groups of {g} input channels and the model's {what} is {bad}"
     return None
 
 
-def _holds(arch: Arch, group: int) -> bool:
-    """Can a format with input-channel groups of `group` hold these widths?"""
-    return group == 1 or all(w % group == 0 for w in (arch.hidden, max(arch.q_heads) * arch.head_dim,
-                                                       max(arch.intermediate)))
-
-
-def _narrower(base: Arch, target: float, group: int, round_to: int) -> Arch | None:
+def _narrower(base: Arch, target: float, fmt: str, round_to: int) -> Arch | None:
     """The planner's uniform widths (`planner.arch_at_ratio`) at the grid width nearest `target`
     that the format can hold and that removes something; None when there is none."""
     from .planner import GRID, arch_at_ratio
 
     for width in sorted((w for w in GRID if w > 0), key=lambda w: (abs(w - target), w)):
         arch = arch_at_ratio(base, width, "auto", round_to)
-        if arch.decoder_params < base.decoder_params and _holds(arch, group):
+        if arch.decoder_params < base.decoder_params and format_problem(fmt, arch) is None:
             return arch
     return None
 
@@ -420,13 +415,12 @@ def architectures(dense: Arch, fmt: str, round_to: int) -> list[tuple[str, Arch]
     cannot give, or that would repeat another, is left out."""
     from .planner import shallower
 
-    g = _group(fmt)
     drop_quarter, drop_half = dense.layers // 4, dense.layers // 2
     half_deep = shallower(dense, drop_half) if drop_half else None
-    wanted = [("full", dense), ("w25", _narrower(dense, 0.25, g, round_to)),
-              ("w50", _narrower(dense, 0.5, g, round_to)),
+    wanted = [("full", dense), ("w25", _narrower(dense, 0.25, fmt, round_to)),
+              ("w50", _narrower(dense, 0.5, fmt, round_to)),
               ("d25", shallower(dense, drop_quarter) if drop_quarter else None), ("d50", half_deep),
-              ("d50w50", _narrower(half_deep, 0.5, g, round_to) if half_deep else None)]
+              ("d50w50", _narrower(half_deep, 0.5, fmt, round_to) if half_deep else None)]
     out, seen = [], set()
     for name, arch in wanted:
         if arch is not None and (arch.layers, arch.decoder_params) not in seen:
@@ -640,7 +634,7 @@ def measure_table(profile: Profile, config: dict, model_dir: Path, runtime: str,
     have = {(p.name, p.format) for p in points}
     todo, measured_formats = [], []
     for fmt in formats:
-        problem = format_problem(config, fmt)
+        problem = format_problem(fmt, arch_of(config))
         if problem:
             note = f"{fmt} not measured: {problem}"
             say(f"latency table: {note}")
@@ -740,7 +734,7 @@ def datasheet_table(profile: Profile, config: dict, formats: list[str]) -> Laten
     context = w.prompt_tokens + w.output_tokens // 2
     points, notes = [], []
     for fmt in formats:
-        problem = format_problem(config, fmt)
+        problem = format_problem(fmt, arch_of(config))
         if problem:
             notes.append(f"{fmt} not predicted: {problem}")
             continue

@@ -148,7 +148,7 @@ def plan_cmd(
             out.print(f"note: {n}", highlight=False)
         for fmt, why in frontier.skipped_formats.items():
             if not any(n.startswith(f"{fmt} not ") for n in frontier.notes):  # the table said it already
-                out.print(f"note: {fmt} is not a lever for this model: {why}", highlight=False)
+                out.print(f"note: {why}, so {fmt} is not a lever for this model", highlight=False)
     if json_out:
         _write_json(json_out, {**plan.as_dict(), "levers": frontier.as_dict() if frontier else None})
     import shlex
