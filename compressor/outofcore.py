@@ -28,7 +28,7 @@ from .model.lazy import LazyModel, checkpoint_bytes
 from .model.loading import LoadedModel, resolve
 from .output import Interrupted, _disk_full
 from .prune import COMPENSATION
-from .prune.driver import LayerSink, copy_out_of_core, prune_out_of_core
+from .prune.driver import LayerSink, copy_out_of_core, prune
 from .prune.planned import fake_quantized
 from .prune.resume import WorkState, work_dir_for
 from .prune.surgery import LayerKeep
@@ -372,6 +372,6 @@ def _prune(cfg, lazy, prep, spec, work, sink, console):
     with layer_progress(console, len(prep.adapter.layers(lazy.model))) as progress:
         if spec.ratio == 0:  # a weight format alone: the layers as they are
             return copy_out_of_core(lazy, prep.adapter, sink, work=work, progress=progress)
-        return prune_out_of_core(lazy, prep.adapter, prep.calib, spec, cfg.compute, sink, work=work,
+        return prune(lazy, prep.adapter, prep.calib, spec, cfg.compute, sink, work=work,
                                  free_bytes=available_bytes(), progress=progress, say=console.print,
                                  passes=cfg.passes)

@@ -355,7 +355,8 @@ def prune_stage(prep: Prepared, spec: PruneSpec, cfg: RunConfig, stages: Stages,
 
             return prune_searched(model, adapter, prep.calib, prep.validation, spec, cfg.compute, say=console.print,
                                   progress=progress, generations=cfg.search_generations, seed=cfg.seed)
-        return prune(model, adapter, prep.calib, spec, cfg.compute, progress=progress)
+        return prune(model, adapter, prep.calib, spec, cfg.compute, progress=progress, say=console.print,
+                     passes=cfg.passes)
 
 
 def write_output(report: Report, out: Path, prep: Prepared, profile, plan, tasks: Tasks, cfg: RunConfig,

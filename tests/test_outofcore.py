@@ -25,7 +25,7 @@ from compressor.model.lazy import LazyModel
 from compressor.model.loading import load
 from compressor.outofcore import ExportSink
 from compressor.prune import COMPENSATION
-from compressor.prune.driver import Compute, PruneSpec, prune, prune_out_of_core
+from compressor.prune.driver import Compute, PruneSpec, prune
 from compressor.prune.resume import WorkState
 from exporters import export_hf
 from tests.conftest import ROOT, run_cli, tiny_model
@@ -68,7 +68,7 @@ def _out_of_core(path: Path, spec: PruneSpec, calib, work_dir: Path, free: int =
         work.create()
     sink = sink_cls(lazy, adapter_for(lazy.model), COMPENSATION.get(spec.compensation), lazy.dtype, work,
                     shard_bytes=shard_bytes)
-    res = prune_out_of_core(lazy, adapter_for(lazy.model), calib, spec, Compute(batch_size=4), sink, work=work,
+    res = prune(lazy, adapter_for(lazy.model), calib, spec, Compute(batch_size=4), sink, work=work,
                             free_bytes=free, say=lambda *_: None)
     sink.finish(None)
     return work, res

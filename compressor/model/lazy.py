@@ -63,6 +63,20 @@ def _real_buffers(model: nn.Module, config) -> None:
         setattr(parent, attr, type(mod)(config=getattr(mod, "config", config)))
 
 
+class Resident:
+    """Weights already in memory, seen through `LazyModel`'s interface: loading a layer moves it to the
+    compute device and releasing it moves it back to the CPU, so one layer-wise driver serves both."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def materialize(self, module: nn.Module, prefix: str, device: torch.device | str) -> nn.Module:
+        return module.to(device)
+
+    def release(self, module: nn.Module) -> None:
+        module.to("cpu")
+
+
 class LazyModel:
     """A causal LM whose weights are read from its safetensors files one module at a time."""
 

@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import UserError
+from ..memory import available_bytes
 from ..model.adapters import Adapter
+from ..model.lazy import Resident
 from . import COMPENSATION, IMPORTANCE, STRUCTURES, allocation
 from .allocation import LayerScores
 from .compensation import Compensation
@@ -157,72 +159,6 @@ def resolve_structure(structure: str, metric: Metric) -> str:
     return resolved
 
 
-def prune(model, adapter: Adapter, calib: torch.Tensor, spec: PruneSpec, compute: Compute,
-          progress: Progress | None = None, extras: list[dict] | None = None,
-          dense_stats: list[LayerStats] | None = None) -> PruneResult:
-    """Calibrate, score, allocate, prune and compensate `model` in place.
-
-    One pass when the metric scores the dense model (FLAP and the like; a least-squares
-    compensation then uses the Gram matrices kept from that pass). Otherwise (a greedy metric, or
-    `spec.greedy`) widths are allocated first (pass 1 on the dense model; skipped for
-    `uniform`, whose widths do not depend on scores), then pass 2 walks the layers in order on the
-    already-pruned model's activations: statistics, scores, which units to keep (with the
-    allocated widths), compensation, surgery; the next layer sees the pruned layer's outputs.
-
-    `extras` (a metric's precomputed per-layer data) and `dense_stats` (statistics of the dense
-    model, with Gram matrices and samples as the metric needs) let benchmarks and searches score
-    many configurations from one calibration pass.
-    """
-    metric: Metric = IMPORTANCE.get(spec.metric)
-    comp: Compensation = COMPENSATION.get(spec.compensation)
-    structure = resolve_structure(spec.structure, metric)
-    if not 0.0 < spec.ratio < 1.0:
-        raise UserError(f"The pruning ratio must be between 0 and 1 (exclusive), got {spec.ratio}.")
-    if metric.precompute is not None and extras is None:
-        extras = metric.precompute(model, adapter, calib[: spec.grad_samples], device=compute.device)
-    layers = adapter.layers(model)
-    hidden = model.config.hidden_size
-    two_pass = comp.needs_reference or (spec.greedy if spec.greedy is not None else metric.sequential)
-    memory: dict = {}
-    passes = 0
-    if structure == "global" or not two_pass:
-        if dense_stats is not None:
-            for st, ex in zip(dense_stats, extras or [{}] * len(dense_stats), strict=True):
-                st.extra.update(ex)
-            scored = score(model, adapter, dense_stats, metric)
-        else:
-            scored, memory = score_layers(model, adapter, calib, metric, compute, progress, extras,
-                                          keep_gram=comp.needs_gram and not two_pass,
-                                          pass_name=PASS_ONE if two_pass else PASS_ONE_PRUNE)
-            passes += 1
-        keeps = allocation.allocate(scored.scores, spec.ratio, structure, spec.attn_unit, spec.round_to,
-                                    standardized=metric.standardize and structure == "global", tp=spec.tensor_parallel)
-        if not two_pass:
-            prune_model(model, adapter, keeps, scored, comp)
-            return PruneResult(keeps, memory, passes, structure)
-    else:
-        keeps = allocation.uniform_widths([adapter.shape(layer) for layer in layers], hidden, spec.ratio,
-                                          spec.attn_unit, spec.round_to, spec.tensor_parallel)
-    final: list[LayerKeep] = []
-
-    def visit(i, layer, st: LayerStats) -> bool:
-        if extras is not None:
-            st.extra.update(extras[i])
-        keep = allocation.select(_layer_scores(metric, adapter, layer, st, hidden), spec.attn_unit, keeps[i])
-        _cut(adapter, layer, keep, comp(adapter, layer, keep, st))
-        final.append(keep)
-        return True
-
-    engine = LayerwiseEngine(model, adapter, calib, device=compute.device, batch_size=compute.batch_size,
-                             gram=metric.needs_gram or comp.needs_gram, sample_rows=metric.sample_rows,
-                             progress=_engine_progress(progress, PASS_GREEDY), reference=comp.needs_reference)
-    rep = engine.run(visit)
-    passes += 1
-    memory = {k: max(v, memory.get(k, 0.0)) for k, v in _memory(rep).items()}
-    adapter.set_config_widths(model.config, final)
-    return PruneResult(final, memory, passes, structure)
-
-
 # ---- out of core --------------------------------------------------------------------------------
 
 class LayerSink:
@@ -276,34 +212,51 @@ def plan_passes(metric: Metric, comp: Compensation, greedy: bool | None, shapes,
                         f"({two / gib:.2f} GiB){warn}")
 
 
-def prune_out_of_core(lazy, adapter: Adapter, calib: torch.Tensor, spec: PruneSpec, compute: Compute, sink: LayerSink,
-                      work=None, free_bytes: int = 0, progress: Progress | None = None, say=print,
-                      passes: str = "auto") -> PruneResult:
-    """Calibrate, score, allocate, prune and compensate a model whose weights stay in its checkpoint
-    (`lazy`: `model.lazy.LazyModel`), one layer in memory at a time, handing every pruned layer to
-    `sink` in order. Gives the same pruned weights as `prune` on the same model in memory.
+def prune(weights, adapter: Adapter, calib: torch.Tensor, spec: PruneSpec, compute: Compute,
+          sink: LayerSink | None = None, work=None, free_bytes: int | None = None, progress: Progress | None = None,
+          say=None, passes: str = "auto", extras: list[dict] | None = None,
+          dense_stats: list[LayerStats] | None = None) -> PruneResult:
+    """Calibrate, score, allocate, prune and compensate a model layer by layer: the one driver for
+    every model size. `weights` is the model itself (resident in memory, pruned in place) or a
+    `model.lazy.LazyModel` (out of core: one layer in memory at a time, each finished layer handed
+    to `sink` in order); the same model gives the same pruned weights either way.
 
-    Pass 1 scores every layer on the dense model (keeping only light statistics unless the Gram
-    matrices fit, see `plan_passes`); allocation fixes the widths; pass 2 walks the layers again,
-    cuts and compensates each (recomputing its statistics where they were not kept) and streams
-    it out. `work` (`prune.resume.WorkState`) makes both passes resumable."""
+    Pass 1 scores every layer on the dense model (keeping its Gram matrices only where they fit:
+    `plan_passes`); allocation fixes the widths; pass 2 cuts and compensates each layer (from pass
+    1's statistics, or recomputed on the dense activations, or greedily on the pruned model's own).
+    `work` (`prune.resume.WorkState`) makes both passes resumable. Resident only: `extras` (a
+    metric's precomputed per-layer data, else computed here) and `dense_stats` (statistics of the
+    dense model with what the metric needs) let searches score many configurations from one pass."""
+    lazy = weights if hasattr(weights, "materialize") else Resident(weights)
+    resident = isinstance(lazy, Resident)
     metric: Metric = IMPORTANCE.get(spec.metric)
     comp: Compensation = COMPENSATION.get(spec.compensation)
     structure = resolve_structure(spec.structure, metric)
     if not 0.0 < spec.ratio < 1.0:
         raise UserError(f"The pruning ratio must be between 0 and 1 (exclusive), got {spec.ratio}.")
-    if metric.precompute is not None:
-        raise UserError(f"The metric '{metric.name}' needs gradients through the whole model, which the out-of-core "
-                        "path does not compute; use --out-of-core off (the model in memory) or another metric.")
+    if metric.precompute is not None and extras is None:
+        if not resident:
+            raise UserError(f"The metric '{metric.name}' needs gradients through the whole model, which the "
+                            "out-of-core path does not compute; use --out-of-core off (the model in memory) or "
+                            "another metric.")
+        extras = metric.precompute(lazy.model, adapter, calib[: spec.grad_samples], device=compute.device)
     model = lazy.model
     layers = adapter.layers(model)
     hidden = model.config.hidden_size
     shapes = [adapter.shape(layer) for layer in layers]
-    mode, why = plan_passes(metric, comp, spec.greedy, shapes, hidden, free_bytes, passes)
-    say(f"out of core: {mode} ({why})")
+    mode, why = plan_passes(metric, comp, spec.greedy, shapes, hidden,
+                            available_bytes() if free_bytes is None else free_bytes, passes)
+    if dense_stats is not None and mode == "two-pass":
+        mode, why = "one-pass", "the dense statistics were given"
+    if say is not None and (not resident or mode == "two-pass"):
+        say(f"{'in memory' if resident else 'out of core'}: {mode} ({why})")
     engine_args = dict(device=compute.device, batch_size=compute.batch_size, lazy=lazy)
     memory: dict = {}
-    passes = 0
+    passes_run = 0
+
+    def extra(i: int, st: LayerStats) -> None:
+        if extras is not None:
+            st.extra.update(extras[i])
 
     # pass 1: scores (and light statistics) of every layer, resumable layer by layer
     if structure == "global" or mode != "greedy":
@@ -317,6 +270,7 @@ def prune_out_of_core(lazy, adapter: Adapter, calib: torch.Tensor, spec: PruneSp
             stats.append(st)
 
         def visit(i, layer, st: LayerStats) -> bool:
+            extra(i, st)
             scores.append(_layer_scores(metric, adapter, layer, st, hidden))
             stats.append(LayerStats(st.attn.to("cpu"), st.mlp.to("cpu"), st.extra) if keep_gram else _light(st))
             return False
@@ -325,12 +279,18 @@ def prune_out_of_core(lazy, adapter: Adapter, calib: torch.Tensor, spec: PruneSp
             if work is not None:
                 work.save_pass1_layer(i, scores[i], stats[i], acts)
 
-        if start < len(layers):
+        if dense_stats is not None and resident:
+            for i, st in enumerate(dense_stats):
+                extra(i, st)
+            scored = score(model, adapter, dense_stats, metric)
+            scores, stats = scored.scores, scored.stats
+        elif start < len(layers):
+            name = PASS_ONE if mode != "one-pass" else PASS_ONE_PRUNE if resident else PASS_ONE
             engine = LayerwiseEngine(model, adapter, calib, gram=metric.needs_gram or keep_gram,
                                      sample_rows=metric.sample_rows, on_done=saved,
-                                     progress=_engine_progress(progress, PASS_ONE), **engine_args)
+                                     progress=_engine_progress(progress, name), **engine_args)
             memory = _memory(engine.run(visit, start=start, resume_inputs=work.acts("pass1", start) if start else None))
-            passes += 1
+            passes_run += 1
         keeps = work.allocation() if work is not None else None
         if keeps is None:
             keeps = allocation.allocate(scores, spec.ratio, structure, spec.attn_unit, spec.round_to,
@@ -343,28 +303,30 @@ def prune_out_of_core(lazy, adapter: Adapter, calib: torch.Tensor, spec: PruneSp
         keeps = allocation.uniform_widths(shapes, hidden, spec.ratio, spec.attn_unit, spec.round_to,
                                           spec.tensor_parallel)
 
-    # pass 2: cut, compensate and stream out every layer, resumable at the sink's durable points
-    sink.begin(keeps)
+    # pass 2: cut, compensate and hand out every layer, resumable at the sink's durable points
+    if sink is not None:
+        sink.begin(keeps)
     done = work.pass2_done if work is not None else 0
     final: list[LayerKeep] = work.keeps() if work is not None else []
 
     def finished(i, layer, acts) -> None:
-        if sink.add(i, layer) and work is not None:
+        if sink is not None and sink.add(i, layer) and work is not None:
             work.save_pass2(i + 1, final, sink.state(), acts)
 
     if mode == "one-pass" or (mode == "two-pass" and not comp.needs_gram):
         for i in range(done, len(layers)):  # the statistics are at hand: no forward pass needed
-            layer = lazy.materialize(layers[i], f"model.layers.{i}", compute.device)
+            layer = lazy.materialize(layers[i], f"model.layers.{i}", "cpu" if resident else compute.device)
             _cut(adapter, layer, keeps[i], comp(adapter, layer, keeps[i], stats[i]))
             final.append(keeps[i])
             finished(i, layer, None)
             lazy.release(layer)
-            if progress:
+            if progress and not resident:
                 progress(PASS_WRITE, i + 1, len(layers))
     else:
         greedy = mode == "greedy"
 
         def visit2(i, layer, st: LayerStats) -> bool:
+            extra(i, st)
             if greedy:
                 keep = allocation.select(_layer_scores(metric, adapter, layer, st, hidden), spec.attn_unit, keeps[i])
             else:
@@ -382,9 +344,9 @@ def prune_out_of_core(lazy, adapter: Adapter, calib: torch.Tensor, spec: PruneSp
                                      **engine_args)
             rep = engine.run(visit2, start=done, resume_inputs=work.acts("pass2", done) if done else None)
             memory = {k: max(v, memory.get(k, 0.0)) for k, v in _memory(rep).items()}
-    passes += 1
+            passes_run += 1
     adapter.set_config_widths(model.config, final)
-    return PruneResult(final, memory, passes, structure, notes={"out_of_core": mode})
+    return PruneResult(final, memory, passes_run, structure, notes={} if resident else {"out_of_core": mode})
 
 
 def copy_out_of_core(lazy, adapter: Adapter, sink: LayerSink, work=None,

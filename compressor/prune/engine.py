@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..model.adapters import Adapter
+from ..model.lazy import Resident
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -212,9 +213,10 @@ class LayerwiseEngine:
         # also carry the dense model's activations (each layer run on them before it is pruned) and
         # stream cross statistics between the dense and the pruned inputs of o_proj / down_proj
         self.reference = reference
-        # out of core (`model.lazy.LazyModel`): each layer's weights are read from the checkpoint when
-        # the engine reaches it and dropped after `on_done`; the model itself is a meta-device skeleton
-        self.lazy = lazy
+        # where the layers' weights come from: out of core (`model.lazy.LazyModel`) each is read from the
+        # checkpoint when the engine reaches it and dropped after `on_done` (the model is a meta-device
+        # skeleton); None: resident in memory (`model.lazy.Resident`)
+        self.lazy = lazy if lazy is not None else Resident(model)
         self.observe = observe  # False: only run the layers (evaluation), no statistics
         # on_done(index, layer, outputs): the layer is finished (visited, outputs recomputed if it
         # changed); `outputs` are the next layer's inputs (what a resumable run saves)
@@ -226,16 +228,10 @@ class LayerwiseEngine:
         self.hidden: torch.Tensor | None = None  # the last layer's outputs, after `run`
 
     def _load(self, module: nn.Module, prefix: str) -> None:
-        if self.lazy is not None:
-            self.lazy.materialize(module, prefix, self.device)
-        else:
-            module.to(self.device)
+        self.lazy.materialize(module, prefix, self.device)
 
     def _unload(self, module: nn.Module) -> None:
-        if self.lazy is not None:
-            self.lazy.release(module)
-        else:
-            module.to("cpu")
+        self.lazy.release(module)
 
     @torch.no_grad()
     def _capture_inputs(self) -> tuple[torch.Tensor, dict[int, dict]]:
