@@ -45,11 +45,11 @@ stage = sys.argv[2]
 if stage == "calibration":
     import compressor.prune.engine as engine
     real_run = engine.LayerwiseEngine.run
-    def run(self, visit):
+    def run(self, visit, **kw):
         def first_layer(i, layer, st):
             os.kill(os.getpid(), sig)
             return visit(i, layer, st)
-        return real_run(self, first_layer)
+        return real_run(self, first_layer, **kw)
     engine.LayerwiseEngine.run = run
 elif stage in ("export", "export-twice"):
     import exporters.hf as hf
