@@ -129,15 +129,16 @@ def refuse_pruning_options(cfg: RunConfig) -> None:
 
 
 def refuse_recovery(cfg: RunConfig, in_core: bool) -> None:
-    """--recover-tokens runs after a width pruning in memory; elsewhere it is refused before any work."""
+    """--recover-tokens runs after a pruning in memory (--ratio, the width-only plan or the lever plan);
+    elsewhere it is refused before any work."""
     if cfg.recover_lora and not cfg.recover_tokens:
         raise UserError(f"--recover-lora {cfg.recover_lora} shapes a recovery: pass --recover-tokens N too "
                         "(or drop it).")
     if not cfg.recover_tokens:
         return
-    if cfg.ratio is None:
-        raise UserError("--recover-tokens runs after a width pruning: pass --ratio R (the lever plan and --quantize "
-                        "alone do not recover yet).")
+    if cfg.quantize_only:
+        raise UserError(f"--recover-tokens runs after a pruning, and --quantize {cfg.quantize} without --ratio prunes "
+                        "nothing: pass --ratio R too (or drop --recover-tokens).")
     if not in_core:
         raise UserError("--recover-tokens does not run out of core yet: the model must fit in memory "
                         "(--out-of-core off), with its gradients and optimizer state (about 4x its float32 size; "
@@ -282,6 +283,7 @@ def _run_levers(cfg: RunConfig, profile, round_to: int, prep: Prepared, stages: 
     before = prep.adapter.count_params(model)
     with run_tasks(prep.texts.heldout_text, cfg, profile) as tasks:
         ppl_dense, domains_dense = evaluate_model("dense", model, tok, prep, tasks, cfg, stages, say)
+        targets = teacher_stage(prep, cfg, stages, say)  # ranked by their damage before recovery, then recovered
         with stages.timed("pruning_step"):
             kl_ids = kl_text("self", model, tok, prep.validation, 8 * 256, cfg.seed)
             quality = PlanQuality(model, prep.adapter, prep.calib, prep.validation, spec, cfg.compute, say=say,
@@ -299,6 +301,10 @@ def _run_levers(cfg: RunConfig, profile, round_to: int, prep: Prepared, stages: 
                 f"({frontier.rule}; latency {frontier.latency_source})")
             result = quality.prune(chosen.width, chosen.dropped, chosen.bias_free)
             result.notes["levers"] = {"chosen": chosen.levers, "format": chosen.fmt, "rule": frontier.rule}
+        if targets is not None and not chosen.removed:
+            say("recovery: skipped, the plan removes no weight (its format alone meets the budget)")
+            targets = None
+        recovery = recover_stage(prep, targets, cfg, stages, say)
         spec = replace(spec, ratio=round(chosen.removed, 4), compensation=quality.compensation(chosen.bias_free).name)
         cfg = cfg.model_copy(update={"quantize": chosen.fmt})
         out = output_dir(cfg, spec)
@@ -309,6 +315,7 @@ def _run_levers(cfg: RunConfig, profile, round_to: int, prep: Prepared, stages: 
         gc.collect()  # the quantized copy is cyclic garbage (its hooks refer to it)
         report = build_report(cfg, profile.name, prep, spec, result, before, ppl_dense, ppl_pruned,
                               cross_domain=(domains_dense, domains_pruned))
+        report.recovery = recovery
         write_output(report, out, prep, profile, LeverPlan(frontier, "every lever"), tasks, cfg, stages, say)
     return report
 

@@ -493,17 +493,19 @@ def test_out_of_core_plans_width_and_format_and_quantizes_without_a_calibration_
 @pytest.mark.slow
 def test_levers_end_to_end_on_a_profile_that_is_not_here(tmp_path, tiny_model_dir):
     """A GPU profile (datasheet latency) whose TPOT the dense tiny model misses: the run (with no
-    --ratio, so planned with every lever by default) measures the
-    frontier's KLs, prunes to the least-KL plan and records the frontier in its report."""
+    --ratio, so planned with every lever by default) measures the frontier's KLs, prunes to the
+    least-KL plan, recovers it (--recover-tokens) and records the frontier in its report."""
 
     path = _tiny_gpu_profile(tmp_path, tiny_model_dir)
     out = tmp_path / "o"
     # no --ratio and no method option: every lever is the default plan
     p = run_cli(str(tiny_model_dir), "--profile", str(path), "--nsamples", "4", "--seqlen", "32",
-                "--no-checks", "--domain-windows", "0", "--out", str(out))
+                "--no-checks", "--domain-windows", "0", "--recover-tokens", "300", "--out", str(out))
     assert p.returncode == 0, p.stderr[-3000:]
     r = json.loads((out / "report.json").read_text())
     assert r["plan"]["ratio_source"] == "every lever" and r["plan"]["chosen"]["meets_budget"]
+    assert r["plan"]["chosen"]["decoder_removed"] > 0 and r["recovery"]["tokens"] >= 300
+    assert {"recover_teacher", "recover"} <= set(r["seconds"])
     assert all(c["kl"] is not None for c in r["plan"]["frontier"]) and "least KL" in r["plan"]["rule"]
     assert r["method"]["structure"] == "planned" and r["method"]["levers"]["chosen"] == r["plan"]["chosen"]["levers"]
     assert r["params"]["achieved_ratio_decoder"] == pytest.approx(r["plan"]["chosen"]["decoder_removed"], abs=0.02)

@@ -65,7 +65,7 @@ def choice(*values: str):
 
 
 # each module registers its command(s) on `app` when imported
-from . import container, export_onnx, gate, plan, profiles, run  # noqa: E402,F401
+from . import container, export_onnx, gate, plan, profiles, recover, run  # noqa: E402,F401
 
 
 def third_party_output(verbose: bool) -> None:

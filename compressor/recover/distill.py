@@ -13,6 +13,9 @@ Contract:
   cosine decay, for `tokens` training tokens (the windows repeat when the budget exceeds them).
   All parameters train, or, with `lora_rank`, low-rank adapters on every decoder Linear that are
   merged back before it returns, so the exported architecture is the pruned one.
+- Data parallel: where `torch.distributed` is initialised (torchrun) with several processes, each
+  takes its share of every global batch of `batch_size` windows and torch's DistributedDataParallel
+  averages the gradients, so N processes take the steps one process would (`recover/command.py`).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..errors import UserError
 from ..memory import peak_rss_mib, reset_peak
 
 
@@ -123,6 +127,25 @@ def merge_lora(decoder_layers) -> int:
                for layer in decoder_layers)
 
 
+def _world() -> tuple[int, int]:
+    """(this process's rank, number of processes): (0, 1) unless torch.distributed is initialised."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _mean_over_processes(loss: torch.Tensor, world: int) -> float:
+    if world > 1:
+        import torch.distributed as dist
+
+        loss = loss.clone()
+        dist.all_reduce(loss)
+        loss /= world
+    return float(loss)
+
+
 @dataclass
 class RecoveryResult:
     tokens: int  # training tokens seen (positions with a target)
@@ -150,6 +173,15 @@ def distill(model, targets: TeacherTargets, tokens: int, lr: float = 5e-5, batch
         add_lora(decoder_layers, lora_rank)
         lr = lr * 20  # adapters start from zero and carry a fraction of the weights: a larger step
     params = [p for p in model.parameters() if p.requires_grad]
+    rank, world = _world()
+    if batch_size % world:
+        raise UserError(f"The recovery batch ({batch_size} windows) must split evenly over {world} processes.")
+    share = batch_size // world
+    student = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        student = DistributedDataParallel(model)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.95))
     per_step = batch_size * targets.top_ids.shape[1]
     steps = max(1, math.ceil(tokens / per_step))
@@ -168,16 +200,16 @@ def distill(model, targets: TeacherTargets, tokens: int, lr: float = 5e-5, batch
     losses, start, pos = [], time.monotonic(), 0
     try:
         for step in range(steps):
-            idx = torch.stack([order[(pos + i) % n] for i in range(batch_size)])
+            idx = torch.stack([order[(pos + i) % n] for i in range(batch_size)])[rank * share: (rank + 1) * share]
             pos += batch_size
-            logits = model(input_ids=targets.windows[idx].to(device), use_cache=False).logits[:, :-1]
+            logits = student(input_ids=targets.windows[idx].to(device), use_cache=False).logits[:, :-1]
             loss = topk_kl(logits, targets.top_ids[idx].to(device), targets.top_logp[idx].to(device))
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # with several processes, DDP averages the gradients: the global batch's mean
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             sched.step()
-            losses.append(float(loss.detach()))
+            losses.append(_mean_over_processes(loss.detach(), world))
             if say and (step + 1) % max(1, steps // 10) == 0:
                 say(f"recovery: step {step + 1}/{steps}, KL to the dense model {losses[-1]:.4f}")
     finally:
@@ -189,4 +221,5 @@ def distill(model, targets: TeacherTargets, tokens: int, lr: float = 5e-5, batch
         opt.zero_grad(set_to_none=True)
     tail = losses[-max(1, len(losses) // 10):]
     return RecoveryResult(steps * per_step, steps, time.monotonic() - start, peak_rss_mib(), losses[0],
-                          sum(tail) / len(tail), f"lora (rank {lora_rank})" if lora_rank else "full")
+                          sum(tail) / len(tail), (f"lora (rank {lora_rank})" if lora_rank else "full")
+                          + (f", data parallel over {world} processes" if world > 1 else ""))
