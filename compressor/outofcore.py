@@ -28,7 +28,7 @@ from .model.lazy import LazyModel, checkpoint_bytes
 from .model.loading import LoadedModel, resolve
 from .output import Interrupted, _disk_full
 from .prune import COMPENSATION
-from .prune.driver import LayerSink, copy_out_of_core, prune
+from .prune.driver import LayerSink, copy_out_of_core, gram_bytes, prune, refit_bytes
 from .prune.planned import fake_quantized
 from .prune.resume import WorkState, work_dir_for
 from .prune.surgery import LayerKeep
@@ -53,9 +53,6 @@ def choose(cfg: RunConfig, say) -> bool:
         if cfg.structure == "depth":
             raise UserError("--structure depth scores every block on the whole model in memory; it cannot run "
                             "out of core (use --out-of-core off).")
-        if cfg.structure == "searched":
-            raise UserError("--structure searched scores many pruned models on the whole model in memory; it cannot "
-                            "run out of core (use --out-of-core off).")
         if cfg.calib == "self":
             raise UserError("--calib self generates text with the whole model; it cannot run out of core.")
         say("out of core: asked for" if cfg.out_of_core == "on" else "out of core: resuming an interrupted run")
@@ -65,7 +62,7 @@ def choose(cfg: RunConfig, say) -> bool:
     need = 4 * checkpoint_params(path)
     free = available_bytes()
     if need > free // 2:
-        if cfg.structure in ("depth", "searched"):
+        if cfg.structure == "depth":
             raise UserError(f"--structure {cfg.structure} needs the whole model in memory, and the model in "
                             f"float32 ({need / 2**30:.1f} GiB) does not fit in half of the free memory "
                             f"({free / 2**30:.1f} GiB).")
@@ -207,7 +204,8 @@ def run_out_of_core(cfg: RunConfig, profile, round_to: int, stages, console):
     plan, ratio = choose_plan(cfg, profile, round_to, stages, say)
     if isinstance(plan, steps.LeverPlan):
         cfg = cfg.model_copy(update={"quantize": plan.frontier.chosen.fmt})
-    spec = steps.quantizable(cfg, steps.prune_spec(cfg, ratio, round_to, tensor_parallel_size(profile)), say)
+    spec = steps.prune_spec(cfg, ratio, round_to, tensor_parallel_size(profile))
+    spec = steps.quantizable(cfg, auto_structure(cfg, spec, lazy, prep.adapter, say), say)
     out = steps.output_dir(cfg, spec, name=cfg.quantize if ratio == 0 else None)
     steps.announce(cfg, profile, spec, plan, out, say)
     dtype = lazy.dtype if cfg.export_dtype == "auto" else getattr(torch, cfg.export_dtype)
@@ -285,6 +283,21 @@ def _stored(work: WorkState, key: str, compute):
         work.state[key] = compute()
         work.save()
     return work.state[key]
+
+
+def auto_structure(cfg: RunConfig, spec, lazy, adapter, say):
+    """`steps.auto_structure` out of core: the searched allocation where every layer's statistics, Gram
+    matrices included, fit in the free memory (its candidates are built from them), else `global`."""
+    if cfg.structure != "auto" or spec.ratio == 0 or spec.structure != "global" or cfg.search:
+        return spec
+    shapes = [adapter.shape(layer) for layer in adapter.layers(lazy.model)]
+    need = gram_bytes(shapes) + max(refit_bytes(s, lazy.config.hidden_size) for s in shapes)
+    free = available_bytes()
+    if need > 0.8 * free:
+        say(f"structure [cyan]global[/]: the allocation search builds its candidates from every layer's Gram "
+            f"matrices ({need / 2**30:.1f} GiB), more than the free memory allows ({free / 2**30:.1f} GiB)")
+        return spec
+    return steps.auto_structure(cfg, spec, checkpoint_params(lazy.path), say)
 
 
 def _run(cfg, profile, plan, spec, lazy, prep, work, dtype, stages, console, out):
@@ -372,6 +385,17 @@ def _prune(cfg, lazy, prep, spec, work, sink, console):
     with layer_progress(console, len(prep.adapter.layers(lazy.model))) as progress:
         if spec.ratio == 0:  # a weight format alone: the layers as they are
             return copy_out_of_core(lazy, prep.adapter, sink, work=work, progress=progress)
-        return prune(lazy, prep.adapter, prep.calib, spec, cfg.compute, sink, work=work,
-                                 free_bytes=available_bytes(), progress=progress, say=console.print,
-                                 passes=cfg.passes)
+        search = None
+        if spec.structure == "searched":
+            search = functools.partial(_search, lazy, prep, spec, cfg, console.print)
+        return prune(lazy, prep.adapter, prep.calib, spec, cfg.compute, sink, work=work, free_bytes=available_bytes(),
+                     progress=progress, say=console.print, passes=cfg.passes, search=search)
+
+
+def _search(lazy, prep, spec, cfg, say, scores, stats):
+    """The searched allocation from pass 1's statistics, each generation streamed over the decoder."""
+    from .prune.driver import Scored
+    from .prune.evolve import search_keeps
+
+    return search_keeps(lazy, prep.adapter, Scored(scores, stats), spec, prep.validation, cfg.compute, say=say,
+                        generations=cfg.search_generations, seed=cfg.seed)

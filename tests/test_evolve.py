@@ -164,11 +164,22 @@ def test_auto_structure_keeps_global_for_a_large_model_on_a_cpu():
     assert explicit.structure == "global"
 
 
-def test_structure_searched_refuses_out_of_core(tmp_path, tiny_model_dir):
-    out = tmp_path / "o"
-    p = run_cli(str(tiny_model_dir), "--ratio", "0.3", "--structure", "searched", "--out-of-core", "on",
-                "--out", str(out))
-    assert_clean_failure(p, out, "--structure searched scores many pruned models")
+def test_auto_structure_is_the_streamed_search_out_of_core(tmp_path, tiny_model_dir):
+    """Out of core, `--structure auto` is the searched allocation too where every layer's statistics
+    fit in memory, its generations streamed over the checkpoint; with two passes forced it is refused."""
+    from tests.conftest import run_main
+
+    base = ["--nsamples", "4", "--seqlen", "32", "--round-to", "8", "--ratio", "0.3", "--no-checks",
+            "--domain-windows", "0", "--out-of-core", "on", "--search-generations", "2"]
+    p = run_main(str(tiny_model_dir), *base, "--out", str(tmp_path / "a"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "structure searched (auto" in " ".join(p.stderr.split())
+    r = json.loads((tmp_path / "a" / "report.json").read_text())
+    assert r["method"]["structure"] == "searched" and r["method"]["out_of_core"] == "one-pass"
+    assert r["method"]["search"]["streamed"] and len(r["method"]["search"]["trajectory"]) in (1, 3)
+    out = tmp_path / "two"
+    p = run_main(str(tiny_model_dir), *base, "--structure", "searched", "--passes", "two", "--out", str(out))
+    assert_clean_failure(p, out, "--structure searched builds its candidates from every layer's statistics")
 
 
 def test_structure_searched_and_search_together_are_refused(tmp_path, tiny_model_dir):
@@ -182,3 +193,48 @@ def test_search_generations_below_one_is_refused(tmp_path, tiny_model_dir):
     out = tmp_path / "o"
     p = run_cli(str(tiny_model_dir), "--structure", "searched", "--search-generations", "0", "--out", str(out))
     assert_clean_failure(p, out, "--search-generations must be at least 1")
+
+
+def test_out_of_core_search_finds_the_in_memory_search_s_allocation(tmp_path):
+    """The searched allocation streamed over a checkpoint (one layer in memory per sweep) takes the
+    in-memory search's path: the same KL trajectory and the same kept units, and the driver writes
+    the weights the in-memory search leaves in place."""
+    import copy
+
+    from compressor.model.lazy import LazyModel
+    from compressor.prune.driver import Scored, prune
+    from compressor.prune.evolve import search_keeps
+
+    model, adapter, calib, val = _setup()
+    model.save_pretrained(tmp_path / "m")
+    mem = copy.deepcopy(model)
+    res, _ = _search(mem, adapter_for(mem), calib, val)
+    lazy = LazyModel(tmp_path / "m")
+    spec = PruneSpec(metric="flap", compensation="lsq+bias", structure="searched", ratio=0.3, round_to=8)
+    lines: list[str] = []
+
+    def search(scores, stats):
+        return search_keeps(lazy, adapter_for(lazy.model), Scored(scores, stats), spec, val, Compute(batch_size=4),
+                            say=lines.append, **SMALL)
+
+    class Keep:  # the streamed layers, kept (a test sink)
+        layers: dict = {}
+
+        def begin(self, keeps):
+            pass
+
+        def add(self, i, layer):
+            self.layers[i] = {k: v.clone() for k, v in layer.state_dict().items()}
+            return False
+
+    sink = Keep()
+    out = prune(lazy, adapter_for(lazy.model), calib, spec, Compute(batch_size=4), sink, free_bytes=2**40,
+                say=lines.append, search=search)
+    a, b = res.notes["search"], out.notes["search"]
+    assert b["streamed"] and not a["streamed"]
+    assert [p["kl"] for p in b["trajectory"]] == pytest.approx([p["kl"] for p in a["trajectory"]], rel=1e-5)
+    assert [(k.q_heads, k.kv_heads, k.channels) for k in out.keeps] == \
+        [(k.q_heads, k.kv_heads, k.channels) for k in res.keeps]
+    for i, layer in enumerate(adapter_for(mem).layers(mem)):
+        for k, v in layer.state_dict().items():
+            assert torch.allclose(sink.layers[i][k], v, atol=1e-6), (i, k)

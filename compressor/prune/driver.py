@@ -215,7 +215,7 @@ def plan_passes(metric: Metric, comp: Compensation, greedy: bool | None, shapes,
 def prune(weights, adapter: Adapter, calib: torch.Tensor, spec: PruneSpec, compute: Compute,
           sink: LayerSink | None = None, work=None, free_bytes: int | None = None, progress: Progress | None = None,
           say=None, passes: str = "auto", extras: list[dict] | None = None,
-          dense_stats: list[LayerStats] | None = None) -> PruneResult:
+          dense_stats: list[LayerStats] | None = None, search=None) -> PruneResult:
     """Calibrate, score, allocate, prune and compensate a model layer by layer: the one driver for
     every model size. `weights` is the model itself (resident in memory, pruned in place) or a
     `model.lazy.LazyModel` (out of core: one layer in memory at a time, each finished layer handed
@@ -224,7 +224,8 @@ def prune(weights, adapter: Adapter, calib: torch.Tensor, spec: PruneSpec, compu
     Pass 1 scores every layer on the dense model (keeping its Gram matrices only where they fit:
     `plan_passes`); allocation fixes the widths; pass 2 cuts and compensates each layer (from pass
     1's statistics, or recomputed on the dense activations, or greedily on the pruned model's own).
-    `work` (`prune.resume.WorkState`) makes both passes resumable. Resident only: `extras` (a
+    `work` (`prune.resume.WorkState`) makes both passes resumable. `search(scores, stats)` -> (keeps,
+    notes) replaces the allocation (`--structure searched`: `evolve.search_keeps`). Resident only: `extras` (a
     metric's precomputed per-layer data, else computed here) and `dense_stats` (statistics of the
     dense model with what the metric needs) let searches score many configurations from one pass."""
     lazy = weights if hasattr(weights, "materialize") else Resident(weights)
@@ -248,6 +249,9 @@ def prune(weights, adapter: Adapter, calib: torch.Tensor, spec: PruneSpec, compu
                             available_bytes() if free_bytes is None else free_bytes, passes)
     if dense_stats is not None and mode == "two-pass":
         mode, why = "one-pass", "the dense statistics were given"
+    if structure == "searched" and (search is None or mode != "one-pass"):
+        raise UserError("--structure searched builds its candidates from every layer's statistics kept in memory, "
+                        f"and here {why}: use --structure global (the one-pass allocation).")
     if say is not None and (not resident or mode == "two-pass"):
         say(f"{'in memory' if resident else 'out of core'}: {mode} ({why})")
     engine_args = dict(device=compute.device, batch_size=compute.batch_size, lazy=lazy)
@@ -292,14 +296,19 @@ def prune(weights, adapter: Adapter, calib: torch.Tensor, spec: PruneSpec, compu
             memory = _memory(engine.run(visit, start=start, resume_inputs=work.acts("pass1", start) if start else None))
             passes_run += 1
         keeps = work.allocation() if work is not None else None
+        notes = work.state.get("search_notes") or {} if work is not None else {}
         if keeps is None:
-            keeps = allocation.allocate(scores, spec.ratio, structure, spec.attn_unit, spec.round_to,
-                                        standardized=metric.standardize and structure == "global",
-                                        tp=spec.tensor_parallel)
+            if structure == "searched":
+                keeps, notes = search(scores, stats)
+            else:
+                keeps = allocation.allocate(scores, spec.ratio, structure, spec.attn_unit, spec.round_to,
+                                            standardized=metric.standardize and structure == "global",
+                                            tp=spec.tensor_parallel)
             if work is not None:
+                work.state["search_notes"] = notes
                 work.save_allocation(keeps)
     else:
-        stats = []
+        stats, notes = [], {}
         keeps = allocation.uniform_widths(shapes, hidden, spec.ratio, spec.attn_unit, spec.round_to,
                                           spec.tensor_parallel)
 
@@ -346,7 +355,8 @@ def prune(weights, adapter: Adapter, calib: torch.Tensor, spec: PruneSpec, compu
             memory = {k: max(v, memory.get(k, 0.0)) for k, v in _memory(rep).items()}
             passes_run += 1
     adapter.set_config_widths(model.config, final)
-    return PruneResult(final, memory, passes_run, structure, notes={} if resident else {"out_of_core": mode})
+    return PruneResult(final, memory, passes_run, structure,
+                       notes=notes if resident else {**notes, "out_of_core": mode})
 
 
 def copy_out_of_core(lazy, adapter: Adapter, sink: LayerSink, work=None,

@@ -98,10 +98,14 @@ class Fitness:
         for w in self.windows:
             with forward_precision(model, self.precision):
                 lp = self._log_probs(model, w)
-            vals, idx = lp.topk(min(top_k, lp.shape[-1]), dim=-1)
-            self.top_lp.append(vals)
-            self.top_ix.append(idx)
-            self.rest_lp.append(_log1mexp(torch.logsumexp(vals, -1)))
+            self.add_dense(lp, top_k)
+
+    def add_dense(self, log_probs: torch.Tensor, top_k: int) -> None:
+        """Keep the dense model's top-k log-probabilities of the next window (in window order)."""
+        vals, idx = log_probs.topk(min(top_k, log_probs.shape[-1]), dim=-1)
+        self.top_lp.append(vals)
+        self.top_ix.append(idx)
+        self.rest_lp.append(_log1mexp(torch.logsumexp(vals, -1)))
 
     @staticmethod
     def _log_probs(model, window: torch.Tensor) -> torch.Tensor:
@@ -286,6 +290,13 @@ class Blocks:
         for i, (a, m) in enumerate(geno):
             self._set(self.layers[i], {"attn": self._half(i, "attn", a, m), "mlp": self._half(i, "mlp", m, a)})
 
+    def apply_layer(self, i: int, a: int, m: int) -> None:
+        """Make layer i (materialised) the candidate's levels (a, m)."""
+        self._set(self.layers[i], {"attn": self._half(i, "attn", a, m), "mlp": self._half(i, "mlp", m, a)})
+
+    def restore_layer(self, i: int) -> None:
+        self._set(self.layers[i], self.dense[i])
+
     def restore(self) -> None:
         for layer, dense in zip(self.layers, self.dense, strict=True):
             self._set(layer, dense)
@@ -309,20 +320,33 @@ class Evolution:
         self._inputs: dict[tuple, dict[int, list[torch.Tensor]]] = {}  # genotype -> window -> layer inputs
 
     def kl(self, geno, n_windows: int) -> float:
-        key = tuple(geno)
-        done = self._kl.setdefault(key, [])
-        if len(done) < n_windows:
-            self.blocks.apply(geno)
-            parent = self._inputs.get(self.parent, {}) if self.parent is not None else {}
+        return self.kl_many([geno], n_windows)[0]
+
+    def kl_many(self, genos, n_windows: int) -> list[float]:
+        """Each genotype's mean KL over the first `n_windows` windows, measuring only what is missing;
+        a child starts from its parent's inputs at the first layer where they differ."""
+        parent = self._inputs.get(self.parent, {}) if self.parent is not None else {}
+        todo = []  # (genotype, window, first layer to run, the parent's layer inputs for that window)
+        for geno in genos:
+            key = tuple(geno)
+            done = self._kl.setdefault(key, [])
             start = next((i for i, (a, b) in enumerate(zip(key, self.parent or (), strict=False)) if a != b), 0)
-            mine = self._inputs.setdefault(key, {})
-            for w in range(len(done), n_windows):
-                if start > 0 and w in parent:
-                    logits, mine[w] = self.runner.partial(start, parent[w])
-                else:
-                    logits, mine[w] = self.runner.full(self.fitness.windows[w])
-                done.append(self.fitness.kl_of(w, logits))
-        return sum(done[:n_windows]) / n_windows
+            todo += [(key, w, start if start > 0 and w in parent else 0, parent.get(w))
+                     for w in range(len(done), n_windows)]
+        for (key, w, _, _), (logits, inputs) in zip(todo, self._forward(todo), strict=True):
+            self._inputs.setdefault(key, {})[w] = inputs
+            self._kl[key].append(self.fitness.kl_of(w, logits))
+        return [sum(self._kl[tuple(g)][:n_windows]) / n_windows for g in genos]
+
+    def _forward(self, todo):
+        """(logits, every layer's input) of each (genotype, window, start, prefix), in order: the model
+        in memory made each candidate in turn (module swaps)."""
+        applied = None
+        for key, w, start, prefix in todo:
+            if key != applied:
+                self.blocks.apply(key)
+                applied = key
+            yield self.runner.partial(start, prefix) if start > 0 else self.runner.full(self.fitness.windows[w])
 
     def _keep_inputs(self, *genos) -> None:
         """Forget the layer inputs of every genotype but these (memory: one per window and layer)."""
@@ -398,10 +422,10 @@ class Evolution:
                 if child is not None and child not in children:
                     children.append(child)
             if children:
-                first = sorted(children, key=lambda c: self.kl(c, s.first_windows))[: s.survivors]
+                scores = self.kl_many(children, s.first_windows)
+                first = [c for _, c in sorted(zip(scores, children, strict=True), key=lambda x: x[0])][: s.survivors]
                 self._keep_inputs(parent, *first)
-                child = min(first, key=lambda c: self.kl(c, s.windows))
-                kl = self.kl(child, s.windows)
+                kl, child = min(zip(self.kl_many(first, s.windows), first, strict=True), key=lambda x: x[0])
                 if kl < best:
                     parent, best = child, kl
                     self.parent = tuple(parent)
@@ -447,16 +471,11 @@ def prune_searched(model, adapter: Adapter, calib: torch.Tensor, validation: tor
     leave `model` pruned in place to the best one found. `overrides` replace `settings` fields
     (e.g. `generations=20`); `dense_stats` (from `collect_stats(..., gram=True)` on this dense model)
     saves the calibration pass when a benchmark already made it."""
-    s = settings or SearchSettings()
-    if overrides:
-        s = SearchSettings(**{**s.__dict__, **overrides})
     if not 0.0 < spec.ratio < 1.0:
         raise UserError(f"The pruning ratio must be between 0 and 1 (exclusive), got {spec.ratio}.")
     metric = IMPORTANCE.get(spec.metric)
     comp: Compensation = COMPENSATION.get(spec.compensation)
-    if comp.needs_reference:
-        raise UserError(f"--structure searched builds every candidate from one calibration pass; the compensation "
-                        f"'{comp.name}' needs a greedy pass with the dense model alongside (use lsq+bias or bias).")
+    refuse_compensation(comp)
     t0, cpu0 = time.perf_counter(), time.process_time()
     extras = None
     if metric.precompute is not None:
@@ -469,27 +488,63 @@ def prune_searched(model, adapter: Adapter, calib: torch.Tensor, validation: tor
     for i, st in enumerate(stats):
         st.extra.update(extras[i] if extras else {})
     scored = score(model, adapter, stats, metric)
+    keeps, notes = search_keeps(model, adapter, scored, spec, validation, compute, say, settings, t0=t0, cpu0=cpu0,
+                                **overrides)
+    prune_model(model, adapter, keeps, scored, comp)
+    return PruneResult(keeps, memory, 1, "searched", notes)
+
+
+def refuse_compensation(comp: Compensation) -> None:
+    if comp.needs_reference:
+        raise UserError(f"--structure searched builds every candidate from one calibration pass; the compensation "
+                        f"'{comp.name}' needs a greedy pass with the dense model alongside (use lsq+bias or bias).")
+
+
+def search_keeps(weights, adapter: Adapter, scored: Scored, spec: PruneSpec, validation: torch.Tensor,
+                 compute: Compute, say=print, settings: SearchSettings | None = None, t0: float | None = None,
+                 cpu0: float | None = None, **overrides) -> tuple[list[LayerKeep], dict]:
+    """The search on the dense model's scored statistics (Gram matrices included): the kept units of
+    every layer and the report's notes. `weights`: the model in memory (candidates are module swaps
+    of it), or a `model.lazy.LazyModel` (each batch of candidates measured in one sweep over the
+    decoder, one layer in memory at a time: `StreamedEvolution`); the same search either way."""
+    s = settings or SearchSettings()
+    if overrides:
+        s = SearchSettings(**{**s.__dict__, **overrides})
+    t0 = time.perf_counter() if t0 is None else t0
+    cpu0 = time.process_time() if cpu0 is None else cpu0
+    streamed = hasattr(weights, "materialize")
+    model = weights.model if streamed else weights
+    metric = IMPORTANCE.get(spec.metric)
+    comp: Compensation = COMPENSATION.get(spec.compensation)
+    refuse_compensation(comp)
     start_keeps = allocation.allocate(scored.scores, spec.ratio, "global", spec.attn_unit, spec.round_to,
                                       standardized=metric.standardize, tp=spec.tensor_parallel)
     blocks = Blocks(model, adapter, scored, comp, spec.attn_unit, spec.round_to, spec.tensor_parallel, s.depth,
                     s.cache_bytes)
     start = blocks.levels_of(start_keeps)
     lo, hi = budget_window(blocks, spec.ratio, blocks.removed(start))
+    if streamed:
+        s = SearchSettings(**{**s.__dict__, "precision": None})  # the checkpoint's dtype, as the passes
     fitness = Fitness(validation_windows(validation, s.windows, s.window_len), precision=s.precision)
-    fitness.cache_dense(model, s.top_k)
     first = min(s.first_windows, len(fitness.windows))
     s = SearchSettings(**{**s.__dict__, "windows": len(fitness.windows), "first_windows": first})
+    if streamed:
+        evo = StreamedEvolution(blocks, fitness, s, lo, hi, weights, adapter, compute.device, say)
+        for logits, _ in evo.sweep([(None, w, 0, None) for w in range(len(fitness.windows))]):
+            fitness.add_dense(torch.log_softmax(logits.float(), -1).cpu(), s.top_k)
+    else:
+        fitness.cache_dense(model, s.top_k)
+        evo = Evolution(blocks, fitness, s, lo, hi, say)
     setup_s = time.perf_counter() - t0
-    say(f"search: statistics of {calib.shape[0]} calibration windows and the dense model's outputs on "
-        f"{len(fitness.windows)} x {s.window_len} validation tokens in {setup_s:.0f} s; budget "
-        f"{lo / blocks.total:.2%}-{hi / blocks.total:.2%} of the decoder weights")
-    evo = Evolution(blocks, fitness, s, lo, hi, say)
+    say(f"search: statistics and the dense model's outputs on {len(fitness.windows)} x {s.window_len} validation "
+        f"tokens in {setup_s:.0f} s; budget {lo / blocks.total:.2%}-{hi / blocks.total:.2%} of the decoder weights"
+        + ("; each generation one sweep over the decoder per stage, one layer in memory at a time" if streamed
+           else ""))
     best, trajectory = evo.run(start)
     start_kl, best_kl = trajectory[0]["kl"], trajectory[-1]["kl"]
     keeps = [blocks.keep(i, a, m) for i, (a, m) in enumerate(best)]
     built = blocks.built
     blocks.restore()
-    prune_model(model, adapter, keeps, scored, comp)
     seconds = time.perf_counter() - t0
     notes = {"search": {
         "method": "evolutionary (EvoPress-style) over per-layer attention and MLP levels, attention/MLP removal "
@@ -498,6 +553,7 @@ def prune_searched(model, adapter: Adapter, calib: torch.Tensor, validation: tor
                    f"{len(fitness.windows)} x {s.window_len} validation tokens",
         "generations": s.generations, "offspring": s.offspring, "survivors": s.survivors, "seed": s.seed,
         "precision": f"{s.precision} autocast" if s.precision else "the model's dtype",
+        "streamed": streamed,
         "start": "global", "start_kl": start_kl, "kl": best_kl, "trajectory": trajectory,
         "removed_fraction": round(blocks.removed(best) / blocks.total, 5),
         "start_removed_fraction": round(blocks.removed(start) / blocks.total, 5),
@@ -509,4 +565,60 @@ def prune_searched(model, adapter: Adapter, calib: torch.Tensor, validation: tor
     n = notes["search"]
     say(f"search: KL {start_kl:.5f} -> {best_kl:.5f} in {seconds:.0f} s; attention removed in layers "
         f"{n['attention_removed'] or 'none'}, MLP removed in layers {n['mlp_removed'] or 'none'}")
-    return PruneResult(keeps, memory, 1, "searched", notes)
+    return keeps, notes
+
+
+class StreamedEvolution(Evolution):
+    """The same search for a model whose weights stay in its checkpoint (`lazy`): each batch of
+    candidates (a stage of a generation) is measured in one sweep over the decoder that reads every
+    layer once and runs each candidate's windows through its own halves of it (`Blocks`), then the
+    final norm and the LM head. Memory: one dense layer, the cached halves, and every candidate's
+    layer inputs for its windows (what its children start from)."""
+
+    def __init__(self, blocks: Blocks, fitness: Fitness, settings: SearchSettings, lo: int, hi: int, lazy,
+                 adapter: Adapter, device: str, say=print):
+        from .engine import LayerwiseEngine, _to
+
+        super().__init__(blocks, fitness, settings, lo, hi, say)
+        self.lazy, self.adapter, self.device = lazy, adapter, device
+        engine = LayerwiseEngine(lazy.model, adapter, fitness.windows, device=device, batch_size=1, lazy=lazy,
+                                 observe=False)
+        self.embedded, by_batch = engine._capture_inputs()  # every window's input to layer 0
+        self.kwargs = _to(by_batch[1], device)
+
+    def _forward(self, todo):
+        return self.sweep(todo)
+
+    @torch.no_grad()
+    def sweep(self, items):
+        """(logits, every layer's input) of each (genotype or None for the dense model, window, first
+        layer to run, the parent's layer inputs), in order, from one pass over the decoder."""
+        states = [[list(prefix[:start]), prefix[start], start] if start > 0
+                  else [[], self.embedded[w: w + 1].to(self.device), 0] for _, w, start, prefix in items]
+        for i, layer in enumerate(self.blocks.layers):
+            if all(st[2] > i for st in states):
+                continue
+            self.lazy.materialize(layer, f"model.layers.{i}", self.device)
+            try:
+                for (key, *_), st in zip(items, states, strict=True):
+                    if st[2] > i:
+                        continue
+                    if key is not None:
+                        self.blocks.apply_layer(i, *key[i])
+                    try:
+                        st[0].append(st[1])
+                        out = layer(st[1], **self.kwargs)
+                        st[1] = out[0] if isinstance(out, tuple) else out
+                    finally:
+                        self.blocks.restore_layer(i)
+            finally:
+                self.lazy.release(layer)  # the dense halves are back in place: only they are released
+        model = self.lazy.model
+        norm = self.lazy.materialize(self.adapter.decoder(model).norm, "model.norm", self.device)
+        head = self.lazy.materialize(model.lm_head, "lm_head", self.device)
+        try:
+            for st in states:
+                yield head(norm(st[1]))[0, :-1], st[0]
+        finally:
+            self.lazy.release(norm)
+            self.lazy.release(head)
