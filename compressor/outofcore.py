@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -205,6 +206,8 @@ def run_out_of_core(cfg: RunConfig, profile, round_to: int, stages, console):
     if isinstance(plan, steps.LeverPlan):
         cfg = cfg.model_copy(update={"quantize": plan.frontier.chosen.fmt})
     spec = steps.prune_spec(cfg, ratio, round_to, tensor_parallel_size(profile))
+    if isinstance(plan, steps.LeverPlan):  # what the frontier priced, as in memory: the same widths in every layer
+        spec = replace(spec, structure="uniform")
     spec = steps.quantizable(cfg, auto_structure(cfg, spec, lazy, prep.adapter, say), say)
     out = steps.output_dir(cfg, spec, name=cfg.quantize if ratio == 0 else None)
     steps.announce(cfg, profile, spec, plan, out, say)

@@ -231,9 +231,13 @@ def estimate(quality: PlanQuality, frontier, say=print) -> None:
     """Measure the KL of every frontier candidate (in place: `candidate.kl`)."""
     t0 = time.perf_counter()
     frontier.kl_on = quality.kl_on
-    for c in frontier.candidates:
+    n = len(frontier.candidates)
+    for i, c in enumerate(frontier.candidates):
         c.kl = quality.kl(c.width, c.dropped, c.fmt, c.bias_free)
         say(f"plan: {c.levers}: KL {c.kl:.4f} (predicted TPOT {c.prediction.tpot_s * 1e3:.2f} ms)")
+        if i == 0 and n > 1:  # what the rest will take, before it starts
+            each = time.perf_counter() - t0
+            say(f"plan: scoring the other {n - 1} candidates, about {each * (n - 1):.0f} s ({each:.1f} s each)")
     say(f"plan: {len(frontier.candidates)} candidates scored in {time.perf_counter() - t0:.0f} s")
 
 
