@@ -8,7 +8,7 @@ on a machine with that much memory.
     python benchmarks/scale.py --layers 32 --workdir /data/scale --keep      # the full 8B (16 GB on disk)
 
 Per depth: write the checkpoint (or reuse a complete one in --workdir), evict it from the page cache
-(a cold start), run `compress --profile PROFILE CKPT --ratio R --nsamples N --seqlen S --out OUT
+(a cold start), run `compress --profile PROFILE CKPT [--ratio R] --nsamples N --seqlen S --out OUT
 --no-checks [EXTRA...]` under the limit, and read OUT/report.json for the seconds per stage and the
 `memory` section. Columns: "peak MiB" is the group's memory.max_usage_in_bytes, which counts page
 cache (the checkpoint read through mmap, the export written) as well as anonymous memory; page cache
@@ -235,7 +235,8 @@ def run_depth(layers: int, args, extra: list[str], workdir: Path) -> dict:
               f"save+fsync {w.save_s:.1f} s), {w.shards} shards")
     drop_page_cache(ckpt)
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, "-m", "compressor", "--profile", args.profile, str(ckpt), "--ratio", str(args.ratio),
+    ratio = [] if args.ratio == "plan" else ["--ratio", args.ratio]  # plan: the default plan, every lever
+    cmd = [sys.executable, "-m", "compressor", "--profile", args.profile, str(ckpt), *ratio,
            "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--out", str(out), "--no-checks", *extra]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     limit = int(args.limit_gib * GIB) if args.limit_gib else None
@@ -320,9 +321,10 @@ def print_tables(rows: list[dict], args, extra: list[str]) -> None:
     for markdown in (False, True):
         if markdown:
             limit = f"a {args.limit_gib:g} GiB" if args.limit_gib else "no"
+            ratio = "" if args.ratio == "plan" else f"--ratio {args.ratio} "
             print(f"\nmarkdown for docs/benchmarks.md:\n\n`python benchmarks/scale.py {' '.join(sys.argv[1:])}`: "
                   f"random-weight {args.shape} checkpoints (bfloat16) at each depth, `compress --profile "
-                  f"{args.profile} CKPT --ratio {args.ratio:g} --nsamples {args.nsamples} --seqlen {args.seqlen} "
+                  f"{args.profile} CKPT {ratio}--nsamples {args.nsamples} --seqlen {args.seqlen} "
                   f"--no-checks{' ' + ' '.join(extra) if extra else ''}` in a cgroup v1 memory group with {limit} "
                   f"limit, cold page cache; {os.cpu_count()} CPU cores. Peak MiB (cgroup) counts page cache too; "
                   "anon MiB is the sampled peak of anonymous memory.")
@@ -350,7 +352,7 @@ def main() -> None:
     ap.add_argument("--workdir", default=None, help="where checkpoints and outputs go (default: a fresh temporary "
                                                     "directory); complete checkpoints already there are reused")
     ap.add_argument("--profile", default="a10g-24gb")
-    ap.add_argument("--ratio", type=float, default=0.2)
+    ap.add_argument("--ratio", default="0.2", help="the width ratio, or 'plan': no --ratio, the default plan")
     ap.add_argument("--nsamples", type=int, default=16)
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0, help="of the random weights")
