@@ -148,8 +148,12 @@ class RunConfig(BaseModel):
     @field_validator("out_of_core", "passes")
     @classmethod
     def _out_of_core(cls, v: str, info) -> str:
-        return _one_of(v, OUT_OF_CORE if info.field_name == "out_of_core" else PASSES,
-                       "--" + info.field_name.replace("_", "-"))
+        option = "--" + info.field_name.replace("_", "-")
+        _one_of(v, OUT_OF_CORE if info.field_name == "out_of_core" else PASSES, option)
+        if v == "two" and info.data.get("structure") == "searched":
+            raise ValueError("--structure searched builds its candidates from every layer's statistics kept in "
+                             "memory, and --passes two keeps one layer's at a time: use one of them.")
+        return v
 
     @field_validator("search")
     @classmethod

@@ -290,8 +290,13 @@ def _stored(work: WorkState, key: str, compute):
 
 def auto_structure(cfg: RunConfig, spec, lazy, adapter, say):
     """`steps.auto_structure` out of core: the searched allocation where every layer's statistics, Gram
-    matrices included, fit in the free memory (its candidates are built from them), else `global`."""
+    matrices included, fit in the free memory (its candidates are built from them) and --passes two
+    was not asked for, else `global`."""
     if cfg.structure != "auto" or spec.ratio == 0 or spec.structure != "global" or cfg.search:
+        return spec
+    if cfg.passes == "two":
+        say("structure [cyan]global[/]: --passes two keeps one layer's statistics at a time, and the "
+            "allocation search builds its candidates from every layer's")
         return spec
     shapes = [adapter.shape(layer) for layer in adapter.layers(lazy.model)]
     need = gram_bytes(shapes) + max(refit_bytes(s, lazy.config.hidden_size) for s in shapes)

@@ -176,6 +176,23 @@ def apply_scheme(model, scheme: str) -> None:
                 weight_qparams(module)
 
 
+def round_weights_once(model) -> None:
+    """After `apply_scheme`, for a model that is only run (never exported): each Linear's weight
+    becomes its rounded value, computed once by the library's own fake quantization, and the forward
+    pass stops rounding it again on every call. Outputs are unchanged; the activations are still
+    quantized per call."""
+    import torch
+    from compressed_tensors.quantization.lifecycle.forward import forward_quantize
+
+    with torch.no_grad():
+        for module in model.modules():
+            scheme = getattr(module, "quantization_scheme", None)
+            if scheme is None or scheme.weights is None:
+                continue
+            module.weight.data = forward_quantize(module, module.weight.data, "weight", scheme.weights)
+            module.quantization_scheme = scheme.model_copy(update={"weights": None})
+
+
 def attach_scheme(model, scheme: str) -> None:
     """The library attaches `scheme` to every Linear but the LM head (scales and zero points still
     unset): on a model in memory, or on a skeleton on the meta device (`quantize_stream`)."""

@@ -416,6 +416,14 @@ def test_fake_quantization_changes_outputs_a_little():
         again = model(input_ids=x).logits
     assert 0 < (a - b).abs().max() < 0.05 * a.abs().max()
     assert torch.equal(a, again)  # the copy is quantized, not the model
+    import copy
+
+    from exporters.quantize import apply_scheme
+
+    per_call = copy.deepcopy(model)  # weights rounded once give the library's per-call rounding exactly
+    apply_scheme(per_call, "w8a8-int8")
+    with torch.no_grad():
+        assert torch.equal(per_call(input_ids=x).logits, b)
 
 
 # ---- the commands -----------------------------------------------------------------------------------

@@ -1,12 +1,13 @@
 """vLLM serves fitprune's exports: parity with transformers on the real embedded model.
 
-Two exports of SmolLM2-135M-Instruct pruned by FLAP with bias compensation:
+Three exports of SmolLM2-135M-Instruct pruned by FLAP with bias compensation:
 - uniform 20% -> the native `LlamaForCausalLM` config with `attention_bias` and `mlp_bias` on;
   every bias tensor (q/k/v/o/gate/up/down) is then overwritten with large random values, so that
   a runtime that dropped or misread any one of them would give other logits;
 - per-layer 20% ("global" allocation) -> fitprune's `FitPruneForCausalLM`, served through the
   installed `vllm.general_plugins` entry point (the vLLM process is fresh and imports nothing of
-  fitprune itself: only the entry point can register the architecture there).
+  fitprune itself: only the entry point can register the architecture there);
+- that per-layer export recovered by distillation (`compress recover`'s code, 512 tokens).
 
 Reference: transformers loading the same directory (fp32). vLLM runs in fp32 (its CPU backend
 supports it). Tolerances: greedy tokens identical; log-probabilities of the top-5 tokens of
@@ -94,7 +95,7 @@ def _randomize_biases(path, scale: float) -> None:
 
 
 @pytest.fixture(scope="module")
-def exports(calibrated, tmp_path_factory):
+def exports(calibrated, tmp_path_factory, smollm2_dir):
     prep, _ = calibrated
     tok = prep.loaded.tokenizer
     out = {}
@@ -111,6 +112,18 @@ def exports(calibrated, tmp_path_factory):
     cfg = json.loads((perlayer / "config.json").read_text())
     assert len(set(cfg["layer_intermediate_size"])) > 1
     out["perlayer"] = perlayer
+    # the per-layer export recovered by distillation (compress recover's code, a short budget): the
+    # trained weights serve in vLLM through the plugin like any export
+    from compressor.recover.standalone import recover_export
+
+    recovered = tmp_path_factory.mktemp("recovered") / "o"
+    res = recover_export(perlayer, str(smollm2_dir), 512, recovered, seqlen=64, batch_size=2, say=None)
+    assert res["tokens"] >= 512 and res["mode"] == "full"
+    moved = max(float((a - b).abs().max()) for a, b in zip(load_file(str(recovered / "model.safetensors")).values(),
+                                                            load_file(str(perlayer / "model.safetensors")).values(),
+                                                            strict=True))
+    assert moved > 0, "recovery changed no weight"
+    out["recovered"] = recovered
     for p in out.values():
         check_checkpoint(p)
     prompts = [tok(t)["input_ids"] for t in PROMPTS]
@@ -153,7 +166,7 @@ def compare(ref: list[Generation], got: list[Generation]) -> tuple[float, int]:
     return worst, positions
 
 
-@pytest.mark.parametrize("name", ["uniform", "perlayer"])
+@pytest.mark.parametrize("name", ["uniform", "perlayer", "recovered"])
 def test_vllm_matches_transformers(exports, served, name):
     dirs, prompts = exports
     ref = _reference(dirs[name], prompts)

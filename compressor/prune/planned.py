@@ -48,11 +48,13 @@ from .widths import uniform_shapes
 def fake_quantized(model, fmt: str):
     """A copy of `model` whose Linear layers (not the LM head) run `fmt` as compressed-tensors
     simulates it: weights rounded to the scheme's grid with round-to-nearest scales, activations
-    quantized per token where the scheme quantizes them (`exporters.quantize.apply_scheme`)."""
-    from exporters.quantize import apply_scheme
+    quantized per token where the scheme quantizes them (`exporters.quantize.apply_scheme`); the
+    weights are rounded once, not on every forward pass."""
+    from exporters.quantize import apply_scheme, round_weights_once
 
     q = copy.deepcopy(model)
     apply_scheme(q, fmt)
+    round_weights_once(q)
     return q
 
 
