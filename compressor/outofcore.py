@@ -12,7 +12,9 @@ when complete.
 from __future__ import annotations
 
 import functools
+import os
 import shutil
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -173,7 +175,8 @@ def fingerprint(cfg: RunConfig, spec, dtype: torch.dtype) -> dict:
             "calib": cfg.calib, "nsamples": cfg.nsamples,
             "seqlen": cfg.seqlen, "seed": cfg.seed, "batch_size": cfg.batch_size, "device": cfg.device,
             "dtype": str(dtype), "export_dtype": cfg.export_dtype, "passes": cfg.passes,
-            "domain_windows": cfg.domain_windows, "quantize": cfg.quantize}  # both stored as stages
+            "domain_windows": cfg.domain_windows, "quantize": cfg.quantize,  # both stored as stages
+            "recover_tokens": cfg.recover_tokens, "recover_lora": cfg.recover_lora}
 
 
 def prepare_lazy(cfg: RunConfig, stages):
@@ -329,10 +332,11 @@ def _run(cfg, profile, plan, spec, lazy, prep, work, dtype, stages, console, out
             cross = _stored(work, f"cross_{which}", lambda: layerwise_domain_perplexities(
                 *model_of(), prep.domains, cfg.device, store=work.folder / f"ppl-{which}",
                 simulate=simulate)) if prep.domains else None
-        say(f"{which} held-out perplexity: {ppl:.3f} (layer by layer)")
+        label = "pruned, before recovery," if which == "before_recovery" else which
+        say(f"{label} held-out perplexity: {ppl:.3f} (layer by layer)")
         if cross:
-            finite(cross["geomean"], f"{which} cross-domain perplexity")
-            say(f"{which} cross-domain perplexity: {cross['geomean']:.3f} (geometric mean, layer by layer)")
+            finite(cross["geomean"], f"{label} cross-domain perplexity")
+            say(f"{label} cross-domain perplexity: {cross['geomean']:.3f} (geometric mean, layer by layer)")
         return ppl, cross
 
     written: list = []  # the export read back, once: (LazyModel, adapter)
@@ -348,11 +352,19 @@ def _run(cfg, profile, plan, spec, lazy, prep, work, dtype, stages, console, out
         if cfg.checks:
             tasks.dense = tasks.pruned = {"skipped": no_lm_eval}
             say(f"lm-eval in process {no_lm_eval}")
+        # the dense model's targets, before pruning cuts the skeleton's layers
+        targets = _teacher(cfg, lazy, prep, work, stages, say) if cfg.recover_tokens and spec.ratio else None
         sink = ExportSink(lazy, adapter, COMPENSATION.get(spec.compensation), dtype, work)
         with stages.timed("pruning_step"):
             result = _prune(cfg, lazy, prep, spec, work, sink, console)
         with stages.timed("export"):
             res = _export(sink, tok, work)
+        recovery = None
+        if cfg.recover_tokens and not spec.ratio:
+            say("recovery: skipped, the plan removes no weight (its format alone meets the budget)")
+        elif targets is not None:
+            recovery = _recover(cfg, targets, work, pruned_model, evaluate, stages, say)
+            written.clear()  # the export's shards were rewritten: read them again
         # the pruned model in its weight format, as the in-memory run judges it (the export is quantized later)
         ppl_pruned, cross_pruned = evaluate("pruned", pruned_model, simulate=None if cfg.quantize == "none" else
                                             functools.partial(fake_quantized, fmt=cfg.quantize))
@@ -360,19 +372,86 @@ def _run(cfg, profile, plan, spec, lazy, prep, work, dtype, stages, console, out
         after = _stored(work, "params_after", lambda: pruned_model()[1].count_params(pruned_model()[0].model))
         report = steps.build_report(cfg, profile.name, prep, spec, result, before, ppl_dense, ppl_pruned, after,
                                     cross_domain=(cross_dense, cross_pruned))
+        report.recovery = recovery
         # after the layer-wise perplexity, before the checks; a resumed run does not quantize twice
         work.state["quantized"] = steps.quantize(work.export_dir, res, cfg, stages, say,
                                                  done=work.state.get("quantized"))
         work.save()
         steps.finish_report(report, work.export_dir, res, dtype, prep.loaded.source, profile, plan, tasks, cfg,
                             stages, say)
-    import os
-
     if out.exists():
         out.rmdir()  # empty (checked before any work)
     os.replace(work.export_dir, out)
     report.output = str(out)
     return report
+
+
+def _teacher(cfg, lazy, prep, work, stages, say):
+    """--recover-tokens out of core: the recovery text and the dense model's top-k targets on it,
+    layer by layer (stage recover_teacher), kept in the work directory."""
+    from safetensors.torch import load_file, save_file
+
+    from .recover.distill import TeacherTargets, recovery_windows
+    from .recover.streamed import streamed_teacher_targets
+
+    n = max(4, min(256, -(-cfg.recover_tokens // cfg.seqlen)))
+    saved = work.folder / "recovery-targets.safetensors"
+    with stages.timed("recover_teacher"):
+        if saved.is_file():
+            t = load_file(str(saved))
+            return TeacherTargets(t["windows"], t["top_ids"], t["top_logp"])
+        windows = recovery_windows(cfg.calib, prep.loaded.tokenizer, None, n, cfg.seqlen, cfg.seed)
+        started = time.monotonic()
+        targets = streamed_teacher_targets(lazy, prep.adapter, windows, cfg.device)
+        work.state["recover_teacher_s"] = time.monotonic() - started
+        tmp = saved.with_name(saved.name + ".partial")
+        save_file({"windows": targets.windows, "top_ids": targets.top_ids, "top_logp": targets.top_logp}, str(tmp))
+        os.replace(tmp, saved)
+        work.save()
+    say(f"recovery text: {n} windows of {cfg.seqlen} tokens from the calibration sources (a model that does not "
+        "fit in memory generates no samples of its own); the dense model's top-32 next-token log-probabilities kept")
+    return targets
+
+
+def _recover(cfg, targets, work, pruned_model, evaluate, stages, say) -> dict:
+    """--recover-tokens out of core (`recover/streamed.py`), each step stored in the work state: the
+    pruned model's perplexities before recovery, the LoRA training, then the adapters added to the
+    export's shards."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from .recover.streamed import distill_streamed, merge_into_shards
+
+    rank = cfg.recover_lora or 16
+    n = targets.windows.shape[0]
+    held, cross = evaluate("before_recovery", pruned_model)
+    deltas_file = work.folder / "recovery-deltas.safetensors"
+    if work.state.get("recovery") is None:
+        student, adapter = pruned_model()
+        steps_n = -(-cfg.recover_tokens // (4 * (cfg.seqlen - 1)))
+        # a step: the layers forward, then each read again, recomputed and run backward (about 4 forwards)
+        guess = 4 * steps_n * 4 / n * work.state.get("recover_teacher_s", 0.0)
+        say(f"recovery out of core: LoRA rank {rank} on every decoder Linear (the weights stay frozen in the export's "
+            f"shards, one layer in memory at a time; the adapters and their optimizer state in memory), {steps_n} "
+            f"steps of 4 windows; predicted about {guess / 60:.0f} min (4 forward passes a step, from the teacher's)")
+        with stages.timed("recover"):
+            res, deltas = distill_streamed(student, adapter, targets, cfg.recover_tokens, rank, device=cfg.device,
+                                           say=say, seed=cfg.seed)
+        tmp = deltas_file.with_name(deltas_file.name + ".partial")
+        save_file({k: v.contiguous() for k, v in deltas.items()}, str(tmp))
+        os.replace(tmp, deltas_file)
+        work.state["recovery"] = json.dumps(res.as_dict())
+        work.save()
+    res = json.loads(work.state["recovery"])
+    merge_into_shards(work.export_dir, load_file(str(deltas_file)))
+    say(f"recovery: {res['tokens']:,} tokens in {res['seconds']:.0f} s ({res['mode']}), KL to the dense model "
+        f"{res['loss_first']:.4f} -> {res['loss_last']:.4f}")
+    return {**res, "tokens_requested": cfg.recover_tokens, "unique_tokens": int(targets.windows.numel()),
+            "text": "the calibration sources' calibration region (out of core: no samples of the model's own)",
+            "before": {"heldout_perplexity": round(held, 4),
+                       "cross_domain_perplexity": round(cross["geomean"], 4) if cross else None,
+                       "device": cfg.device}}
 
 
 def _export(sink: ExportSink, tokenizer, work: WorkState):

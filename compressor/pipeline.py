@@ -77,8 +77,8 @@ def run(cfg: RunConfig, console=None) -> Report:
         refuse_pruning_options(cfg)
     if cfg.levers:
         refuse_levers(cfg)
+    refuse_recovery(cfg)
     in_core = not outofcore.choose(cfg, say)
-    refuse_recovery(cfg, in_core)
     if not in_core:
         return outofcore.run_out_of_core(cfg, profile, round_to, stages, console)
     prep = prepare(cfg, stages)
@@ -128,9 +128,9 @@ def refuse_pruning_options(cfg: RunConfig) -> None:
                             "shapes a pruning, so pass --ratio R too (or drop it).")
 
 
-def refuse_recovery(cfg: RunConfig, in_core: bool) -> None:
-    """--recover-tokens runs after a pruning in memory (--ratio, the width-only plan or the lever plan);
-    elsewhere it is refused before any work."""
+def refuse_recovery(cfg: RunConfig) -> None:
+    """--recover-tokens runs after a pruning (--ratio, the width-only plan or the lever plan; in memory
+    or out of core); with nothing to recover it is refused before any work."""
     if cfg.recover_lora and not cfg.recover_tokens:
         raise UserError(f"--recover-lora {cfg.recover_lora} shapes a recovery: pass --recover-tokens N too "
                         "(or drop it).")
@@ -139,10 +139,6 @@ def refuse_recovery(cfg: RunConfig, in_core: bool) -> None:
     if cfg.quantize_only:
         raise UserError(f"--recover-tokens runs after a pruning, and --quantize {cfg.quantize} without --ratio prunes "
                         "nothing: pass --ratio R too (or drop --recover-tokens).")
-    if not in_core:
-        raise UserError("--recover-tokens does not run out of core yet: the model must fit in memory "
-                        "(--out-of-core off), with its gradients and optimizer state (about 4x its float32 size; "
-                        "--recover-lora R needs less).")
 
 
 def teacher_stage(prep: Prepared, cfg: RunConfig, stages: Stages, say):

@@ -103,29 +103,90 @@ def test_recovery_text_holds_no_evaluation_text(tiny_model_dir):
         assert not trained & {tuple(w.tolist()) for w in block}
 
 
-def test_the_main_command_recovers_in_memory_and_reports_it(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("where", ["off", "on"])
+def test_the_main_command_recovers_and_reports_it(tmp_path, tiny_model_dir, where):
+    """In memory (every parameter trains) and out of core (LoRA, streamed; the adapters added to the
+    export's shards, which then load as a plain checkpoint)."""
     from tests.conftest import run_main
 
     out = tmp_path / "o"
     p = run_main(str(tiny_model_dir), "--ratio", "0.3", "--no-checks", "--nsamples", "4", "--seqlen", "64",
-                 "--round-to", "8", "--domain-windows", "2", "--recover-tokens", "1000", "--out", str(out))
+                 "--round-to", "8", "--domain-windows", "2", "--recover-tokens", "1000", "--out-of-core", where,
+                 "--out", str(out))
     assert p.returncode == 0, p.stderr[-3000:]
     import json
 
     r = json.loads((out / "report.json").read_text())
     rec = r["recovery"]
-    assert rec["tokens"] >= 1000 and rec["mode"] == "full" and rec["tokens_requested"] == 1000
+    assert rec["tokens"] >= 1000 and rec["tokens_requested"] == 1000
+    assert rec["mode"] == ("full" if where == "off" else "lora (rank 16), streamed one layer at a time")
     assert rec["before"]["heldout_perplexity"] > 0 and rec["before"]["cross_domain_perplexity"] > 0
+    assert rec["before"]["heldout_perplexity"] != r["perplexity"]["pruned"]
     assert {"recover_teacher", "recover"} <= set(r["seconds"])
     assert "recovery: " in p.stderr
+    if where == "on":
+        from transformers import AutoModelForCausalLM
+
+        assert AutoModelForCausalLM.from_pretrained(out) is not None
+        assert not list(out.parent.glob(".*fitprune-work*"))
+
+
+def test_adapters_are_added_to_the_shards_once(tmp_path):
+    """A resumed run merging again leaves the weights as the first merge wrote them."""
+    from safetensors.torch import load_file, save_file
+
+    from compressor.recover.streamed import merge_into_shards
+
+    save_file({"a.weight": torch.ones(2, 2), "b.weight": torch.zeros(3)}, str(tmp_path / "model.safetensors"))
+    delta = {"a.weight": torch.full((2, 2), 0.5)}
+    assert merge_into_shards(tmp_path, delta) == 1
+    assert merge_into_shards(tmp_path, delta) == 1
+    got = load_file(str(tmp_path / "model.safetensors"))
+    assert torch.equal(got["a.weight"], torch.full((2, 2), 1.5)) and torch.equal(got["b.weight"], torch.zeros(3))
+    assert [f.name for f in tmp_path.iterdir()] == ["model.safetensors"]
+
+
+def test_streamed_recovery_takes_the_in_memory_steps():
+    """Layer by layer (the teacher's targets with the LM head a vocabulary slice at a time, the LoRA
+    training with each layer read again and recomputed for its backward pass) the tiny pair gives the
+    in-memory targets and the in-memory LoRA recovery's weights."""
+    from compressor.model.lazy import Resident
+    from compressor.recover.streamed import distill_streamed, streamed_teacher_targets
+
+    teacher, student, adapter = _pruned_pair()
+    windows = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(3))
+    whole = teacher_targets(teacher, windows, k=16)
+    streamed = streamed_teacher_targets(Resident(teacher), adapter_of(teacher), windows, k=16, vocab_chunk=48)
+    assert torch.equal(whole.top_ids, streamed.top_ids)
+    assert torch.allclose(whole.top_logp.float(), streamed.top_logp.float(), atol=2e-3)
+    other = copy.deepcopy(student)
+    res = distill(student, whole, tokens=8 * 31 * 3, batch_size=4, lora_rank=4, decoder_layers=adapter.layers(student))
+    res2, deltas = distill_streamed(Resident(other), adapter_of(other), whole, tokens=8 * 31 * 3, lora_rank=4,
+                                    batch_size=4)
+    assert res2.steps == res.steps and abs(res2.loss_first - res.loss_first) < 1e-5
+    moved, gap = 0.0, 0.0
+    with torch.no_grad():
+        for name, p in other.named_parameters():
+            if name in deltas:
+                p += deltas[name]
+        before = dict(_pruned_pair()[1].named_parameters())
+        for (name, a), (_, b) in zip(student.named_parameters(), other.named_parameters(), strict=True):
+            moved = max(moved, float((a - before[name]).abs().max()))
+            gap = max(gap, float((a - b).abs().max()))
+    assert len(deltas) == 2 * 7 and moved > 1e-4 and gap < 1e-6, (moved, gap)
+
+
+def adapter_of(model):
+    from compressor.model import adapter_for
+
+    return adapter_for(model)
 
 
 @pytest.mark.parametrize("args, match", [
     (["--recover-tokens", "1000", "--quantize", "w8a8-int8"], "without --ratio prunes nothing"),
     (["--ratio", "0.3", "--recover-lora", "8"], "--recover-lora 8 shapes a recovery"),
-    (["--ratio", "0.3", "--recover-tokens", "1000", "--out-of-core", "on"], "does not run out of core yet"),
     (["--ratio", "0.3", "--recover-tokens", "-5"], "--recover-tokens must be between 0 and"),
-], ids=["quantize-only", "lora-alone", "out-of-core", "negative"])
+], ids=["quantize-only", "lora-alone", "negative"])
 def test_recovery_options_refused_in_one_sentence(tmp_path, tiny_model_dir, args, match):
     from tests.conftest import assert_clean_failure, run_main
 

@@ -127,7 +127,7 @@ class BlockScorer:
         self.positions = torch.arange(0, windows.shape[1], stride)
         model.to(self.device)
         engine = LayerwiseEngine(model, adapter, windows, device=device, batch_size=self.batch_size, observe=False)
-        self.inputs, self.kwargs = engine._capture_inputs()  # layer 0's inputs and the layers' kwargs
+        self.inputs, self.kwargs = engine.capture_inputs()  # layer 0's inputs and the layers' kwargs
         self.removed: set[tuple[int, str]] = set()
         self.streams = self._streams()
         self.dense = self._logprobs(self.streams[-1])

@@ -234,7 +234,7 @@ class LayerwiseEngine:
         self.lazy.release(module)
 
     @torch.no_grad()
-    def _capture_inputs(self) -> tuple[torch.Tensor, dict[int, dict]]:
+    def capture_inputs(self) -> tuple[torch.Tensor, dict[int, dict]]:
         """Run embeddings and whatever precedes layer 0; keep layer 0's inputs and kwargs."""
         decoder = self.adapter.decoder(self.model)
         layers = self.adapter.layers(self.model)
@@ -293,7 +293,7 @@ class LayerwiseEngine:
 
         A resumed run starts at layer `start` with the saved inputs of that layer
         (`resume_inputs`: "inputs", and "reference" with a reference stream)."""
-        inputs, kwargs_by_bs = self._capture_inputs()
+        inputs, kwargs_by_bs = self.capture_inputs()
         if resume_inputs is not None:
             inputs = resume_inputs["inputs"].to(inputs.dtype)
         outputs = torch.empty_like(inputs)

@@ -583,7 +583,7 @@ class StreamedEvolution(Evolution):
         self.lazy, self.adapter, self.device = lazy, adapter, device
         engine = LayerwiseEngine(lazy.model, adapter, fitness.windows, device=device, batch_size=1, lazy=lazy,
                                  observe=False)
-        self.embedded, by_batch = engine._capture_inputs()  # every window's input to layer 0
+        self.embedded, by_batch = engine.capture_inputs()  # every window's input to layer 0
         self.kwargs = _to(by_batch[1], device)
 
     def _forward(self, todo):

@@ -40,11 +40,12 @@ class TeacherTargets:
 
 def recovery_windows(calib: str, tokenizer, model, n_windows: int, seqlen: int, seed: int) -> torch.Tensor:
     """`n_windows` windows of `seqlen` tokens: `calib`'s sources (their calibration region) and the
-    dense model's own samples, in equal shares (`data.calib_windows` with `+self`). A different seed
+    dense model's own samples, in equal shares (`data.calib_windows` with `+self`); with no `model`
+    (one that does not fit in memory generates nothing), `calib`'s sources alone. A different seed
     from the calibration's, so the windows are not the calibration windows again."""
     from ..data import MIX, calib_parts, calib_windows
 
-    spec = calib if "self" in calib_parts(calib) else f"{calib}{MIX}self"
+    spec = calib if model is None or "self" in calib_parts(calib) else f"{calib}{MIX}self"
     return calib_windows(spec, tokenizer, model, n_windows, seqlen, seed + 7919)
 
 
@@ -79,14 +80,20 @@ class LoRALinear(torch.nn.Module):
     """A frozen Linear plus a trainable low-rank update B @ A (B starts at zero: the model is unchanged
     until it trains)."""
 
-    def __init__(self, base: torch.nn.Linear, rank: int, alpha: float):
+    def __init__(self, base: torch.nn.Linear, rank: int, alpha: float, a=None, b=None, device=None):
+        """`a`, `b`: adapters trained before (a layer streamed in again), else new ones, drawn on the
+        CPU (the same numbers on every device) and kept on `device` (default: the weight's)."""
         super().__init__()
         self.base, self.scale = base, alpha / rank
         base.weight.requires_grad_(False)
         if base.bias is not None:
             base.bias.requires_grad_(False)
-        self.a = torch.nn.Parameter(torch.randn(rank, base.in_features, dtype=torch.float32) / math.sqrt(rank))
-        self.b = torch.nn.Parameter(torch.zeros(base.out_features, rank, dtype=torch.float32))
+        if a is None:
+            device = device or base.weight.device
+            a = torch.nn.Parameter((torch.randn(rank, base.in_features, dtype=torch.float32) / math.sqrt(rank))
+                                   .to(device))
+            b = torch.nn.Parameter(torch.zeros(base.out_features, rank, dtype=torch.float32, device=device))
+        self.a, self.b = a, b
 
     def forward(self, x):
         return self.base(x) + (F.linear(F.linear(x.float(), self.a), self.b) * self.scale).to(x.dtype)
@@ -146,6 +153,40 @@ def _mean_over_processes(loss: torch.Tensor, world: int) -> float:
     return float(loss)
 
 
+class Schedule:
+    """The training loop's arithmetic, shared by `distill` and the streamed recovery: AdamW over
+    `params`, a linear warm-up then a cosine decay over the steps `tokens` takes in batches of
+    `batch_size` windows, and which windows each step trains on (a seeded order, repeated)."""
+
+    def __init__(self, params, lr: float, tokens: int, batch_size: int, targets: TeacherTargets, warmup: float,
+                 seed: int):
+        self.params, self.batch_size = params, batch_size
+        self.opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.95))
+        self.per_step = batch_size * targets.top_ids.shape[1]
+        self.steps = steps = max(1, math.ceil(tokens / self.per_step))
+        warm = max(1, int(warmup * steps))
+
+        def rate(step: int) -> float:
+            if step < warm:
+                return (step + 1) / warm
+            return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
+
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, rate)
+        self.n = targets.windows.shape[0]
+        self.order = torch.randperm(self.n, generator=torch.Generator().manual_seed(seed))
+
+    def batch(self, step: int) -> torch.Tensor:
+        """The indices of the windows step `step` trains on (the whole global batch)."""
+        pos = step * self.batch_size
+        return torch.stack([self.order[(pos + i) % self.n] for i in range(self.batch_size)])
+
+    def step(self) -> None:
+        """Clip the gradients' norm to 1, step the optimizer and the learning rate."""
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.opt.step()
+        self.sched.step()
+
+
 @dataclass
 class RecoveryResult:
     tokens: int  # training tokens seen (positions with a target)
@@ -182,33 +223,19 @@ def distill(model, targets: TeacherTargets, tokens: int, lr: float = 5e-5, batch
         from torch.nn.parallel import DistributedDataParallel
 
         student = DistributedDataParallel(model)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.95))
-    per_step = batch_size * targets.top_ids.shape[1]
-    steps = max(1, math.ceil(tokens / per_step))
-    warm = max(1, int(warmup * steps))
-
-    def rate(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, rate)
+    plan = Schedule(params, lr, tokens, batch_size, targets, warmup, seed)
+    opt, steps, per_step = plan.opt, plan.steps, plan.per_step
     device = next(model.parameters()).device
-    n = targets.windows.shape[0]
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     model.train()
-    losses, start, pos = [], time.monotonic(), 0
+    losses, start = [], time.monotonic()
     try:
         for step in range(steps):
-            idx = torch.stack([order[(pos + i) % n] for i in range(batch_size)])[rank * share: (rank + 1) * share]
-            pos += batch_size
+            idx = plan.batch(step)[rank * share: (rank + 1) * share]
             logits = student(input_ids=targets.windows[idx].to(device), use_cache=False).logits[:, :-1]
             loss = topk_kl(logits, targets.top_ids[idx].to(device), targets.top_logp[idx].to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()  # with several processes, DDP averages the gradients: the global batch's mean
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
+            plan.step()
             losses.append(_mean_over_processes(loss.detach(), world))
             if say and (step + 1) % max(1, steps // 10) == 0:
                 say(f"recovery: step {step + 1}/{steps}, KL to the dense model {losses[-1]:.4f}")
@@ -218,7 +245,7 @@ def distill(model, targets: TeacherTargets, tokens: int, lr: float = 5e-5, batch
             merge_lora(decoder_layers)
         for p in model.parameters():
             p.requires_grad_(True)
-        opt.zero_grad(set_to_none=True)
+        plan.opt.zero_grad(set_to_none=True)
     tail = losses[-max(1, len(losses) // 10):]
     return RecoveryResult(steps * per_step, steps, time.monotonic() - start, peak_rss_mib(), losses[0],
                           sum(tail) / len(tail), (f"lora (rank {lora_rank})" if lora_rank else "full")
