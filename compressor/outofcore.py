@@ -444,7 +444,10 @@ def _recover(cfg, targets, work, pruned_model, evaluate, stages, say) -> dict:
         work.state["recovery"] = json.dumps(res.as_dict())
         work.save()
     res = json.loads(work.state["recovery"])
-    merge_into_shards(work.export_dir, load_file(str(deltas_file)))
+    if not work.state.get("recovery_merged"):  # once merged, later stages (quantization) rewrite the shards
+        merge_into_shards(work.export_dir, load_file(str(deltas_file)))
+        work.state["recovery_merged"] = True
+        work.save()
     say(f"recovery: {res['tokens']:,} tokens in {res['seconds']:.0f} s ({res['mode']}), KL to the dense model "
         f"{res['loss_first']:.4f} -> {res['loss_last']:.4f}")
     return {**res, "tokens_requested": cfg.recover_tokens, "unique_tokens": int(targets.windows.numel()),

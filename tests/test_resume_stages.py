@@ -1,4 +1,4 @@
-"""An out-of-core run interrupted at any durable point resumes to the weights and figures of an
+"""An out-of-core run (with recovery) interrupted at any durable point resumes to the weights and figures of an
 uninterrupted run, and a failure never deletes resumable work.
 
 Every durable write of a run goes through `os.replace` (state, activations, shard parts, the
@@ -27,7 +27,7 @@ from tests.conftest import ROOT
 
 ARGS = ["--profile", "cpu-2core", "--ratio", "0.3", "--nsamples", "4", "--seqlen", "32",
         "--domain-windows", "1", "--round-to", "8", "--no-checks", "--out-of-core", "on", "--quantize", "w8a8-int8",
-        "--threads", "1"]
+        "--threads", "1", "--recover-tokens", "100"]
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -85,9 +85,11 @@ def reference(tmp_path_factory, tiny_model_dir):
 def test_resume_after_an_interruption_at_every_durable_point(reference, tiny_model_dir, monkeypatch, capsys):
     root, ref, calls = reference
     places = set(calls)
-    # every stage of the run writes durably: pass 1, pass 2, the export's names, both perplexities
-    # (layer by layer), the quantized files and the final rename
-    assert {"save", "_atomic_save", "flush", "finish", "on_done", "_replace_shards", "_run"} <= places, places
+    # every stage of the run writes durably: pass 1, pass 2, the export's names, the perplexities
+    # (layer by layer), the recovery's targets, adapters and merged shards, the quantized files and
+    # the final rename
+    assert {"save", "_atomic_save", "flush", "finish", "on_done", "_teacher", "_recover", "merge_into_shards",
+            "_replace_shards", "_run"} <= places, places
     want, figures = _weights(ref), _figures(ref)
     for stop, place in _points(calls).items():
         out = root / f"o{stop}"
