@@ -426,7 +426,7 @@ def _recover(cfg, targets, work, pruned_model, evaluate, stages, say) -> dict:
     rank = cfg.recover_lora or 16
     n = targets.windows.shape[0]
     held, cross = evaluate("before_recovery", pruned_model)
-    deltas_file = work.folder / "recovery-deltas.safetensors"
+    factors_file = work.folder / "recovery-adapters.safetensors"
     if work.state.get("recovery") is None:
         student, adapter = pruned_model()
         steps_n = -(-cfg.recover_tokens // (4 * (cfg.seqlen - 1)))
@@ -436,16 +436,16 @@ def _recover(cfg, targets, work, pruned_model, evaluate, stages, say) -> dict:
             f"shards, one layer in memory at a time; the adapters and their optimizer state in memory), {steps_n} "
             f"steps of 4 windows; predicted about {guess / 60:.0f} min (4 forward passes a step, from the teacher's)")
         with stages.timed("recover"):
-            res, deltas = distill_streamed(student, adapter, targets, cfg.recover_tokens, rank, device=cfg.device,
+            res, factors = distill_streamed(student, adapter, targets, cfg.recover_tokens, rank, device=cfg.device,
                                            say=say, seed=cfg.seed)
-        tmp = deltas_file.with_name(deltas_file.name + ".partial")
-        save_file({k: v.contiguous() for k, v in deltas.items()}, str(tmp))
-        os.replace(tmp, deltas_file)
+        tmp = factors_file.with_name(factors_file.name + ".partial")
+        save_file({k: v.contiguous() for k, v in factors.items()}, str(tmp))
+        os.replace(tmp, factors_file)
         work.state["recovery"] = json.dumps(res.as_dict())
         work.save()
     res = json.loads(work.state["recovery"])
     if not work.state.get("recovery_merged"):  # once merged, later stages (quantization) rewrite the shards
-        merge_into_shards(work.export_dir, load_file(str(deltas_file)))
+        merge_into_shards(work.export_dir, load_file(str(factors_file)))
         work.state["recovery_merged"] = True
         work.save()
     say(f"recovery: {res['tokens']:,} tokens in {res['seconds']:.0f} s ({res['mode']}), KL to the dense model "

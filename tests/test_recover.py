@@ -138,9 +138,10 @@ def test_adapters_are_added_to_the_shards_once(tmp_path):
     from compressor.recover.streamed import merge_into_shards
 
     save_file({"a.weight": torch.ones(2, 2), "b.weight": torch.zeros(3)}, str(tmp_path / "model.safetensors"))
-    delta = {"a.weight": torch.full((2, 2), 0.5)}
-    assert merge_into_shards(tmp_path, delta) == 1
-    assert merge_into_shards(tmp_path, delta) == 1
+    factors = {"a.weight.lora_a": torch.ones(1, 2), "a.weight.lora_b": torch.ones(2, 1),
+               "lora_scale": torch.tensor(0.5)}
+    assert merge_into_shards(tmp_path, factors) == 1
+    assert merge_into_shards(tmp_path, factors) == 1
     got = load_file(str(tmp_path / "model.safetensors"))
     assert torch.equal(got["a.weight"], torch.full((2, 2), 1.5)) and torch.equal(got["b.weight"], torch.zeros(3))
     assert [f.name for f in tmp_path.iterdir()] == ["model.safetensors"]
@@ -151,7 +152,7 @@ def test_streamed_recovery_takes_the_in_memory_steps():
     training with each layer read again and recomputed for its backward pass) the tiny pair gives the
     in-memory targets and the in-memory LoRA recovery's weights."""
     from compressor.model.lazy import Resident
-    from compressor.recover.streamed import distill_streamed, streamed_teacher_targets
+    from compressor.recover.streamed import delta, distill_streamed, streamed_teacher_targets
 
     teacher, student, adapter = _pruned_pair()
     windows = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(3))
@@ -161,19 +162,19 @@ def test_streamed_recovery_takes_the_in_memory_steps():
     assert torch.allclose(whole.top_logp.float(), streamed.top_logp.float(), atol=2e-3)
     other = copy.deepcopy(student)
     res = distill(student, whole, tokens=8 * 31 * 3, batch_size=4, lora_rank=4, decoder_layers=adapter.layers(student))
-    res2, deltas = distill_streamed(Resident(other), adapter_of(other), whole, tokens=8 * 31 * 3, lora_rank=4,
+    res2, factors = distill_streamed(Resident(other), adapter_of(other), whole, tokens=8 * 31 * 3, lora_rank=4,
                                     batch_size=4)
     assert res2.steps == res.steps and abs(res2.loss_first - res.loss_first) < 1e-5
     moved, gap = 0.0, 0.0
     with torch.no_grad():
         for name, p in other.named_parameters():
-            if name in deltas:
-                p += deltas[name]
+            if f"{name}.lora_a" in factors:
+                p += delta(factors, name)
         before = dict(_pruned_pair()[1].named_parameters())
         for (name, a), (_, b) in zip(student.named_parameters(), other.named_parameters(), strict=True):
             moved = max(moved, float((a - before[name]).abs().max()))
             gap = max(gap, float((a - b).abs().max()))
-    assert len(deltas) == 2 * 7 and moved > 1e-4 and gap < 1e-6, (moved, gap)
+    assert len(factors) == 1 + 2 * 2 * 7 and moved > 1e-4 and gap < 1e-6, (moved, gap)
 
 
 def adapter_of(model):

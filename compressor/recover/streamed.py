@@ -10,9 +10,11 @@ Contract:
   memory). Each step runs the layers forward keeping each layer's input, then backward in reverse,
   each layer read again and its forward recomputed (gradient checkpointing at layer granularity).
   Same adapters, same order of windows and same arithmetic as `distill`, so a model in memory
-  recovers to the same weights either way (test). Returns the adapters' weight deltas by name.
-- `merge_into_shards`: adds the deltas to the export's weights, one shard file at a time, each
-  replaced atomically and marked, so a resumed run never adds a delta twice.
+  recovers to the same weights either way (test). Returns the adapters' factors by weight name
+  (`factors`: A and B of each weight, and the scale; a few hundred MiB where the deltas
+  themselves would be the model's size).
+- `merge_into_shards`: adds each weight's B @ A times the scale to the export's weights, one shard
+  file at a time, each replaced atomically and marked, so a resumed run never adds a delta twice.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from ..memory import peak_rss_mib, reset_peak
 from .distill import LoRALinear, RecoveryResult, Schedule, TeacherTargets, _swap_linears, topk_kl
 
 MERGED = "fitprune_recovered"  # a shard's metadata key: its deltas are added
+SCALE = "lora_scale"  # the factors' key of the adapters' scale
 
 
 @torch.no_grad()
@@ -105,18 +108,22 @@ class _Adapters:
         _swap_linears(layer, lambda m: m.base if isinstance(m, LoRALinear) else None)
         self.lazy.release(layer)
 
-    def deltas(self, layer_names: list[str]) -> dict[str, torch.Tensor]:
-        """Each adapted weight's change, B @ A times the scale, by its name in the checkpoint."""
-        scale = self.alpha / self.rank
-        return {f"{prefix}.{name}.weight": (b @ a * scale).detach()
-                for prefix, store in zip(layer_names, self.by_layer, strict=True) for name, (a, b) in store.items()}
+    def factors(self, layer_names: list[str]) -> dict[str, torch.Tensor]:
+        """Each adapted weight's A and B ("NAME.lora_a", "NAME.lora_b", NAME its name in the
+        checkpoint) and the scale (SCALE): the weight's change is B @ A times the scale."""
+        out = {SCALE: torch.tensor(self.alpha / self.rank)}
+        for prefix, store in zip(layer_names, self.by_layer, strict=True):
+            for name, (a, b) in store.items():
+                out[f"{prefix}.{name}.weight.lora_a"] = a.detach().cpu()
+                out[f"{prefix}.{name}.weight.lora_b"] = b.detach().cpu()
+        return out
 
 
 def distill_streamed(lazy, adapter, targets: TeacherTargets, tokens: int, lora_rank: int, lr: float = 5e-5,
                      batch_size: int = 4, warmup: float = 0.05, device: str = "cpu", say=None,
                      seed: int = 0) -> tuple[RecoveryResult, dict[str, torch.Tensor]]:
     """Train LoRA adapters of `lazy`'s decoder towards `targets` for `tokens` training tokens (see the
-    module doc); returns the figures and the weight deltas by checkpoint name."""
+    module doc); returns the figures and the adapters' factors (`_Adapters.factors`)."""
     from ..prune.engine import LayerwiseEngine
 
     torch.manual_seed(seed)
@@ -155,7 +162,7 @@ def distill_streamed(lazy, adapter, targets: TeacherTargets, tokens: int, lora_r
                                targets.top_logp[idx[w: w + 1]].to(device)) / len(idx)
                 part.backward()
                 grad[w] = x.grad[0]
-                loss += float(part)
+                loss += float(part.detach())
         finally:
             lazy.release(norm)
             lazy.release(head)
@@ -174,17 +181,22 @@ def distill_streamed(lazy, adapter, targets: TeacherTargets, tokens: int, lora_r
     tail = losses[-max(1, len(losses) // 10):]
     res = RecoveryResult(plan.steps * plan.per_step, plan.steps, time.monotonic() - start, peak_rss_mib(), losses[0],
                          sum(tail) / len(tail), f"lora (rank {lora_rank}), streamed one layer at a time")
-    return res, adapters.deltas([f"model.layers.{i}" for i in range(len(layers))])
+    return res, adapters.factors([f"model.layers.{i}" for i in range(len(layers))])
 
 
 def _out(y):
     return y[0] if isinstance(y, tuple) else y
 
 
-def merge_into_shards(folder: Path, deltas: dict[str, torch.Tensor]) -> int:
-    """Add `deltas` to the weights of the export in `folder`, one shard file at a time (each
-    rewritten beside itself and renamed into place, with the MERGED mark); shards already marked are
-    left alone. Returns how many weights changed."""
+def delta(factors: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    """The change of weight `name`: B @ A times the scale, as `LoRALinear.merged` adds it."""
+    return factors[f"{name}.lora_b"] @ factors[f"{name}.lora_a"] * float(factors[SCALE])
+
+
+def merge_into_shards(folder: Path, factors: dict[str, torch.Tensor]) -> int:
+    """Add each adapted weight's `delta` to the export in `folder`, one shard file at a time (each
+    rewritten beside itself and renamed into place, with the MERGED mark; one delta in memory at a
+    time); shards already marked are left alone. Returns how many weights changed."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -197,14 +209,14 @@ def merge_into_shards(folder: Path, deltas: dict[str, torch.Tensor]) -> int:
         with safe_open(str(path), "pt") as f:
             meta = dict(f.metadata() or {})
             keys = list(f.keys())
-            hit = [k for k in keys if k in deltas]
+            hit = [k for k in keys if f"{k}.lora_a" in factors]
             if not hit or meta.get(MERGED):
                 changed += len(hit)
                 continue
             tensors = {k: f.get_tensor(k) for k in keys}
         for k in hit:
             w = tensors[k]
-            tensors[k] = (w.float() + deltas[k].to(w.device)).to(w.dtype)
+            tensors[k] = (w.float() + delta(factors, k)).to(w.dtype)
         tmp = path.with_name(path.name + ".partial")
         save_file(tensors, str(tmp), metadata={**meta, MERGED: "1"})
         os.replace(tmp, path)
