@@ -397,17 +397,19 @@ def _teacher(cfg, lazy, prep, work, stages, say):
     n = max(4, min(256, -(-cfg.recover_tokens // cfg.seqlen)))
     saved = work.folder / "recovery-targets.safetensors"
     with stages.timed("recover_teacher"):
-        if saved.is_file():
+        if saved.is_file():  # a resumed run
             t = load_file(str(saved))
-            return TeacherTargets(t["windows"], t["top_ids"], t["top_logp"])
-        windows = recovery_windows(cfg.calib, prep.loaded.tokenizer, None, n, cfg.seqlen, cfg.seed)
-        started = time.monotonic()
-        targets = streamed_teacher_targets(lazy, prep.adapter, windows, cfg.device)
-        work.state["recover_teacher_s"] = time.monotonic() - started
-        tmp = saved.with_name(saved.name + ".partial")
-        save_file({"windows": targets.windows, "top_ids": targets.top_ids, "top_logp": targets.top_logp}, str(tmp))
-        os.replace(tmp, saved)
-        work.save()
+            targets = TeacherTargets(t["windows"], t["top_ids"], t["top_logp"])
+        else:
+            windows = recovery_windows(cfg.calib, prep.loaded.tokenizer, None, n, cfg.seqlen, cfg.seed)
+            started = time.monotonic()
+            targets = streamed_teacher_targets(lazy, prep.adapter, windows, cfg.device)
+            work.state["recover_teacher_s"] = time.monotonic() - started
+            tmp = saved.with_name(saved.name + ".partial")
+            save_file({"windows": targets.windows, "top_ids": targets.top_ids, "top_logp": targets.top_logp},
+                      str(tmp))
+            os.replace(tmp, saved)
+            work.save()
     say(f"recovery text: {n} windows of {cfg.seqlen} tokens from the calibration sources (a model that does not "
         "fit in memory generates no samples of its own); the dense model's top-32 next-token log-probabilities kept")
     return targets

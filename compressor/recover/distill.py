@@ -245,7 +245,7 @@ def distill(model, targets: TeacherTargets, tokens: int, lr: float = 5e-5, batch
             merge_lora(decoder_layers)
         for p in model.parameters():
             p.requires_grad_(True)
-        plan.opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=True)
     tail = losses[-max(1, len(losses) // 10):]
     return RecoveryResult(steps * per_step, steps, time.monotonic() - start, peak_rss_mib(), losses[0],
                           sum(tail) / len(tail), (f"lora (rank {lora_rank})" if lora_rank else "full")

@@ -19,7 +19,6 @@ Contract:
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -77,8 +76,7 @@ class _Adapters:
         self.by_layer: list[dict[str, tuple]] = []
         for i, layer in enumerate(layers):  # made in `distill`'s order, from the same seed, on the skeleton
             self.by_layer.append({})
-            self.attach(i, layer, new=True)
-            _swap_linears(layer, lambda m: m.base if isinstance(m, LoRALinear) else None)
+            _unwrap(self.attach(i, layer, new=True))
 
     def params(self) -> list[torch.nn.Parameter]:
         return [p for layer in self.by_layer for ab in layer.values() for p in ab]
@@ -103,9 +101,9 @@ class _Adapters:
         _swap_linears(layer, wrap)
         return layer
 
-    def detach(self, _i: int, layer) -> None:
-        """Unwrap layer `i`'s Linears (the adapters stay here) and drop its weights."""
-        _swap_linears(layer, lambda m: m.base if isinstance(m, LoRALinear) else None)
+    def detach(self, layer) -> None:
+        """Unwrap the layer's Linears (the adapters stay here) and drop its weights."""
+        _unwrap(layer)
         self.lazy.release(layer)
 
     def factors(self, layer_names: list[str]) -> dict[str, torch.Tensor]:
@@ -151,7 +149,7 @@ def distill_streamed(lazy, adapter, targets: TeacherTargets, tokens: int, lora_r
             for i, layer in enumerate(layers):
                 saved.append(h)
                 h = _out(adapters.attach(i, layer)(h, **kw))
-                adapters.detach(i, layer)
+                adapters.detach(layer)
         norm = lazy.materialize(norm_mod, "model.norm", device)
         head = lazy.materialize(head_mod, "lm_head", device)
         grad, loss = torch.zeros_like(h), 0.0
@@ -172,7 +170,7 @@ def distill_streamed(lazy, adapter, targets: TeacherTargets, tokens: int, lora_r
             with torch.enable_grad():
                 _out(layer(x, **kw)).backward(grad)
             grad = x.grad
-            adapters.detach(i, layer)
+            adapters.detach(layer)
         plan.step()
         plan.opt.zero_grad(set_to_none=True)
         losses.append(loss)
@@ -188,6 +186,10 @@ def _out(y):
     return y[0] if isinstance(y, tuple) else y
 
 
+def _unwrap(layer) -> None:
+    _swap_linears(layer, lambda m: m.base if isinstance(m, LoRALinear) else None)
+
+
 def delta(factors: dict[str, torch.Tensor], name: str) -> torch.Tensor:
     """The change of weight `name`: B @ A times the scale, as `LoRALinear.merged` adds it."""
     return factors[f"{name}.lora_b"] @ factors[f"{name}.lora_a"] * float(factors[SCALE])
@@ -200,11 +202,10 @@ def merge_into_shards(folder: Path, factors: dict[str, torch.Tensor]) -> int:
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    index = folder / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() \
-        else ["model.safetensors"]
+    from ..model.safetensors_files import weight_files
+
     changed = 0
-    for name in files:
+    for name in sorted(set(weight_files(folder).values())):
         path = folder / name
         with safe_open(str(path), "pt") as f:
             meta = dict(f.metadata() or {})
