@@ -54,9 +54,9 @@ def main() -> None:
     from compressor.config import RunConfig
     from compressor.evaluate.perplexity import domain_perplexities
     from compressor.pipeline import prepare
+    from compressor.pipeline.plan import prune_spec
     from compressor.prune.driver import prune_model
     from compressor.prune.planned import PlanQuality, fake_quantized, kl_text
-    from compressor.steps import prune_spec
 
     opts = RunConfig(nsamples=32, seqlen=512, domain_windows=4)
     prep = prepare(opts)

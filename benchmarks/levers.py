@@ -104,8 +104,8 @@ def main() -> None:
     from compressor.evaluate.perplexity import domain_perplexities
     from compressor.model.loading import embedded_model_dir
     from compressor.pipeline import prepare
+    from compressor.pipeline.plan import prune_spec
     from compressor.prune.planned import PlanQuality, fake_quantized, kl_text
-    from compressor.steps import prune_spec
     from profiles import load_profile
     from profiles.costmodel import CostModel
     from runtimes.base import get_runtime

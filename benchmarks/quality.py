@@ -77,9 +77,9 @@ def main() -> None:
     from compressor.config import RunConfig
     from compressor.evaluate.perplexity import domain_perplexities, perplexity
     from compressor.pipeline import prepare
+    from compressor.pipeline.plan import auto_structure, prune_spec
     from compressor.prune import IMPORTANCE
     from compressor.prune.driver import collect_stats, prune
-    from compressor.steps import auto_structure, prune_spec
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -4,8 +4,9 @@ time and peak memory after pruning with 0 and N recovery tokens, full-parameter 
     python benchmarks/recover.py                                   # 20% and 50%, 0 and 20k tokens
     python benchmarks/recover.py --ratios 0.5 --tokens 0 50000 200000 --lora 16
 
-Pruning: flap + lsq+bias, global widths (the one-pass allocation; the searched one is the CLI's default
-for this model and takes minutes more), calibration 32 x 256 tokens of the builtin text. Recovery
+Pruning: flap + lsq+bias, global widths (the one-pass allocation), or with `--structure searched` the
+CLI's default method for this model (the allocation search, minutes more); calibration 32 x 256 tokens
+of the builtin text. Recovery
 text: the builtin calibration region and the dense model's own samples, half each (`recovery_windows`),
 with teacher top-32 targets computed once per ratio; the same pruned weights start every row.
 """
@@ -29,6 +30,8 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--structure", choices=["global", "searched"], default="global",
+                    help="searched: the CLI's default (auto) method for SmolLM2 in memory")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -37,6 +40,7 @@ def main() -> None:
     from compressor.evaluate.perplexity import domain_perplexities, perplexity
     from compressor.pipeline import prepare
     from compressor.prune.driver import PruneSpec, prune
+    from compressor.prune.evolve import prune_searched
     from compressor.recover.distill import distill, recovery_windows, teacher_targets
 
     cfg = RunConfig(nsamples=32, seqlen=args.seqlen, eval_samples=40, domain_windows=8)
@@ -56,9 +60,12 @@ def main() -> None:
     rows = []
     for ratio in args.ratios:
         pruned = copy.deepcopy(dense)
-        prune(pruned, prep.adapter, prep.texts.calib, PruneSpec(metric="flap", compensation="lsq+bias",
-                                                                structure="global", ratio=ratio, round_to=64),
-              cfg.compute)
+        spec = PruneSpec(metric="flap", compensation="lsq+bias", structure=args.structure, ratio=ratio, round_to=64)
+        if args.structure == "searched":
+            prune_searched(pruned, prep.adapter, prep.texts.calib, prep.texts.validation, spec, cfg.compute,
+                           generations=cfg.search_generations, seed=cfg.seed)
+        else:
+            prune(pruned, prep.adapter, prep.texts.calib, spec, cfg.compute)
         runs = [(n, 0) for n in args.tokens] + ([(max(args.tokens), args.lora)] if args.lora else [])
         for tokens, rank in runs:
             student = copy.deepcopy(pruned)

@@ -76,7 +76,7 @@ class RunConfig(BaseModel):
     # measure latency in this runtime instead of the profile's (a labelled proxy unless it is the profile's)
     runtime: str | None = None
     # weights stay in the checkpoint and one layer at a time is in memory (auto: when the model in
-    # float32 would not fit in half of the free memory); see compressor/outofcore.py
+    # float32 would not fit in half of the free memory); see compressor/pipeline/streamed.py
     out_of_core: str = "auto"
     # after pruning, distil from the dense model for this many training tokens (compressor/recover); 0: off
     recover_tokens: int = 0

@@ -151,8 +151,8 @@ def test_auto_structure_is_the_search_in_memory_and_global_when_asked(tmp_path, 
 
 def test_auto_structure_keeps_global_for_a_large_model_on_a_cpu():
     from compressor.config import RunConfig
+    from compressor.pipeline.plan import SEARCH_CPU_MAX_PARAMS, auto_structure
     from compressor.prune.driver import PruneSpec
-    from compressor.steps import SEARCH_CPU_MAX_PARAMS, auto_structure
 
     said = []
     spec = PruneSpec(metric="flap", compensation="lsq+bias", structure="global")

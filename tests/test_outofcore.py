@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from compressor.model import adapter_for
 from compressor.model.lazy import LazyModel
 from compressor.model.loading import load
-from compressor.outofcore import ExportSink
+from compressor.pipeline.streamed import ExportSink
 from compressor.prune import COMPENSATION
 from compressor.prune.driver import Compute, PruneSpec, prune
 from compressor.prune.resume import WorkState

@@ -528,7 +528,8 @@ def test_the_vllm_plugin_serves_a_quantized_export_with_removed_blocks(tmp_path,
 
 def test_quantize_without_ratio_is_a_quantize_only_plan(tmp_path, tiny_model_dir, capsys):
     """`--quantize F` without `--ratio`: nothing pruned, the export quantized, the pruned figures are
-    the quantized model's; pruning options and out of core are refused in one sentence."""
+    the quantized model's, in memory and out of core alike (one flow: the same figures and weights);
+    pruning options are refused in one sentence."""
     from compressor.cli import main
 
     args = [str(tiny_model_dir), "--profile", "cpu-2core", "--nsamples", "4", "--seqlen", "32", "--no-checks",
@@ -540,9 +541,18 @@ def test_quantize_without_ratio_is_a_quantize_only_plan(tmp_path, tiny_model_dir
     assert "quantization only" in r["plan"]["ratio_source"] and "compressed-tensors w8a8-int8" in r["export"]["format"]
     assert r["perplexity"]["pruned"] != r["perplexity"]["dense"]  # judged in its format, not as the dense model
     assert json.loads((out / "config.json").read_text())["quantization_config"]["format"] == "int-quantized"
+    streamed = tmp_path / "s"
+    assert main([*args, "--out-of-core", "on", "--out", str(streamed)]) == 0
+    s = json.loads((streamed / "report.json").read_text())
+    assert s["method"]["quantize_only"] == "w8a8-int8" and s["params"] == r["params"]
+    assert s["perplexity"]["pruned"] == pytest.approx(r["perplexity"]["pruned"], rel=1e-4)
+    assert s["perplexity"]["dense"] == pytest.approx(r["perplexity"]["dense"], rel=1e-4)
+    from safetensors.torch import load_file
+
+    want, got = ({k: v for f in sorted(d.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+                 for d in (out, streamed))
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
     capsys.readouterr()
-    for extra, match in ((["--structure", "depth"], "--structure shapes a pruning"),
-                         (["--out-of-core", "on"], "runs in memory")):
-        assert main([*args, *extra, "--out", str(tmp_path / "x")]) == 2
-        assert match in " ".join(capsys.readouterr().err.split())
-        assert not (tmp_path / "x").exists()
+    assert main([*args, "--structure", "depth", "--out", str(tmp_path / "x")]) == 2
+    assert "--structure shapes a pruning" in " ".join(capsys.readouterr().err.split())
+    assert not (tmp_path / "x").exists()

@@ -86,10 +86,11 @@ def test_resume_after_an_interruption_at_every_durable_point(reference, tiny_mod
     root, ref, calls = reference
     places = set(calls)
     # every stage of the run writes durably: pass 1, pass 2, the export's names, the perplexities
-    # (layer by layer), the recovery's targets, adapters and merged shards, the quantized files and
-    # the final rename
-    assert {"save", "_atomic_save", "flush", "finish", "on_done", "_teacher", "_recover", "merge_into_shards",
-            "_replace_shards", "_run"} <= places, places
+    # (layer by layer), the recovery's targets and adapters (`_save_atomic`: its first and last
+    # write), the merged shards, the quantized files and the final rename
+    assert {"save", "_atomic_save", "flush", "finish", "on_done", "_save_atomic", "merge_into_shards",
+            "_replace_shards", "write"} <= places, places
+    assert calls.count("_save_atomic") == 2, calls
     want, figures = _weights(ref), _figures(ref)
     for stop, place in _points(calls).items():
         out = root / f"o{stop}"
@@ -97,7 +98,7 @@ def test_resume_after_an_interruption_at_every_durable_point(reference, tiny_mod
         rc = main([str(tiny_model_dir), *ARGS, "--out", str(out)])
         monkeypatch.undo()
         err = capsys.readouterr().err
-        if place == "_run" and stop == len(calls):  # interrupted after the output's own rename: it is complete
+        if place == "write" and stop == len(calls):  # interrupted after the output's own rename: it is complete
             assert rc == 130 and _weights(out).keys() == want.keys()
             continue
         assert rc == 130, (stop, place, err[-2000:])
@@ -149,12 +150,12 @@ def test_a_failed_resume_keeps_the_work(reference, tiny_model_dir, tmp_path, mon
     monkeypatch.setattr(os, "replace", _Replace(tmp_path, calls.index("flush") + 2))
     assert main([str(tiny_model_dir), *ARGS, "--out", str(out)]) == 130
     monkeypatch.undo()
-    import compressor.outofcore as ooc
+    from compressor.pipeline.streamed import Streamed
 
     def broken(*a, **kw):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(ooc, "_prune", broken)
+    monkeypatch.setattr(Streamed, "prune", broken)
     capsys.readouterr()
     assert main([str(tiny_model_dir), *ARGS, "--out", str(out), "--resume"]) == 1
     err = " ".join(capsys.readouterr().err.split())
