@@ -193,9 +193,30 @@ def test_report_reads_schema_2_and_refuses_other_files():
     from compressor.report import Report
 
     old = Report.parse({"schema": "fitprune.report/2", "plan": {"calibration": {"runtime": "vllm"}}})
-    assert old.plan["cost_fit"] == {"runtime": "vllm"}
+    assert old.plan.cost_fit == {"runtime": "vllm"}
     with pytest.raises(UserError, match="not a fitprune report"):
         Report.parse({"schema": "something/1"})
+
+
+def test_every_report_section_is_typed():
+    """No section of the report is a bare dict: each is a model with its known fields (a later
+    version's extra fields are kept), and a report from before still reads."""
+    import typing
+
+    from pydantic import BaseModel
+
+    from compressor.report import Report
+
+    for name, field in Report.model_fields.items():
+        if name in ("seconds",):  # stage -> seconds
+            continue
+        kinds = [a for a in typing.get_args(field.annotation) if a is not type(None)] or [field.annotation]
+        assert all(not (isinstance(k, type) and issubclass(k, dict)) for k in kinds), name
+    r = Report.parse({"schema": "fitprune.report/4", "host": {"machine": "x86_64", "torch_threads": 2},
+                      "latency": {"runtime": "vllm", "measured": {"skipped": "no GPU"}},
+                      "recovery": {"tokens": 10, "before": {"heldout_perplexity": 3.0}, "later_field": 1}})
+    assert isinstance(r.host, BaseModel) and r.latency.measured == {"skipped": "no GPU"}
+    assert r.recovery.before.heldout_perplexity == 3.0 and r.as_dict()["recovery"]["later_field"] == 1
 
 
 def test_pipeline_run_reads_as_the_data_flow():

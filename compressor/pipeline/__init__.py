@@ -14,7 +14,7 @@ import torch
 
 from ..config import RunConfig
 from ..errors import UserError
-from ..report.schema import Report
+from ..report.schema import Recovery, Report
 from .plan import plan_run
 from .report import build_report
 from .resident import Resident, prepare
@@ -49,7 +49,7 @@ def run(cfg: RunConfig, console=None) -> Report:
         ppl_pruned, cross_pruned = weights.evaluate("pruned", tasks, fmt=cfg.quantize)
         report = build_report(cfg, profile.name, weights.prep, plan.spec, result, weights.before, ppl_dense,
                               ppl_pruned, weights.params_after(), cross_domain=(cross_dense, cross_pruned))
-        report.recovery = recovery
+        report.recovery = None if recovery is None else Recovery(**recovery)
         weights.write(report, plan, profile, tasks)
     return report
 

@@ -13,7 +13,21 @@ from ..config import RunConfig
 from ..data import HELDOUT
 from ..evaluate.lm_eval import Tasks
 from ..prune.driver import PruneResult, PruneSpec
-from ..report.schema import Budget, CrossDomain, Export, LayerWidths, Memory, Method, Params, Perplexity, Report
+from ..report.schema import (
+    Accuracy,
+    Budget,
+    CrossDomain,
+    Export,
+    Host,
+    Latency,
+    LayerWidths,
+    Memory,
+    Method,
+    Params,
+    Perplexity,
+    PlanSection,
+    Report,
+)
 from .stages import Prepared, Stages
 
 
@@ -42,8 +56,8 @@ def build_report(cfg: RunConfig, profile_name: str, prep: Prepared, spec: PruneS
                               device=cfg.device, cross_domain=_cross_domain(prep, *cross_domain)),
         memory=Memory(**result.memory, what="peak host RSS during the pruning step (calibration, scoring, pruning, "
                                             "compensation), and peak device memory on CUDA"),
-        host={"machine": platform.machine(), "processor": platform.processor() or platform.machine(),
-              "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
+        host=Host(machine=platform.machine(), processor=platform.processor() or platform.machine(),
+                  torch_threads=torch.get_num_threads(), torch=torch.__version__),
     )
 
 
@@ -87,17 +101,17 @@ def finish_report(report: Report, folder: Path, res, dtype, source: str, profile
 
     report.export = Export(format=res.format, architecture=res.architecture,
                            dtype=str(dtype).replace("torch.", ""), files=res.files)
-    report.plan = plan.as_dict() if plan else {"ratio_source": "--ratio"}
+    report.plan = PlanSection(**(plan.as_dict() if plan else {"ratio_source": "--ratio"}))
     if cfg.checks:
         from ..evaluate.checks import check_export
 
         with stages.timed("checks"):
-            report.latency, report.accuracy, budget = check_export(
+            latency, accuracy, budget = check_export(
                 report.perplexity.model_dump(), folder, profile, plan, source, tasks, say=say, runtime=cfg.runtime)
-            report.budget = Budget(**budget)
+            report.latency, report.accuracy, report.budget = Latency(**latency), Accuracy(**accuracy), Budget(**budget)
         from ..evaluate.perplexity import finite_scores
 
-        finite_scores((report.accuracy or {}).get("lm_eval"), "lm-eval score")  # vLLM's scores of the export too
+        finite_scores(report.accuracy.lm_eval, "lm-eval score")  # vLLM's scores of the export too
         report.plot = _plot(report, folder / "report.png", say)
         tasks.keep_log(folder)
     report.seconds = stages.seconds

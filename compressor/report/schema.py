@@ -122,6 +122,73 @@ class Budget(Section):
     accuracy_floor: dict = Field(default_factory=dict)
 
 
+class Host(Section):
+    """The machine the run computed on."""
+
+    machine: str = ""
+    processor: str = ""
+    torch_threads: int = 0
+    torch: str = ""
+
+
+class PlanSection(Section):
+    """How the run came to its width and format: the width-only planner's table, the lever frontier,
+    or the option that fixed them (`ratio_source`); every figure in it predicted."""
+
+    ratio_source: str = ""
+    predicted: bool | None = None
+    chosen: dict | None = None  # the lever frontier's choice
+    frontier: list[dict] | None = None  # every lever candidate priced (and its KL where measured)
+    rule: str | None = None  # how the lever plan chose
+    rows: list[dict] | None = None  # the width-only planner's ratio grid
+    chosen_ratio: float | None = None
+    notes: list[str] = Field(default_factory=list)
+    cost_fit: dict | None = None  # the cost model fitted on this device (width-only planner)
+
+
+class Latency(Section):
+    """Measured on this host in a named runtime, and predicted for the profile's device."""
+
+    runtime: str | None = None
+    runtime_note: str | None = None
+    on_profile_device: bool = False
+    profile_device: str = ""
+    profile_runtime: str = ""
+    workload: dict = Field(default_factory=dict)
+    measured: dict = Field(default_factory=dict)  # dense / pruned, or {"skipped": why}
+    predicted: dict = Field(default_factory=dict)  # dense / pruned on the profile's device
+
+
+class Accuracy(Section):
+    """lm-eval scores (measured) and the profile's accuracy floor."""
+
+    lm_eval: dict = Field(default_factory=dict)
+    max_ppl_increase: float | None = None
+    min_task_accuracy: float | None = None
+
+
+class RecoveryBefore(Section):
+    heldout_perplexity: float | None = None
+    cross_domain_perplexity: float | None = None
+    device: str = ""
+
+
+class Recovery(Section):
+    """Distillation after pruning (compressor/recover): its cost and the quality before it."""
+
+    tokens: int = 0  # training tokens seen (positions with a target)
+    steps: int = 0
+    seconds: float = 0.0
+    peak_rss_mib: float | None = None
+    loss_first: float | None = None  # KL to the dense model at the first step
+    loss_last: float | None = None  # mean KL of the last 10% of steps
+    mode: str = ""  # "full" or "lora (rank r)"
+    tokens_requested: int = 0
+    unique_tokens: int = 0
+    text: str = ""
+    before: RecoveryBefore | None = None
+
+
 class Report(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
@@ -134,13 +201,13 @@ class Report(BaseModel):
     widths: LayerWidths | None = None
     perplexity: Perplexity | None = None
     memory: Memory | None = None
-    host: dict | None = None
+    host: Host | None = None
     export: Export | None = None
-    plan: dict | None = None  # the planner's table (every figure predicted): budget.planner.Plan.as_dict
-    latency: dict | None = None  # measured on this host in a named runtime, and predicted for the profile's device
-    accuracy: dict | None = None  # lm-eval scores, measured
+    plan: PlanSection | None = None
+    latency: Latency | None = None
+    accuracy: Accuracy | None = None
     budget: Budget | None = None
-    recovery: dict | None = None  # distillation after pruning (compressor/recover): cost, figures before it
+    recovery: Recovery | None = None
     plot: str | None = None
     seconds: dict[str, float] = Field(default_factory=dict)
     peak_rss_mib_total: float | None = None
