@@ -19,18 +19,9 @@ import time
 from dataclasses import replace
 
 import torch
+from kl_proxy import spearman  # this folder's: the ranking helpers
 
 PLANS = [(0.2, 0), (0.3, 0), (0.1, 3), (0.0, 6), (0.05, 5), (0.0, 9)]  # (width removed, layers dropped)
-
-
-def ranks(xs: list[float]) -> list[int]:
-    order = sorted(range(len(xs)), key=xs.__getitem__)
-    return [order.index(i) for i in range(len(xs))]
-
-
-def spearman(a: list[float], b: list[float]) -> float:
-    n, ra, rb = len(a), ranks(a), ranks(b)
-    return 1 - 6 * sum((x - y) ** 2 for x, y in zip(ra, rb, strict=True)) / (n * (n * n - 1))
 
 
 def main() -> None:
@@ -87,6 +78,8 @@ def main() -> None:
     quality.close()
 
     cols = ("kl_before", "kl_after", "cross_before", "cross_after")
+    from kl_proxy import ranks
+
     rank = {c: ranks([r[c] for r in rows]) for c in cols}
     print(f"\ndense cross-domain perplexity {d_cross:.3f}; recovery {args.tokens:,} tokens per plan "
           "(full parameters)\n")
