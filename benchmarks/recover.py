@@ -6,9 +6,9 @@ time and peak memory after pruning with 0 and N recovery tokens, full-parameter 
 
 Pruning: flap + lsq+bias, global widths (the one-pass allocation), or with `--structure searched` the
 CLI's default method for this model (the allocation search, minutes more); calibration 32 x 256 tokens
-of the builtin text. Recovery
-text: the builtin calibration region and the dense model's own samples, half each (`recovery_windows`),
-with teacher top-32 targets computed once per ratio; the same pruned weights start every row.
+of the builtin text. Recovery text: the builtin calibration region and the dense model's own samples,
+half each (`recovery_windows`), as many unique windows as the CLI takes for the largest budget, with
+the teacher's top-32 targets computed once; the same pruned weights start every row of a ratio.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ def main() -> None:
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.5])
     ap.add_argument("--tokens", type=int, nargs="+", default=[0, 20000])
     ap.add_argument("--lora", type=int, default=0, help="also a LoRA row of this rank at the largest budget")
-    ap.add_argument("--windows", type=int, default=64, help="recovery windows (of --seqlen tokens)")
+    ap.add_argument("--windows", type=int, default=None,
+                    help="unique recovery windows (of --seqlen tokens); default: the CLI's for the largest budget")
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--threads", type=int, default=0)
@@ -39,6 +40,7 @@ def main() -> None:
     from compressor.config import RunConfig
     from compressor.evaluate.perplexity import domain_perplexities, perplexity
     from compressor.pipeline import prepare
+    from compressor.pipeline.resident import recovery_window_count
     from compressor.prune.driver import PruneSpec, prune
     from compressor.prune.evolve import prune_searched
     from compressor.recover.distill import distill, recovery_windows, teacher_targets
@@ -51,7 +53,8 @@ def main() -> None:
         return perplexity(model, prep.texts.heldout), domain_perplexities(model, prep.domains)["geomean"]
 
     t0 = time.monotonic()
-    windows = recovery_windows(cfg.calib, tok, dense, args.windows, args.seqlen, cfg.seed)
+    n_windows = args.windows or recovery_window_count(cfg.model_copy(update={"recover_tokens": max(args.tokens)}))
+    windows = recovery_windows(cfg.calib, tok, dense, n_windows, args.seqlen, cfg.seed)
     targets = teacher_targets(dense, windows)
     print(f"recovery text: {windows.shape[0]} x {windows.shape[1]} tokens (half the model's own samples), teacher "
           f"targets in {time.monotonic() - t0:.0f} s", flush=True)
