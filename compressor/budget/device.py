@@ -131,12 +131,9 @@ class PairedRatio:
     twice with fresh engines: beside the reference engine loaded just before it, then beside one
     loaded just after it (`measure_chain`).
 
-    Why both orders: on vLLM CPU the order two engines were loaded in moves their ratio. In the
-    SmolLM2 latency table `benchmarks/levers.py` measured on 2026-11-30 (it prints every point's
-    rounds), the second round's TPOT ratio over the first's had a median of 1.041 over 11 points
-    (0.958-1.108, above 1 for 9): one engine pair is one draw of that spread. The ratio here is the
-    geometric mean of the two rounds' ratios (of their medians), so the order's effect cancels to
-    first order and the reference is two engine instances, not one.
+    Both orders, because on vLLM CPU the order two engines were loaded in moves their ratio (the
+    figures: docs/benchmarks.md, "The latency table's method"): the ratio is the geometric mean of
+    the two rounds' ratios (of their medians), so the order's effect cancels to first order.
     `reference` and `other` pool both rounds' requests (their medians, for absolute figures);
     `rounds` keeps each round's ratios."""
 

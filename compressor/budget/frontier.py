@@ -218,12 +218,9 @@ class AnchoredTable:
     """A latency table scaled to agree with one real measurement of the dense model's export, taken
     just before planning: one factor for TTFT and one for TPOT, for every architecture and format.
 
-    Why a factor and not a shift: what it corrects is mostly the host's speed at the moment (on
-    this shared VM the same dense export measured 13.03 ms TPOT in one `benchmarks/levers.py` run
-    and 18.05 ms in the next), which scales every kernel alike; the table's points are stored on
-    one reference's scale (`latency_table`), so one factor carries them to now. The real weights
-    against the table's random ones changed TPOT by under 4% in vLLM CPU (request by request in
-    turn), which the factor absorbs too."""
+    A factor, not a shift: what it corrects is mostly the host's speed at the moment, which scales
+    every kernel alike, and the table's points are stored on one reference's scale (the figures:
+    docs/benchmarks.md, "The latency table's method")."""
 
     table: object
     ttft_scale: float

@@ -177,11 +177,10 @@ def prune_spec(cfg: RunConfig, ratio: float, round_to: int, tensor_parallel: int
                      ratio=ratio, attn_unit=cfg.attn_unit, round_to=round_to, tensor_parallel=tensor_parallel)
 
 
-# `--structure auto` of an in-memory run is the allocation search when it is affordable: on SmolLM2 at
-# 20% removed its cross-domain perplexity increase is 48% of FLAP + bias's where global's is 58%, and at
-# 50% 21% against 22% (`benchmarks/quality.py`). Its cost is ~30 generations x 7,168 validation tokens
-# of forward passes: about 8 CPU minutes for SmolLM2-135M here, an hour for a 1B model on a CPU, and
-# under a minute for an 8B model on a GPU. Larger models on a CPU keep the one-pass global allocation.
+# `--structure auto` is the allocation search where it is affordable: it generalises best
+# (`benchmarks/quality.py`), and costs ~30 generations of forward passes over the validation windows,
+# minutes for SmolLM2 on a CPU, about an hour for a 1B model (docs/benchmarks.md). Larger models on a
+# CPU keep the one-pass global allocation.
 SEARCH_CPU_MAX_PARAMS = 400_000_000
 
 
