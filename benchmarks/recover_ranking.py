@@ -19,7 +19,7 @@ import time
 from dataclasses import replace
 
 import torch
-from kl_proxy import spearman  # this folder's: the ranking helpers
+from kl_proxy import ranks, spearman  # this folder's: the ranking helpers
 
 PLANS = [(0.2, 0), (0.3, 0), (0.1, 3), (0.0, 6), (0.05, 5), (0.0, 9)]  # (width removed, layers dropped)
 
@@ -78,8 +78,6 @@ def main() -> None:
     quality.close()
 
     cols = ("kl_before", "kl_after", "cross_before", "cross_after")
-    from kl_proxy import ranks
-
     rank = {c: ranks([r[c] for r in rows]) for c in cols}
     print(f"\ndense cross-domain perplexity {d_cross:.3f}; recovery {args.tokens:,} tokens per plan "
           "(full parameters)\n")
