@@ -574,7 +574,10 @@ def test_a_marginal_choice_is_confirmed_on_its_real_export_measured_beside_the_d
 
     base = load_profile("cpu-2core").model_dump(exclude={"efficiency"})
     base.update(name="tiny-cpu", runtime="torch", dtype="float32", round_to=8)
-    base["workload"].update(max_context=64, concurrency=1, prompt_tokens=16, output_tokens=4)
+    # one thread and 32 tokens a request: a tiny model's 4-token requests on two threads measured a ratio of
+    # 0.43 between the same weights in CI, where the other pytest worker shares the two cores
+    base["device"]["threads"] = 1
+    base["workload"].update(max_context=64, concurrency=1, prompt_tokens=16, output_tokens=32)
     base["budget"].update(tpot_ms=50.0, ttft_ms=None, min_throughput_tok_s=None)
     path = tmp_path / "tiny-cpu.yaml"
     path.write_text(yaml.safe_dump(base))
@@ -605,10 +608,12 @@ def test_a_marginal_choice_is_confirmed_on_its_real_export_measured_beside_the_d
     said = []
     for anchor_ms, kept in ((25.0, True), (100.0, False)):
         f, near, keep = frontier()
-        chosen = confirm_choice(f, lambda c: model, tok, dense, (0.01, anchor_ms / 1e3), prof, "torch", runs=3,
+        chosen = confirm_choice(f, lambda c: model, tok, dense, (0.01, anchor_ms / 1e3), prof, "torch", runs=5,
                                 say=said.append)
         assert chosen is (near if kept else keep) and near.confirmed
-        assert 0.5 < near.prediction.tpot_s * 1e3 / anchor_ms < 2  # the same weights: a ratio about 1
+        ratio = near.prediction.tpot_s * 1e3 / anchor_ms
+        print(f"same weights: x{ratio:.3f}")
+        assert 0.5 < ratio < 2  # the same weights: a ratio about 1
         assert "in both load orders" in near.prediction.efficiency
         assert ("kept" if kept else f"taking {keep.levers}") in said[-1]
     assert set(glob.glob(os.path.join(tempfile.gettempdir(), "fitprune-confirm-*"))) == before
