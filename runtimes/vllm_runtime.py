@@ -132,7 +132,7 @@ class VllmRuntime(Runtime):
         from exporters.vllm_plugin import check_checkpoint
 
         check_checkpoint(self.path)
-        _check_cpu_head_size(config)
+        quietly(run_log("vllm.log"), lambda: _check_cpu_head_size(config))  # its vLLM import prints
         max_model_len = min(max_model_len, int(config.get("max_position_embeddings") or max_model_len))
 
         previous = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")

@@ -179,5 +179,7 @@ def test_the_example_workflow_runs_step_by_step(tmp_path):
     latency = [ln for ln in budget["lines"] if ln["line"] in ("ttft", "tpot", "throughput")]
     assert latency and all(ln["kind"] == "measured" and ln["runtime"] == runtime for ln in latency), latency
     if runtime == "vllm":  # quiet by default: the engine's start-up output is in OUT/logs/, not in CI's log
-        assert not any("Loading safetensors checkpoint shards" in c for c in consoles)
+        # the plan's cost-model fitting writes and loads random-weight models too (transformers, vLLM)
+        assert not any(line in c for c in consoles for line in ("Loading safetensors checkpoint shards",
+                                                                "Writing model shards", "Triton is installed"))
         assert "Loading safetensors checkpoint shards" in (work / "out" / "candidate" / "logs" / "vllm.log").read_text()

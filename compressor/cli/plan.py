@@ -92,8 +92,14 @@ def plan_cmd(
                                 "frontier; the choice is the mix that removes the fewest weights (the main job "
                                 "chooses by measured KL) and, where the latency table was measured here, still "
                                 "meets the budget measured at its exact shape."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also show third-party progress bars and logs "
+                                 "(vLLM, transformers), which are quiet by default."),
 ):
     from profiles import load_profile
+
+    from . import third_party_output
+
+    third_party_output(verbose)
 
     from ..budget.planner import InfeasibleBudget, plan_for
 
