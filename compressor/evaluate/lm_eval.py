@@ -314,7 +314,7 @@ def _evaluate(lm, task_dir: Path) -> TaskScores:
                       cloze_domain=[str(x["doc"].get("domain", "")) for x in samples])
 
 
-def lm_eval_scores(model, tokenizer, task_dir: Path, max_length: int = 256, batch_size: int = 8,
+def lm_eval_scores(model, tokenizer, task_dir: Path, max_length: int = 256, batch_size: int = 16,
                    precision: str | None = None) -> TaskScores:
     """Run the local tasks in process with lm-eval's HF backend (`max_length` kept small: memory);
     `precision` ("bfloat16", "float16") runs the forward passes under autocast to it (lm-eval's

@@ -49,6 +49,7 @@ def run(cfg: RunConfig, console=None) -> Report:
         ppl_pruned, cross_pruned = weights.evaluate("pruned", tasks, fmt=cfg.quantize)
         report = build_report(cfg, profile.name, weights.prep, plan.spec, result, weights.before, ppl_dense,
                               ppl_pruned, weights.params_after(), cross_domain=(cross_dense, cross_pruned))
+        report.perplexity.precision = f"{plan.precision} autocast" if plan.precision else ""
         report.recovery = None if recovery is None else Recovery(**recovery)
         weights.write(report, plan, profile, tasks)
     return report

@@ -20,7 +20,7 @@ from ..output import check_out_dir
 from ..prune import COMPENSATION, IMPORTANCE
 from ..prune.driver import PruneResult, PruneSpec, resolve_structure
 from ..prune.tensor_parallel import tensor_parallel_size
-from .stages import Stages
+from .stages import Stages, serving_precision
 
 
 @dataclass
@@ -28,13 +28,15 @@ class RunPlan:
     """What the run executes: `spec` (ratio, method, structure), the run's config with the chosen
     weight format, the output directory, the plan the report and checks read (`record`: a planner
     plan, a `LeverPlan`, a `QuantizeOnly`, or None for --ratio) and, for the in-memory lever plan,
-    its own pruning (`execute`; else the weights' `prune`)."""
+    its own pruning (`execute`; else the weights' `prune`), and the precision the dense and the
+    pruned model are judged in (`stages.serving_precision`)."""
 
     spec: PruneSpec
     cfg: RunConfig
     out: Path
     record: object | None = None
     execute: Callable[[], PruneResult] | None = None
+    precision: str | None = None
 
 
 def plan_run(cfg: RunConfig, profile, round_to: int, weights, stages: Stages, say) -> RunPlan:
@@ -56,7 +58,7 @@ def plan_run(cfg: RunConfig, profile, round_to: int, weights, stages: Stages, sa
         spec = quantizable(cfg, weights.auto_structure(cfg, prune_spec(cfg, ratio, round_to, tp), say), say)
     out = output_dir(cfg, spec, name=cfg.quantize if spec.ratio == 0 else None)
     announce(cfg, profile, spec, record, out, say)
-    return RunPlan(spec, cfg, out, record, execute)
+    return RunPlan(spec, cfg, out, record, execute, serving_precision(profile))
 
 
 def choose_ratio(cfg: RunConfig, profile, round_to: int, stages: Stages, say):

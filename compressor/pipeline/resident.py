@@ -13,7 +13,7 @@ import torch
 from ..config import RunConfig
 from ..data import domain_windows, load_texts
 from ..evaluate.lm_eval import Tasks
-from ..evaluate.perplexity import domain_perplexities, finite, finite_scores, perplexity
+from ..evaluate.perplexity import domain_perplexities, finite, finite_scores, in_precision, perplexity
 from ..model import adapter_for
 from ..model.loading import load
 from ..output import atomic_dir
@@ -56,6 +56,7 @@ class Resident:
         self.cfg, self.prep, self.stages, self.console = cfg, prep, stages, console
         self.say = console.print
         self.model = prep.loaded.model
+        self.precision = None  # the session's (`RunPlan.precision`)
         self.before = prep.adapter.count_params(self.model)
 
     @classmethod
@@ -68,7 +69,7 @@ class Resident:
     @contextmanager
     def session(self, plan: RunPlan):
         """The run after planning; nothing is kept between stages but the model itself."""
-        self.cfg = plan.cfg
+        self.cfg, self.precision = plan.cfg, plan.precision
         yield
 
     def evaluate(self, which: str, tasks: Tasks, fmt: str = "none") -> tuple[float, dict | None]:
@@ -78,7 +79,7 @@ class Resident:
         from ..prune.planned import fake_quantized
 
         judged = self.model if fmt == "none" else fake_quantized(self.model, fmt)
-        with self.stages.timed(f"perplexity_{which}"):
+        with self.stages.timed(f"perplexity_{which}"), in_precision(self.cfg.device, self.precision):
             ppl, cross = perplexities(which, judged, self.prep, self.say)
         with self.stages.timed("lm_eval"):
             tasks.score(which, judged, self.prep.loaded.tokenizer, self.cfg.device, say=self.say)
@@ -132,7 +133,7 @@ class Resident:
         from ..recover.distill import distill
 
         cfg = self.cfg
-        with self.stages.timed("perplexity_before_recovery"):
+        with self.stages.timed("perplexity_before_recovery"), in_precision(cfg.device, self.precision):
             held, cross = perplexities("pruned, before recovery,", self.model, self.prep, self.say)
         with self.stages.timed("recover"):
             res = distill(self.model, targets, cfg.recover_tokens, lora_rank=cfg.recover_lora,

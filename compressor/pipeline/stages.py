@@ -60,11 +60,11 @@ class Prepared:
 
 
 def serving_precision(profile) -> str | None:
-    """The autocast dtype in which lm-eval judges the in-memory models for a profile: bfloat16 where
-    the profile serves bfloat16 (the precision the export will be served in; on CPUs with bfloat16
-    instructions about twice as fast as float32), None (the model's own dtype) otherwise. What
-    chooses or re-fits weights (statistics, the allocation search, compensation) and the
-    perplexities stay in full precision (docs/benchmarks.md)."""
+    """The autocast dtype in which the dense and the pruned model are judged (perplexities, lm-eval)
+    for a profile: bfloat16 where the profile serves bfloat16 (the precision the export will be
+    served in), None (the model's own dtype) otherwise. What chooses or re-fits weights
+    (statistics, the allocation search, compensation, recovery) stays in full precision
+    (docs/benchmarks.md, "Judging in the precision the profile serves")."""
     return "bfloat16" if profile.dtype == "bfloat16" else None
 
 

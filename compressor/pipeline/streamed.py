@@ -213,6 +213,7 @@ class Streamed:
         self.cfg, self.lazy, self.prep, self.stages, self.console = cfg, lazy, prep, stages, console
         self.say = console.print
         self.before = prep.adapter.count_params(lazy.model)
+        self.precision = None  # the session's (`RunPlan.precision`)
         self.work: WorkState | None = None
         self.sink: ExportSink | None = None
         self.res = None  # the export's ExportResult, once written
@@ -253,7 +254,7 @@ class Streamed:
         An interruption, or an unexpected error, keeps it and says how to continue; a refusal or a full
         disk on a fresh run removes it, as does success."""
         cfg, out, say = plan.cfg, plan.out, self.say
-        self.cfg = cfg
+        self.cfg, self.precision = cfg, plan.precision
         say(f"out of core: weights stay in {self.lazy.path} ({checkpoint_bytes(self.lazy.path) / 2**30:.1f} GiB), "
             f"computed in {str(self.lazy.dtype).replace('torch.', '')}, one layer at a time on {cfg.device}")
         folder = work_dir_for(out)
@@ -309,14 +310,14 @@ class Streamed:
         """Held-out and cross-domain perplexity, layer by layer, each stored as it goes (stage
         perplexity_WHICH): the checkpoint's model for "dense", the written export after, each layer run
         in the weight format `fmt`. lm-eval cannot run in process here: said once, recorded as skipped."""
-        from ..evaluate.perplexity import finite, layerwise_domain_perplexities, layerwise_perplexity
+        from ..evaluate.perplexity import finite, in_precision, layerwise_domain_perplexities, layerwise_perplexity
         from ..prune.planned import fake_quantized
 
         cfg, work, prep, say = self.cfg, self.work, self.prep, self.say
         lazy, adapter = (self.lazy, prep.adapter) if which == "dense" else self._pruned()
         simulate = None if fmt == "none" else functools.partial(fake_quantized, fmt=fmt)
         store = work.folder / f"ppl-{which}"
-        with self.stages.timed(f"perplexity_{which}"):
+        with self.stages.timed(f"perplexity_{which}"), in_precision(cfg.device, self.precision):
             ppl = _stored(work, f"ppl_{which}", lambda: finite(
                 layerwise_perplexity(lazy, adapter, prep.heldout, cfg.device, store=store, simulate=simulate),
                 f"{which} held-out perplexity"))

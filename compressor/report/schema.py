@@ -79,6 +79,7 @@ class Perplexity(Section):
     seqlen: int = 0
     measured: bool = True
     device: str = ""
+    precision: str = ""  # the forward passes': "bfloat16 autocast", or "" (the weights' own dtype)
     cross_domain: CrossDomain | None = None
 
 
