@@ -12,13 +12,6 @@ from safetensors.torch import load_file, save_file
 from ..errors import UserError
 
 
-def in_precision(device: str, precision: str | None):
-    """The forward passes inside run under autocast to `precision` ("bfloat16", "float16"; None: as
-    the weights are): a model judged in the precision it will be served in."""
-    return torch.autocast(torch.device(device).type, dtype=getattr(torch, precision or "bfloat16"),
-                          enabled=precision is not None)
-
-
 @torch.no_grad()
 def perplexity(model, windows: torch.Tensor, batch_size: int = 4) -> float:
     """exp(mean next-token negative log-likelihood) over all windows (each scored independently)."""

@@ -13,9 +13,10 @@ import torch
 from ..config import RunConfig
 from ..data import domain_windows, load_texts
 from ..evaluate.lm_eval import Tasks
-from ..evaluate.perplexity import domain_perplexities, finite, finite_scores, in_precision, perplexity
+from ..evaluate.perplexity import domain_perplexities, finite, finite_scores, perplexity
 from ..model import adapter_for
 from ..model.loading import load
+from ..model.precision import autocast_to
 from ..output import atomic_dir
 from ..prune.driver import PruneResult, prune
 from ..prune.surgery import LayerKeep
@@ -79,7 +80,7 @@ class Resident:
         from ..prune.planned import fake_quantized
 
         judged = self.model if fmt == "none" else fake_quantized(self.model, fmt)
-        with self.stages.timed(f"perplexity_{which}"), in_precision(self.cfg.device, self.precision):
+        with self.stages.timed(f"perplexity_{which}"), autocast_to(self.cfg.device, self.precision):
             ppl, cross = perplexities(which, judged, self.prep, self.say)
         with self.stages.timed("lm_eval"):
             tasks.score(which, judged, self.prep.loaded.tokenizer, self.cfg.device, say=self.say)
@@ -133,7 +134,7 @@ class Resident:
         from ..recover.distill import distill
 
         cfg = self.cfg
-        with self.stages.timed("perplexity_before_recovery"), in_precision(cfg.device, self.precision):
+        with self.stages.timed("perplexity_before_recovery"), autocast_to(cfg.device, self.precision):
             held, cross = perplexities("pruned, before recovery,", self.model, self.prep, self.say)
         with self.stages.timed("recover"):
             res = distill(self.model, targets, cfg.recover_tokens, lora_rank=cfg.recover_lora,

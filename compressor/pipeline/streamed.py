@@ -310,14 +310,15 @@ class Streamed:
         """Held-out and cross-domain perplexity, layer by layer, each stored as it goes (stage
         perplexity_WHICH): the checkpoint's model for "dense", the written export after, each layer run
         in the weight format `fmt`. lm-eval cannot run in process here: said once, recorded as skipped."""
-        from ..evaluate.perplexity import finite, in_precision, layerwise_domain_perplexities, layerwise_perplexity
+        from ..evaluate.perplexity import finite, layerwise_domain_perplexities, layerwise_perplexity
+        from ..model.precision import autocast_to
         from ..prune.planned import fake_quantized
 
         cfg, work, prep, say = self.cfg, self.work, self.prep, self.say
         lazy, adapter = (self.lazy, prep.adapter) if which == "dense" else self._pruned()
         simulate = None if fmt == "none" else functools.partial(fake_quantized, fmt=fmt)
         store = work.folder / f"ppl-{which}"
-        with self.stages.timed(f"perplexity_{which}"), in_precision(cfg.device, self.precision):
+        with self.stages.timed(f"perplexity_{which}"), autocast_to(cfg.device, self.precision):
             ppl = _stored(work, f"ppl_{which}", lambda: finite(
                 layerwise_perplexity(lazy, adapter, prep.heldout, cfg.device, store=store, simulate=simulate),
                 f"{which} held-out perplexity"))

@@ -41,6 +41,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..model.adapters import Adapter
+from ..model.precision import autocast_to
 from . import COMPENSATION, IMPORTANCE, allocation
 from .allocation import LayerScores
 from .compensation import Compensation
@@ -96,7 +97,7 @@ class Fitness:
     @torch.no_grad()
     def cache_dense(self, model, top_k: int) -> None:
         for w in self.windows:
-            with forward_precision(model, self.precision):
+            with autocast_to(next(model.parameters()).device, self.precision):
                 lp = self._log_probs(model, w)
             self.add_dense(lp, top_k)
 
@@ -131,12 +132,6 @@ class Fitness:
         return float(kl.mean())
 
 
-def forward_precision(model, precision: str | None):
-    """Autocast of the model's forward passes to `precision` ("bfloat16", "float16"; None: off)."""
-    device = next(model.parameters()).device
-    return torch.autocast(device.type, dtype=getattr(torch, precision or "bfloat16"), enabled=precision is not None)
-
-
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
     """log(1 - exp(x)) for x <= 0, floored so a top-k holding all the mass stays finite."""
     return torch.log((-torch.expm1(x.clamp(max=0.0))).clamp_min(1e-12))
@@ -165,7 +160,7 @@ class Runner:
         handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in self.layers]
         try:
             device = next(self.model.parameters()).device
-            with forward_precision(self.model, self.precision):
+            with autocast_to(device, self.precision):
                 logits = self.model(input_ids=window[None].to(device), use_cache=False).logits[0, :-1]
         finally:
             for h in handles:
@@ -177,7 +172,7 @@ class Runner:
         """The same, running only layers `start`.. from `prefix[start]` (the layers before are unchanged)."""
         inputs = list(prefix[:start])
         h = prefix[start]
-        with forward_precision(self.model, self.precision):
+        with autocast_to(self.head.weight.device, self.precision):
             for layer in self.layers[start:]:
                 inputs.append(h)
                 out = layer(h, **self.kwargs)
