@@ -119,6 +119,7 @@ def test_successful_run_on_a_tiny_model_writes_a_complete_directory(tmp_path, ti
     # cpu-2core serves bfloat16: lm-eval judges both in-memory models in it (steps.serving_precision)
     le = report["accuracy"]["lm_eval"]
     assert le["dense"]["precision"] == le["pruned"]["precision"] == "bfloat16 autocast"
+    assert report["perplexity"]["precision"] == "bfloat16 autocast"  # and the perplexities
 
 
 def test_version_and_the_next_commands_after_a_run(capsys):

@@ -169,6 +169,7 @@ def test_gate_on_a_real_run(tmp_path, tiny_model_dir):
                 "--out", str(out))
     assert p.returncode == 0, p.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
+    assert report["perplexity"]["precision"] == ""  # a float32 profile: judged as the weights are
     lat = report["latency"]
     assert lat["on_profile_device"] is True and lat["runtime"] == "torch"
     tpot_line = next(ln for ln in report["budget"]["lines"] if ln["line"] == "tpot")
