@@ -173,7 +173,9 @@ def open_work(cfg: RunConfig, out: Path, fingerprint: dict, say) -> WorkState:
     return work
 
 
-def fingerprint(cfg: RunConfig, spec, dtype: torch.dtype) -> dict:
+def fingerprint(cfg: RunConfig, spec, dtype: torch.dtype, precision: str | None = None) -> dict:
+    """What a resumed run must share with the interrupted one; `precision` is the judging precision
+    (stored perplexities are only reused when measured the same way)."""
     return {"model": str(Path(resolve(cfg.model)).expanduser().absolute()), "metric": spec.metric,
             "compensation": spec.compensation, "structure": spec.structure, "ratio": spec.ratio,
             "attn_unit": spec.attn_unit, "round_to": spec.round_to, "tensor_parallel": spec.tensor_parallel,
@@ -181,7 +183,8 @@ def fingerprint(cfg: RunConfig, spec, dtype: torch.dtype) -> dict:
             "seqlen": cfg.seqlen, "seed": cfg.seed, "batch_size": cfg.batch_size, "device": cfg.device,
             "dtype": str(dtype), "export_dtype": cfg.export_dtype, "passes": cfg.passes,
             "domain_windows": cfg.domain_windows, "quantize": cfg.quantize,  # both stored as stages
-            "recover_tokens": cfg.recover_tokens, "recover_lora": cfg.recover_lora}
+            "recover_tokens": cfg.recover_tokens, "recover_lora": cfg.recover_lora,
+            "judging_precision": precision}
 
 
 def prepare_lazy(cfg: RunConfig, stages):
@@ -261,7 +264,7 @@ class Streamed:
         keep_work = False
         try:
             try:
-                self.work = open_work(cfg, out, fingerprint(cfg, plan.spec, self.lazy.dtype), say)
+                self.work = open_work(cfg, out, fingerprint(cfg, plan.spec, self.lazy.dtype, plan.precision), say)
             except UserError:
                 keep_work = cfg.resume  # a refused --resume (other settings) leaves the interrupted run as it was
                 raise
