@@ -157,6 +157,20 @@ def test_a_model_no_shape_of_which_splits_is_one_sentence(smollm2_dir):
     assert len(errors) == 1 and "8 devices" in " ".join(p.stderr.split()), p.stderr
 
 
+
+@pytest.mark.integration  # reads the embedded SmolLM2's config
+@pytest.mark.parametrize("profile, tp", [("2xl4-48gb", 2), ("4xa10g-96gb", 4)])
+def test_every_lever_candidate_splits_over_the_profile_s_devices(smollm2_dir, profile, tp):
+    """The default plan (every lever) prices the widths allocation will give under tensor parallel:
+    no candidate is a shape vLLM cannot split, so SmolLM2's dense 9 heads are never one."""
+    from compressor.budget.frontier import lever_plan
+
+    frontier, _ = lever_plan(load_profile(profile), str(smollm2_dir), measure=False, say=lambda *_: None)
+    assert frontier.candidates and all(c.removed > 0 for c in frontier.candidates)
+    for c in frontier.candidates:
+        assert not widths_problems(list(c.arch.q_heads), list(c.arch.kv_heads), list(c.arch.intermediate), tp), c
+    assert any(n.startswith(f"tensor parallel {tp}: ") for n in frontier.notes)
+
 @pytest.mark.integration  # reads the embedded SmolLM2's config
 @pytest.mark.parametrize("profile, tp", [("2xl4-48gb", 2), ("4xa10g-96gb", 4)])
 def test_the_plan_states_the_constraint_and_skips_an_unsplittable_dense_model(tmp_path, smollm2_dir, profile, tp):

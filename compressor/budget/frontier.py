@@ -18,8 +18,9 @@ from dataclasses import dataclass, field, replace
 from profiles import Profile
 from profiles.costmodel import Arch, CostModel, Prediction, Violation
 
+from ..prune.tensor_parallel import tensor_parallel_size, widths_problems
 from .latency_table import format_problem
-from .planner import GRID, arch_at_ratio, headroom_notes, shallower
+from .planner import GRID, arch_at_ratio, headroom_notes, shallower, tensor_parallel_notes
 
 
 @dataclass
@@ -332,8 +333,11 @@ def search(profile: Profile, arch: Arch, table, cost: CostModel, formats: list[s
     them apart (`ExactCheck`), so offer them where one will be made. `marginal`: each pair also offers
     the least width that meets the lines but not the reserve below them, where it is less than the
     reserve's (never the dense model itself): offer them where the chosen plan's export can be
-    measured before it is kept (`Frontier.confirm`)."""
+    measured before it is kept (`Frontier.confirm`). Under tensor parallel (the profile's device
+    count) every candidate has widths vLLM can split over the devices, as allocation gives them, and
+    a dense model that cannot be split is no candidate."""
     rt = round_to or profile.round_to
+    tp = tensor_parallel_size(profile)
     max_dropped = arch.layers // 2 if max_dropped is None else max_dropped
     marginal = marginal and profile.budget.latency_headroom > 0
     frontier = Frontier(profile.name, table.source, [], [], marginal=marginal)
@@ -352,11 +356,11 @@ def search(profile: Profile, arch: Arch, table, cost: CostModel, formats: list[s
         frontier.formats.append(fmt)
         for dropped in range(max_dropped + 1):
             base = shallower(arch, dropped)
-            found = least_width(arch, base, dropped, fmt, table, cost, attn_unit, rt, grid, biases)
+            found = least_width(arch, base, dropped, fmt, table, cost, attn_unit, rt, grid, biases, tp=tp)
             near = None
             if marginal:
                 near = widest(found, least_width(arch, base, dropped, fmt, table, cost, attn_unit, rt, grid, biases,
-                                                 reserve=False))
+                                                 reserve=False, tp=tp))
                 if near and (fmt, dropped, near.width) == ("none", 0, 0):
                     near = None  # the dense model itself: that it meets the lines is no plan
             for c in (found, near):
@@ -365,25 +369,36 @@ def search(profile: Profile, arch: Arch, table, cost: CostModel, formats: list[s
                 frontier.candidates.append(c)
                 if c.width and biases and bias_free:
                     plain = least_width(arch, base, dropped, fmt, table, cost, attn_unit, rt, grid, False,
-                                        reserve=c is found)
+                                        reserve=c is found, tp=tp)
                     if plain and plain.width and (c is found or plain.marginal):
                         plain.bias_free = True
                         frontier.candidates.append(plain)
-            if found and found.width == 0:
-                break  # dropping more layers on top of a plan that fits only loses quality
+            if found and found.width == next(w for w in grid if _shape(base, w, fmt, attn_unit, rt, biases, tp)):
+                break  # the least width there is fits: dropping more layers on top only loses quality
     return frontier
 
 
+def _shape(base: Arch, width: float, fmt: str, attn_unit: str, round_to: int, biases: bool, tp: int) -> Arch | None:
+    """`base` at `width` (with the bias switches on where `biases` adds them), or None where `fmt`
+    cannot hold these widths or vLLM cannot split them over `tp` devices (the dense model itself, at
+    width 0, may be such a shape)."""
+    a = arch_at_ratio(base, width, attn_unit, round_to, tp)
+    if width and biases:
+        a = replace(a, biased=True)
+    if format_problem(fmt, a) or widths_problems(list(a.q_heads), list(a.kv_heads), list(a.intermediate), tp):
+        return None
+    return a
+
+
 def least_width(dense: Arch, base: Arch, dropped: int, fmt: str, table, cost: CostModel, attn_unit: str,
-                round_to: int, grid: tuple[float, ...], biases: bool = False, reserve: bool = True) -> Candidate | None:
-    """The least width of `grid` whose widths `fmt` can hold and which meets every budget line (with
-    the profile's latency reserve kept below them, or without it: `reserve`)."""
+                round_to: int, grid: tuple[float, ...], biases: bool = False, reserve: bool = True,
+                tp: int = 1) -> Candidate | None:
+    """The least width of `grid` with a shape (`_shape`) that meets every budget line (with the
+    profile's latency reserve kept below them, or without it: `reserve`)."""
     for width in grid:
-        a = arch_at_ratio(base, width, attn_unit, round_to)
-        if width and biases:
-            a = replace(a, biased=True)
-        if format_problem(fmt, a):
-            continue  # these widths are not multiples of the format's group
+        a = _shape(base, width, fmt, attn_unit, round_to, biases, tp)
+        if a is None:
+            continue
         pred = predict(cost, table, a, fmt)
         if not cost.violations(pred, reserve=reserve):
             c = Candidate(width, dropped, fmt, a, pred, [], 1 - a.decoder_params / dense.decoder_params)
@@ -400,7 +415,7 @@ def closest_miss(profile: Profile, arch: Arch, table, cost: CostModel, formats: 
     for fmt in formats:
         if format_problem(fmt, arch):
             continue
-        a = arch_at_ratio(shallower(arch, arch.layers // 2), GRID[-1], attn_unit, rt)
+        a = arch_at_ratio(shallower(arch, arch.layers // 2), GRID[-1], attn_unit, rt, tensor_parallel_size(profile))
         pred = predict(cost, table, a, fmt)
         v = cost.violations(pred)
         excess = max((x.excess for x in v), default=1.0)
@@ -482,7 +497,9 @@ def lever_plan(profile: Profile, model: str | None, measure: bool | None = None,
     frontier = search(profile, arch, table, CostModel(profile), formats, attn_unit, round_to, biases=comp.adds_bias,
                       bias_free=checker is not None and comp.bias_free is not None,
                       marginal=checker is not None and confirmable, max_dropped=max_dropped)
-    frontier.notes = notes + list(getattr(table, "notes", [])) + headroom_notes(profile, frontier.marginal)
+    frontier.notes = (notes + list(getattr(table, "notes", []))
+                      + tensor_parallel_notes(arch, tensor_parallel_size(profile), round_to or profile.round_to)
+                      + headroom_notes(profile, frontier.marginal))
     frontier.checker = checker
     if not frontier.feasible:
         frontier.notes.append(closest_miss(profile, arch, table, CostModel(profile), formats, attn_unit, round_to))
