@@ -125,7 +125,7 @@ def main() -> None:
     opts = RunConfig(nsamples=args.nsamples, seqlen=args.seqlen, domain_windows=args.domain_windows)
     prep = prepare(opts)
     model, adapter, tok = prep.loaded.model, prep.adapter, prep.loaded.tokenizer
-    from compressor.budget.fitting import arch_of
+    from compressor.budget.shapes import arch_of
 
     arch = arch_of(config)
     cost = CostModel(profile)

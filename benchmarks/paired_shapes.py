@@ -4,7 +4,7 @@ Two questions the lever benchmark raised, answered by `compressor.budget.device.
 (reference, candidate, reference, candidate, ... so that the host's swings move both alike):
 
 - `--real`: does a random-weight checkpoint time like the real model of its shape? The real
-  SmolLM2-135M-Instruct (bf16) against its random twin (`budget.fitting._write_random_model`, what
+  SmolLM2-135M-Instruct (bf16) against its random twin (`budget.shapes.write_random_model`, what
   the latency table measures). Measured 2026-11-30: 18.21 against 17.58 ms TPOT (4% apart), and with
   this script 19.22 against 19.48 ms (x0.987).
 - `--shape LAYERS_DROPPED:WIDTH:FORMAT[:bias]` (repeatable): random-weight SmolLM2 shapes as the
@@ -51,8 +51,8 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from compressor.budget.device import measure_paired
-    from compressor.budget.fitting import _write_random_model, arch_of
     from compressor.budget.planner import arch_at_ratio, shallower
+    from compressor.budget.shapes import arch_of, write_random_model
     from compressor.model.loading import embedded_model_dir
     from exporters.quantize import quantize_export
     from runtimes.base import load_runtime
@@ -62,7 +62,7 @@ def main() -> None:
     dense = arch_of(config)
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)
-        _write_random_model(config, dense, src, "bfloat16", work / "random")
+        write_random_model(config, dense, src, "bfloat16", work / "random")
         candidates = {}
         if args.real:
             AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).save_pretrained(work / "real")
@@ -74,7 +74,7 @@ def main() -> None:
                 raise SystemExit(f"--shape {spec}: the fourth field can only be 'bias'")
             arch = replace(arch_at_ratio(shallower(dense, int(dropped)), float(width), "auto", 64), biased=bool(bias))
             path = work / spec.replace(":", "_")
-            _write_random_model(config, arch, src, "bfloat16", path)
+            write_random_model(config, arch, src, "bfloat16", path)
             if fmt != "none":
                 quantize_export(path, fmt)
             candidates[f"{spec} ({arch.layers} layers, {arch.q_heads[0]} q / {arch.kv_heads[0]} KV heads, "

@@ -481,7 +481,7 @@ def test_no_probe_files_are_left_behind(tmp_path, tiny_model_dir):
     p = run_main("plan", str(tiny_model_dir), "--no-fit", "--json", str(tmp_path / "plan.json"))
     assert p.returncode == 0, p.stderr[-2000:]
     assert sorted(x.name for x in tmp_path.iterdir()) == ["plan.json", "tmpdir"]
-    assert json.loads((tmp_path / "plan.json").read_text())["rows"]
+    assert json.loads((tmp_path / "plan.json").read_text())["frontier"]
     assert not [x for x in os.listdir(tmp_path) if x.startswith(".")]
 
 
@@ -495,7 +495,7 @@ def test_plan_json_writes_through_links_and_devices_and_fails_loudly(tmp_path, t
     target.write_text("{}")
     link.symlink_to(target)
     assert main([*args, "--json", str(link)]) == 0
-    assert link.is_symlink() and json.loads(target.read_text())["rows"]
+    assert link.is_symlink() and json.loads(target.read_text())["frontier"]
     capsys.readouterr()
     rc = main([*args, "--json", "/dev/full"])
     err = " ".join(capsys.readouterr().err.split())

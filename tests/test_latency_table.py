@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from compressor.budget.fitting import arch_of
 from compressor.budget.latency_table import (
     DATASHEET_SOURCE,
     LatencyTable,
@@ -24,6 +23,7 @@ from compressor.budget.latency_table import (
     measure_table,
     table_key,
 )
+from compressor.budget.shapes import arch_of
 from compressor.errors import UserError
 from profiles import load_profile
 from profiles.costmodel import GIB, Arch, CostModel, weight_bytes
@@ -397,9 +397,9 @@ def test_an_exact_shape_is_measured_against_the_reference_and_cached(tiny_model_
     stored on the table's scale, cached, and not measured twice."""
     from dataclasses import replace
 
-    from compressor.budget.fitting import _write_random_model
     from compressor.budget.latency_table import EXACT, measure_exact
     from compressor.budget.planner import arch_at_ratio, shallower
+    from compressor.budget.shapes import write_random_model
 
     monkeypatch.setenv("FITPRUNE_CACHE_DIR", str(tmp_path))
     config = json.loads((tiny_model_dir / "config.json").read_text())
@@ -408,7 +408,7 @@ def test_an_exact_shape_is_measured_against_the_reference_and_cached(tiny_model_
     dense = Arch.from_config(config)
     cand = replace(arch_at_ratio(shallower(dense, 1), 0.25, "auto", 8), biased=True)
     # what is measured: the family's own config with its bias switches on
-    _write_random_model(config, cand, tiny_model_dir, "float32", tmp_path / "w")
+    write_random_model(config, cand, tiny_model_dir, "float32", tmp_path / "w")
     written = json.loads((tmp_path / "w" / "config.json").read_text())
     assert written["attention_bias"] and written["mlp_bias"] and written["num_hidden_layers"] == cand.layers
     said = []

@@ -437,7 +437,7 @@ def test_plan_command_prints_the_frontier_and_picks_a_mix(tmp_path):
     p = run_cli("plan", "--profile", "a10g-24gb", str(tmp_path / "m"), "--no-fit", "--json", str(tmp_path / "p.json"))
     assert p.returncode == 0, p.stderr[-2000:]
     assert "every lever for a10g-24gb" in p.stdout and "choice:" in p.stdout
-    plan = json.loads((tmp_path / "p.json").read_text())["levers"]
+    plan = json.loads((tmp_path / "p.json").read_text())
     assert plan["latency_source"].startswith("predicted from datasheet")
     assert {c["format"] for c in plan["frontier"]} >= {"none", "w8a8-int8"}
     assert plan["chosen"]["meets_budget"] and plan["chosen"]["levers"] in {c["levers"] for c in plan["frontier"]}
@@ -452,9 +452,9 @@ def test_levers_refuses_what_it_chooses_itself(tmp_path, tiny_model_dir):
 def _tiny_gpu_profile(tmp_path, tiny_model_dir, runtime: str = "torch"):
     """A GPU profile (not here: datasheet latency) whose TPOT the dense tiny model just misses; in
     vLLM its device has weight-format kernels."""
-    from compressor.budget.fitting import arch_of
     from compressor.budget.frontier import predict
     from compressor.budget.latency_table import datasheet_table
+    from compressor.budget.shapes import arch_of
     from compressor.model.loading import read_config
     from profiles.schema import Profile
 

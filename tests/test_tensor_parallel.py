@@ -171,6 +171,7 @@ def test_every_lever_candidate_splits_over_the_profile_s_devices(smollm2_dir, pr
         assert not widths_problems(list(c.arch.q_heads), list(c.arch.kv_heads), list(c.arch.intermediate), tp), c
     assert any(n.startswith(f"tensor parallel {tp}: ") for n in frontier.notes)
 
+
 @pytest.mark.integration  # reads the embedded SmolLM2's config
 @pytest.mark.parametrize("profile, tp", [("2xl4-48gb", 2), ("4xa10g-96gb", 4)])
 def test_the_plan_states_the_constraint_and_skips_an_unsplittable_dense_model(tmp_path, smollm2_dir, profile, tp):
@@ -181,9 +182,8 @@ def test_the_plan_states_the_constraint_and_skips_an_unsplittable_dense_model(tm
     assert f"tensor parallel {tp}: every layer keeps a multiple of {tp} query heads" in text
     assert "the dense model cannot be served with tensor parallel" in text
     plan = json.loads(out.read_text())
-    assert plan["tensor_parallel"] == tp and plan["chosen_ratio"] > 0
-    assert plan["rows"][0]["meets_budget"] is False
-    assert any("vLLM cannot split it" in v for v in plan["rows"][0]["violations"])
+    assert plan["tensor_parallel"] == tp and plan["chosen"]["decoder_removed"] > 0
+    assert all(c["decoder_removed"] > 0 for c in plan["frontier"])  # the dense model is no candidate
 
 
 def test_the_container_refuses_an_export_vllm_cannot_split(tmp_path):

@@ -275,8 +275,8 @@ class ExactCheck:
             self.table = base
 
     def __call__(self, c: Candidate) -> bool:
-        from .fitting import arch_of
         from .latency_table import exact_shape, measure_exact
+        from .shapes import arch_of
 
         if exact_shape(c.arch) is None:  # per-layer widths: the fit is all there is
             return c.ok
@@ -408,14 +408,16 @@ def least_width(dense: Arch, base: Arch, dropped: int, fmt: str, table, cost: Co
 
 
 def closest_miss(profile: Profile, arch: Arch, table, cost: CostModel, formats: list[str], attn_unit: str = "auto",
-                 round_to: int | None = None) -> str:
-    """The sentence for an infeasible budget: the most pruned candidate of the fastest format and what it misses."""
+                 round_to: int | None = None, max_dropped: int | None = None) -> str:
+    """The sentence for an infeasible budget: the most pruned candidate of the fastest format (at most
+    `max_dropped` layers dropped, default half) and what it misses."""
     rt = round_to or profile.round_to
+    dropped = arch.layers // 2 if max_dropped is None else max_dropped
     worst = None
     for fmt in formats:
         if format_problem(fmt, arch):
             continue
-        a = arch_at_ratio(shallower(arch, arch.layers // 2), GRID[-1], attn_unit, rt, tensor_parallel_size(profile))
+        a = arch_at_ratio(shallower(arch, dropped), GRID[-1], attn_unit, rt, tensor_parallel_size(profile))
         pred = predict(cost, table, a, fmt)
         v = cost.violations(pred)
         excess = max((x.excess for x in v), default=1.0)
@@ -423,8 +425,9 @@ def closest_miss(profile: Profile, arch: Arch, table, cost: CostModel, formats: 
             worst = (excess, fmt, v)
     if worst is None or not worst[2]:
         return f"The budget of profile '{profile.name}' is infeasible."
-    return (f"The budget of profile '{profile.name}' is infeasible: even with half the layers dropped, "
-            f"{GRID[-1]:.0%} of the rest removed by width and "
+    how = (f"with half the layers dropped, {GRID[-1]:.0%} of the rest removed by width" if dropped
+           else f"with {GRID[-1]:.0%} of the decoder removed by width")
+    return (f"The budget of profile '{profile.name}' is infeasible: even {how} and "
             + (f"{profile.dtype} weights" if worst[1] == "none" else f"{worst[1]} weights") + ", the predicted "
             + "; ".join(x.sentence() for x in worst[2]) + ".")
 
@@ -444,8 +447,8 @@ def latency_table_for(profile: Profile, config: dict, model_dir, formats: list[s
     device is this machine (cached per device, runtime, workload and model shape; `measure` False
     skips it, True insists), else the roofline from the datasheet, labelled so."""
     from .device import device_present, measurement_runtime
-    from .fitting import CalibrationFailed
     from .latency_table import datasheet_table, measure_table
+    from .shapes import CalibrationFailed
 
     notes: list[str] = []
     want = device_present(profile) if measure is None else measure
@@ -480,7 +483,7 @@ def lever_plan(profile: Profile, model: str | None, measure: bool | None = None,
     plan inside the latency reserve can be confirmed on its export (`confirm.py`), else none is offered."""
     from ..model.loading import read_config
     from ..prune import COMPENSATION
-    from .fitting import arch_of
+    from .shapes import arch_of
 
     config, model_dir = read_config(model)
     arch = arch_of(config)
@@ -502,5 +505,6 @@ def lever_plan(profile: Profile, model: str | None, measure: bool | None = None,
                       + headroom_notes(profile, frontier.marginal))
     frontier.checker = checker
     if not frontier.feasible:
-        frontier.notes.append(closest_miss(profile, arch, table, CostModel(profile), formats, attn_unit, round_to))
+        frontier.notes.append(closest_miss(profile, arch, table, CostModel(profile), formats, attn_unit, round_to,
+                                           max_dropped))
     return frontier, config

@@ -27,7 +27,7 @@ from profiles.costmodel import Arch, CostModel, weight_bytes
 
 from .. import tempdirs
 from ..errors import UserError
-from .fitting import CalibrationFailed, _first_line, _write_random_model, arch_of
+from .shapes import CalibrationFailed, _first_line, arch_of, write_random_model
 
 FORMATS_NONE = "none"  # the profile's dense dtype; other formats are exporters.quantize.SCHEMES keys
 TABLE_VERSION = 3  # 2: in turn with one reference engine kept loaded; 1: three points one after the other
@@ -446,7 +446,7 @@ def _write_point(name: str, fmt: str, config: dict, arch: Arch, model_dir: Path,
 
     what = _describe(name, fmt, arch)
     try:
-        _write_random_model(config, arch, model_dir, profile.dtype, path)
+        write_random_model(config, arch, model_dir, profile.dtype, path)
     except ValueError as exc:
         raise CalibrationFailed(f"The latency table cannot be measured: {what} cannot be written "
                                 f"({_first_line(exc)}).") from exc
@@ -683,7 +683,7 @@ def measure_table(profile: Profile, config: dict, model_dir: Path, runtime: str,
 def measure_exact(table: LatencyTable, profile: Profile, config: dict, model_dir: Path, candidates: list,
                   runs: int = 3, say=print) -> LatencyTable:
     """`table` (a measured one, cached) with an exact point for each (arch, format) of `candidates`
-    that has none yet: its shape with random weights (`_write_random_model`: uniform widths, its
+    that has none yet: its shape with random weights (`write_random_model`: uniform widths, its
     biases), measured against the reference as every point is and cached with the table. A candidate
     of the full architecture (the dense model, only its weight format changed) is the table's "full"
     point of that format, measured the same way with the table: that point is its exact point, not

@@ -1,7 +1,8 @@
-"""`compress plan`: predicted memory and latency per ratio on the profile's device, and the choice.
+"""`compress plan`: the lever frontier for a model on the profile's device (every lever, or width
+only), predicted from the model's config, and the choice with the command that executes it.
 
-Exit codes (also in docs/ci-gate.md): 0 a ratio meets every budget line; 2 bad input (one
-sentence); 3 the budget is infeasible at every ratio of the grid (the closest ratio is named).
+Exit codes (also in docs/ci-gate.md): 0 a plan meets every budget line; 2 bad input (one
+sentence); 3 the budget is infeasible (the closest plan and what it misses are named).
 """
 
 from __future__ import annotations
@@ -51,46 +52,31 @@ def _write_json(path: Path, data: dict) -> None:
             os.unlink(tmp)
 
 
-def plan_table(plan, title: str) -> Table:
-    t = Table(title=title)
-    for c in ("ratio", "decoder removed", "params", "memory GiB", "TTFT ms", "TPOT ms", "throughput tok/s", "budget"):
-        t.add_column(c, justify="right")
-    dense = plan.rows[0].arch.decoder_params
-    chosen = plan.chosen.ratio if plan.chosen else None
-    for row in plan.rows:
-        p = row.prediction
-        mark = "[bold green]chosen[/]" if row.ratio == chosen else (
-            "[green]ok[/]" if row.ok else "[red]" + ", ".join([v.line for v in row.violations]
-                                                              + (["tensor parallel"] if row.tp_problem else [])) + "[/]")
-        t.add_row(f"{row.ratio:.2f}", f"{1 - row.arch.decoder_params / dense:.1%}", f"{row.arch.total_params:,}",
-                  f"{p.memory.total_gib:.2f}", f"{p.ttft_s * 1e3:.1f}", f"{p.tpot_s * 1e3:.2f}",
-                  f"{p.throughput_tok_s:.1f}", mark)
-    return t
-
-
-@app.command("plan", help="Predict memory, TTFT, TPOT and throughput of MODEL pruned at ratios 0..0.7 on the "
-                          "profile's device, and choose the smallest ratio that meets every budget line. Reads the "
-                          "model's config only; where the profile's device is this machine, one measured dense run "
-                          "fits the cost model first. Exit 3 when the budget is infeasible.")
+@app.command("plan", help="Predict memory, TTFT, TPOT and throughput of MODEL under every lever (width, whole "
+                          "layers dropped, the weight formats the device has kernels for; --width-only: width alone) "
+                          "on the profile's device, print the frontier and the choice, and the command that executes "
+                          "it. Reads the model's config only; where the profile's device is this machine, the "
+                          "latency table is measured there first (cached). Exit 3 when the budget is infeasible.")
 def plan_cmd(
     model: str = typer.Argument(None, help="Local HF directory, hub id, .gguf file; default: the embedded "
                                            "SmolLM2-135M-Instruct."),
     profile: str = typer.Option("auto", "--profile", "-p", help="Profile name, path to a YAML profile, or auto (the "
                                 "profile of this host's GPUs, cpu-2core without a GPU)."),
-    calibrate: bool = typer.Option(None, "--fit/--no-fit", "--calibrate/--no-calibrate", help="Fit the cost model by measuring this machine first "
-                                   "(default: only when the profile's device is this machine)."),
+    calibrate: bool = typer.Option(None, "--fit/--no-fit", "--calibrate/--no-calibrate", help="Measure the latency "
+                                   "table on this machine first (default: only when the profile's device is this "
+                                   "machine; --no-fit: predicted from the datasheet)."),
     attn_unit: choice(*ATTN_UNITS) = typer.Option("auto", "--attn-unit", help="Attention pruning unit: kv, query or auto."),
     round_to: int = typer.Option(None, "--round-to", help="MLP width multiple (default: the profile's)."),
-    runs: int = typer.Option(3, help="Timed runs per cost-model fitting measurement (medians)."),
+    runs: int = typer.Option(3, help="Timed runs per latency-table measurement (medians)."),
     json_out: Path = typer.Option(None, "--json", help="Also write the plan as JSON to this file."),
     memory_gib: float = typer.Option(None, "--memory-gib", help="Memory per device in GiB, in place of the profile's."),
     ttft_ms: float = typer.Option(None, "--ttft-ms", help="Time-to-first-token line in ms, in place of the profile's."),
     tpot_ms: float = typer.Option(None, "--tpot-ms", help="Time-per-output-token line in ms, in place of the profile's."),
     throughput: float = typer.Option(None, "--throughput", help="Least output tokens/s, in place of the profile's."),
-    levers: bool = typer.Option(True, "--levers/--width-only", help="Also search every lever (width, whole "
-                                "layers dropped, the weight formats the device has kernels for) and print the "
-                                "frontier; the choice is the mix that removes the fewest weights (the main job "
-                                "chooses by measured KL) and, where the latency table was measured here, still "
+    levers: bool = typer.Option(True, "--levers/--width-only", help="Plan every lever (width, whole layers "
+                                "dropped, the weight formats the device has kernels for), or width alone in the "
+                                "profile's dtype; the choice is the plan that removes the fewest weights (the main "
+                                "job chooses by measured KL) and, where the latency table was measured here, still "
                                 "meets the budget measured at its exact shape."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Also show third-party progress bars and logs "
                                  "(vLLM, transformers), which are quiet by default."),
@@ -101,7 +87,8 @@ def plan_cmd(
 
     third_party_output(verbose)
 
-    from ..budget.planner import InfeasibleBudget, plan_for
+    from ..budget.frontier import lever_plan
+    from ..budget.planner import InfeasibleBudget
 
     if attn_unit not in ATTN_UNITS:
         raise UserError(f"Unknown --attn-unit '{attn_unit}' (use {', '.join(ATTN_UNITS)}).")
@@ -130,52 +117,47 @@ def plan_cmd(
         if isinstance(width, int) and round_to > width:
             raise UserError(f"--round-to {round_to} is wider than the model's MLP ({width} channels), so no MLP "
                             "channel could be removed; choose a multiple that divides it.")
-    plan, _ = plan_for(prof, model, calibrate_here=calibrate, attn_unit=attn_unit, round_to=round_to,
-                       runs=runs, say=lambda s: err.print(s, highlight=False))
-    out.print(plan_table(plan, f"plan for {prof.name} ({prof.device.name} x{prof.device.count}, {prof.runtime}, "
-                               f"{prof.dtype}); all figures predicted"))
-    out.print(f"efficiency: {plan.efficiency['source']} (bandwidth x{plan.efficiency['bandwidth']:.3g}, "
-              f"compute x{plan.efficiency['compute']:.3g}, decode overhead "
-              f"{plan.efficiency['step_overhead_ms']:.2f} ms + {plan.efficiency['layer_overhead_us']:.0f} us/layer)",
-              highlight=False)
-    for n in plan.notes:
+    frontier, _ = lever_plan(prof, model, measure=calibrate, attn_unit=attn_unit, round_to=round_to, runs=runs,
+                             formats=None if levers else ["none"], max_dropped=None if levers else 0,
+                             say=lambda s: err.print(s, highlight=False))
+    if not levers:
+        frontier.unscored = "width only: the least width that meets every budget line"
+    frontier.choose()
+    what = ("per weight format and number of layers dropped, the least width pruning" if levers
+            else "the least width pruning in the profile's dtype")
+    Console(width=max(out.width, 120)).print(frontier_table(
+        frontier, f"{'every lever' if levers else 'width only'} for {prof.name} ({prof.device.name} "
+                  f"x{prof.device.count}, {prof.runtime}, {prof.dtype}): {what} that meets every budget line"))
+    out.print(f"latency: {frontier.latency_source}", highlight=False)
+    for n in frontier.notes:
         out.print(f"note: {n}", highlight=False)
-    frontier = None
-    if levers:
-        from ..budget.frontier import lever_plan
-
-        frontier, _ = lever_plan(prof, model, measure=calibrate, attn_unit=attn_unit, round_to=round_to, runs=runs,
-                                 say=lambda s: err.print(s, highlight=False))
-        frontier.choose()
-        Console(width=max(out.width, 120)).print(frontier_table(frontier, f"every lever for {prof.name}: per weight format and number of layers "
-                                           "dropped, the least width pruning that meets every budget line"))
-        out.print(f"latency: {frontier.latency_source}", highlight=False)
-        for n in frontier.notes:
-            out.print(f"note: {n}", highlight=False)
-        for fmt, why in frontier.skipped_formats.items():
-            if not any(n.startswith(f"{fmt} not ") for n in frontier.notes):  # the table said it already
-                out.print(f"note: {why}, so {fmt} is not a lever for this model", highlight=False)
-    if json_out:
-        _write_json(json_out, {**plan.as_dict(), "levers": frontier.as_dict() if frontier else None})
+    for fmt, why in frontier.skipped_formats.items():
+        if not any(n.startswith(f"{fmt} not ") for n in frontier.notes):  # the table said it already
+            out.print(f"note: {why}, so {fmt} is not a lever for this model", highlight=False)
     import shlex
 
     budget = "".join(f" {o} {v:g}" for o, v in (("--memory-gib", memory_gib), ("--ttft-ms", ttft_ms),
                                                   ("--tpot-ms", tpot_ms), ("--throughput", throughput)) if v is not None)
     run = f"compress --profile {shlex.quote(str(profile if profile != 'auto' else prof.name))}" + (
         f" {shlex.quote(str(model))}" if model else "") + budget
-    if frontier is not None and frontier.chosen is not None:
-        out.print(f"[bold]choice[/]: {frontier.chosen.levers} ({frontier.rule}); width only: "
-                  + (f"ratio {plan.chosen.ratio:.2f}" if plan.feasible else "infeasible"), highlight=False)
-        out.print(f"[bold]run it[/]: {run}   (measures each candidate's KL on the weights, then "
-                  f"executes the best that meets the budget)", highlight=False, soft_wrap=True)
+    c = frontier.chosen
+    if c is not None and not levers and c.width:
+        run += f" --ratio {c.width:.2f}"
+    if json_out:
+        _write_json(json_out, {"feasible": c is not None, "tensor_parallel": prof.tensor_parallel,
+                               "plan": "every lever" if levers else "width only",
+                               "command": run if c is not None else None, **frontier.as_dict()})
+    if c is None:
+        raise InfeasibleBudget(frontier.notes[-1] if frontier.notes else
+                               f"The budget of profile '{prof.name}' is infeasible.")
+    if c.removed == 0 and c.fmt == "none":
+        out.print(f"[bold]choice[/]: {c.levers} (the dense model meets every budget line; nothing to prune)",
+                  highlight=False)
         return
-    if not plan.feasible:
-        raise InfeasibleBudget(plan.infeasible_sentence())
-    out.print(f"[bold]choice[/]: ratio {plan.chosen.ratio:.2f} "
-              + ("(the dense model meets every budget line)" if plan.chosen.ratio == 0 else
-                 "(the smallest ratio that meets every budget line)"))
-    if plan.chosen.ratio > 0:
-        out.print(f"[bold]run it[/]: {run} --ratio {plan.chosen.ratio:.2f}", highlight=False, soft_wrap=True)
+    out.print(f"[bold]choice[/]: {c.levers} ({frontier.rule})", highlight=False)
+    how = ("measures each candidate's KL on the weights, then executes the best that meets the budget" if levers
+           else "prunes that width")
+    out.print(f"[bold]run it[/]: {run}   ({how})", highlight=False, soft_wrap=True)
 
 
 def frontier_table(frontier, title: str) -> Table:

@@ -9,7 +9,7 @@ from pathlib import Path
 from profiles import Profile
 from profiles.costmodel import Arch
 
-from ..budget.planner import arch_of
+from ..budget.shapes import arch_of
 from ..model.loading import read_config
 from . import lm_eval
 from .latency import latency

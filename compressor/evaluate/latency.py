@@ -75,17 +75,12 @@ def choose_runtime(profile: Profile, requested: str | None, say=print) -> tuple[
 
 def latency(export_dir: Path, profile: Profile, plan, dense_arch: Arch, pruned_arch: Arch, dense_dir: Path | None,
             say=print, runtime: str | None = None) -> dict:
-    """Measure the export (and the dense model unless the plan's calibration measured its
-    architecture already) in the profile's runtime (or `runtime`; torch, labelled a proxy, where
-    the profile's is missing or fails); and predict both for the profile's device."""
+    """Measure the export and the dense model in the profile's runtime (or `runtime`; torch,
+    labelled a proxy, where the profile's is missing or fails); and predict both for the profile's
+    device (the pruned one as the plan predicted it, where there is a plan)."""
     runtime, note = choose_runtime(profile, runtime, say)
     on_device = device_present(profile)
     cost = CostModel(profile)
-    if plan is not None and plan.cost_fit:
-        from profiles import Efficiency
-
-        cost = cost.with_efficiency(Efficiency.model_construct(**{k: v for k, v in plan.efficiency.items()
-                                                                  if k != "source"}), plan.efficiency["source"])
     target = f"{profile.device.name} x{profile.device.count} ({profile.name}, {profile.runtime})"
     res = {"runtime": runtime, "runtime_note": note, "on_profile_device": on_device,
            "profile_device": profile.device.name, "profile_runtime": profile.runtime,
@@ -110,12 +105,7 @@ def latency(export_dir: Path, profile: Profile, plan, dense_arch: Arch, pruned_a
         say(f"[yellow]warning:[/] {res['runtime_note']}; the verdict will be 'not verified'")
         runtime = res["runtime"] = "torch"
         res["measured"]["pruned"] = measure(export_dir, profile, runtime)
-    if plan is not None and plan.cost_fit and plan.cost_fit["runtime"] == runtime:
-        dense = dict(plan.cost_fit["measured"]["dense"], kind="measured", throughput_tok_s=None,
-                     what="the dense architecture with random weights, measured at batch 1 when the cost model "
-                          "was fitted")
-        res["measured"]["dense"] = dense
-    elif dense_dir is not None:
+    if dense_dir is not None:
         try:
             res["measured"]["dense"] = measure(dense_dir, profile, runtime)
         except Exception as exc:  # the dense checkpoint in this runtime is a comparison, not the product

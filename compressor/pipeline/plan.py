@@ -1,10 +1,12 @@
 """Planning a run: how much to prune, how, and in which weight format, before any weight changes.
 
-One strategy per way of asking (`plan_run`): `--ratio R` (width pruning of R), the width-only
-planner (`--width-only`), `--quantize F` alone (every weight kept), and by default every lever (width
-x dropped layers x weight format against every budget line). In memory the lever plan ranks its
-candidates by their measured KL to the dense model (`prune/planned.py`) and prunes with that state;
-out of core it keeps to width x format, ranked by the weights removed. Each returns a `RunPlan`."""
+One strategy per way of asking (`plan_run`): `--ratio R` (width pruning of R), `--quantize F` alone
+(every weight kept), and otherwise the lever frontier (`budget/frontier.py`, one latency model):
+by default every lever (width x dropped layers x weight format against every budget line), with
+`--width-only` (or a method option) restricted to width in the profile's dtype. In memory the lever
+plan ranks its candidates by their measured KL to the dense model (`prune/planned.py`) and prunes
+with that state; out of core it keeps to width x format, ranked by the weights removed. Each
+returns a `RunPlan`."""
 
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ class RunPlan:
     spec: PruneSpec
     cfg: RunConfig
     out: Path
-    record: object | None = None
+    record: object | None = None  # a `LeverPlan`, a `QuantizeOnly`, or None for --ratio
     execute: Callable[[], PruneResult] | None = None
     precision: str | None = None
 
@@ -54,29 +56,39 @@ def plan_run(cfg: RunConfig, profile, round_to: int, weights, stages: Stages, sa
             record, spec = _levers_out_of_core(cfg, profile, round_to, tp, stages, say)
         cfg = cfg.model_copy(update={"quantize": record.frontier.chosen.fmt})
     else:
-        record, ratio = choose_ratio(cfg, profile, round_to, stages, say)
+        record, ratio = _width_ratio(cfg, profile, round_to, stages, say)
         spec = quantizable(cfg, weights.auto_structure(cfg, prune_spec(cfg, ratio, round_to, tp), say), say)
     out = output_dir(cfg, spec, name=cfg.quantize if spec.ratio == 0 else None)
     announce(cfg, profile, spec, record, out, say)
     return RunPlan(spec, cfg, out, record, execute, serving_precision(profile))
 
 
-def choose_ratio(cfg: RunConfig, profile, round_to: int, stages: Stages, say):
-    """--ratio, or the width-only planner's choice for the profile -> (the plan or None, ratio)."""
+def _width_ratio(cfg: RunConfig, profile, round_to: int, stages: Stages, say):
+    """--ratio, or the lever frontier restricted to width (the profile's dtype, no layer dropped):
+    the least width that meets every budget line -> (the `LeverPlan` or None, ratio)."""
     if cfg.ratio is not None:
         return None, cfg.ratio
-    from ..budget.planner import plan_for_run
+    from ..budget.frontier import lever_plan
+    from ..budget.planner import InfeasibleBudget
 
     with stages.timed("plan"):
-        plan = plan_for_run(profile, cfg.model, cfg.attn_unit, round_to, say=say)
-    return plan, plan.ratio
+        frontier, _ = lever_plan(profile, cfg.model, attn_unit=cfg.attn_unit, round_to=round_to, say=say,
+                                 formats=["none"], compensation=cfg.compensation, max_dropped=0, confirmable=False)
+        lever_notes_and_refusals(frontier, profile, say)
+        frontier.unscored = "width only: the least width that meets every budget line"
+        chosen = frontier.choose()
+        if chosen is None:  # the least widths missed the budget at their exact shapes
+            raise InfeasibleBudget(frontier.notes[-1] + " Pass --ratio to prune anyway.")
+    pred = chosen.prediction
+    say(f"plan: ratio {chosen.width:.2f} is the least width that meets every budget line of '{profile.name}' "
+        f"(predicted TPOT {pred.tpot_s * 1e3:.2f} ms, TTFT {pred.ttft_s * 1e3:.1f} ms; latency "
+        f"{frontier.latency_source})")
+    return LeverPlan(frontier, "width only"), chosen.width
 
 
 class QuantizeOnly:
-    """The plan of a quantize-only run where the report and the checks expect one: no fitted cost
-    model, so the checks measure the dense model themselves."""
+    """The plan of a quantize-only run where the report and the checks expect one: nothing predicted."""
 
-    cost_fit = None
     prediction = None
 
     def __init__(self, fmt: str):
@@ -252,10 +264,8 @@ def lever_notes_and_refusals(frontier, profile, say) -> None:
 
 
 class LeverPlan:
-    """The lever frontier where the report and the checks expect a plan: it has no fitted cost model
-    (`cost_fit`), so the checks measure the dense model themselves. `source`: how the run came to it."""
-
-    cost_fit = None
+    """The lever frontier where the report and the checks expect a plan: the checks compare the
+    measured export with its choice's `prediction`. `source`: how the run came to it."""
 
     def __init__(self, frontier, source: str = "--levers"):
         self.frontier, self.source = frontier, source
@@ -276,7 +286,6 @@ def announce(cfg: RunConfig, profile, spec: PruneSpec, plan, out: Path, say) -> 
         + (f" and split for tensor parallel {spec.tensor_parallel}" if spec.tensor_parallel > 1 else "")
         + f", calibration {cfg.nsamples} x {cfg.seqlen} "
         f"tokens from '{cfg.calib}' on {cfg.device}, output {out}"
-        + (" (ratio from --ratio)" if plan is None else f" (the lever plan: {plan.frontier.chosen.levers})"
-           if isinstance(plan, LeverPlan) else f" (ratio from the plan: {plan.efficiency['source']})"))
+        + (" (ratio from --ratio)" if plan is None else f" (the plan, {plan.source}: {plan.frontier.chosen.levers})"))
 
 

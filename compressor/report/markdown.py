@@ -40,7 +40,8 @@ def _verdict(b: dict) -> str:
 def _lever_plan(plan: dict) -> list[str]:
     """The lever frontier: per (format, layers dropped) the least width that meets the budget."""
     chosen, missed = plan.get("chosen") or {}, plan.get("missed_on_export") or {}
-    lines = ["## Plan (every lever)", "", f"Latency: {plan['latency_source']}. Quality: KL to the dense model on "
+    lines = [f"## Plan ({plan.get('ratio_source') or 'every lever'})", "",
+             f"Latency: {plan['latency_source']}. Quality: KL to the dense model on "
              f"{plan.get('kl_on', 'validation text')}. Choice: {plan.get('rule') or 'none'}.", "",
              "| levers | decoder removed | memory GiB | TTFT | TPOT | latency from | KL | |",
              "|---|---|---|---|---|---|---|---|"]
@@ -60,9 +61,7 @@ def markdown(report: Report | dict) -> str:
     lines = [f"# fitprune report: {Path(str(r['model'])).name} for profile `{r['profile']}`", ""]
     m, p = r["method"], r["params"]
     plan = r.get("plan") or {}
-    if plan.get("rows"):
-        how = f"chosen by the planner ({'feasible' if plan['feasible'] else 'infeasible budget, closest ratio'})"
-    elif plan.get("frontier") is not None and plan.get("chosen"):
+    if plan.get("frontier") is not None and plan.get("chosen"):
         how = f"chosen by the lever plan: {plan['chosen']['levers']} ({plan['rule']})"
     else:
         how = "given with --ratio"
@@ -155,19 +154,6 @@ def markdown(report: Report | dict) -> str:
                   f"in {rec['seconds']:.0f} s, peak RSS {rec['peak_rss_mib']:.0f} MiB; KL to the dense model "
                   f"{rec['loss_first']:.4f} -> {rec['loss_last']:.4f}. Before recovery: held-out perplexity "
                   f"{b['heldout_perplexity']:.3f}{cross}; the pruned figures above are after it.", ""]
-    if plan.get("rows"):
-        lines += ["## Plan (predicted for the profile's device)", "",
-                  f"Efficiency: {plan['efficiency']['source']}.", "",
-                  "| ratio | params | memory GiB | TTFT | TPOT | throughput | meets budget |",
-                  "|---|---|---|---|---|---|---|"]
-        for row in plan["rows"]:
-            mark = " (chosen)" if row["ratio"] == plan.get("chosen_ratio") else ""
-            lines.append(f"| {row['ratio']:.2f}{mark} | {row['params']:,} | {row['memory']['total_gib']:.2f} | "
-                         f"{_ms(row['ttft_s'])} | {_ms(row['tpot_s'])} | {_tok(row['throughput_tok_s'])} | "
-                         f"{'yes' if row['meets_budget'] else 'no'} |")
-        for n in plan.get("notes", []):
-            lines.append(f"\nNote: {n}.")
-        lines.append("")
     if plan.get("frontier") is not None:
         lines += _lever_plan(plan)
     if r.get("plot"):

@@ -42,16 +42,7 @@ def plot(report: Report | dict, path: Path) -> None:
     ax_q.set_title("quality against ratio")
     ax_q.set_xlim(-0.02, max(0.72, ratio + 0.02))
 
-    plan = r.get("plan") or {}
     lat = r.get("latency") or {}
-    if plan.get("rows"):
-        xs = [row["ratio"] for row in plan["rows"]]
-        ax_l.plot(xs, [row["tpot_s"] * 1e3 for row in plan["rows"]], "--", color="C2",
-                  label=f"TPOT predicted ({r['profile']})")
-        ax_l.plot(xs, [row["ttft_s"] * 1e3 for row in plan["rows"]], "--", color="C3",
-                  label=f"TTFT predicted ({r['profile']})")
-        if plan.get("chosen_ratio") is not None:
-            ax_l.axvline(plan["chosen_ratio"], color="grey", lw=0.8, label="planned ratio")
     meas = lat.get("measured") or {}
     pts = [(0.0, meas.get("dense")), (ratio, meas.get("pruned"))]
     pts = [(x, f) for x, f in pts if f]

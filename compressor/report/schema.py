@@ -133,18 +133,20 @@ class Host(Section):
 
 
 class PlanSection(Section):
-    """How the run came to its width and format: the width-only planner's table, the lever frontier,
-    or the option that fixed them (`ratio_source`); every figure in it predicted."""
+    """How the run came to its width and format: the lever frontier (every lever, or width only), or
+    the option that fixed them (`ratio_source`); every figure in it predicted."""
 
     ratio_source: str = ""
     predicted: bool | None = None
     chosen: dict | None = None  # the lever frontier's choice
     frontier: list[dict] | None = None  # every lever candidate priced (and its KL where measured)
     rule: str | None = None  # how the lever plan chose
-    rows: list[dict] | None = None  # the width-only planner's ratio grid
-    chosen_ratio: float | None = None
     notes: list[str] = Field(default_factory=list)
-    cost_fit: dict | None = None  # the cost model fitted on this device (width-only planner)
+    # reports of the former width-only planner (fitprune.report/5 and before): its ratio grid, choice
+    # and the cost model it fitted on the device
+    rows: list[dict] | None = None
+    chosen_ratio: float | None = None
+    cost_fit: dict | None = None
 
 
 class Latency(Section):
