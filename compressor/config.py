@@ -58,6 +58,9 @@ class RunConfig(BaseModel):
     seed: int = 0
     out: Path | None = None
     export_dtype: str = "auto"
+    # the weights' dtype in memory and in the layer-wise passes (auto: the checkpoint's own; statistics
+    # accumulate in float64 either way)
+    dtype: str = "auto"
     threads: int | None = None
     trust_remote_code: bool = False
     search: bool = False
@@ -76,7 +79,7 @@ class RunConfig(BaseModel):
     # measure latency in this runtime instead of the profile's (a labelled proxy unless it is the profile's)
     runtime: str | None = None
     # weights stay in the checkpoint and one layer at a time is in memory (auto: when the model in
-    # float32 would not fit in half of the free memory); see compressor/pipeline/streamed.py
+    # `dtype` would not fit in half of the free memory); see compressor/pipeline/streamed.py
     out_of_core: str = "auto"
     # after pruning, distil from the dense model for this many training tokens (compressor/recover); 0: off
     recover_tokens: int = 0
@@ -124,6 +127,11 @@ class RunConfig(BaseModel):
     @classmethod
     def _export_dtype(cls, v: str) -> str:
         return _one_of(v, EXPORT_DTYPES, "--export-dtype")
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, v: str) -> str:
+        return _one_of(v, EXPORT_DTYPES, "--dtype")
 
     @field_validator("lm_eval_backend")
     @classmethod

@@ -367,3 +367,30 @@ def test_smollm2_out_of_core_gives_the_in_memory_weights(tmp_path, smollm2_dir, 
     worst = max(float((got[k] - ref[k]).abs().max()) for k in ref)
     print(f"{structure}: max abs diff {worst:.3g} over {len(ref)} tensors")
     assert worst <= 1e-6
+
+
+def test_both_paths_hold_the_checkpoint_s_dtype_unless_dtype_says_otherwise(tmp_path, tiny_model_dir, capsys):
+    """A bfloat16 checkpoint is pruned in bfloat16 in memory and out of core alike (the weights are
+    never widened to float32 unless --dtype asks), and exported in it; --dtype float32 widens them."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from compressor.cli import main
+
+    ckpt = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).save_pretrained(ckpt)
+    for f in tiny_model_dir.glob("tokenizer*"):
+        shutil.copy(f, ckpt / f.name)
+    base = [str(ckpt), "--ratio", "0.3", "--nsamples", "4", "--seqlen", "32", "--round-to", "8", "--no-checks",
+            "--domain-windows", "0"]
+    for extra, want in (([], "bfloat16"), (["--out-of-core", "on"], "bfloat16"), (["--dtype", "float32"], "float32"),
+                        (["--out-of-core", "on", "--dtype", "float32"], "float32")):
+        out = tmp_path / f"o{len(list(tmp_path.iterdir()))}"
+        assert main([*base, *extra, "--out", str(out)]) == 0
+        r = json.loads((out / "report.json").read_text())
+        assert r["method"]["dtype"] == want and r["export"]["dtype"] == want, (extra, r["method"], r["export"])
+        assert {t.dtype for f in out.glob("*.safetensors") for t in load_file(f).values()} == {getattr(torch, want)}
+    err = " ".join(capsys.readouterr().err.split())
+    assert "in memory: the weights in bfloat16 (the checkpoint's dtype)" in err
+    assert "computed in bfloat16" in err and "computed in float32" in err

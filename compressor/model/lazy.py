@@ -16,11 +16,9 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from .safetensors_files import header, weight_files
+from .safetensors_files import _ST_DTYPES, checkpoint_dtype, header, weight_files
 from .validate import _finite
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 _ALL_DTYPES = {**_ST_DTYPES, "F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
                "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
@@ -37,15 +35,6 @@ def _read(f, base: int, entry: dict, file: Path) -> torch.Tensor:
     if f.readinto(buf.numpy()) != end - start:
         raise UserError(f"The safetensors file {file} is truncated.")
     return buf.view(dtype).reshape(entry["shape"])
-
-
-def checkpoint_dtype(path: Path, config) -> torch.dtype:
-    """The dtype the checkpoint's weights are stored in (config first, else the first tensor's)."""
-    name = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "").replace("torch.", "")
-    if name in _DTYPES:
-        return _DTYPES[name]
-    table, _ = header(path / next(iter(weight_files(path).values())))
-    return next((_ST_DTYPES[t["dtype"]] for t in table.values() if t["dtype"] in _ST_DTYPES), torch.float32)
 
 
 def checkpoint_bytes(path: Path) -> int:

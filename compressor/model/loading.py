@@ -132,6 +132,23 @@ def resolve(model: str | None) -> str:
     return model
 
 
+def stored_dtype(model: str | None) -> torch.dtype | None:
+    """The dtype a model's weights are stored in: the config's, else the first safetensors tensor's;
+    float32 for a .gguf file (dequantized on load) and the embedded default (cached in float32);
+    None for a hub id (known once downloaded)."""
+    name = resolve(model)
+    path = Path(os.path.expanduser(name))
+    if name.endswith(".gguf"):
+        return torch.float32
+    if not path.is_dir():
+        return None
+    if not any(path.glob("*.safetensors")) and not (path / "model.safetensors.index.json").is_file():
+        return None  # no weights to read it from (`load` says why not)
+    from .safetensors_files import checkpoint_dtype
+
+    return checkpoint_dtype(path, read_config_file(path) if (path / "config.json").is_file() else {})
+
+
 def _is_hub_id(name: str) -> bool:
     parts = name.split("/")
     return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~")) and not os.path.exists(name)
@@ -142,12 +159,13 @@ def _register_fitprune() -> None:
     from . import hf_arch  # noqa: F401  (registers the config and model class on import)
 
 
-def load(model: str | None, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
+def load(model: str | None, dtype: torch.dtype | str = torch.float32, trust_remote_code: bool = False,
          tokenizer_required: bool = True) -> LoadedModel:
     """The one model loader: a local Hugging Face directory (an export in fitprune's per-layer
     format included), a hub id, a .gguf file, or None for the embedded default. The model lands on
-    the CPU in `dtype` (the layer-wise engine moves layers itself). Without `tokenizer_required` a
-    directory without a tokenizer loads with `tokenizer=None`."""
+    the CPU in `dtype` ("auto": the checkpoint's own, `stored_dtype`; the layer-wise engine moves
+    layers itself). Without `tokenizer_required` a directory without a tokenizer loads with
+    `tokenizer=None`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = model or DEFAULT_MODEL
@@ -156,7 +174,7 @@ def load(model: str | None, dtype: torch.dtype = torch.float32, trust_remote_cod
     if name.endswith(".gguf"):
         if not path.is_file():
             raise UserError(f"The GGUF file {name} does not exist.")
-        m, tok = _load_gguf(path, dtype)
+        m, tok = _load_gguf(path, torch.float32 if dtype == "auto" else dtype)
         check_finite(m, str(path))
         return LoadedModel(m, tok, source)
     _register_fitprune()
@@ -165,6 +183,8 @@ def load(model: str | None, dtype: torch.dtype = torch.float32, trust_remote_cod
         _refuse_pickle_only(path)
         check_checkpoint(path, trust_remote_code)
         ref = str(path)
+        if dtype == "auto":
+            dtype = stored_dtype(name) or "auto"
     elif _is_hub_id(name):
         ref = name
     else:

@@ -1,12 +1,14 @@
 """Reading a checkpoint's safetensors files without loading them: which file holds each tensor
 (the shard index or the files' own headers) and a file's tensor table. Used by the up-front
-checkpoint check (validate.py) and the out-of-core model (lazy.py)."""
+checkpoint check (validate.py) and the out-of-core model (lazy.py), and the dtype the weights are stored in."""
 
 from __future__ import annotations
 
 import json
 import math
 from pathlib import Path, PurePosixPath
+
+import torch
 
 from ..errors import UserError
 
@@ -108,3 +110,18 @@ def _bad_entry(t) -> str | None:
     if offsets[1] - offsets[0] != need:
         return f"has {offsets[1] - offsets[0]} bytes of data where its dtype and shape need {need}"
     return None
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def checkpoint_dtype(path: Path, config) -> torch.dtype:
+    """The dtype the checkpoint's weights are stored in: the config's (an object or a dict), else the
+    first tensor's."""
+    get = config.get if isinstance(config, dict) else lambda key: getattr(config, key, None)
+    name = str(get("dtype") or get("torch_dtype") or "").replace("torch.", "")
+    if name in _DTYPES:
+        return _DTYPES[name]
+    table, _ = header(path / next(iter(weight_files(path).values())))
+    return next((_ST_DTYPES[t["dtype"]] for t in table.values() if t["dtype"] in _ST_DTYPES), torch.float32)

@@ -31,7 +31,8 @@ def prepare(cfg: RunConfig, stages: Stages | None = None) -> Prepared:
     """Load the model (stage "load") and its calibration and held-out text (stage "data")."""
     stages = stages or Stages()
     with stages.timed("load"):
-        loaded = load(cfg.model, trust_remote_code=cfg.trust_remote_code)
+        loaded = load(cfg.model, cfg.dtype if cfg.dtype == "auto" else getattr(torch, cfg.dtype),
+                      trust_remote_code=cfg.trust_remote_code)
         adapter = adapter_for(loaded.model)
         cfg.check_model(loaded.model.config)
     with stages.timed("data"):
@@ -62,7 +63,10 @@ class Resident:
 
     @classmethod
     def open(cls, cfg: RunConfig, stages: Stages, console) -> Resident:
-        return cls(cfg, prepare(cfg, stages), stages, console)
+        weights = cls(cfg, prepare(cfg, stages), stages, console)
+        dtype = str(weights.model.dtype).replace("torch.", "")
+        weights.say(f"in memory: the weights in {dtype}" + (" (the checkpoint's dtype)" if cfg.dtype == "auto" else ""))
+        return weights
 
     def auto_structure(self, cfg: RunConfig, spec, say):
         return auto_structure(cfg, spec, self.before["total"], say)

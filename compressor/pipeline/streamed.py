@@ -28,7 +28,7 @@ from ..memory import available_bytes
 from ..model import adapter_for
 from ..model.adapters import Widths
 from ..model.lazy import LazyModel, checkpoint_bytes
-from ..model.loading import LoadedModel, resolve
+from ..model.loading import LoadedModel, resolve, stored_dtype
 from ..output import Interrupted, _disk_full
 from ..prune import COMPENSATION
 from ..prune.driver import LayerSink, PruneResult, copy_out_of_core, gram_bytes, prune, refit_bytes
@@ -67,14 +67,16 @@ def choose(cfg: RunConfig, say) -> bool:
         return True
     if not local or cfg.search or cfg.calib == "self":
         return False
-    need = 4 * checkpoint_params(path)
+    dtype = (stored_dtype(str(path)) or torch.float32) if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
+    need = dtype.itemsize * checkpoint_params(path)
     free = available_bytes()
     if need > free // 2:
+        name = str(dtype).replace("torch.", "")
         if cfg.structure == "depth":
             raise UserError(f"--structure {cfg.structure} needs the whole model in memory, and the model in "
-                            f"float32 ({need / 2**30:.1f} GiB) does not fit in half of the free memory "
+                            f"{name} ({need / 2**30:.1f} GiB) does not fit in half of the free memory "
                             f"({free / 2**30:.1f} GiB).")
-        say(f"out of core: the model in float32 ({need / 2**30:.1f} GiB) does not fit in half of the free memory "
+        say(f"out of core: the model in {name} ({need / 2**30:.1f} GiB) does not fit in half of the free memory "
             f"({free / 2**30:.1f} GiB); one layer at a time stays in memory")
         return True
     return False
@@ -193,7 +195,8 @@ def prepare_lazy(cfg: RunConfig, stages):
 
     with stages.timed("load"):
         path = Path(resolve(cfg.model)).expanduser()
-        lazy = LazyModel(path, trust_remote_code=cfg.trust_remote_code)
+        lazy = LazyModel(path, None if cfg.dtype == "auto" else getattr(torch, cfg.dtype),
+                         trust_remote_code=cfg.trust_remote_code)
         try:
             tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
         except (OSError, ValueError) as exc:

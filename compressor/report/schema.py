@@ -43,6 +43,7 @@ class Method(Section):
     seed: int
     passes: int
     search: dict | None = None
+    dtype: str = ""  # the weights' dtype while pruning (--dtype; "" in reports before it was recorded)
 
 
 class Params(Section):
