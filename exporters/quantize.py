@@ -118,11 +118,8 @@ def quantize_export(folder: Path, scheme: str) -> dict:
 
     Always one decoder layer in memory at a time (`quantize_stream`): it writes the tensors the model
     in memory gives (`quantize_in_memory`: tensor for tensor, config.json equal) in about the same
-    time and a layer's memory instead of the model's, so out-of-core runs quantize too. Measured here
-    (benchmarks/quantize_memory.py): SmolLM2-135M W8A8 1.1 s vs 1.0 s in memory, peak RSS +180 vs
-    +660 MiB over the interpreter's; 8 layers of Llama-3.1-8B (5.6 GB bf16) W8A8 29-31 s either way,
-    +1.0 GiB vs +7.0 GiB, and under a 2 GiB memory limit only the streamed one finishes; W4A16
-    30 s vs 20-27 s (the same compute: the difference is in writing the files, which varies here)."""
+    time and a layer's memory instead of the model's, so out-of-core runs quantize too
+    (docs/benchmarks.md, "Quantizing one decoder layer at a time")."""
     from .quantize_stream import quantize_streaming
 
     def prepare(model) -> None:  # the skeleton on the meta device: refused first, as in memory

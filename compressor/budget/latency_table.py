@@ -221,9 +221,8 @@ class LatencyTable:
     def _on_fit_scale(self, p: TablePoint) -> tuple[float, float]:
         """An exact point's (TTFT, TPOT) on the fit's scale: its ratio to the reference times the
         fit's prediction for the reference. Stored, it is its ratio times the reference's own
-        measurement, which the fit does not pass through (SmolLM2 here: 18.36 ms measured, 17.04 ms
-        fitted); the anchor and every other shape are priced from the fit, so an exact point left
-        on the other scale read 8% slow against them."""
+        measurement, which the fit does not pass through; the anchor and every other shape are
+        priced from the fit, so an exact point left on the other scale would read slow against them."""
         ref = next((q for q in self.points if (q.name, q.format) == REFERENCE), None)
         if ref is None or FORMATS_NONE not in self._fits:
             return p.ttft_s, p.tpot_s

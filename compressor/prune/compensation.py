@@ -39,10 +39,9 @@ class Compensation:
     def __call__(self, adapter: Adapter, layer: nn.Module, keep: LayerKeep, stats: LayerStats) -> Fix:
         """The fix for `layer` cut to `keep`. A half that keeps every unit is left as it is (no re-fit,
         no bias) unless the method repairs the upstream error too (`needs_reference`): there is
-        nothing to compensate, and a bias there is not free. Stock Llama holds one only with every
-        projection's bias switched on, and vLLM CPU's int8 W8A8 kernel is slower with them: a
-        depth-only W8A8 plan exported with lsq+bias's (near-zero) biases on its full layers measured 0.80x
-        of dense twice, where its shape without them measured 0.69-0.74x."""
+        nothing to compensate, and a bias there is not free: stock Llama holds one only with every
+        projection's bias switched on, and vLLM CPU's int8 W8A8 kernel is slower with them
+        (docs/benchmarks.md, "Every lever against single levers")."""
         fix = self.fn(adapter, layer, keep, stats)
         if self.needs_reference:
             return fix

@@ -60,12 +60,8 @@ HALVES = {"attn": ("input_layernorm", "self_attn"), "mlp": ("post_attention_laye
 @dataclass(frozen=True)
 class SearchSettings:
     """How hard the search looks. A generation scores `offspring` x `first_windows` + `survivors` x
-    (`windows` - `first_windows`) windows (7,168 tokens by default, less the layers before each child's
-    first change): about 20-30 s of one CPU core for SmolLM2-135M. 30 generations: on SmolLM2 at 20%
-    (32 x 512 calibration tokens) 12 generations took KL 0.273 -> 0.237 and cross-domain perplexity
-    20.61 -> 19.92 (237 s on a loaded host), 30 took KL -> 0.219 and 19.56 (512 s), the first to bring the
-    increase over dense under half of FLAP + bias's (`benchmarks/quality.py --methods searched
-    --generations N`)."""
+    (`windows` - `first_windows`) windows (less the layers before each child's first change). What
+    the number of generations buys: docs/benchmarks.md, "Quality across domains"."""
 
     generations: int = 30
     offspring: int = 8  # children per generation, scored on the first `first_windows` windows

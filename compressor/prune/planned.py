@@ -15,17 +15,13 @@ A candidate is (width, dropped layers, weight format). On the model in memory:
   shape will be measured (`budget.frontier.ExactCheck`), the one place the difference shows;
 - the format: the candidate's weights and activations quantized and dequantized by
   compressed-tensors itself (the scheme `exporters.quantize` exports, round-to-nearest scales)
-  on a copy of the candidate model, so the KL includes what quantizing a pruned model costs
-  (on SmolLM2 W8A8 added +3% perplexity to the dense model and +15% to a 20%-pruned one).
+  on a copy of the candidate model, so the KL includes what quantizing a pruned model costs.
 
 Quality = KL(dense || candidate) of the next-token distributions, as the allocation search
 measures it, on text the dense model samples itself (`kl_text`, the default; seeded, from its BOS
-token). Why not the validation windows: they are the calibration text's domain, and width pruning
-re-fits its kept weights on that domain, so there its KL flatters width against depth. Measured on
-SmolLM2 (`benchmarks/levers.py`'s plans): validation KL ranked "drop 8 layers + width -30% + W8A8"
-(1.68) above "drop 12 layers" (2.00), whose cross-domain perplexity was better (123 against 175);
-KL on the model's own text ranked them 1.64 against 2.08, as the four other domains do, and kept
-the order of the 0.9x plans (0.66 / 0.80 / 2.64 for cross-domain 37 / 42 / 236).
+token), not on the validation windows: those are the calibration text's domain, where width
+pruning's re-fit flatters width against depth (the measurement: docs/benchmarks.md, "Every lever
+against single levers").
 """
 
 from __future__ import annotations
