@@ -55,6 +55,23 @@ def test_distillation_brings_the_pruned_model_towards_the_dense_one_on_unseen_te
     assert after < 0.9 * before, (before, after)  # measured 0.062 -> 0.048
 
 
+def test_a_bfloat16_student_trains_in_float32_and_comes_back_in_bfloat16():
+    """A checkpoint held in bfloat16 (--dtype auto) recovers like a float32 one: its parameters train
+    in float32 and are handed back in bfloat16, moved towards the teacher."""
+    teacher, student, _ = _pruned_pair()
+    student.to(torch.bfloat16)
+    gen = torch.Generator().manual_seed(1)
+    train = teacher_targets(teacher, torch.randint(0, 128, (16, 32), generator=gen), k=16)
+    buffers = {n: b.dtype for n, b in student.named_buffers()}
+    before = _kl(student, train)
+    start = {n: p.clone() for n, p in student.named_parameters()}
+    distill(student, train, tokens=16 * 31 * 6, lr=1e-4, batch_size=4)
+    assert {p.dtype for p in student.parameters()} == {torch.bfloat16}
+    assert {n: b.dtype for n, b in student.named_buffers()} == buffers
+    assert any(not torch.equal(p, start[n]) for n, p in student.named_parameters())
+    assert _kl(student, train) < 0.9 * before
+
+
 def test_lora_recovery_is_merged_back_into_the_pruned_shapes():
     teacher, student, adapter = _pruned_pair()
     shapes = {n: p.shape for n, p in student.named_parameters()}

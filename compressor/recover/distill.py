@@ -11,8 +11,9 @@ Contract:
 - `distill` trains the student in place to minimise KL(teacher || student) over the teacher's
   top-k tokens plus one bucket for the rest of the vocabulary, with AdamW, a linear warm-up and a
   cosine decay, for `tokens` training tokens (the windows repeat when the budget exceeds them).
-  All parameters train, or, with `lora_rank`, low-rank adapters on every decoder Linear that are
-  merged back before it returns, so the exported architecture is the pruned one.
+  All parameters train (in float32, the model returned in its own dtype), or, with `lora_rank`,
+  low-rank adapters (float32) on every decoder Linear that are merged back before it returns, so
+  the exported architecture is the pruned one.
 - Data parallel: where `torch.distributed` is initialised (torchrun) with several processes, each
   takes its share of every global batch of `batch_size` windows and torch's DistributedDataParallel
   averages the gradients, so N processes take the steps one process would (`recover/command.py`).
@@ -134,6 +135,12 @@ def merge_lora(decoder_layers) -> int:
                for layer in decoder_layers)
 
 
+def _parameters_to(model, dtype: torch.dtype) -> None:
+    """The parameters (not the buffers: rotary frequencies stay float32) in `dtype`, in place."""
+    for p in model.parameters():
+        p.data = p.data.to(dtype)
+
+
 def _world() -> tuple[int, int]:
     """(this process's rank, number of processes): (0, 1) unless torch.distributed is initialised."""
     import torch.distributed as dist
@@ -202,10 +209,19 @@ class RecoveryResult:
 
 
 def distill(model, targets: TeacherTargets, tokens: int, lr: float = 5e-5, batch_size: int = 4,
-            lora_rank: int = 0, decoder_layers=None, warmup: float = 0.05, say=None, seed: int = 0) -> RecoveryResult:
-    """Train `model` in place towards `targets` for `tokens` training tokens (see the module doc)."""
+            lora_rank: int = 0, decoder_layers=None, warmup: float = 0.05, say=None, seed: int = 0,
+            train_embeddings: bool = True) -> RecoveryResult:
+    """Train `model` in place towards `targets` for `tokens` training tokens (see the module doc);
+    `train_embeddings` False keeps the token embeddings and the LM head as they are."""
     torch.manual_seed(seed)
     reset_peak()
+    held = next(model.parameters()).dtype
+    if not lora_rank and held != torch.float32:
+        _parameters_to(model, torch.float32)  # a bfloat16 step would round small updates away
+    if not train_embeddings:
+        for m in (model.get_input_embeddings(), model.get_output_embeddings()):
+            for p in m.parameters():
+                p.requires_grad_(False)
     if lora_rank:
         if decoder_layers is None:
             raise ValueError("LoRA recovery needs the decoder layers to wrap")
@@ -243,6 +259,7 @@ def distill(model, targets: TeacherTargets, tokens: int, lr: float = 5e-5, batch
         model.eval()
         if lora_rank:
             merge_lora(decoder_layers)
+        _parameters_to(model, held)
         for p in model.parameters():
             p.requires_grad_(True)
         opt.zero_grad(set_to_none=True)
