@@ -3,20 +3,24 @@ time and peak memory after pruning with 0 and N recovery tokens, full-parameter 
 
     python benchmarks/recover.py                                   # 20% and 50%, 0 and 20k tokens
     python benchmarks/recover.py --ratios 0.5 --tokens 0 50000 200000 --lora 16
+    python benchmarks/recover.py --ratios 0.5 --tokens 0 50000 --lr 5e-5 2e-4 --cache /tmp/rc   # a sweep
 
 Pruning: flap + lsq+bias, global widths (the one-pass allocation), or with `--structure searched` the
 CLI's default method for this model (the allocation search, minutes more); calibration 32 x 256 tokens
 of the builtin text. Recovery text: the builtin calibration region and the dense model's own samples,
 half each (`recovery_windows`), as many unique windows as the CLI takes for the largest budget, with
-the teacher's top-32 targets computed once; the same pruned weights start every row of a ratio.
+the teacher's top-32 targets computed once (with `--cache DIR`, stored there and reused by a later
+run with the same windows); the same pruned weights start every row of a ratio.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import json
 import time
+from pathlib import Path
 
 import torch
 
@@ -29,7 +33,12 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=None,
                     help="unique recovery windows (of --seqlen tokens); default: the CLI's for the largest budget")
     ap.add_argument("--seqlen", type=int, default=256)
-    ap.add_argument("--lr", type=float, default=5e-5)
+    ap.add_argument("--lr", type=float, nargs="+", default=None,
+                    help="learning rates, one row each (default: distill's)")
+    ap.add_argument("--train", choices=["all", "decoder"], nargs="+", default=["all"],
+                    help="what full-parameter recovery trains, one row each: every parameter, or all but the token "
+                         "embeddings and the LM head")
+    ap.add_argument("--cache", default=None, help="a folder keeping the recovery windows' teacher targets")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--structure", choices=["global", "searched"], default="global",
                     help="searched: the CLI's default (auto) method for SmolLM2 in memory")
@@ -54,8 +63,10 @@ def main() -> None:
 
     t0 = time.monotonic()
     n_windows = args.windows or recovery_window_count(cfg.model_copy(update={"recover_tokens": max(args.tokens)}))
-    windows = recovery_windows(cfg.calib, tok, dense, n_windows, args.seqlen, cfg.seed)
-    targets = teacher_targets(dense, windows)
+    targets = _targets(args.cache, n_windows, args.seqlen,
+                       lambda: teacher_targets(dense, recovery_windows(cfg.calib, tok, dense, n_windows, args.seqlen,
+                                                                       cfg.seed)))
+    windows = targets.windows
     print(f"recovery text: {windows.shape[0]} x {windows.shape[1]} tokens (half the model's own samples), teacher "
           f"targets in {time.monotonic() - t0:.0f} s", flush=True)
     d_held, d_cross = quality(dense)
@@ -69,15 +80,20 @@ def main() -> None:
                            generations=cfg.search_generations, seed=cfg.seed)
         else:
             prune(pruned, prep.adapter, prep.texts.calib, spec, cfg.compute)
-        runs = [(n, 0) for n in args.tokens] + ([(max(args.tokens), args.lora)] if args.lora else [])
-        for tokens, rank in runs:
+        lrs = args.lr or [inspect.signature(distill).parameters["lr"].default]
+        runs = ([(0, 0, None, "all")] if 0 in args.tokens else [])
+        runs += [(n, 0, lr, t) for n in args.tokens if n for lr in lrs for t in args.train]
+        runs += [(max(args.tokens), args.lora, lr, "decoder") for lr in lrs] if args.lora else []
+        for tokens, rank, lr, train in runs:
             student = copy.deepcopy(pruned)
             res = None
             if tokens:
-                res = distill(student, targets, tokens, lr=args.lr, lora_rank=rank,
+                res = distill(student, targets, tokens, lr=lr, lora_rank=rank, train_embeddings=train == "all",
                               decoder_layers=prep.adapter.layers(student) if rank else None)
             held, cross = quality(student)
-            row = {"ratio": ratio, "tokens": tokens, "mode": res.mode if res else "-", "heldout_ppl": round(held, 3),
+            mode = (res.mode + (", embeddings frozen" if train == "decoder" and not rank else "")) if res else "-"
+            row = {"ratio": ratio, "tokens": tokens, "mode": mode, "lr": lr,
+                   "heldout_ppl": round(held, 3),
                    "cross_domain_ppl": round(cross, 3),
                    "cross_increase_over_dense": round(cross / d_cross - 1, 4),
                    "seconds": round(res.seconds, 1) if res else 0.0,
@@ -85,13 +101,31 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
             del student
-    print("\n| ratio | recovery tokens | mode | held-out ppl | cross-domain ppl | cross-domain increase | time (s) "
-          "| peak RSS (MiB) |\n|---|---|---|---|---|---|---|---|")
-    print(f"| 0 (dense) | - | - | {d_held:.3f} | {d_cross:.3f} | - | - | - |")
+    print("\n| ratio | recovery tokens | mode | lr | held-out ppl | cross-domain ppl | cross-domain increase "
+          "| time (s) | peak RSS (MiB) |\n|---|---|---|---|---|---|---|---|---|")
+    print(f"| 0 (dense) | - | - | - | {d_held:.3f} | {d_cross:.3f} | - | - | - |")
     for r in rows:
-        print(f"| {r['ratio']:.0%} | {r['tokens']:,} | {r['mode']} | {r['heldout_ppl']:.3f} "
+        lr = f"{r['lr']:g}" if r["lr"] else "-"
+        print(f"| {r['ratio']:.0%} | {r['tokens']:,} | {r['mode']} | {lr} | {r['heldout_ppl']:.3f} "
               f"| {r['cross_domain_ppl']:.3f} | {r['cross_increase_over_dense']:+.1%} | {r['seconds']:.0f} "
               f"| {r['peak_rss_mib'] or '-'} |")
+
+
+def _targets(cache: str | None, n_windows: int, seqlen: int, compute):
+    """The teacher's targets: read from `cache` when it holds them for these windows, else computed
+    (and stored there)."""
+    from safetensors.torch import load_file, save_file
+
+    from compressor.recover.distill import TeacherTargets
+
+    path = Path(cache) / f"targets-{n_windows}x{seqlen}.safetensors" if cache else None
+    if path and path.is_file():
+        return TeacherTargets(**load_file(path))
+    targets = compute()
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in targets.__dict__.items()}, path)
+    return targets
 
 
 if __name__ == "__main__":
