@@ -3,7 +3,7 @@ time and peak memory after pruning with 0 and N recovery tokens, full-parameter 
 
     python benchmarks/recover.py                                   # 20% and 50%, 0 and 20k tokens
     python benchmarks/recover.py --ratios 0.5 --tokens 0 50000 200000 --lora 16
-    python benchmarks/recover.py --ratios 0.5 --tokens 0 50000 --lr 5e-5 2e-4 --cache /tmp/rc   # a sweep
+    python benchmarks/recover.py --ratios 0.5 --tokens 0 50000 --lr 5e-5 4e-4 --cache /tmp/rc   # a sweep
 
 Pruning: flap + lsq+bias, global widths (the one-pass allocation), or with `--structure searched` the
 CLI's default method for this model (the allocation search, minutes more); calibration 32 x 256 tokens

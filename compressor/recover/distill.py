@@ -31,6 +31,9 @@ import torch.nn.functional as F
 from ..errors import UserError
 from ..memory import peak_rss_mib, reset_peak
 
+LR = 2e-4  # AdamW's peak learning rate for every parameter (docs/benchmarks.md, "Recovery by distillation")
+LORA_LR_SCALE = 5  # adapters start from zero and carry a fraction of the weights: a larger step (1e-3)
+
 
 @dataclass
 class TeacherTargets:
@@ -208,7 +211,7 @@ class RecoveryResult:
         return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
 
 
-def distill(model, targets: TeacherTargets, tokens: int, lr: float = 5e-5, batch_size: int = 4,
+def distill(model, targets: TeacherTargets, tokens: int, lr: float = LR, batch_size: int = 4,
             lora_rank: int = 0, decoder_layers=None, warmup: float = 0.05, say=None, seed: int = 0,
             train_embeddings: bool = True) -> RecoveryResult:
     """Train `model` in place towards `targets` for `tokens` training tokens (see the module doc);
@@ -228,7 +231,7 @@ def distill(model, targets: TeacherTargets, tokens: int, lr: float = 5e-5, batch
         for p in model.parameters():
             p.requires_grad_(False)
         add_lora(decoder_layers, lora_rank)
-        lr = lr * 20  # adapters start from zero and carry a fraction of the weights: a larger step
+        lr = lr * LORA_LR_SCALE
     params = [p for p in model.parameters() if p.requires_grad]
     rank, world = _world()
     if batch_size % world:
