@@ -68,22 +68,32 @@ def _width_ratio(cfg: RunConfig, profile, round_to: int, stages: Stages, say):
     the least width that meets every budget line -> (the `LeverPlan` or None, ratio)."""
     if cfg.ratio is not None:
         return None, cfg.ratio
-    from ..budget.frontier import lever_plan
-    from ..budget.planner import InfeasibleBudget
-
-    with stages.timed("plan"):
-        frontier, _ = lever_plan(profile, cfg.model, attn_unit=cfg.attn_unit, round_to=round_to, say=say,
-                                 formats=["none"], compensation=cfg.compensation, max_dropped=0, confirmable=False)
-        lever_notes_and_refusals(frontier, profile, say)
-        frontier.unscored = "width only: the least width that meets every budget line"
-        chosen = frontier.choose()
-        if chosen is None:  # the least widths missed the budget at their exact shapes
-            raise InfeasibleBudget(frontier.notes[-1] + " Pass --ratio to prune anyway.")
+    frontier, chosen = _unscored_plan(cfg, profile, round_to, stages, say, ["none"],
+                                      "width only: the least width that meets every budget line")
     pred = chosen.prediction
     say(f"plan: ratio {chosen.width:.2f} is the least width that meets every budget line of '{profile.name}' "
         f"(predicted TPOT {pred.tpot_s * 1e3:.2f} ms, TTFT {pred.ttft_s * 1e3:.1f} ms; latency "
         f"{frontier.latency_source})")
     return LeverPlan(frontier, "width only"), chosen.width
+
+
+def _unscored_plan(cfg: RunConfig, profile, round_to: int, stages: Stages, say, formats: list[str] | None,
+                   why: str):
+    """The lever frontier with no layer dropped, ranked by the weights removed (`why`: the ranking's
+    reason, in the report), in `formats` (None: every format the device has kernels for); its
+    refusals, or its choice -> (frontier, chosen candidate)."""
+    from ..budget.frontier import lever_plan
+    from ..budget.planner import InfeasibleBudget
+
+    with stages.timed("plan"):
+        frontier, _ = lever_plan(profile, cfg.model, attn_unit=cfg.attn_unit, round_to=round_to, say=say,
+                                 formats=formats, compensation=cfg.compensation, max_dropped=0, confirmable=False)
+        lever_notes_and_refusals(frontier, profile, say)
+        frontier.unscored = why
+        chosen = frontier.choose()
+        if chosen is None:  # the best candidates missed the budget at their exact shapes
+            raise InfeasibleBudget(frontier.notes[-1] + " Pass --ratio to prune anyway.")
+    return frontier, chosen
 
 
 class QuantizeOnly:
@@ -164,18 +174,9 @@ def _levers_out_of_core(cfg: RunConfig, profile, round_to: int, tp: int, stages:
     """Every lever that runs out of core: width x weight format, with no layer dropped and ranked by
     the weights removed, since choosing the layers to drop and measuring the candidates' KL need the
     whole model in memory. -> (LeverPlan, spec: the chosen width, the same in every layer)."""
-    from ..budget.frontier import lever_plan
-    from ..budget.planner import InfeasibleBudget
-
-    with stages.timed("plan"):
-        frontier, _ = lever_plan(profile, cfg.model, attn_unit=cfg.attn_unit, round_to=round_to, say=say,
-                                 compensation=cfg.compensation, max_dropped=0, confirmable=False)
-        lever_notes_and_refusals(frontier, profile, say)
-        frontier.unscored = ("out of core: width and weight format only, no layer dropped, since choosing layers "
-                             "to drop and measuring the candidates' KL need the whole model in memory")
-        chosen = frontier.choose()
-        if chosen is None:  # the best candidates missed the budget at their exact shapes
-            raise InfeasibleBudget(frontier.notes[-1] + " Pass --ratio to prune anyway.")
+    frontier, chosen = _unscored_plan(
+        cfg, profile, round_to, stages, say, None, "out of core: width and weight format only, no layer dropped, "
+        "since choosing layers to drop and measuring the candidates' KL need the whole model in memory")
     say(f"[bold]plan[/]: {chosen.levers}, predicted TPOT {chosen.prediction.tpot_s * 1e3:.2f} ms, TTFT "
         f"{chosen.prediction.ttft_s * 1e3:.1f} ms ({frontier.rule}; latency {frontier.latency_source})")
     spec = replace(prune_spec(cfg, round(chosen.width, 4), round_to, tp), structure="uniform")
