@@ -119,7 +119,7 @@ def quantize_export(folder: Path, scheme: str) -> dict:
     Always one decoder layer in memory at a time (`quantize_stream`): it writes the tensors the model
     in memory gives (`quantize_in_memory`: tensor for tensor, config.json equal) in about the same
     time and a layer's memory instead of the model's, so out-of-core runs quantize too
-    (docs/benchmarks.md, "Quantizing one decoder layer at a time")."""
+    (docs/benchmarks.md, "How much memory does quantizing take?")."""
     from .quantize_stream import quantize_streaming
 
     def prepare(model) -> None:  # the skeleton on the meta device: refused first, as in memory

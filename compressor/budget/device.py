@@ -132,8 +132,9 @@ class PairedRatio:
     loaded just after it (`measure_chain`).
 
     Both orders, because on vLLM CPU the order two engines were loaded in moves their ratio (the
-    figures: docs/benchmarks.md, "The latency table's method"): the ratio is the geometric mean of
-    the two rounds' ratios (of their medians), so the order's effect cancels to first order.
+    figures: docs/benchmarks.md, "Why is the latency table measured the way it is?"): the ratio is the
+    geometric mean of the two rounds' ratios (of their medians), so the order's effect cancels to first
+    order.
     `reference` and `other` pool both rounds' requests (their medians, for absolute figures);
     `rounds` keeps each round's ratios."""
 

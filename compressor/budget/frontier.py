@@ -8,7 +8,8 @@ latency headroom in reserve, and, where latency is measured here, a *marginal* c
 the lines but not the reserve, which is chosen only once its own export meets the lines
 (`budget/confirm.py`), else `Frontier.fallback`. The choice is the least KL to the dense model
 (`prune.planned.PlanQuality`) when the weights are at hand, else the fewest weights removed; the
-report names the rule. The story of these rules: docs/benchmarks.md, "Every lever: the rules' story".
+report names the rule. The measurements behind these rules: docs/benchmarks.md, "Does the lever plan
+beat single levers?" and "Why is the latency table measured the way it is?".
 """
 
 from __future__ import annotations
@@ -221,7 +222,7 @@ class AnchoredTable:
 
     A factor, not a shift: what it corrects is mostly the host's speed at the moment, which scales
     every kernel alike, and the table's points are stored on one reference's scale (the figures:
-    docs/benchmarks.md, "The latency table's method")."""
+    docs/benchmarks.md, "Why is the latency table measured the way it is?")."""
 
     table: object
     ttft_scale: float

@@ -7,7 +7,8 @@ weights, each beside a reference model in both load orders, and TTFT and TPOT ar
 candidate's own shape, which `predict` then uses instead of the fit. Tables are cached per device,
 runtime, dtype, workload and model shape; `datasheet_table` gives the same interface from the
 roofline where the device is absent, labelled "predicted from datasheet", and a table measured in
-another runtime says so. Why it is built this way: docs/benchmarks.md, "The latency table's method".
+another runtime says so. Why it is built this way: docs/benchmarks.md, "Why is the latency table measured the
+way it is?".
 """
 
 from __future__ import annotations

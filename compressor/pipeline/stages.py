@@ -64,7 +64,7 @@ def serving_precision(profile) -> str | None:
     for a profile: bfloat16 where the profile serves bfloat16 (the precision the export will be
     served in), None (the model's own dtype) otherwise. What chooses or re-fits weights
     (statistics, the allocation search, compensation, recovery) stays in full precision
-    (docs/benchmarks.md, "Judging in the precision the profile serves")."""
+    (docs/benchmarks.md, "Does judging in the served precision change the figures?")."""
     return "bfloat16" if profile.dtype == "bfloat16" else None
 
 

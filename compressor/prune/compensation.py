@@ -41,7 +41,7 @@ class Compensation:
         no bias) unless the method repairs the upstream error too (`needs_reference`): there is
         nothing to compensate, and a bias there is not free: stock Llama holds one only with every
         projection's bias switched on, and vLLM CPU's int8 W8A8 kernel is slower with them
-        (docs/benchmarks.md, "Every lever against single levers")."""
+        (docs/benchmarks.md, "Do compensation biases slow vLLM CPU's int8 kernel?")."""
         fix = self.fn(adapter, layer, keep, stats)
         if self.needs_reference:
             return fix

@@ -61,7 +61,7 @@ HALVES = {"attn": ("input_layernorm", "self_attn"), "mlp": ("post_attention_laye
 class SearchSettings:
     """How hard the search looks. A generation scores `offspring` x `first_windows` + `survivors` x
     (`windows` - `first_windows`) windows (less the layers before each child's first change). What
-    the number of generations buys: docs/benchmarks.md, "Quality across domains"."""
+    the number of generations buys: docs/benchmarks.md, "How good is quality across domains?"."""
 
     generations: int = 30
     offspring: int = 8  # children per generation, scored on the first `first_windows` windows

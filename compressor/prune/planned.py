@@ -20,8 +20,8 @@ A candidate is (width, dropped layers, weight format). On the model in memory:
 Quality = KL(dense || candidate) of the next-token distributions, as the allocation search
 measures it, on text the dense model samples itself (`kl_text`, the default; seeded, from its BOS
 token), not on the validation windows: those are the calibration text's domain, where width
-pruning's re-fit flatters width against depth (the measurement: docs/benchmarks.md, "Every lever
-against single levers").
+pruning's re-fit flatters width against depth (the measurement: docs/benchmarks.md, "Which KL ranks
+plans as other domains do?").
 """
 
 from __future__ import annotations
