@@ -10,7 +10,8 @@ CLI's default method for this model (the allocation search, minutes more); calib
 of the builtin text. Recovery text: the builtin calibration region and the dense model's own samples,
 half each (`recovery_windows`), as many unique windows as the CLI takes for the largest budget, with
 the teacher's top-32 targets computed once (with `--cache DIR`, stored there and reused by a later
-run with the same windows); the same pruned weights start every row of a ratio.
+run with the same windows, as is each ratio's pruned model); the same pruned weights start every row
+of a ratio.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ def main() -> None:
     ap.add_argument("--train", choices=["all", "decoder"], nargs="+", default=["all"],
                     help="what full-parameter recovery trains, one row each: every parameter, or all but the token "
                          "embeddings and the LM head")
-    ap.add_argument("--cache", default=None, help="a folder keeping the recovery windows' teacher targets")
+    ap.add_argument("--cache", default=None,
+                    help="a folder keeping the recovery windows' teacher targets and each ratio's pruned model")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--structure", choices=["global", "searched"], default="global",
                     help="searched: the CLI's default (auto) method for SmolLM2 in memory")
@@ -73,13 +75,18 @@ def main() -> None:
     print(f"dense: held-out {d_held:.3f}, cross-domain {d_cross:.3f}", flush=True)
     rows = []
     for ratio in args.ratios:
-        pruned = copy.deepcopy(dense)
         spec = PruneSpec(metric="flap", compensation="lsq+bias", structure=args.structure, ratio=ratio, round_to=64)
-        if args.structure == "searched":
-            prune_searched(pruned, prep.adapter, prep.texts.calib, prep.texts.validation, spec, cfg.compute,
-                           generations=cfg.search_generations, seed=cfg.seed)
-        else:
-            prune(pruned, prep.adapter, prep.texts.calib, spec, cfg.compute)
+
+        def pruned_model(spec=spec):
+            pruned = copy.deepcopy(dense)
+            if args.structure == "searched":
+                prune_searched(pruned, prep.adapter, prep.texts.calib, prep.texts.validation, spec, cfg.compute,
+                               generations=cfg.search_generations, seed=cfg.seed)
+            else:
+                prune(pruned, prep.adapter, prep.texts.calib, spec, cfg.compute)
+            return pruned
+
+        pruned = _cached(args.cache, f"pruned-{args.structure}-{ratio:g}-{args.seqlen}.pt", pruned_model)
         lrs = args.lr or [inspect.signature(distill).parameters["lr"].default]
         runs = ([(0, 0, None, "all")] if 0 in args.tokens else [])
         runs += [(n, 0, lr, t) for n in args.tokens if n for lr in lrs for t in args.train]
@@ -109,6 +116,19 @@ def main() -> None:
         print(f"| {r['ratio']:.0%} | {r['tokens']:,} | {r['mode']} | {lr} | {r['heldout_ppl']:.3f} "
               f"| {r['cross_domain_ppl']:.3f} | {r['cross_increase_over_dense']:+.1%} | {r['seconds']:.0f} "
               f"| {r['peak_rss_mib'] or '-'} |")
+
+
+def _cached(cache: str | None, name: str, compute):
+    """`compute()`'s model, pickled in `cache` under `name` and read from there by a later run (the
+    pruning is seeded, so a cached model is the one this run would prune)."""
+    path = Path(cache) / name if cache else None
+    if path and path.is_file():
+        return torch.load(path, weights_only=False)
+    model = compute()
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(model, path)
+    return model
 
 
 def _targets(cache: str | None, n_windows: int, seqlen: int, compute):
