@@ -193,9 +193,9 @@ def prune_spec(cfg: RunConfig, ratio: float, round_to: int, tensor_parallel: int
 
 
 # `--structure auto` is the allocation search where it is affordable: it generalises best
-# (`benchmarks/quality.py`), and costs ~30 generations of forward passes over the validation windows,
-# minutes for SmolLM2 on a CPU, about an hour for a 1B model (docs/benchmarks.md). Larger models on a
-# CPU keep the one-pass global allocation.
+# (`benchmarks/quality.py`), and costs ~30 generations of forward passes over the validation windows
+# (10 minutes for SmolLM2 on a 2-core CPU, docs/benchmarks.md, "The README's first run"), growing with
+# the model's size. Larger models on a CPU keep the one-pass global allocation.
 SEARCH_CPU_MAX_PARAMS = 400_000_000
 
 
