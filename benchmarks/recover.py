@@ -36,7 +36,7 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--lr", type=float, nargs="+", default=None,
                     help="learning rates, one row each (default: distill's)")
-    ap.add_argument("--train", choices=["all", "decoder"], nargs="+", default=["all"],
+    ap.add_argument("--train", choices=["all", "decoder"], nargs="+", default=["decoder"],
                     help="what full-parameter recovery trains, one row each: every parameter, or all but the token "
                          "embeddings and the LM head")
     ap.add_argument("--cache", default=None,
@@ -98,7 +98,7 @@ def main() -> None:
                 res = distill(student, targets, tokens, lr=lr, lora_rank=rank, train_embeddings=train == "all",
                               decoder_layers=prep.adapter.layers(student) if rank else None)
             held, cross = quality(student)
-            mode = (res.mode + (", embeddings frozen" if train == "decoder" and not rank else "")) if res else "-"
+            mode = res.mode if res else "-"
             row = {"ratio": ratio, "tokens": tokens, "mode": mode, "lr": lr,
                    "heldout_ppl": round(held, 3),
                    "cross_domain_ppl": round(cross, 3),

@@ -51,7 +51,7 @@ def test_distillation_brings_the_pruned_model_towards_the_dense_one_on_unseen_te
     before = _kl(student, unseen)
     res = distill(student, train, tokens=16 * 31 * 6, lr=1e-4, batch_size=4)
     after = _kl(student, unseen)
-    assert res.mode == "full" and res.tokens >= 16 * 31 * 6 and res.loss_last < 0.5 * res.loss_first
+    assert res.mode == "full, embeddings frozen" and res.tokens >= 16 * 31 * 6 and res.loss_last < 0.5 * res.loss_first
     assert after < 0.9 * before, (before, after)  # measured 0.062 -> 0.048
 
 
@@ -136,7 +136,8 @@ def test_the_main_command_recovers_and_reports_it(tmp_path, tiny_model_dir, wher
     r = json.loads((out / "report.json").read_text())
     rec = r["recovery"]
     assert rec["tokens"] >= 1000 and rec["tokens_requested"] == 1000
-    assert rec["mode"] == ("full" if where == "off" else "lora (rank 16), streamed one layer at a time")
+    assert rec["mode"] == ("full, embeddings frozen" if where == "off"
+                           else "lora (rank 16), streamed one layer at a time")
     assert rec["before"]["heldout_perplexity"] > 0 and rec["before"]["cross_domain_perplexity"] > 0
     assert rec["before"]["heldout_perplexity"] != r["perplexity"]["pruned"]
     assert {"recover_teacher", "recover"} <= set(r["seconds"])

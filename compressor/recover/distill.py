@@ -11,7 +11,9 @@ Contract:
 - `distill` trains the student in place to minimise KL(teacher || student) over the teacher's
   top-k tokens plus one bucket for the rest of the vocabulary, with AdamW, a linear warm-up and a
   cosine decay, for `tokens` training tokens (the windows repeat when the budget exceeds them).
-  All parameters train (in float32, the model returned in its own dtype), or, with `lora_rank`,
+  Every decoder parameter trains (in float32, the model returned in its own dtype; the token
+  embeddings and the LM head stay as they are: trained on the recovery text's narrow vocabulary,
+  they lowered the model's perplexity on other domains less), or, with `lora_rank`,
   low-rank adapters (float32) on every decoder Linear that are merged back before it returns, so
   the exported architecture is the pruned one.
 - Data parallel: where `torch.distributed` is initialised (torchrun) with several processes, each
@@ -31,7 +33,7 @@ import torch.nn.functional as F
 from ..errors import UserError
 from ..memory import peak_rss_mib, reset_peak
 
-LR = 2e-4  # AdamW's peak learning rate for every parameter (docs/benchmarks.md, "Recovery by distillation")
+LR = 2e-4  # AdamW's peak learning rate for every trained parameter (docs/benchmarks.md, "Recovery by distillation")
 LORA_LR_SCALE = 5  # adapters start from zero and carry a fraction of the weights: a larger step (1e-3)
 
 
@@ -205,7 +207,7 @@ class RecoveryResult:
     peak_rss_mib: float
     loss_first: float  # KL of the first step
     loss_last: float  # mean KL of the last 10% of steps
-    mode: str  # "full" or "lora (rank r)"
+    mode: str  # "full, embeddings frozen", "full" (train_embeddings) or "lora (rank r)"
 
     def as_dict(self) -> dict:
         return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
@@ -213,9 +215,9 @@ class RecoveryResult:
 
 def distill(model, targets: TeacherTargets, tokens: int, lr: float = LR, batch_size: int = 4,
             lora_rank: int = 0, decoder_layers=None, warmup: float = 0.05, say=None, seed: int = 0,
-            train_embeddings: bool = True) -> RecoveryResult:
+            train_embeddings: bool = False) -> RecoveryResult:
     """Train `model` in place towards `targets` for `tokens` training tokens (see the module doc);
-    `train_embeddings` False keeps the token embeddings and the LM head as they are."""
+    `train_embeddings` True trains the token embeddings and the LM head too."""
     torch.manual_seed(seed)
     reset_peak()
     held = next(model.parameters()).dtype
@@ -223,7 +225,7 @@ def distill(model, targets: TeacherTargets, tokens: int, lr: float = LR, batch_s
         _parameters_to(model, torch.float32)  # a bfloat16 step would round small updates away
     if not train_embeddings:
         for m in (model.get_input_embeddings(), model.get_output_embeddings()):
-            for p in m.parameters():
+            for p in (m.parameters() if m is not None else ()):
                 p.requires_grad_(False)
     if lora_rank:
         if decoder_layers is None:
@@ -268,5 +270,6 @@ def distill(model, targets: TeacherTargets, tokens: int, lr: float = LR, batch_s
         opt.zero_grad(set_to_none=True)
     tail = losses[-max(1, len(losses) // 10):]
     return RecoveryResult(steps * per_step, steps, time.monotonic() - start, peak_rss_mib(), losses[0],
-                          sum(tail) / len(tail), (f"lora (rank {lora_rank})" if lora_rank else "full")
+                          sum(tail) / len(tail), (f"lora (rank {lora_rank})" if lora_rank else
+                          "full" if train_embeddings else "full, embeddings frozen")
                           + (f", data parallel over {world} processes" if world > 1 else ""))

@@ -186,7 +186,7 @@ class Recovery(Section):
     peak_rss_mib: float | None = None
     loss_first: float | None = None  # KL to the dense model at the first step
     loss_last: float | None = None  # mean KL of the last 10% of steps
-    mode: str = ""  # "full" or "lora (rank r)"
+    mode: str = ""  # "full, embeddings frozen" (every decoder parameter) or "lora (rank r)"
     tokens_requested: int = 0
     unique_tokens: int = 0
     text: str = ""
