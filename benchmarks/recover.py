@@ -25,6 +25,10 @@ from pathlib import Path
 
 import torch
 
+# what each cached value depends on (its file name carries their digest)
+TARGETS_CODE = ("compressor/recover/distill.py", "compressor/data.py", "compressor/model")
+PRUNED_CODE = ("compressor/prune", "compressor/data.py", "compressor/model", "compressor/config.py")
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -65,9 +69,9 @@ def main() -> None:
 
     t0 = time.monotonic()
     n_windows = args.windows or recovery_window_count(cfg.model_copy(update={"recover_tokens": max(args.tokens)}))
-    targets = _targets(args.cache, n_windows, args.seqlen,
-                       lambda: teacher_targets(dense, recovery_windows(cfg.calib, tok, dense, n_windows, args.seqlen,
-                                                                       cfg.seed)))
+    targets = _cached(args.cache, f"targets-{n_windows}x{args.seqlen}-{_code_digest(*TARGETS_CODE)}.safetensors",
+                      lambda: teacher_targets(dense, recovery_windows(cfg.calib, tok, dense, n_windows, args.seqlen,
+                                                                      cfg.seed)), _save_targets, _load_targets)
     windows = targets.windows
     print(f"recovery text: {windows.shape[0]} x {windows.shape[1]} tokens (half the model's own samples), teacher "
           f"targets in {time.monotonic() - t0:.0f} s", flush=True)
@@ -86,7 +90,8 @@ def main() -> None:
                 prune(pruned, prep.adapter, prep.texts.calib, spec, cfg.compute)
             return pruned
 
-        pruned = _cached(args.cache, f"pruned-{args.structure}-{ratio:g}-{args.seqlen}.pt", pruned_model)
+        name = f"pruned-{args.structure}-{ratio:g}-{args.seqlen}-{_code_digest(*PRUNED_CODE)}.pt"
+        pruned = _cached(args.cache, name, pruned_model, _save_model, _load_model)
         lrs = args.lr or [inspect.signature(distill).parameters["lr"].default]
         runs = ([(0, 0, None, "all")] if 0 in args.tokens else [])
         runs += [(n, 0, lr, t) for n in args.tokens if n for lr in lrs for t in args.train]
@@ -118,34 +123,53 @@ def main() -> None:
               f"| {r['peak_rss_mib'] or '-'} |")
 
 
-def _cached(cache: str | None, name: str, compute):
-    """`compute()`'s model, pickled in `cache` under `name` and read from there by a later run (the
-    pruning is seeded, so a cached model is the one this run would prune)."""
+def _code_digest(*parts: str) -> str:
+    """A short digest of the sources under `parts` (paths in the repository): a cached result names
+    the code it came from, so a change to that code computes it afresh."""
+    import hashlib
+
+    root = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    for part in parts:
+        for f in sorted((root / part).rglob("*.py")) if (root / part).is_dir() else [root / part]:
+            h.update(f.relative_to(root).as_posix().encode() + f.read_bytes())
+    return h.hexdigest()[:10]
+
+
+def _cached(cache: str | None, name: str, compute, save, load):
+    """`compute()`, stored in `cache` under `name` by `save(value, path)` and read from there by a
+    later run with `load(path)` (the pruning and the sampling are seeded: a cached value is the one
+    this run would compute, as long as `name` carries the code's digest)."""
     path = Path(cache) / name if cache else None
     if path and path.is_file():
-        return torch.load(path, weights_only=False)
-    model = compute()
+        return load(path)
+    value = compute()
     if path:
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(model, path)
-    return model
+        save(value, path)
+    return value
 
 
-def _targets(cache: str | None, n_windows: int, seqlen: int, compute):
-    """The teacher's targets: read from `cache` when it holds them for these windows, else computed
-    (and stored there)."""
-    from safetensors.torch import load_file, save_file
+def _save_model(model, path: Path) -> None:
+    torch.save(model, path)
+
+
+def _load_model(path: Path):
+    return torch.load(path, weights_only=False)
+
+
+def _save_targets(targets, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in targets.__dict__.items()}, path)
+
+
+def _load_targets(path: Path):
+    from safetensors.torch import load_file
 
     from compressor.recover.distill import TeacherTargets
 
-    path = Path(cache) / f"targets-{n_windows}x{seqlen}.safetensors" if cache else None
-    if path and path.is_file():
-        return TeacherTargets(**load_file(path))
-    targets = compute()
-    if path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in targets.__dict__.items()}, path)
-    return targets
+    return TeacherTargets(**load_file(path))
 
 
 if __name__ == "__main__":

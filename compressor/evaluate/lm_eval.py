@@ -387,6 +387,7 @@ def lm_eval_scores_vllm(export_dir: Path, task_dir: Path, dtype: str = "float32"
     import time
 
     from exporters.vllm_plugin import check_checkpoint
+    from runtimes.vllm_runtime import MEASURE_KVCACHE_GIB
 
     from .. import tempdirs
 
@@ -395,7 +396,7 @@ def lm_eval_scores_vllm(export_dir: Path, task_dir: Path, dtype: str = "float32"
     export_dir, task_dir = Path(export_dir).resolve(), Path(task_dir).resolve()
     check_checkpoint(export_dir)
     env = dict(os.environ)
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(MEASURE_KVCACHE_GIB))
     root = Path(__file__).resolve().parents[2]  # holds `compressor` and `exporters`
     if root.name not in ("site-packages", "dist-packages"):
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH", "")) if p)
