@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import inspect
 import json
 import time
 from pathlib import Path
@@ -39,7 +38,7 @@ def main() -> None:
                     help="unique recovery windows (of --seqlen tokens); default: the CLI's for the largest budget")
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--lr", type=float, nargs="+", default=None,
-                    help="learning rates, one row each (default: distill's)")
+                    help="learning rates, one row each, LoRA rows too (default: distill's for the mode)")
     ap.add_argument("--train", choices=["all", "decoder"], nargs="+", default=["decoder"],
                     help="what full-parameter recovery trains, one row each: every parameter, or all but the token "
                          "embeddings and the LM head")
@@ -58,7 +57,7 @@ def main() -> None:
     from compressor.pipeline.resident import recovery_window_count
     from compressor.prune.driver import PruneSpec, prune
     from compressor.prune.evolve import prune_searched
-    from compressor.recover.distill import distill, recovery_windows, teacher_targets
+    from compressor.recover.distill import LORA_LR, LR, distill, recovery_windows, teacher_targets
 
     cfg = RunConfig(nsamples=32, seqlen=args.seqlen, eval_samples=40, domain_windows=8)
     prep = prepare(cfg)
@@ -92,7 +91,7 @@ def main() -> None:
 
         name = f"pruned-{args.structure}-{ratio:g}-{args.seqlen}-{_code_digest(*PRUNED_CODE)}.pt"
         pruned = _cached(args.cache, name, pruned_model, _save_model, _load_model)
-        lrs = args.lr or [inspect.signature(distill).parameters["lr"].default]
+        lrs = args.lr or [None]  # distill's default for the mode
         runs = ([(0, 0, None, "all")] if 0 in args.tokens else [])
         runs += [(n, 0, lr, t) for n in args.tokens if n for lr in lrs for t in args.train]
         runs += [(max(args.tokens), args.lora, lr, "decoder") for lr in lrs] if args.lora else []
@@ -104,7 +103,8 @@ def main() -> None:
                               decoder_layers=prep.adapter.layers(student) if rank else None)
             held, cross = quality(student)
             mode = res.mode if res else "-"
-            row = {"ratio": ratio, "tokens": tokens, "mode": mode, "lr": lr,
+            used_lr = (lr or (LORA_LR if rank else LR)) if tokens else None
+            row = {"ratio": ratio, "tokens": tokens, "mode": mode, "lr": used_lr,
                    "heldout_ppl": round(held, 3),
                    "cross_domain_ppl": round(cross, 3),
                    "cross_increase_over_dense": round(cross / d_cross - 1, 4),

@@ -33,8 +33,10 @@ import torch.nn.functional as F
 from ..errors import UserError
 from ..memory import peak_rss_mib, reset_peak
 
-LR = 2e-4  # AdamW's peak learning rate for every trained parameter (docs/benchmarks.md, "Recovery by distillation")
-LORA_LR_SCALE = 5  # adapters start from zero and carry a fraction of the weights: a larger step (1e-3)
+# AdamW's peak learning rates (docs/benchmarks.md, "Recovery by distillation"): every decoder
+# parameter, and LoRA adapters (they start from zero and carry a fraction of the weights: a larger step)
+LR = 3e-4
+LORA_LR = 1e-3
 
 
 @dataclass
@@ -213,11 +215,12 @@ class RecoveryResult:
         return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
 
 
-def distill(model, targets: TeacherTargets, tokens: int, lr: float = LR, batch_size: int = 4,
+def distill(model, targets: TeacherTargets, tokens: int, lr: float | None = None, batch_size: int = 4,
             lora_rank: int = 0, decoder_layers=None, warmup: float = 0.05, say=None, seed: int = 0,
             train_embeddings: bool = False) -> RecoveryResult:
     """Train `model` in place towards `targets` for `tokens` training tokens (see the module doc);
-    `train_embeddings` True trains the token embeddings and the LM head too."""
+    `train_embeddings` True trains the token embeddings and the LM head too. `lr` None: `LR`, or
+    `LORA_LR` with `lora_rank`."""
     torch.manual_seed(seed)
     reset_peak()
     held = next(model.parameters()).dtype
@@ -233,7 +236,8 @@ def distill(model, targets: TeacherTargets, tokens: int, lr: float = LR, batch_s
         for p in model.parameters():
             p.requires_grad_(False)
         add_lora(decoder_layers, lora_rank)
-        lr = lr * LORA_LR_SCALE
+    if lr is None:
+        lr = LORA_LR if lora_rank else LR
     params = [p for p in model.parameters() if p.requires_grad]
     rank, world = _world()
     if batch_size % world:

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from ..memory import peak_rss_mib, reset_peak
-from .distill import LORA_LR_SCALE, LR, LoRALinear, RecoveryResult, Schedule, TeacherTargets, _swap_linears, topk_kl
+from .distill import LORA_LR, LoRALinear, RecoveryResult, Schedule, TeacherTargets, _swap_linears, topk_kl
 
 MERGED = "fitprune_recovered"  # a shard's metadata key: its deltas are added
 SCALE = "lora_scale"  # the factors' key of the adapters' scale
@@ -117,7 +117,7 @@ class _Adapters:
         return out
 
 
-def distill_streamed(lazy, adapter, targets: TeacherTargets, tokens: int, lora_rank: int, lr: float = LR,
+def distill_streamed(lazy, adapter, targets: TeacherTargets, tokens: int, lora_rank: int, lr: float = LORA_LR,
                      batch_size: int = 4, warmup: float = 0.05, device: str = "cpu", say=None,
                      seed: int = 0) -> tuple[RecoveryResult, dict[str, torch.Tensor]]:
     """Train LoRA adapters of `lazy`'s decoder towards `targets` for `tokens` training tokens (see the
@@ -134,7 +134,7 @@ def distill_streamed(lazy, adapter, targets: TeacherTargets, tokens: int, lora_r
         count = sum(p.numel() for p in params)
         say(f"recovery memory: {count:,} adapter parameters, {16 * count / 2**20:.0f} MiB with their gradients and "
             "optimizer state (float32), beside one layer's weights and every layer's inputs of one step")
-    plan = Schedule(params, lr * LORA_LR_SCALE, tokens, batch_size, targets, warmup, seed)  # `distill`'s
+    plan = Schedule(params, lr, tokens, batch_size, targets, warmup, seed)  # `distill`'s
     norm_mod, head_mod = adapter.decoder(model).norm, model.lm_head
     losses, start = [], time.monotonic()
     for step in range(plan.steps):
