@@ -57,7 +57,7 @@ def main() -> None:
     from compressor.pipeline.resident import recovery_window_count
     from compressor.prune.driver import PruneSpec, prune
     from compressor.prune.evolve import prune_searched
-    from compressor.recover.distill import LORA_LR, LR, distill, recovery_windows, teacher_targets
+    from compressor.recover.distill import distill, recovery_windows, teacher_targets
 
     cfg = RunConfig(nsamples=32, seqlen=args.seqlen, eval_samples=40, domain_windows=8)
     prep = prepare(cfg)
@@ -91,6 +91,7 @@ def main() -> None:
 
         name = f"pruned-{args.structure}-{ratio:g}-{args.seqlen}-{_code_digest(*PRUNED_CODE)}.pt"
         pruned = _cached(args.cache, name, pruned_model, _save_model, _load_model)
+        kept = prep.adapter.count_params(pruned)["decoder"] / prep.adapter.count_params(dense)["decoder"]
         lrs = args.lr or [None]  # distill's default for the mode
         runs = ([(0, 0, None, "all")] if 0 in args.tokens else [])
         runs += [(n, 0, lr, t) for n in args.tokens if n for lr in lrs for t in args.train]
@@ -100,11 +101,10 @@ def main() -> None:
             res = None
             if tokens:
                 res = distill(student, targets, tokens, lr=lr, lora_rank=rank, train_embeddings=train == "all",
-                              decoder_layers=prep.adapter.layers(student) if rank else None)
+                              kept=kept, decoder_layers=prep.adapter.layers(student) if rank else None)
             held, cross = quality(student)
             mode = res.mode if res else "-"
-            used_lr = (lr or (LORA_LR if rank else LR)) if tokens else None
-            row = {"ratio": ratio, "tokens": tokens, "mode": mode, "lr": used_lr,
+            row = {"ratio": ratio, "tokens": tokens, "mode": mode, "lr": res.lr if res else None,
                    "heldout_ppl": round(held, 3),
                    "cross_domain_ppl": round(cross, 3),
                    "cross_increase_over_dense": round(cross / d_cross - 1, 4),

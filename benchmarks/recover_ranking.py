@@ -67,7 +67,7 @@ def main() -> None:
         removed = 1 - adapter.count_params(student)["decoder"] / before
         cross0 = domain_perplexities(student, prep.domains)["geomean"]
         t0 = time.monotonic()
-        distill(student, targets, args.tokens, seed=cfg.seed)
+        distill(student, targets, args.tokens, seed=cfg.seed, kept=1 - removed)
         seconds = time.monotonic() - t0
         row = {"plan": name, "removed": removed, "kl_before": kl0, "kl_after": kl(student),
                "cross_before": cross0, "cross_after": domain_perplexities(student, prep.domains)["geomean"],

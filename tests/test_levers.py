@@ -517,6 +517,10 @@ def test_levers_end_to_end_on_a_profile_that_is_not_here(tmp_path, tiny_model_di
     assert all(c["kl"] is not None for c in r["plan"]["frontier"]) and "least KL" in r["plan"]["rule"]
     assert r["method"]["structure"] == "planned" and r["method"]["levers"]["chosen"] == r["plan"]["chosen"]["levers"]
     assert r["params"]["achieved_ratio_decoder"] == pytest.approx(r["plan"]["chosen"]["decoder_removed"], abs=0.02)
+    from compressor.recover.distill import full_lr
+
+    # the learning rate follows what the plan removed (the decoder's share, as the report counts it)
+    assert r["recovery"]["lr"] == full_lr(1 - r["params"]["achieved_ratio_decoder"])
     from compressor.report.markdown import markdown
 
     md = markdown(r)  # the report's page names the lever plan and lists its frontier, the choice marked

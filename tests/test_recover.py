@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from compressor.prune.driver import Compute, PruneSpec, prune
-from compressor.recover.distill import LoRALinear, distill, recovery_windows, teacher_targets, topk_kl
+from compressor.recover.distill import LoRALinear, distill, full_lr, recovery_windows, teacher_targets, topk_kl
 from tests.conftest import tiny_model
 
 
@@ -41,6 +41,11 @@ def test_topk_kl_is_zero_for_the_teacher_itself_and_positive_otherwise():
     t = torch.log_softmax(logits, -1).topk(8, -1)
     assert float(topk_kl(logits, t.indices, t.values.half())) < 1e-3
     assert float(topk_kl(torch.randn(2, 5, 40), t.indices, t.values.half())) > 0.05
+
+
+def test_the_learning_rate_grows_with_what_pruning_removed():
+    assert [full_lr(k) for k in (1.0, 0.8, 0.5)] == [1.6e-4, 2e-4, 3.2e-4]
+    assert full_lr(0.0) == full_lr(0.05) and full_lr(1.5) == full_lr(1.0)  # clamped
 
 
 def test_distillation_brings_the_pruned_model_towards_the_dense_one_on_unseen_text():

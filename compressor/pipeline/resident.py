@@ -141,7 +141,8 @@ class Resident:
         with self.stages.timed("perplexity_before_recovery"), autocast_to(cfg.device, self.precision):
             held, cross = perplexities("pruned, before recovery,", self.model, self.prep, self.say)
         with self.stages.timed("recover"):
-            res = distill(self.model, targets, cfg.recover_tokens, lora_rank=cfg.recover_lora,
+            kept = self.params_after()["decoder"] / self.before["decoder"]
+            res = distill(self.model, targets, cfg.recover_tokens, lora_rank=cfg.recover_lora, kept=kept,
                           decoder_layers=self.prep.adapter.layers(self.model), say=self.say, seed=cfg.seed)
         return recovery_section(res.as_dict(), cfg, targets, held, cross, TEACHER_NOTE, self.say)
 
@@ -184,7 +185,8 @@ def recovery_window_count(cfg: RunConfig) -> int:
 
 def recovery_section(res: dict, cfg: RunConfig, targets, held: float, cross: dict | None, text: str, say) -> dict:
     """The report's recovery section (the training's figures, the text, the quality before), said."""
-    say(f"recovery: {res['tokens']:,} tokens in {res['seconds']:.0f} s ({res['mode']}), KL to the dense model "
+    lr = f", learning rate {res['lr']:g}" if res.get("lr") else ""
+    say(f"recovery: {res['tokens']:,} tokens in {res['seconds']:.0f} s ({res['mode']}{lr}), KL to the dense model "
         f"{res['loss_first']:.4f} -> {res['loss_last']:.4f}")
     return {**res, "tokens_requested": cfg.recover_tokens, "unique_tokens": int(targets.windows.numel()),
             "text": text,

@@ -33,10 +33,19 @@ import torch.nn.functional as F
 from ..errors import UserError
 from ..memory import peak_rss_mib, reset_peak
 
-# AdamW's peak learning rates (docs/benchmarks.md, "Recovery by distillation"): every decoder
-# parameter, and LoRA adapters (they start from zero and carry a fraction of the weights: a larger step)
-LR = 3e-4
+# AdamW's peak learning rates (docs/benchmarks.md, "Recovery by distillation"): every decoder parameter
+# of a model that kept all its weights (`full_lr` scales it), and LoRA adapters (they start from zero
+# and carry a fraction of the weights: a larger step)
+LR_UNPRUNED = 1.6e-4
 LORA_LR = 1e-3
+
+
+def full_lr(kept: float) -> float:
+    """The peak learning rate for every decoder parameter of a student that kept `kept` (0-1] of the
+    dense decoder's weights: `LR_UNPRUNED / kept`, to two significant digits. The more pruning
+    removed, the larger the step; a lightly pruned model, near the dense one, overfits the recovery
+    text with larger steps."""
+    return float(f"{LR_UNPRUNED / min(1.0, max(kept, 0.05)):.1e}")
 
 
 @dataclass
@@ -210,17 +219,18 @@ class RecoveryResult:
     loss_first: float  # KL of the first step
     loss_last: float  # mean KL of the last 10% of steps
     mode: str  # "full, embeddings frozen", "full" (train_embeddings) or "lora (rank r)"
+    lr: float  # AdamW's peak learning rate
 
     def as_dict(self) -> dict:
-        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
+        return {k: (round(v, 4) if isinstance(v, float) and k != "lr" else v) for k, v in self.__dict__.items()}
 
 
 def distill(model, targets: TeacherTargets, tokens: int, lr: float | None = None, batch_size: int = 4,
             lora_rank: int = 0, decoder_layers=None, warmup: float = 0.05, say=None, seed: int = 0,
-            train_embeddings: bool = False) -> RecoveryResult:
+            train_embeddings: bool = False, kept: float = 1.0) -> RecoveryResult:
     """Train `model` in place towards `targets` for `tokens` training tokens (see the module doc);
-    `train_embeddings` True trains the token embeddings and the LM head too. `lr` None: `LR`, or
-    `LORA_LR` with `lora_rank`."""
+    `train_embeddings` True trains the token embeddings and the LM head too. `lr` None: `full_lr(kept)`
+    (`kept`: the share of the dense decoder's weights the model has), or `LORA_LR` with `lora_rank`."""
     torch.manual_seed(seed)
     reset_peak()
     held = next(model.parameters()).dtype
@@ -237,7 +247,7 @@ def distill(model, targets: TeacherTargets, tokens: int, lr: float | None = None
             p.requires_grad_(False)
         add_lora(decoder_layers, lora_rank)
     if lr is None:
-        lr = LORA_LR if lora_rank else LR
+        lr = LORA_LR if lora_rank else full_lr(kept)
     params = [p for p in model.parameters() if p.requires_grad]
     rank, world = _world()
     if batch_size % world:
@@ -276,4 +286,4 @@ def distill(model, targets: TeacherTargets, tokens: int, lr: float | None = None
     return RecoveryResult(steps * per_step, steps, time.monotonic() - start, peak_rss_mib(), losses[0],
                           sum(tail) / len(tail), (f"lora (rank {lora_rank})" if lora_rank else
                           "full" if train_embeddings else "full, embeddings frozen")
-                          + (f", data parallel over {world} processes" if world > 1 else ""))
+                          + (f", data parallel over {world} processes" if world > 1 else ""), lr)

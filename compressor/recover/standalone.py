@@ -72,11 +72,13 @@ def recover_export(pruned: Path, teacher: str, tokens: int, out: Path, calib: st
             n = max(4, min(256, -(-tokens // seqlen)))
             windows = recovery_windows(calib, dense.tokenizer, dense.model, n, seqlen, seed)
             targets = teacher_targets(dense.model.to(device), windows)
+            dense_decoder = adapter_for(dense.model).count_params(dense.model)["decoder"]
             del dense
-        targets = _from_process0(targets, rank, world)
+        targets, dense_decoder = _from_process0((targets, dense_decoder) if rank == 0 else None, rank, world)
         model = student.model.to(device)
+        kept = adapter_for(model).count_params(model)["decoder"] / dense_decoder
         res = distill(model, targets, tokens, lora_rank=lora_rank, decoder_layers=adapter_for(model).layers(model),
-                      batch_size=batch_size, seed=seed, say=say if rank == 0 else None)
+                      batch_size=batch_size, seed=seed, say=say if rank == 0 else None, kept=kept)
         figures = {**res.as_dict(), "processes": world, "teacher": teacher, "student": str(pruned),
                    "tokens_requested": tokens, "unique_tokens": int(targets.windows.numel())}
         if rank == 0:

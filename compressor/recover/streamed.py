@@ -178,7 +178,7 @@ def distill_streamed(lazy, adapter, targets: TeacherTargets, tokens: int, lora_r
             say(f"recovery: step {step + 1}/{plan.steps}, KL to the dense model {loss:.4f}")
     tail = losses[-max(1, len(losses) // 10):]
     res = RecoveryResult(plan.steps * plan.per_step, plan.steps, time.monotonic() - start, peak_rss_mib(), losses[0],
-                         sum(tail) / len(tail), f"lora (rank {lora_rank}), streamed one layer at a time")
+                         sum(tail) / len(tail), f"lora (rank {lora_rank}), streamed one layer at a time", lr)
     return res, adapters.factors([f"model.layers.{i}" for i in range(len(layers))])
 
 

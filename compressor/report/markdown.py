@@ -149,11 +149,12 @@ def markdown(report: Report | dict) -> str:
     if rec:
         b = rec["before"]
         cross = f", cross-domain {b['cross_domain_perplexity']:.3f}" if b.get("cross_domain_perplexity") else ""
+        lr = f", learning rate {rec['lr']:g}" if rec.get("lr") else ""
         lines += ["## Recovery (distillation from the dense model)", "",
-                  f"{rec['tokens']:,} training tokens ({rec['mode']}; {rec['unique_tokens']:,} unique: {rec['text']}) "
-                  f"in {rec['seconds']:.0f} s, peak RSS {rec['peak_rss_mib']:.0f} MiB; KL to the dense model "
-                  f"{rec['loss_first']:.4f} -> {rec['loss_last']:.4f}. Before recovery: held-out perplexity "
-                  f"{b['heldout_perplexity']:.3f}{cross}; the pruned figures above are after it.", ""]
+                  f"{rec['tokens']:,} training tokens ({rec['mode']}{lr}; {rec['unique_tokens']:,} unique: "
+                  f"{rec['text']}) in {rec['seconds']:.0f} s, peak RSS {rec['peak_rss_mib']:.0f} MiB; KL to the "
+                  f"dense model {rec['loss_first']:.4f} -> {rec['loss_last']:.4f}. Before recovery: held-out "
+                  f"perplexity {b['heldout_perplexity']:.3f}{cross}; the pruned figures above are after it.", ""]
     if plan.get("frontier") is not None:
         lines += _lever_plan(plan)
     if r.get("plot"):

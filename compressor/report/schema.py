@@ -187,6 +187,7 @@ class Recovery(Section):
     loss_first: float | None = None  # KL to the dense model at the first step
     loss_last: float | None = None  # mean KL of the last 10% of steps
     mode: str = ""  # "full, embeddings frozen" (every decoder parameter) or "lora (rank r)"
+    lr: float | None = None  # AdamW's peak learning rate
     tokens_requested: int = 0
     unique_tokens: int = 0
     text: str = ""
