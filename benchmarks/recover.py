@@ -90,7 +90,7 @@ def main() -> None:
             return pruned
 
         name = f"pruned-{args.structure}-{ratio:g}-{args.seqlen}-{_code_digest(*PRUNED_CODE)}.pt"
-        pruned = _cached(args.cache, name, pruned_model, _save_model, _load_model)
+        pruned = _cached(args.cache, name, pruned_model, torch.save, lambda p: torch.load(p, weights_only=False))
         kept = prep.adapter.count_params(pruned)["decoder"] / prep.adapter.count_params(dense)["decoder"]
         lrs = args.lr or [None]  # distill's default for the mode
         runs = ([(0, 0, None, "all")] if 0 in args.tokens else [])
@@ -148,14 +148,6 @@ def _cached(cache: str | None, name: str, compute, save, load):
         path.parent.mkdir(parents=True, exist_ok=True)
         save(value, path)
     return value
-
-
-def _save_model(model, path: Path) -> None:
-    torch.save(model, path)
-
-
-def _load_model(path: Path):
-    return torch.load(path, weights_only=False)
 
 
 def _save_targets(targets, path: Path) -> None:

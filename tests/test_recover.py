@@ -46,6 +46,10 @@ def test_topk_kl_is_zero_for_the_teacher_itself_and_positive_otherwise():
 def test_the_learning_rate_grows_with_what_pruning_removed():
     assert [full_lr(k) for k in (1.0, 0.8, 0.5)] == [1.6e-4, 2e-4, 3.2e-4]
     assert full_lr(0.0) == full_lr(0.05) and full_lr(1.5) == full_lr(1.0)  # clamped
+    teacher, student, _ = _pruned_pair()
+    train = teacher_targets(teacher, torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(3)), k=8)
+    with pytest.raises(ValueError, match="needs `kept`"):  # no silent unpruned rate for a pruned model
+        distill(student, train, tokens=31 * 4)
 
 
 def test_distillation_brings_the_pruned_model_towards_the_dense_one_on_unseen_text():

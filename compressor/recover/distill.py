@@ -227,10 +227,11 @@ class RecoveryResult:
 
 def distill(model, targets: TeacherTargets, tokens: int, lr: float | None = None, batch_size: int = 4,
             lora_rank: int = 0, decoder_layers=None, warmup: float = 0.05, say=None, seed: int = 0,
-            train_embeddings: bool = False, kept: float = 1.0) -> RecoveryResult:
+            train_embeddings: bool = False, kept: float | None = None) -> RecoveryResult:
     """Train `model` in place towards `targets` for `tokens` training tokens (see the module doc);
     `train_embeddings` True trains the token embeddings and the LM head too. `lr` None: `full_lr(kept)`
-    (`kept`: the share of the dense decoder's weights the model has), or `LORA_LR` with `lora_rank`."""
+    (`kept`: the share of the dense decoder's weights the model has; required then), or `LORA_LR` with
+    `lora_rank`."""
     torch.manual_seed(seed)
     reset_peak()
     held = next(model.parameters()).dtype
@@ -246,6 +247,8 @@ def distill(model, targets: TeacherTargets, tokens: int, lr: float | None = None
         for p in model.parameters():
             p.requires_grad_(False)
         add_lora(decoder_layers, lora_rank)
+    if lr is None and not lora_rank and kept is None:
+        raise ValueError("full-parameter recovery without `lr` needs `kept` (the share of the decoder kept)")
     if lr is None:
         lr = LORA_LR if lora_rank else full_lr(kept)
     params = [p for p in model.parameters() if p.requires_grad]
